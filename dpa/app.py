@@ -1,0 +1,30 @@
+"""The ``dpa`` command line: every subcommand registered in one place.
+
+Subcommands import their heavy dependencies inside the function, so ``dpa client``
+and ``dpa serve`` never import torch (only ``dpa export`` does).
+"""
+
+from __future__ import annotations
+
+import typer
+
+from dpa.commands.export import export_command
+
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # a traceback must never print tensors, labels or tokens
+    add_completion=False,
+    help="Private split training of VGG-Face between a device and an untrusted edge server (DP-A).",
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Private split training of VGG-Face between a device and an untrusted edge server (DP-A)."""
+
+
+app.command("export")(export_command)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,1 @@
+"""One module per ``dpa`` subcommand; each is thin: parse, call a library function, report."""

@@ -1,0 +1,50 @@
+"""onnxruntime's training API without torch.
+
+``import onnxruntime.training.api`` runs ``onnxruntime/training/__init__.py``, which
+imports ``artifacts`` -> ``onnxblock`` -> torch, and fails where torch is not
+installed (upstream issue https://github.com/microsoft/onnxruntime/issues/22070).
+The API's classes are thin wrappers over ``onnxruntime.capi._pybind_state`` and need
+none of that. We register a bare ``onnxruntime.training`` package (no ``__init__``
+code run) before importing ``.api``, so the device client and the edge server load
+on numpy + onnxruntime alone. If the real package was already imported (the exporter
+imports it, with torch), that one is used as is.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
+__all__ = ["CheckpointState", "Module", "Optimizer", "OrtValue", "SessionOptions", "available_providers"]
+
+
+def _import_api() -> types.ModuleType:
+    name = "onnxruntime.training"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec("onnxruntime")
+        if spec is None or spec.submodule_search_locations is None:
+            raise ImportError("onnxruntime is not installed: pip install onnxruntime-training-cpu==1.19.2")
+        import onnxruntime  # noqa: F401  (loads the native library)
+
+        locations = [f"{loc}/training" for loc in spec.submodule_search_locations]
+        bare = types.ModuleType(name)
+        bare.__path__ = locations  # a package whose __init__ never runs
+        sys.modules[name] = bare
+    return importlib.import_module("onnxruntime.training.api")
+
+
+_api = _import_api()
+
+import onnxruntime  # noqa: E402
+
+CheckpointState = _api.CheckpointState
+Module = _api.Module
+Optimizer = _api.Optimizer
+OrtValue = onnxruntime.OrtValue
+SessionOptions = onnxruntime.SessionOptions
+
+
+def available_providers() -> list[str]:
+    return list(onnxruntime.get_available_providers())

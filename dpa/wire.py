@@ -1,0 +1,205 @@
+"""The wire format: named tensors as raw little-endian bytes behind a small header.
+
+Both the device client and the edge server import this module; ``docs/protocol.md``
+specifies the same bytes for implementations in other languages. Tensor data is never
+JSON or base64: a conv1_1 batch is ~100 MB and must cross as itself. A message is::
+
+    header   16 bytes  magic b"DPAW", u16 version, u16 tensor count, u32 meta length, u32 reserved (0)
+    meta     meta-length bytes of UTF-8 JSON (an object; small scalars only), then zero padding to 8
+    tensor*  u16 name length, u8 dtype code, u8 ndim, name (ASCII), ndim x u32 dims,
+             zero padding to 8, data (prod(dims) x itemsize bytes, C order, little-endian),
+             zero padding to 8
+
+All integers are little-endian. Offsets are relative to the message start, so every
+tensor's data is 8-byte aligned and decodes without a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MAGIC",
+    "VERSION",
+    "CONTENT_TYPE",
+    "DTYPE_CODES",
+    "WireError",
+    "Message",
+    "encode",
+    "decode",
+    "encoded_size",
+]
+
+MAGIC = b"DPAW"
+VERSION = 1
+CONTENT_TYPE = "application/x-dpa-tensors"
+_HEADER = struct.Struct("<4sHHII")  # magic, version, count, meta_len, reserved
+_TENSOR_HEADER = struct.Struct("<HBB")  # name_len, dtype code, ndim
+#: Limits that keep a hostile header from making us allocate or loop: no real message comes close.
+MAX_TENSORS = 16
+MAX_NDIM = 8
+MAX_NAME = 64
+MAX_META = 64 * 1024
+_ALIGN = 8
+
+#: dtype code on the wire -> numpy dtype (always little-endian).
+DTYPE_CODES: dict[int, np.dtype] = {
+    1: np.dtype("<f4"),
+    2: np.dtype("<f2"),
+    3: np.dtype("<i8"),
+    4: np.dtype("<i4"),
+    5: np.dtype("u1"),
+}
+_CODE_OF = {dt: code for code, dt in DTYPE_CODES.items()}
+
+
+class WireError(ValueError):
+    """A message that does not follow the format (the server answers 400)."""
+
+
+@dataclass(frozen=True)
+class Message:
+    tensors: dict[str, np.ndarray]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _pad(n: int) -> int:
+    return (-n) % _ALIGN
+
+
+def _meta_bytes(meta: Mapping[str, Any] | None) -> bytes:
+    if not meta:
+        return b""
+    data = json.dumps(dict(meta), separators=(",", ":"), allow_nan=False).encode()
+    if len(data) > MAX_META:
+        raise WireError(f"metadata is {len(data)} bytes; the limit is {MAX_META}")
+    return data
+
+
+def _tensor_layout(name: str, array: np.ndarray) -> tuple[bytes, int]:
+    dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+    if dtype not in _CODE_OF:
+        raise WireError(f"tensor {name!r}: dtype {array.dtype} cannot be sent; valid: float32, float16, int64, int32, uint8")
+    encoded = name.encode("ascii", errors="strict") if name.isascii() else b""
+    if not encoded or len(encoded) > MAX_NAME:
+        raise WireError(f"tensor name {name!r} must be 1..{MAX_NAME} ASCII characters")
+    if array.ndim > MAX_NDIM:
+        raise WireError(f"tensor {name!r} has {array.ndim} dimensions; the limit is {MAX_NDIM}")
+    if any(d >= 2**32 for d in array.shape):
+        raise WireError(f"tensor {name!r} has a dimension too large for the wire")
+    head = _TENSOR_HEADER.pack(len(encoded), _CODE_OF[dtype], array.ndim) + encoded
+    head += struct.pack(f"<{array.ndim}I", *array.shape)
+    return head, array.nbytes
+
+
+def encoded_size(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> int:
+    """Bytes ``encode`` will produce (for framing-overhead figures and body-size limits)."""
+    size = _HEADER.size + len(_meta_bytes(meta))
+    size += _pad(size)
+    for name, array in tensors.items():
+        head, nbytes = _tensor_layout(name, np.asarray(array))
+        size += len(head)
+        size += _pad(size) + nbytes
+        size += _pad(size)
+    return size
+
+
+def encode(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> bytearray:
+    """One buffer holding the message; each tensor's bytes are copied exactly once."""
+    if len(tensors) > MAX_TENSORS:
+        raise WireError(f"{len(tensors)} tensors in one message; the limit is {MAX_TENSORS}")
+    meta_b = _meta_bytes(meta)
+    arrays = {name: np.asarray(a) for name, a in tensors.items()}
+    out = bytearray(encoded_size(arrays, meta))
+    _HEADER.pack_into(out, 0, MAGIC, VERSION, len(arrays), len(meta_b), 0)
+    pos = _HEADER.size
+    out[pos : pos + len(meta_b)] = meta_b
+    pos += len(meta_b)
+    pos += _pad(pos)
+    view = memoryview(out)
+    for name, array in arrays.items():
+        head, nbytes = _tensor_layout(name, array)
+        view[pos : pos + len(head)] = head
+        pos += len(head)
+        pos += _pad(pos)
+        target = np.frombuffer(view[pos : pos + nbytes], dtype=array.dtype.newbyteorder("<"))
+        target[...] = array.reshape(-1)
+        pos += nbytes
+        pos += _pad(pos)
+    return out
+
+
+def decode(buffer: bytes | bytearray | memoryview) -> Message:
+    """Parse a message. Arrays are read-only views into ``buffer`` (no copy).
+
+    Raises WireError naming what is wrong: magic, version, truncation, trailing bytes,
+    dtype, dimensions, duplicate names, metadata.
+    """
+    view = memoryview(buffer).cast("B")
+    total = len(view)
+    if total < _HEADER.size:
+        raise WireError(f"message is {total} bytes; a header alone is {_HEADER.size}")
+    magic, version, count, meta_len, reserved = _HEADER.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise WireError(f"bad magic {bytes(magic)!r}; expected {MAGIC!r} (is this a dpa tensor message?)")
+    if version != VERSION:
+        raise WireError(f"wire version {version} is not supported (this side speaks {VERSION})")
+    if reserved != 0:
+        raise WireError("reserved header field must be 0")
+    if count > MAX_TENSORS:
+        raise WireError(f"{count} tensors in one message; the limit is {MAX_TENSORS}")
+    if meta_len > MAX_META:
+        raise WireError(f"metadata length {meta_len} exceeds the limit {MAX_META}")
+    pos = _HEADER.size
+    if pos + meta_len > total:
+        raise WireError("message truncated inside the metadata")
+    meta: dict[str, Any] = {}
+    if meta_len:
+        try:
+            meta = json.loads(bytes(view[pos : pos + meta_len]).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise WireError(f"metadata is not UTF-8 JSON: {exc}") from None
+        if not isinstance(meta, dict):
+            raise WireError("metadata must be a JSON object")
+    pos += meta_len
+    pos += _pad(pos)
+    tensors: dict[str, np.ndarray] = {}
+    for index in range(count):
+        if pos + _TENSOR_HEADER.size > total:
+            raise WireError(f"message truncated in the header of tensor {index}")
+        name_len, code, ndim = _TENSOR_HEADER.unpack_from(view, pos)
+        pos += _TENSOR_HEADER.size
+        if not 1 <= name_len <= MAX_NAME:
+            raise WireError(f"tensor {index}: name length {name_len} outside 1..{MAX_NAME}")
+        if ndim > MAX_NDIM:
+            raise WireError(f"tensor {index}: {ndim} dimensions; the limit is {MAX_NDIM}")
+        if code not in DTYPE_CODES:
+            raise WireError(f"tensor {index}: unknown dtype code {code}; valid: {sorted(DTYPE_CODES)}")
+        end_of_header = pos + name_len + 4 * ndim
+        if end_of_header > total:
+            raise WireError(f"message truncated in the header of tensor {index}")
+        try:
+            name = bytes(view[pos : pos + name_len]).decode("ascii")
+        except UnicodeDecodeError:
+            raise WireError(f"tensor {index}: name is not ASCII") from None
+        if name in tensors:
+            raise WireError(f"tensor {name!r} appears twice")
+        dims = struct.unpack_from(f"<{ndim}I", view, pos + name_len)
+        pos = end_of_header + _pad(end_of_header)
+        dtype = DTYPE_CODES[code]
+        nbytes = math.prod(dims) * dtype.itemsize
+        if pos + nbytes > total:
+            raise WireError(f"message truncated in the data of tensor {name!r} ({nbytes} bytes announced)")
+        tensors[name] = np.frombuffer(view[pos : pos + nbytes], dtype=dtype).reshape(dims)
+        pos += nbytes
+        pos += _pad(pos)
+    if pos != total:
+        raise WireError(f"{total - pos} unexpected bytes after the last tensor")
+    return Message(tensors=tensors, meta=meta)

@@ -1,0 +1,166 @@
+"""``dpa export``: build VGG-Face, split it, write and verify the artifacts, atomically.
+
+Everything is built in a temporary folder beside ``--out``, verified against torch,
+and only then renamed into place. An existing export at ``--out`` is replaced as a
+whole (moved aside, then removed), so a reader never sees a mix of two exports and a
+failed export leaves ``--out`` as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpa.architecture import ArchConfig, cut_info
+from dpa.manifest import ARTIFACT_FILES, GraphNames, Manifest, OptimizerConfig, sha256_file
+
+__all__ = ["ExportConfig", "export", "VGGFACE_MEAN"]
+
+log = logging.getLogger(__name__)
+
+#: VGG-Face's training mean (RGB, 0..255), from the published model; images are centred on it.
+VGGFACE_MEAN = (129.186279296875, 104.76238250732422, 93.59396362304688)
+#: Scale for training from scratch: brings pixels to roughly unit variance for He initialisation.
+#: Published VGG-Face weights expect no scaling (std 1), which --weights selects.
+_FROM_SCRATCH_STD = 64.0
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    arch: ArchConfig = field(default_factory=ArchConfig)  # network shape
+    cut: str = "conv1_1"  # the seed's cut: the device runs only the first convolution
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    out: Path = Path("artifacts")  # default export folder, shared by client and server on one machine
+    weights: Path | None = None  # a layer-named PyTorch state dict; None: seeded initialisation
+    seed: int = 0  # initialisation seed (ignored with weights)
+    verify: bool = True  # compare ORT against torch autograd before publishing the export
+    verify_batch: int = 2  # examples in the verification batch
+    tolerance: float = 1e-3  # max relative error allowed in verification
+    ort_format: bool = False  # also write the head in ORT format for ONNX Runtime Mobile
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _check_out_dir(out: Path) -> None:
+    parent = out.resolve().parent
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path {out} exists and is not a folder")
+    if not parent.is_dir():
+        raise ValueError(f"cannot write to {out}: parent folder {parent} does not exist")
+    try:
+        probe = tempfile.TemporaryFile(dir=parent)
+    except OSError as exc:
+        raise ValueError(f"cannot write to {out}: {exc.strerror}") from None
+    probe.close()
+
+
+def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: None) -> tuple[Manifest, object]:
+    """Export and (by default) verify. Returns the manifest and the verification report (or None).
+
+    Raises ValueError for every user error (bad cut, unwritable folder, wrong weights, failed verification);
+    nothing is left at ``cfg.out`` or beside it then.
+    """
+    import onnxruntime
+    import torch
+
+    from exporter.ort_artifacts import OPSET, export_onnx, write_part_artifacts
+    from exporter.vggface import build_parts, init_weights, load_weights
+
+    onnxruntime.set_default_logger_severity(3)  # onnxblock's graph builders are very chatty at INFO
+    info = cut_info(cfg.arch, cfg.cut)
+    _check_out_dir(cfg.out)
+    if cfg.weights is not None and not Path(cfg.weights).is_file():
+        raise ValueError(f"weights file {cfg.weights} does not exist")
+
+    parts = build_parts(cfg.arch, cfg.cut)
+    if cfg.weights is not None:
+        load_weights(parts, Path(cfg.weights))
+        std = 1.0
+    else:
+        init_weights(parts, cfg.seed)
+        std = _FROM_SCRATCH_STD
+    head, tail = parts
+
+    out = cfg.out.resolve()
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    try:
+        size = cfg.arch.image_size
+        example = torch.zeros(2, 3, size, size)
+        with torch.no_grad():
+            activation = head.eval()(example)  # (B, *activation_shape)
+        progress("exporting head to ONNX")
+        write_part_artifacts(
+            export_onnx(head, example, GraphNames.IMAGES, GraphNames.ACTIVATION),
+            part="head",
+            out_dir=staging / "head",
+            optimizer=cfg.optimizer,
+            ort_format=cfg.ort_format,
+        )
+        progress("exporting tail to ONNX")
+        write_part_artifacts(
+            export_onnx(tail.train(), activation, GraphNames.ACTIVATION, GraphNames.LOGITS),
+            part="tail",
+            out_dir=staging / "tail",
+            optimizer=cfg.optimizer,
+        )
+        files = {
+            p.relative_to(staging).as_posix(): sha256_file(p)
+            for p in sorted(staging.rglob("*"))
+            if p.is_file()
+        }
+        manifest = Manifest(
+            arch="vggface",
+            cut=cfg.cut,
+            image_size=size,
+            width=cfg.arch.width,
+            num_classes=cfg.arch.num_classes,
+            dropout=cfg.arch.dropout,
+            input_shape=(3, size, size),
+            activation_shape=info.activation_shape,
+            opset=OPSET,
+            optimizer=cfg.optimizer,
+            pixel_mean=VGGFACE_MEAN,
+            pixel_std=(std, std, std),
+            seed=None if cfg.weights is not None else cfg.seed,
+            weights_sha256=None if cfg.weights is None else sha256_file(Path(cfg.weights)),
+            files=files,
+            versions=_versions(),
+        )
+        manifest.write(staging)
+        report = None
+        if cfg.verify:
+            from exporter.verify import verify_export
+
+            progress("verifying against torch autograd")
+            report = verify_export(staging, head, tail, batch=cfg.verify_batch, seed=cfg.seed)
+            if report.max_rel_error > cfg.tolerance:
+                raise ValueError(
+                    f"verification failed: max relative error {report.max_rel_error:.3g} "
+                    f"({report.worst}) exceeds tolerance {cfg.tolerance:g}"
+                )
+        _publish(staging, out)
+        return manifest, report
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Rename the verified staging folder to ``out``; an old export is moved aside first, then removed."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{staging.name.rsplit('-', 1)[-1]}"
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,118 @@
+"""VGG-Face in PyTorch, built from the layer table and split at a cut.
+
+Parameter names are the layer names of the published network (``conv1_1.weight``,
+``fc6.bias``...): they are the names in the ONNX graphs, the ORT checkpoints and a
+converted VGG-Face state dict, so one name means one tensor everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dpa.architecture import ArchConfig, LayerKind, cut_info, layers
+
+__all__ = ["VGGFacePart", "build_parts", "load_weights", "init_weights"]
+
+
+class VGGFacePart(nn.Module):
+    """A contiguous run of VGG-Face layers (the head or the tail).
+
+    The ReLU of a conv/fc6/fc7 layer belongs to that layer.
+    """
+
+    def __init__(self, cfg: ArchConfig, names: tuple[str, ...], *, is_head: bool) -> None:
+        super().__init__()
+        self.names = names
+        table = {layer.name: layer for layer in layers(cfg)}
+        self._ops: list[tuple[str, str]] = []  # (name, op) in forward order
+        for name in names:
+            layer = table[name]
+            if layer.kind is LayerKind.CONV:
+                setattr(self, name, nn.Conv2d(layer.in_shape[0], layer.out_shape[0], 3, padding=1))
+                self._ops.append((name, "conv"))
+            elif layer.kind is LayerKind.POOL:
+                self._ops.append((name, "pool"))
+            else:
+                setattr(self, name, nn.Linear(layer.in_shape[0], layer.out_shape[0]))
+                # fc6's input is pool5's feature map: flatten it (B, C, H, W) -> (B, C*H*W).
+                self._ops.append((name, "fc"))
+        # The device runs its forward twice (once for the activations, once inside the ORT training
+        # step), so the head must be deterministic: dropout only ever runs in the tail. With cut fc7
+        # this drops the dropout after fc6, which the docs state.
+        self.dropout = nn.Dropout(cfg.dropout if not is_head else 0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name, op in self._ops:
+            if op == "conv":
+                x = torch.relu(getattr(self, name)(x))
+            elif op == "pool":
+                x = nn.functional.max_pool2d(x, 2, 2)
+            else:
+                if name in ("fc7", "fc8") and self.dropout.p > 0:
+                    # Dropout of the previous fc layer, applied where its output is consumed,
+                    # which keeps it in the tail when the cut is fc6 or fc7.
+                    x = self.dropout(x)
+                if x.dim() > 2:
+                    x = torch.flatten(x, 1)
+                x = getattr(self, name)(x)
+                if name != "fc8":
+                    x = torch.relu(x)
+        return x
+
+
+def build_parts(cfg: ArchConfig, cut: str) -> tuple[VGGFacePart, VGGFacePart]:
+    """Head (device) and tail (edge server) for ``cut``."""
+    info = cut_info(cfg, cut)
+    return (
+        VGGFacePart(cfg, info.head_layers, is_head=True),
+        VGGFacePart(cfg, info.tail_layers, is_head=False),
+    )
+
+
+def init_weights(parts: tuple[nn.Module, ...], seed: int) -> None:
+    """Seeded standard initialisation (He-normal convs, small-normal fc, zero biases)."""
+    gen = torch.Generator().manual_seed(seed)
+    for part in parts:
+        for module in part.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_in = module.in_channels * 9
+                with torch.no_grad():
+                    module.weight.normal_(0.0, (2.0 / fan_in) ** 0.5, generator=gen)
+                    module.bias.zero_()
+            elif isinstance(module, nn.Linear):
+                with torch.no_grad():
+                    module.weight.normal_(0.0, (1.0 / module.in_features) ** 0.5, generator=gen)
+                    module.bias.zero_()
+
+
+def load_weights(parts: tuple[nn.Module, ...], path: Path) -> None:
+    """Load a state dict (layer-named, e.g. a converted VGG-Face checkpoint) into head and tail.
+
+    Raises ValueError naming every missing or mis-shaped tensor; nothing is loaded then.
+    Extra tensors (fc8 of a different class count is *not* extra: it is mis-shaped) are an error too,
+    so a wrong file is never half-used silently.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a bad file
+        raise ValueError(f"cannot read weights file {path}: {exc}") from exc
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights file {path} is not a state dict of tensors")
+    expected = {name: p for part in parts for name, p in part.state_dict().items()}
+    problems = [f"missing {n} {tuple(p.shape)}" for n, p in expected.items() if n not in state]
+    problems += [
+        f"{n} has shape {tuple(state[n].shape)}, expected {tuple(p.shape)}"
+        for n, p in expected.items()
+        if n in state and tuple(state[n].shape) != tuple(p.shape)
+    ]
+    problems += [f"unexpected tensor {n}" for n in state if n not in expected]
+    if problems:
+        raise ValueError(f"weights file {path} does not fit this network: " + "; ".join(problems))
+    for part in parts:
+        part.load_state_dict({n: state[n].float() for n in part.state_dict()})

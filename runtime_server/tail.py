@@ -1,0 +1,100 @@
+"""The tail network on the edge server: onnxruntime training, checkpoints, counters.
+
+Not thread-safe by itself: the app runs every call on one worker thread, which is
+what applies updates one at a time with none lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dpa.atomic import fsync_dir
+from dpa.devices import ResolvedDevice
+from dpa.manifest import ARTIFACT_FILES, Manifest
+from dpa.ort_training import CheckpointState, Module, Optimizer, SessionOptions
+
+__all__ = ["TailModel", "TrainResult", "CHECKPOINT_NAME"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "tail_checkpoint"  # inside the server's state dir
+_STEP = "global_step"  # checkpoint properties: counters travel with the weights, atomically
+_EXAMPLES = "examples_seen"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    logits: np.ndarray  # (B, num_classes), float32, training mode (dropout on)
+    activation_gradient: np.ndarray  # (B, *activation_shape), float32
+    global_step: int
+
+
+class TailModel:
+    def __init__(self, artifacts: Path, manifest: Manifest, device: ResolvedDevice, state_dir: Path) -> None:
+        self.manifest = manifest
+        self.state_dir = state_dir
+        tail = artifacts / "tail"
+        resume = state_dir / CHECKPOINT_NAME
+        self.resumed = resume.is_file()
+        self.state = CheckpointState.load_checkpoint(str(resume if self.resumed else tail / ARTIFACT_FILES.checkpoint))
+        options = SessionOptions()
+        options.intra_op_num_threads = device.threads
+        self.module = Module(
+            str(tail / ARTIFACT_FILES.training),
+            self.state,
+            str(tail / ARTIFACT_FILES.eval),
+            device=device.ort_device,
+            session_options=options,
+        )
+        self.optimizer = Optimizer(str(tail / ARTIFACT_FILES.optimizer), self.module)
+        self.optimizer.set_learning_rate(manifest.optimizer.lr)
+        props = self.state.properties
+        self.global_step = int(props[_STEP]) if _STEP in props else 0
+        self.examples_seen = int(props[_EXAMPLES]) if _EXAMPLES in props else 0
+        self._saved_step = self.global_step
+        if self.resumed:
+            log.info("resumed tail from %s at step %d", resume, self.global_step)
+
+    def train_step(self, activation: np.ndarray, labels: np.ndarray) -> TrainResult:
+        """One SGD/AdamW step on a batch: returns the mean cross-entropy and d loss / d activation."""
+        self.module.train()
+        loss, logits, grad = self.module(activation, labels)
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        self.global_step += 1
+        self.examples_seen += int(labels.shape[0])
+        return TrainResult(float(loss), logits, grad, self.global_step)
+
+    def eval_step(self, activation: np.ndarray) -> np.ndarray:
+        self.module.eval()
+        return self.module(activation)
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Copies of the current weights, by name (tests compare them against torch)."""
+        return {p.name: np.array(p.data) for p in self.state.parameters}
+
+    @property
+    def dirty(self) -> bool:
+        return self.global_step != self._saved_step
+
+    def save(self) -> Path:
+        """Write weights, optimizer state and counters to one checkpoint file, atomically."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / CHECKPOINT_NAME
+        tmp = self.state_dir / f".{CHECKPOINT_NAME}.tmp"
+        self.state.properties[_STEP] = self.global_step
+        self.state.properties[_EXAMPLES] = self.examples_seen
+        CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=True)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(self.state_dir)
+        self._saved_step = self.global_step
+        log.info("saved tail checkpoint at step %d", self.global_step)
+        return path
