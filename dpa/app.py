@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import typer
 
+from dpa.commands.client import client_command, eval_command
+from dpa.commands.data import data_app
+from dpa.commands.demo import demo_command
 from dpa.commands.export import export_command
+from dpa.commands.serve import serve_command
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -24,6 +28,11 @@ def _root() -> None:
 
 
 app.command("export")(export_command)
+app.command("serve")(serve_command)
+app.command("client")(client_command)
+app.command("eval")(eval_command)
+app.command("demo")(demo_command)
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:

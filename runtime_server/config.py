@@ -21,6 +21,8 @@ class ServerConfig:
     state_dir: Path | None = None  # where the running tail checkpoint lives; None: <artifacts>/server-state
 
     def __post_init__(self) -> None:
+        if isinstance(self.device, str) and not isinstance(self.device, DeviceProfile):
+            object.__setattr__(self, "device", DeviceProfile.parse(self.device))
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.max_batch < 1:

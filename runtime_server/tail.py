@@ -77,7 +77,7 @@ class TailModel:
 
     def parameters(self) -> dict[str, np.ndarray]:
         """Copies of the current weights, by name (tests compare them against torch)."""
-        return {p.name: np.array(p.data) for p in self.state.parameters}
+        return {name: np.array(p.data) for name, p in self.state.parameters}
 
     @property
     def dirty(self) -> bool:

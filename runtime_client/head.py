@@ -1,0 +1,107 @@
+"""The head network on the device: forward for activations, VJP backward, optimizer step.
+
+onnxruntime's training step runs forward and backward together, but the device
+needs its activations before it can ask the server for their gradient. So a step
+runs the eval graph (images -> activation), then, once the upstream gradient is
+back, the training graph (images, upstream_gradient -> accumulated gradients).
+For a conv1_1 head the repeated forward is one convolution.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+from dpa.atomic import fsync_dir
+from dpa.devices import ResolvedDevice
+from dpa.manifest import ARTIFACT_FILES, Manifest
+from dpa.ort_training import CheckpointState, Module, Optimizer, SessionOptions
+
+__all__ = ["HeadModel", "ModelFormat", "HEAD_CHECKPOINT"]
+
+log = logging.getLogger(__name__)
+
+HEAD_CHECKPOINT = "head_checkpoint"
+
+
+class ModelFormat(str, Enum):
+    AUTO = "auto"  # ORT format when the export has it, else ONNX
+    ONNX = "onnx"
+    ORT = "ort"  # the format ONNX Runtime Mobile loads (dpa export --ort-format)
+
+    @classmethod
+    def parse(cls, value: str) -> ModelFormat:
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown model format {value!r}; valid: {', '.join(m.value for m in cls)}") from None
+
+
+def _model_paths(head_dir: Path, fmt: ModelFormat) -> tuple[Path, Path, Path, str]:
+    names = ARTIFACT_FILES.onnx_models()
+    ort = [head_dir / Path(n).with_suffix(".ort").name for n in names]
+    if fmt is ModelFormat.ORT or (fmt is ModelFormat.AUTO and all(p.is_file() for p in ort)):
+        missing = [p.name for p in ort if not p.is_file()]
+        if missing:
+            raise ValueError(f"no ORT-format head in {head_dir} (missing {', '.join(missing)}): export with --ort-format")
+        return ort[0], ort[1], ort[2], "ort"
+    paths = [head_dir / n for n in names]
+    return paths[0], paths[1], paths[2], "onnx"
+
+
+class HeadModel:
+    def __init__(
+        self,
+        artifacts: Path,
+        manifest: Manifest,
+        device: ResolvedDevice,
+        *,
+        checkpoint: Path | None = None,
+        lr: float | None = None,
+        model_format: ModelFormat = ModelFormat.AUTO,
+    ) -> None:
+        head = Path(artifacts) / "head"
+        training, evaluation, optimizer, self.format = _model_paths(head, model_format)
+        start = checkpoint if checkpoint is not None and checkpoint.is_file() else head / ARTIFACT_FILES.checkpoint
+        self.resumed = start != head / ARTIFACT_FILES.checkpoint
+        self.state = CheckpointState.load_checkpoint(str(start))
+        options = SessionOptions()
+        options.intra_op_num_threads = device.threads
+        self.module = Module(str(training), self.state, str(evaluation), device=device.ort_device, session_options=options)
+        self.optimizer = Optimizer(str(optimizer), self.module)
+        self.lr = manifest.optimizer.lr if lr is None else lr
+        self.optimizer.set_learning_rate(self.lr)
+
+    def forward(self, images: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) float32 -> activation (B, *activation_shape)."""
+        self.module.eval()
+        return self.module(images)
+
+    def backward_step(self, images: np.ndarray, upstream_gradient: np.ndarray) -> None:
+        """Accumulate d loss / d head parameters = J^T upstream_gradient, then take an optimizer step."""
+        self.module.train()
+        self.module(images, upstream_gradient)
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return {name: np.array(p.data) for name, p in self.state.parameters}
+
+    @property
+    def properties(self):  # type: ignore[no-untyped-def]
+        """Checkpoint properties (ints, floats, strings) saved with the weights: the trainer's progress."""
+        return self.state.properties
+
+    def save(self, path: Path) -> None:
+        """Weights, optimizer state and properties to ``path``, atomically (temp file, fsync, rename)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp"
+        CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=True)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)

@@ -1,0 +1,292 @@
+"""DP-A on the device: clip each example's activation, add calibrated noise, and
+pass the server's gradient back through the clipping.
+
+Pure math, no I/O, no torch. One :class:`DPActivations` wraps one
+:class:`DPConfig` and one injected ``numpy.random.Generator``:
+
+    release:   a_i  ->  y_i = clip(a_i) + z_i,   z_i i.i.d. per element
+    backward:  d loss / d y  ->  d loss / d a = VJP of clip at a  (dy/dclip = I)
+
+Guarantee (per release of one batch): replacing one example changes its clipped
+activation by at most 2C in the clipping norm and leaves the others unchanged,
+so with sensitivity D = 2C
+
+* Gaussian: clip in L2, z ~ N(0, sigma^2), sigma from the analytic Gaussian
+  mechanism (Balle and Wang, ICML 2018), gives (epsilon, delta)-DP;
+* Laplace: clip in L1, z ~ Laplace(0, b), b = D / epsilon (Dwork, McSherry,
+  Nissim and Smith, TCC 2006), gives (epsilon, 0)-DP.
+
+Each training step is one more release of each example in the batch: the
+total privacy loss over training is a composition, which is not tracked here.
+The noise is drawn in float32 and does not defend against floating-point
+attacks on the sampler (Mironov, CCS 2012).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import cached_property
+
+import numpy as np
+
+from runtime_client.calibration import gaussian_sigma, laplace_scale
+from runtime_client.clipping import (
+    clip_factors,
+    clip_l1_vjp,
+    clip_l2_vjp,
+    l1_norms,
+    l2_norms,
+    scale_examples,
+)
+
+__all__ = [
+    "Mechanism",
+    "DPConfig",
+    "ReleaseContext",
+    "ReleaseStats",
+    "DPActivations",
+]
+
+#: Noise is drawn in blocks of whole examples of at least this many elements
+#: (one float32 scratch buffer, never a full-batch noise array).
+_NOISE_BLOCK = 1 << 16
+
+
+class Mechanism(StrEnum):
+    GAUSSIAN = "gaussian"  # L2 clipping + N(0, sigma^2) per element: (epsilon, delta)-DP
+    LAPLACE = "laplace"  # L1 clipping + Laplace(0, b) per element: (epsilon, 0)-DP
+
+    @classmethod
+    def parse(cls, name: str) -> Mechanism:
+        """The mechanism called ``name`` (case-insensitive); ValueError lists the valid names."""
+        if isinstance(name, cls):
+            return name
+        valid = ", ".join(m.value for m in cls)
+        if not isinstance(name, str):
+            raise ValueError(f"mechanism must be one of: {valid}; got {name!r}")
+        try:
+            return cls(name.strip().lower())
+        except ValueError:
+            raise ValueError(f"unknown mechanism {name!r}; valid: {valid}") from None
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    out = float(value)
+    if math.isnan(out):
+        raise ValueError(f"{name} must not be NaN")
+    return out
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """What the device's DP-A release is calibrated to. Validated on construction."""
+
+    # Gaussian: the analytic Gaussian mechanism is exact for L2-clipped tensors and
+    # adds far less noise per element than Laplace on high-dimensional activations.
+    mechanism: Mechanism = Mechanism.GAUSSIAN
+    # C, the per-example norm bound of the activation (L2 for gaussian, L1 for
+    # laplace); 1.0 suits normalised activations, rescale to the cut's typical norm.
+    clip: float = 1.0
+    # Privacy loss of one release of one example; math.inf sends without noise
+    # (clipping only, no privacy) and makes DPActivations warn.
+    epsilon: float = 1.0
+    # Gaussian only (Laplace is pure epsilon-DP and ignores it); 1e-5 is the usual
+    # choice for data sets of up to ~1e5 examples (delta should be << 1/n).
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mechanism", Mechanism.parse(self.mechanism))
+        clip = _real("clip", self.clip)
+        if clip <= 0:
+            raise ValueError(f"clip must be > 0, got {clip}")
+        if math.isinf(clip):
+            raise ValueError(f"clip must be finite, got {clip}")
+        eps = _real("epsilon", self.epsilon)
+        if eps <= 0:
+            raise ValueError(f"epsilon must be > 0 (math.inf for no noise), got {eps}")
+        delta = _real("delta", self.delta)
+        if self.mechanism is Mechanism.GAUSSIAN and not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1) for the gaussian mechanism, got {delta}")
+        if self.mechanism is Mechanism.LAPLACE and not 0 <= delta < 1:
+            raise ValueError(f"delta must be in [0, 1) (laplace ignores it), got {delta}")
+        object.__setattr__(self, "clip", clip)
+        object.__setattr__(self, "epsilon", eps)
+        object.__setattr__(self, "delta", delta)
+
+    @property
+    def sensitivity(self) -> float:
+        """2C: two clipped activations differ by at most 2C in the clipping norm.
+
+        (L2 sensitivity for gaussian, L1 sensitivity for laplace; as ||v||_2 <=
+        ||v||_1 it is also an L2 bound for laplace.)
+        """
+        return 2.0 * self.clip
+
+    @cached_property
+    def noise_scale(self) -> float:
+        """sigma (gaussian, via gaussian_sigma) or b (laplace, via laplace_scale); 0 if epsilon = inf."""
+        if self.mechanism is Mechanism.GAUSSIAN:
+            return gaussian_sigma(epsilon=self.epsilon, delta=self.delta, sensitivity=self.sensitivity)
+        return laplace_scale(epsilon=self.epsilon, sensitivity=self.sensitivity)
+
+    @property
+    def noise_std(self) -> float:
+        """Per-element noise standard deviation: sigma (gaussian) or sqrt(2) b (laplace)."""
+        if self.mechanism is Mechanism.GAUSSIAN:
+            return self.noise_scale
+        return math.sqrt(2.0) * self.noise_scale
+
+    @property
+    def noise_multiplier(self) -> float:
+        """Noise std / (2C): sigma / 2C for gaussian, sqrt(2) b / 2C for laplace.
+
+        Comparable across mechanisms as the per-element noise relative to the
+        largest change one example can make (2C); 0 when epsilon = inf.
+        """
+        return self.noise_std / self.sensitivity
+
+
+@dataclass(frozen=True, eq=False)
+class ReleaseContext:
+    """What :meth:`DPActivations.backward` needs from one release.
+
+    Holds a *reference* to the pre-clip activation (not a copy): do not modify
+    it between release and backward. ``norms`` are pre-clip and so are not
+    private: use them on the device only (progress display), never send them.
+    """
+
+    activation: np.ndarray  # pre-clip activation, batch axis 0
+    norms: np.ndarray  # (B,) float64 pre-clip norms in the clipping norm (L2 or L1)
+    factors: np.ndarray  # (B,) float64 clip factors min(1, C / norm)
+    clip: float  # C used
+    mechanism: Mechanism  # which norm was clipped (gaussian: L2, laplace: L1)
+
+    @property
+    def clipped(self) -> np.ndarray:
+        """(B,) bool: which examples were scaled down."""
+        return self.factors < 1.0
+
+    @property
+    def fraction_clipped(self) -> float:
+        """Fraction of the batch whose norm exceeded C (0.0 for an empty batch)."""
+        return float(self.clipped.mean()) if self.factors.size else 0.0
+
+
+@dataclass(frozen=True)
+class ReleaseStats:
+    """Scalars for a progress display (no tensors); device-local, not private."""
+
+    batch_size: int
+    fraction_clipped: float
+    mean_norm: float  # mean pre-clip norm in the clipping norm
+    max_norm: float
+
+
+class DPActivations:
+    """Clip + noise on release, clipping VJP on backward, for one DPConfig and rng."""
+
+    def __init__(self, config: DPConfig, rng: np.random.Generator) -> None:
+        if not isinstance(config, DPConfig):
+            raise TypeError(f"config must be a DPConfig, got {type(config).__name__}")
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(
+                f"rng must be a numpy.random.Generator (never the global np.random), got {type(rng).__name__}"
+            )
+        self.config = config
+        self._rng = rng
+        self._scale = float(config.noise_scale)
+        if math.isinf(config.epsilon):
+            warnings.warn(
+                "DP-A with epsilon = inf: activations are clipped but sent WITHOUT noise (no differential privacy)",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    @property
+    def noise_scale(self) -> float:
+        """sigma (gaussian) or b (laplace) added to every element; 0 for epsilon = inf."""
+        return self._scale
+
+    def release(self, activation: np.ndarray) -> tuple[np.ndarray, ReleaseContext]:
+        """Clip each example (axis 0) and add i.i.d. noise to every element.
+
+        y_i = a_i * min(1, C / ||a_i||) + z_i, with the L2 norm and
+        z ~ N(0, sigma^2) (gaussian) or the L1 norm and z ~ Laplace(0, b)
+        (laplace). Returns (y as a new float32 array, context for backward).
+
+        Noise is drawn in float32 from the injected generator in blocks of
+        whole examples, in C order: for gaussian, z equals
+        ``sigma * rng.standard_normal(a.shape, dtype=np.float32)`` drawn in one
+        go; for laplace each block is b * (E1 - E2) with E1, E2 two successive
+        float32 ``standard_exponential`` draws of the block's size.
+        """
+        a = np.asarray(activation)
+        if a.ndim < 1:
+            raise ValueError("activation needs a batch axis (ndim >= 1), got a scalar")
+        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+            raise TypeError(f"activation must be a real numeric array, got dtype {a.dtype}")
+        cfg = self.config
+        gaussian = cfg.mechanism is Mechanism.GAUSSIAN
+        norms = l2_norms(a) if gaussian else l1_norms(a)
+        factors = clip_factors(norms, clip=cfg.clip)
+        noisy = scale_examples(a, factors)
+        if noisy.dtype != np.float32:
+            noisy = noisy.astype(np.float32)
+        if self._scale > 0 and noisy.size:
+            self._add_noise(noisy.reshape(a.shape[0], -1), gaussian)
+        ctx = ReleaseContext(activation=a, norms=norms, factors=factors, clip=cfg.clip, mechanism=cfg.mechanism)
+        return noisy, ctx
+
+    def _add_noise(self, rows: np.ndarray, gaussian: bool) -> None:
+        """rows += noise, in place, one block of whole examples at a time."""
+        batch, width = rows.shape
+        per_block = max(1, _NOISE_BLOCK // max(width, 1))
+        scale = np.float32(self._scale)
+        buf = np.empty(min(per_block, batch) * width, dtype=np.float32)
+        buf2 = None if gaussian else np.empty_like(buf)
+        for start in range(0, batch, per_block):
+            block = rows[start : start + per_block]
+            z = buf[: block.size].reshape(block.shape)
+            if gaussian:
+                self._rng.standard_normal(dtype=np.float32, out=z)
+            else:
+                e2 = buf2[: block.size].reshape(block.shape)
+                self._rng.standard_exponential(dtype=np.float32, out=z)
+                self._rng.standard_exponential(dtype=np.float32, out=e2)
+                z -= e2
+            z *= scale
+            block += z
+
+    def backward(self, ctx: ReleaseContext, grad_noisy: np.ndarray) -> np.ndarray:
+        """d loss / d pre-clip activation from d loss / d released activation.
+
+        The noise is additive, so d y / d clip(a) = I and the result is the
+        clipping VJP at a (see ``clip_l2_vjp`` / ``clip_l1_vjp``).
+        """
+        if not isinstance(ctx, ReleaseContext):
+            raise TypeError(f"ctx must be a ReleaseContext, got {type(ctx).__name__}")
+        if ctx.mechanism is not self.config.mechanism or ctx.clip != self.config.clip:
+            raise ValueError("ctx comes from a release with a different mechanism or clip")
+        g = np.asarray(grad_noisy)
+        if g.shape != ctx.activation.shape:
+            raise ValueError(
+                f"grad_noisy shape {g.shape} differs from the released activation's {ctx.activation.shape}"
+            )
+        vjp = clip_l2_vjp if ctx.mechanism is Mechanism.GAUSSIAN else clip_l1_vjp
+        return vjp(ctx.activation, g, clip=ctx.clip, norms=ctx.norms)
+
+    @staticmethod
+    def stats(ctx: ReleaseContext) -> ReleaseStats:
+        """Batch size, fraction clipped and pre-clip norm summary of one release."""
+        n = ctx.norms
+        return ReleaseStats(
+            batch_size=int(n.shape[0]),
+            fraction_clipped=ctx.fraction_clipped,
+            mean_norm=float(n.mean()) if n.size else 0.0,
+            max_norm=float(n.max()) if n.size else 0.0,
+        )

@@ -1,0 +1,311 @@
+"""The device's training loop: head forward, DP-A, server step, head backward.
+
+``SplitTrainer.step`` is one private split-training step; ``run_training`` wraps it
+in epochs with data loading, progress, checkpoints and the JSON report, and
+``run_evaluation`` measures held-out accuracy through head + server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from dpa.atomic import atomic_write_bytes
+from dpa.devices import DeviceProfile, resolve_device
+from dpa.manifest import Manifest, load_manifest, manifest_sha256
+from runtime_client.edge import EdgeClient
+from runtime_client.faces import FaceIndex, index_faces, iter_batches, load_batch, split_faces
+from runtime_client.head import HEAD_CHECKPOINT, HeadModel, ModelFormat
+from runtime_client.mechanism import DPActivations, DPConfig
+from runtime_client.synth import SynthConfig, write_synthetic_faces
+
+__all__ = ["ClientConfig", "SplitTrainer", "StepResult", "run_training", "run_evaluation", "THREAT_MODEL"]
+
+log = logging.getLogger(__name__)
+
+THREAT_MODEL = (
+    "The edge server sees, per training step, each example's clipped activation plus noise calibrated to "
+    "(epsilon, delta) for ONE release, and the example's identity label IN CLEAR. It never sees images. "
+    "epsilon here is per release: each epoch releases every training example once more (and each evaluation "
+    "releases every test example), so the total privacy loss composes over releases."
+)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    server: str = "http://127.0.0.1:8080"  # the edge server's base URL
+    artifacts: Path = Path("artifacts")  # export folder; only manifest.json and head/ are read
+    data: str = "synthetic"  # "synthetic" (built-in faces) or a folder in LFW layout
+    device: DeviceProfile = DeviceProfile.CPU
+    epochs: int = 5
+    batch_size: int = 8  # the seed's batch size
+    lr: float | None = None  # head learning rate; None: the manifest's
+    dp: DPConfig = field(default_factory=DPConfig)
+    seed: int | None = None  # None: unpredictable noise and shuffling (what deployments want)
+    min_faces_per_person: int = 2  # identities with fewer images are skipped (as scikit-learn's LFW loader)
+    test_fraction: float = 0.25  # held-out images per identity
+    split_seed: int = 0  # fixed so that `dpa eval` sees the same held-out images as training
+    synth: SynthConfig = field(default_factory=SynthConfig)  # the built-in data set (size follows the manifest)
+    state_dir: Path = Path("runs/client")  # head checkpoint and synthetic-data cache
+    resume: bool = False  # continue from state_dir's head checkpoint
+    report: Path | None = None  # JSON report path
+    model_format: ModelFormat = ModelFormat.AUTO
+    max_steps_per_epoch: int | None = None  # cap for quick runs; None: whole epoch
+    progress: bool = True  # rich progress bar
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"learning rate must be a positive number, got {self.lr}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test fraction must be in (0, 1), got {self.test_fraction}")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    correct: int
+    batch: int
+    fraction_clipped: float
+    global_step: int
+
+
+class SplitTrainer:
+    """One device's half of split training, bound to an open server session."""
+
+    def __init__(self, head: HeadModel, edge: EdgeClient, session_id: str, dp: DPActivations) -> None:
+        self.head = head
+        self.edge = edge
+        self.session_id = session_id
+        self.dp = dp
+
+    async def step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
+        activation = self.head.forward(images)  # (B, *activation_shape)
+        noisy, ctx = self.dp.release(activation)
+        reply = await self.edge.train(self.session_id, noisy, labels)
+        upstream = self.dp.backward(ctx, reply.activation_gradient)  # through the clipping
+        self.head.backward_step(images, upstream.astype(np.float32, copy=False))
+        correct = int((reply.logits.argmax(axis=1) == labels).sum())
+        return StepResult(reply.loss, correct, len(labels), ctx.fraction_clipped, reply.global_step)
+
+    async def predict(self, images: np.ndarray) -> np.ndarray:
+        """Class predictions; the test activations are released with the same DP-A mechanism."""
+        noisy, _ = self.dp.release(self.head.forward(images))
+        return (await self.edge.evaluate(self.session_id, noisy)).argmax(axis=1)
+
+
+def prepare_data(cfg: ClientConfig, manifest: Manifest) -> tuple[FaceIndex, FaceIndex]:
+    """Train/test split of the configured data; synthetic faces are generated once and cached."""
+    if cfg.data == "synthetic":
+        synth = SynthConfig(
+            identities=cfg.synth.identities,
+            per_identity=cfg.synth.per_identity,
+            size=manifest.image_size,
+            seed=cfg.synth.seed,
+        )
+        root = cfg.state_dir / "data" / f"synthetic-{synth.identities}x{synth.per_identity}-{synth.size}px-s{synth.seed}"
+        if not root.is_dir():
+            root.parent.mkdir(parents=True, exist_ok=True)
+            write_synthetic_faces(root, synth)
+    else:
+        root = Path(cfg.data)
+    index = index_faces(root, min_faces_per_person=cfg.min_faces_per_person)
+    if len(index.names) > manifest.num_classes:
+        raise ValueError(
+            f"{root} has {len(index.names)} identities but the export classifies {manifest.num_classes}: "
+            f"export with --classes {len(index.names)} or raise --min-faces-per-person"
+        )
+    return split_faces(index, test_fraction=cfg.test_fraction, seed=cfg.split_seed)
+
+
+def _load(index: FaceIndex, rows: np.ndarray, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    images = load_batch(
+        [index.paths[i] for i in rows], size=manifest.image_size, mean=manifest.pixel_mean, std=manifest.pixel_std
+    )
+    return images, index.labels[rows].astype(np.int64)
+
+
+def _rngs(cfg: ClientConfig, data_seed: int) -> tuple[np.random.Generator, int]:
+    if cfg.seed is not None:
+        warnings.warn(
+            f"--seed {cfg.seed}: DP noise is reproducible, which is for experiments only", UserWarning, stacklevel=3
+        )
+        return np.random.default_rng([cfg.seed, 1]), data_seed
+    return np.random.default_rng(), data_seed  # OS entropy: the server cannot predict the noise
+
+
+async def _evaluate(trainer: SplitTrainer, test: FaceIndex, manifest: Manifest, batch: int) -> float:
+    correct = 0
+    for start in range(0, len(test.paths), batch):
+        rows = np.arange(start, min(start + batch, len(test.paths)))
+        images, labels = _load(test, rows, manifest)
+        correct += int((await trainer.predict(images) == labels).sum())
+    return correct / max(len(test.paths), 1)
+
+
+def _privacy_summary(dp: DPConfig, releases: int) -> dict[str, Any]:
+    return {
+        "mechanism": dp.mechanism.value,
+        "clip": dp.clip,
+        "epsilon_per_release": dp.epsilon,
+        "delta_per_release": dp.delta if dp.mechanism.value == "gaussian" else 0.0,
+        "noise_scale": dp.noise_scale,
+        "noise_multiplier": dp.noise_multiplier if math.isfinite(dp.epsilon) else 0.0,
+        "sensitivity": dp.sensitivity,
+        "releases_per_training_example": releases,
+        "accounting": "per release only; composition over epochs is not accounted here",
+    }
+
+
+async def run_training(cfg: ClientConfig) -> dict[str, Any]:
+    """Train the head with the server for cfg.epochs; returns (and optionally writes) the report."""
+    manifest = load_manifest(cfg.artifacts, verify=("head",))
+    digest = manifest_sha256(cfg.artifacts)
+    device = resolve_device(cfg.device)
+    train_idx, test_idx = prepare_data(cfg, manifest)
+    ckpt = cfg.state_dir / HEAD_CHECKPOINT
+    if cfg.resume and not ckpt.is_file():
+        raise ValueError(f"--resume: no head checkpoint at {ckpt}")
+    head = HeadModel(
+        cfg.artifacts, manifest, device, checkpoint=ckpt if cfg.resume else None, lr=cfg.lr, model_format=cfg.model_format
+    )
+    props = head.properties
+    start_epoch = int(props["epochs_done"]) if cfg.resume and "epochs_done" in props else 0
+    if cfg.resume and "data_seed" in props:
+        data_seed = int(props["data_seed"])
+    else:
+        data_seed = cfg.seed if cfg.seed is not None else secrets.randbits(31)
+    noise_rng, data_seed = _rngs(cfg, data_seed)
+    dp = DPActivations(cfg.dp, noise_rng)
+    history: list[dict[str, Any]] = []
+    if cfg.resume and cfg.report is not None and cfg.report.is_file():
+        history = json.loads(cfg.report.read_text()).get("epochs", [])
+    steps_per_epoch = math.ceil(len(train_idx.paths) / cfg.batch_size)
+    if cfg.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+
+    async with EdgeClient(cfg.server) as edge:
+        session = await edge.open_session(digest, client="dpa-client")
+        trainer = SplitTrainer(head, edge, session.session_id, dp)
+        columns = (
+            TextColumn("[bold]epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.2f} | {task.fields[privacy]}"),
+            TimeElapsedColumn(),
+        )
+        privacy_text = (
+            f"{cfg.dp.mechanism.value} eps={cfg.dp.epsilon:g}/release clip={cfg.dp.clip:g} "
+            f"noise={dp.noise_scale:.3g} clipped={{:.0%}}"
+        )
+        started = time.perf_counter()
+        with Progress(*columns, disable=not cfg.progress, transient=False) as progress:
+            for epoch in range(start_epoch, cfg.epochs):
+                task = progress.add_task(
+                    "train", total=steps_per_epoch, epoch=f"{epoch + 1}/{cfg.epochs}", loss=math.nan, acc=0.0,
+                    privacy=privacy_text.format(0.0),
+                )
+                t0 = time.perf_counter()
+                losses, correct, seen = [], 0, 0
+                epoch_rng = np.random.default_rng([data_seed, epoch])
+                for i, rows in enumerate(iter_batches(train_idx, batch_size=cfg.batch_size, rng=epoch_rng)):
+                    if i >= steps_per_epoch:
+                        break
+                    images, labels = _load(train_idx, rows, manifest)
+                    result = await trainer.step(images, labels)
+                    losses.append(result.loss)
+                    correct += result.correct
+                    seen += result.batch
+                    progress.update(
+                        task, advance=1, loss=float(np.mean(losses)), acc=correct / seen,
+                        privacy=privacy_text.format(result.fraction_clipped),
+                    )
+                test_acc = await _evaluate(trainer, test_idx, manifest, cfg.batch_size)
+                history.append(
+                    {
+                        "epoch": epoch + 1,
+                        "train_loss": float(np.mean(losses)),
+                        "train_accuracy": correct / max(seen, 1),
+                        "test_accuracy": test_acc,
+                        "seconds": round(time.perf_counter() - t0, 3),
+                    }
+                )
+                props["epochs_done"] = epoch + 1
+                props["data_seed"] = data_seed
+                head.save(ckpt)
+                progress.console.print(
+                    f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.3f}, "
+                    f"train acc {history[-1]['train_accuracy']:.3f}, test acc {test_acc:.3f}"
+                )
+        await edge.close_session(session.session_id)
+
+    report = {
+        "server": cfg.server,
+        "manifest_sha256": digest,
+        "cut": manifest.cut,
+        "device": device.describe(),
+        "head_format": head.format,
+        "data": {
+            "source": cfg.data,
+            "identities": len(train_idx.names),
+            "train_images": len(train_idx.paths),
+            "test_images": len(test_idx.paths),
+        },
+        "training": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": head.lr, "seed": cfg.seed},
+        "privacy": _privacy_summary(cfg.dp, releases=cfg.epochs),
+        "threat_model": THREAT_MODEL,
+        "warnings": _warnings(cfg),
+        "epochs": history,
+        "final_test_accuracy": history[-1]["test_accuracy"] if history else None,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if cfg.report is not None:
+        cfg.report.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(cfg.report, (json.dumps(report, indent=2) + "\n").encode())
+    return report
+
+
+def _warnings(cfg: ClientConfig) -> list[str]:
+    out = ["labels are sent to the server in clear"]
+    if math.isinf(cfg.dp.epsilon):
+        out.append("epsilon = inf: activations were sent without noise")
+    if cfg.seed is not None:
+        out.append("fixed --seed: noise is reproducible (experiments only)")
+    return out
+
+
+async def run_evaluation(cfg: ClientConfig) -> dict[str, Any]:
+    """Held-out accuracy of the current head (state_dir checkpoint if any) + the server's tail."""
+    manifest = load_manifest(cfg.artifacts, verify=("head",))
+    digest = manifest_sha256(cfg.artifacts)
+    device = resolve_device(cfg.device)
+    _, test_idx = prepare_data(cfg, manifest)
+    ckpt = cfg.state_dir / HEAD_CHECKPOINT
+    head = HeadModel(cfg.artifacts, manifest, device, checkpoint=ckpt, model_format=cfg.model_format)
+    noise_rng, _ = _rngs(cfg, 0)
+    dp = DPActivations(cfg.dp, noise_rng)
+    async with EdgeClient(cfg.server) as edge:
+        session = await edge.open_session(digest, client="dpa-eval")
+        acc = await _evaluate(SplitTrainer(head, edge, session.session_id, dp), test_idx, manifest, cfg.batch_size)
+        await edge.close_session(session.session_id)
+    return {
+        "test_accuracy": acc,
+        "test_images": len(test_idx.paths),
+        "identities": len(test_idx.names),
+        "head_checkpoint": str(ckpt) if head.resumed else None,
+        "privacy": _privacy_summary(cfg.dp, releases=1),
+        "config": {k: str(v) for k, v in asdict(cfg).items() if k in ("server", "artifacts", "data")},
+    }

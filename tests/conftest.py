@@ -1,0 +1,85 @@
+"""Shared fixtures: small real exports and a real edge server on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dpa.architecture import ArchConfig
+from dpa.manifest import OptimizerConfig
+
+SMALL = ArchConfig(image_size=64, width=0.25, num_classes=6, dropout=0.0)
+
+
+def export_small(out: Path, *, cut: str = "conv1_1", lr: float = 0.05, arch: ArchConfig = SMALL, **kw) -> Path:
+    from exporter.export import ExportConfig, export
+
+    export(ExportConfig(arch=arch, cut=cut, optimizer=OptimizerConfig(lr=lr), out=out, **kw))
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64x64, width 0.25, 6 classes, no dropout, cut conv1_1, SGD lr 0.05, seed 0."""
+    return export_small(tmp_path_factory.mktemp("export") / "artifacts")
+
+
+class RunningServer:
+    """The real aiohttp app on a real loopback port, in a thread with its own event loop."""
+
+    def __init__(self, config) -> None:  # type: ignore[no-untyped-def]
+        from aiohttp import web
+
+        from dpa.demo import free_port
+        from runtime_server.app import STATE, init_app
+
+        self.port = config.port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = init_app(config)
+        self._state_key = STATE
+        self.loop = asyncio.new_event_loop()
+        self._runner = web.AppRunner(self.app, access_log=None)
+        ready = threading.Event()
+
+        def main() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self._runner.setup())
+            self.loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        assert ready.wait(60), "server did not start"
+
+    @property
+    def state(self):  # type: ignore[no-untyped-def]
+        return self.app[self._state_key]
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator:
+    """start_server(artifacts, **ServerConfig fields) -> RunningServer; all stopped at teardown."""
+    from runtime_server.config import ServerConfig
+
+    servers: list[RunningServer] = []
+
+    def start(artifacts: Path, **kw) -> RunningServer:  # type: ignore[no-untyped-def]
+        kw.setdefault("state_dir", tmp_path / f"server-state-{len(servers)}")
+        kw.setdefault("device", "cpu")
+        server = RunningServer(ServerConfig(artifacts=artifacts, port=0, **kw))
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
