@@ -27,7 +27,7 @@ from dpa.devices import resolve_device
 from dpa.manifest import GraphNames, Manifest, load_manifest, manifest_sha256
 from runtime_server.config import ServerConfig
 from runtime_server.errors import ApiError, error_response
-from runtime_server.tail import TailModel
+from runtime_server.tail import NonFiniteStep, TailModel
 
 __all__ = ["init_app", "STATE", "API_PREFIX"]
 
@@ -236,7 +236,10 @@ async def train(request: web.Request) -> web.Response:
             {"global_step": result.global_step},
         )
 
-    body = await state.run(step)
+    try:
+        body = await state.run(step)
+    except NonFiniteStep as exc:
+        raise ApiError(422, "non_finite_step", str(exc)) from None
     session.steps += 1
     session.examples += int(labels.shape[0])
     return web.Response(body=body, content_type=wire.CONTENT_TYPE)

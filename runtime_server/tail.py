@@ -18,13 +18,17 @@ from dpa.devices import ResolvedDevice
 from dpa.manifest import ARTIFACT_FILES, Manifest
 from dpa.ort_training import CheckpointState, Module, Optimizer, SessionOptions
 
-__all__ = ["TailModel", "TrainResult", "CHECKPOINT_NAME"]
+__all__ = ["TailModel", "TrainResult", "NonFiniteStep", "CHECKPOINT_NAME"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "tail_checkpoint"  # inside the server's state dir
 _STEP = "global_step"  # checkpoint properties: counters travel with the weights, atomically
 _EXAMPLES = "examples_seen"
+
+
+class NonFiniteStep(ValueError):
+    """The batch gave a NaN/inf loss or gradient; the step was not applied."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,10 @@ class TailModel:
         """One SGD/AdamW step on a batch: returns the mean cross-entropy and d loss / d activation."""
         self.module.train()
         loss, logits, grad = self.module(activation, labels)
+        if not (np.isfinite(loss) and np.isfinite(np.sum(grad, dtype=np.float64))):
+            # Applying it would poison the shared tail for every device: drop the gradients instead.
+            self.module.lazy_reset_grad()
+            raise NonFiniteStep("this batch gives a non-finite loss or gradient (activations too large?); not applied")
         self.optimizer.step()
         self.module.lazy_reset_grad()
         self.global_step += 1
