@@ -98,6 +98,11 @@ class DPConfig:
     # Gaussian only (Laplace is pure epsilon-DP and ignores it); 1e-5 is the usual
     # choice for data sets of up to ~1e5 examples (delta should be << 1/n).
     delta: float = 1e-5
+    # Multiply each release by the public constant 1 / sqrt(noise_std^2 + C^2 / d)
+    # (d = elements per example), so the server's network sees unit-scale inputs at
+    # every epsilon instead of inputs that grow with the noise and blow training up.
+    # A data-independent rescaling is post-processing: it costs no privacy.
+    normalize: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mechanism", Mechanism.parse(self.mechanism))
@@ -141,6 +146,16 @@ class DPConfig:
             return self.noise_scale
         return math.sqrt(2.0) * self.noise_scale
 
+    def release_scale(self, elements: int) -> float:
+        """The public factor a release is multiplied by (1.0 when ``normalize`` is off).
+
+        s = 1 / sqrt(noise_std^2 + C^2 / d): the RMS per element of a clipped activation
+        is at most C / sqrt(d) and the noise adds noise_std, so s * release has RMS <= 1.
+        """
+        if not self.normalize:
+            return 1.0
+        return 1.0 / math.sqrt(self.noise_std**2 + self.clip**2 / max(elements, 1))
+
     @property
     def noise_multiplier(self) -> float:
         """Noise std / (2C): sigma / 2C for gaussian, sqrt(2) b / 2C for laplace.
@@ -165,6 +180,7 @@ class ReleaseContext:
     factors: np.ndarray  # (B,) float64 clip factors min(1, C / norm)
     clip: float  # C used
     mechanism: Mechanism  # which norm was clipped (gaussian: L2, laplace: L1)
+    scale: float = 1.0  # public factor the release was multiplied by (DPConfig.release_scale)
 
     @property
     def clipped(self) -> np.ndarray:
@@ -215,7 +231,7 @@ class DPActivations:
     def release(self, activation: np.ndarray) -> tuple[np.ndarray, ReleaseContext]:
         """Clip each example (axis 0) and add i.i.d. noise to every element.
 
-        y_i = a_i * min(1, C / ||a_i||) + z_i, with the L2 norm and
+        y_i = s * (a_i * min(1, C / ||a_i||) + z_i), with the L2 norm and
         z ~ N(0, sigma^2) (gaussian) or the L1 norm and z ~ Laplace(0, b)
         (laplace). Returns (y as a new float32 array, context for backward).
 
@@ -239,7 +255,12 @@ class DPActivations:
             noisy = noisy.astype(np.float32)
         if self._scale > 0 and noisy.size:
             self._add_noise(noisy.reshape(a.shape[0], -1), gaussian)
-        ctx = ReleaseContext(activation=a, norms=norms, factors=factors, clip=cfg.clip, mechanism=cfg.mechanism)
+        scale = cfg.release_scale(int(np.prod(a.shape[1:])))
+        if scale != 1.0:
+            noisy *= np.float32(scale)
+        ctx = ReleaseContext(
+            activation=a, norms=norms, factors=factors, clip=cfg.clip, mechanism=cfg.mechanism, scale=scale
+        )
         return noisy, ctx
 
     def _add_noise(self, rows: np.ndarray, gaussian: bool) -> None:
@@ -277,6 +298,8 @@ class DPActivations:
             raise ValueError(
                 f"grad_noisy shape {g.shape} differs from the released activation's {ctx.activation.shape}"
             )
+        if ctx.scale != 1.0:
+            g = g * np.float32(ctx.scale)  # d (s * y) / d y = s
         vjp = clip_l2_vjp if ctx.mechanism is Mechanism.GAUSSIAN else clip_l1_vjp
         return vjp(ctx.activation, g, clip=ctx.clip, norms=ctx.norms)
 

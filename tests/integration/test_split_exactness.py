@@ -48,7 +48,9 @@ def _torch_reference(cut: str, clip: float, batches):  # type: ignore[no-untyped
         a = head(torch.from_numpy(images))
         norms = a.flatten(1).norm(dim=1)
         factor = torch.clamp(clip / norms, max=1.0).view(-1, *([1] * (a.dim() - 1)))
-        loss = torch.nn.functional.cross_entropy(tail(a * factor), torch.from_numpy(labels))
+        # DP-A's public rescaling with no noise: s = 1 / sqrt(C^2 / d) = sqrt(d) / C.
+        scale = np.sqrt(a[0].numel()) / clip
+        loss = torch.nn.functional.cross_entropy(tail(a * factor * scale), torch.from_numpy(labels))
         for p in params:
             p.grad = None
         loss.backward()

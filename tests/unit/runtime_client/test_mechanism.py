@@ -106,7 +106,7 @@ def test_dpactivations_checks_its_arguments() -> None:
     ],
 )
 def test_noise_std_and_mean(mechanism, epsilon, expected_std) -> None:
-    dp = DPActivations(DPConfig(mechanism=mechanism, epsilon=epsilon), np.random.default_rng(1234))
+    dp = DPActivations(DPConfig(mechanism=mechanism, epsilon=epsilon, normalize=False), np.random.default_rng(1234))
     noisy, _ = dp.release(np.zeros(N_NOISE, dtype=np.float32))
     assert noisy.dtype == np.float32 and noisy.shape == N_NOISE
     z = noisy.astype(np.float64).ravel()
@@ -125,7 +125,7 @@ def test_noise_std_and_mean(mechanism, epsilon, expected_std) -> None:
 
 def test_released_minus_clipped_is_the_gaussian_noise() -> None:
     x = _activation((8, 3, 16, 16))
-    cfg = DPConfig(clip=1.0, epsilon=2.0)
+    cfg = DPConfig(clip=1.0, epsilon=2.0, normalize=False)
     noisy, ctx = DPActivations(cfg, np.random.default_rng(7)).release(x)
     # Independent reference: clip with torch, draw the documented noise stream.
     xt = torch.tensor(x, dtype=torch.float64)
@@ -137,7 +137,7 @@ def test_released_minus_clipped_is_the_gaussian_noise() -> None:
 
 def test_laplace_noise_is_independent_of_the_signal() -> None:
     x = _activation((16, 4, 64, 64), seed=2) * np.float32(100.0)
-    cfg = DPConfig(mechanism="laplace", clip=1.0, epsilon=4.0)
+    cfg = DPConfig(mechanism="laplace", clip=1.0, epsilon=4.0, normalize=False)
     noisy, ctx = DPActivations(cfg, np.random.default_rng(3)).release(x)
     xt = torch.tensor(x, dtype=torch.float64)
     clipped = xt * torch.clamp(1.0 / xt.flatten(1).norm(p=1, dim=1), max=1.0).reshape(-1, 1, 1, 1)
@@ -169,7 +169,9 @@ def test_seeds() -> None:
 @pytest.mark.parametrize("mechanism", ["gaussian", "laplace"])
 def test_infinite_epsilon_warns_and_only_clips(mechanism) -> None:
     with pytest.warns(UserWarning, match="WITHOUT noise"):
-        dp = DPActivations(DPConfig(mechanism=mechanism, clip=2.0, epsilon=math.inf), np.random.default_rng(0))
+        dp = DPActivations(
+            DPConfig(mechanism=mechanism, clip=2.0, epsilon=math.inf, normalize=False), np.random.default_rng(0)
+        )
     x = _activation((12, 3, 5, 5)) * np.float32(2.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once, at construction, not per release
@@ -181,6 +183,19 @@ def test_infinite_epsilon_warns_and_only_clips(mechanism) -> None:
     assert unclipped.any() and (~unclipped).any()
     np.testing.assert_array_equal(noisy[unclipped], x[unclipped])  # no noise at all
     np.testing.assert_allclose(norms[~unclipped], 2.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 8.0, 1000.0, math.inf])
+def test_normalized_release_has_unit_scale_at_every_epsilon(epsilon) -> None:
+    """The public rescaling keeps the release's RMS per element <= 1 whatever the noise."""
+    x = _activation((16, 4, 32, 32), seed=5) * np.float32(50.0)  # all clipped: RMS = C / sqrt(d) before noise
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp = DPActivations(DPConfig(clip=1.0, epsilon=epsilon), np.random.default_rng(0))
+    noisy, ctx = dp.release(x)
+    rms = float(np.sqrt(np.mean(noisy.astype(np.float64) ** 2)))
+    assert 0.9 < rms <= 1.0 + 1e-2
+    assert ctx.scale == pytest.approx(1.0 / math.sqrt(dp.config.noise_std**2 + 1.0 / x[0].size))
 
 
 def test_finite_epsilon_does_not_warn() -> None:
@@ -199,10 +214,12 @@ def test_backward_matches_torch_autograd(mechanism, ord_) -> None:
     noisy, ctx = dp.release(x)
     g = np.random.default_rng(9).standard_normal(x.shape).astype(np.float32)
 
-    # Reference: noisy = clip(x) + z with z a constant; autograd through it.
+    # Reference: noisy = s * (clip(x) + z) with z a constant and s the public scale, by formula.
+    scale = 1.0 / math.sqrt(dp.config.noise_std**2 + dp.config.clip**2 / x[0].size)
+    assert ctx.scale == pytest.approx(scale)
     xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    z = torch.tensor(noisy, dtype=torch.float64) - _clip_torch(xt, ord_).detach()
-    released = _clip_torch(xt, ord_) + z
+    z = torch.tensor(noisy, dtype=torch.float64) / scale - _clip_torch(xt, ord_).detach()
+    released = scale * (_clip_torch(xt, ord_) + z)
     (released * torch.tensor(g, dtype=torch.float64)).sum().backward()
 
     grad = dp.backward(ctx, g)

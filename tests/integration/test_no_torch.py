@@ -1,0 +1,91 @@
+"""The device client and the edge server run where torch cannot be imported.
+
+onnxruntime's training package imports torch from its ``__init__`` (upstream issue
+#22070); ``dpa.ort_training`` works around it. Here a real server and a real client
+train a round as separate processes with ``import torch`` blocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from dpa.demo import free_port
+from runtime_server.tail import CHECKPOINT_NAME
+
+BLOCK = """
+import importlib.abc, sys
+class _NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+
+def _dpa(*args: str) -> list[str]:
+    code = BLOCK + f"sys.argv = ['dpa', *{list(args)!r}]\nfrom dpa.app import main\nmain()\n"
+    return [sys.executable, "-c", code]
+
+
+def test_importing_the_runtimes_pulls_in_no_torch():
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "import runtime_client, runtime_server, dpa\n"
+        "for pkg in (runtime_client, runtime_server, dpa):\n"
+        "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        if m.name != 'dpa.demo': importlib.import_module(m.name)\n"
+        "import dpa.demo\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
+    port = free_port()
+    state = tmp_path / "server-state"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    server = subprocess.Popen(
+        _dpa("serve", "--artifacts", str(small_export), "--port", str(port), "--device", "cuda",
+             "--state-dir", str(state), "--checkpoint-every", "1000"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, server.communicate()[0]
+                assert time.time() < deadline, "server did not come up"
+                time.sleep(0.2)
+        report = tmp_path / "report.json"
+        client = subprocess.run(
+            _dpa("client", "--server", f"http://127.0.0.1:{port}", "--artifacts", str(small_export),
+                 "--identities", "6", "--per-identity", "8", "--epochs", "1", "--max-steps", "2",
+                 "--epsilon", "4", "--clip", "50", "--state-dir", str(tmp_path / "client"),
+                 "--report", str(report), "--device", "arm64"),
+            capture_output=True, text=True, env=env, timeout=300,
+        )
+        assert client.returncode == 0, client.stdout + client.stderr
+        data = json.loads(report.read_text())
+        assert data["privacy"]["epsilon_per_release"] == 4.0
+        assert data["epochs"][0]["train_loss"] > 0
+        assert "labels are sent to the server in clear" in data["warnings"]
+        status = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/status"))
+        assert status["global_step"] == 2
+        assert not (state / CHECKPOINT_NAME).exists()  # checkpoint interval not reached yet
+    finally:
+        server.send_signal(signal.SIGTERM)
+        log = server.communicate(timeout=60)[0]
+    # SIGTERM saved the tail; the fallback from the unavailable CUDA provider was explained.
+    assert (state / CHECKPOINT_NAME).is_file(), log
+    assert "fell back from cuda" in log or "CUDAExecutionProvider is not in this onnxruntime build" in log, log
