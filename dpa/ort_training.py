@@ -39,6 +39,9 @@ _api = _import_api()
 
 import onnxruntime  # noqa: E402
 
+# onnxruntime warns on every optimizer step that its own update flag's shape is {1}, not {}.
+onnxruntime.set_default_logger_severity(3)
+
 CheckpointState = _api.CheckpointState
 Module = _api.Module
 Optimizer = _api.Optimizer
