@@ -5,8 +5,8 @@ imports ``artifacts`` -> ``onnxblock`` -> torch, and fails where torch is not
 installed (upstream issue https://github.com/microsoft/onnxruntime/issues/22070).
 The API's classes are thin wrappers over ``onnxruntime.capi._pybind_state`` and need
 none of that. We register a bare ``onnxruntime.training`` package (no ``__init__``
-code run) before importing ``.api``, so the device client and the edge server load
-on numpy + onnxruntime alone. If the real package was already imported (the exporter
+code run) before importing onnxruntime, so the device client and the edge server load
+on numpy + onnxruntime alone, and never import torch even where it is installed. If the real package was already imported (the exporter
 imports it, with torch), that one is used as is.
 """
 
@@ -23,15 +23,16 @@ __all__ = ["CheckpointState", "Module", "Optimizer", "OrtValue", "SessionOptions
 def _import_api() -> types.ModuleType:
     name = "onnxruntime.training"
     if name not in sys.modules:
-        spec = importlib.util.find_spec("onnxruntime")
+        spec = importlib.util.find_spec("onnxruntime")  # locates the package without importing it
         if spec is None or spec.submodule_search_locations is None:
             raise ImportError("onnxruntime is not installed: pip install onnxruntime-training-cpu==1.19.2")
-        import onnxruntime  # noqa: F401  (loads the native library)
-
-        locations = [f"{loc}/training" for loc in spec.submodule_search_locations]
         bare = types.ModuleType(name)
-        bare.__path__ = locations  # a package whose __init__ never runs
+        bare.__path__ = [f"{loc}/training" for loc in spec.submodule_search_locations]  # __init__ never runs
         sys.modules[name] = bare
+        # `import onnxruntime` probes `onnxruntime.training.ortmodule` (torch's ORTModule) to describe the
+        # build; where torch is installed that probe imports all of torch (~1 s, ~200 MB on a device).
+        # Marking it absent makes the probe's ImportError branch run: ORTModule is not used here.
+        sys.modules.setdefault(f"{name}.ortmodule", None)  # type: ignore[arg-type]
     return importlib.import_module("onnxruntime.training.api")
 
 

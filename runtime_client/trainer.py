@@ -156,7 +156,13 @@ async def _evaluate(trainer: SplitTrainer, test: FaceIndex, manifest: Manifest, 
     return correct / max(len(test.paths), 1)
 
 
-def _privacy_summary(dp: DPConfig, releases: int) -> dict[str, Any]:
+def _privacy_summary(dp: DPConfig, releases: int, elements: int) -> dict[str, Any]:
+    """The release's parameters, and its signal-to-noise ratio per element.
+
+    A clipped activation has RMS per element at most C / sqrt(d); the noise adds std per
+    element. Their ratio says how much of the signal the server's network can still see.
+    """
+    std = dp.noise_std
     return {
         "mechanism": dp.mechanism.value,
         "clip": dp.clip,
@@ -166,6 +172,8 @@ def _privacy_summary(dp: DPConfig, releases: int) -> dict[str, Any]:
         "noise_multiplier": dp.noise_multiplier if math.isfinite(dp.epsilon) else 0.0,
         "sensitivity": dp.sensitivity,
         "releases_per_training_example": releases,
+        "elements_per_release": elements,
+        "snr_per_element": math.inf if std == 0 else dp.clip / math.sqrt(elements) / std,
         "accounting": "per release only; composition over epochs is not accounted here",
     }
 
@@ -265,7 +273,7 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
             "test_images": len(test_idx.paths),
         },
         "training": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": head.lr, "seed": cfg.seed},
-        "privacy": _privacy_summary(cfg.dp, releases=cfg.epochs),
+        "privacy": _privacy_summary(cfg.dp, releases=cfg.epochs, elements=manifest.activation_numel),
         "threat_model": THREAT_MODEL,
         "warnings": _warnings(cfg),
         "epochs": history,
@@ -306,6 +314,6 @@ async def run_evaluation(cfg: ClientConfig) -> dict[str, Any]:
         "test_images": len(test_idx.paths),
         "identities": len(test_idx.names),
         "head_checkpoint": str(ckpt) if head.resumed else None,
-        "privacy": _privacy_summary(cfg.dp, releases=1),
+        "privacy": _privacy_summary(cfg.dp, releases=1, elements=manifest.activation_numel),
         "config": {k: str(v) for k, v in asdict(cfg).items() if k in ("server", "artifacts", "data")},
     }

@@ -15,7 +15,7 @@ from dpa.manifest import OptimizerConfig
 SMALL = ArchConfig(image_size=64, width=0.25, num_classes=6, dropout=0.0)
 
 
-def export_small(out: Path, *, cut: str = "conv1_1", lr: float = 0.05, arch: ArchConfig = SMALL, **kw) -> Path:
+def export_small(out: Path, *, cut: str = "conv1_1", lr: float = 0.01, arch: ArchConfig = SMALL, **kw) -> Path:
     from exporter.export import ExportConfig, export
 
     export(ExportConfig(arch=arch, cut=cut, optimizer=OptimizerConfig(lr=lr), out=out, **kw))
@@ -24,7 +24,7 @@ def export_small(out: Path, *, cut: str = "conv1_1", lr: float = 0.05, arch: Arc
 
 @pytest.fixture(scope="session")
 def small_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """64x64, width 0.25, 6 classes, no dropout, cut conv1_1, SGD lr 0.05, seed 0."""
+    """64x64, width 0.25, 6 classes, no dropout, cut conv1_1, SGD lr 0.01, seed 0."""
     return export_small(tmp_path_factory.mktemp("export") / "artifacts")
 
 

@@ -14,8 +14,8 @@ from dpa.cli_util import console, user_errors
 
 def demo_command(
     workdir: Annotated[Path, typer.Option(help="Folder for the export, data and reports.")] = Path("runs/demo"),
-    epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 6,
-    epsilon: Annotated[float, typer.Option(help="Per-release epsilon of the noisy run.")] = 8.0,
+    epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 16,
+    epsilon: Annotated[float, typer.Option(help="Per-release epsilon of the noisy run.")] = 1e6,
 ) -> None:
     """The whole pipeline in minutes: held-out accuracy with and without DP-A noise."""
     from dpa.demo import DemoConfig, run_demo
@@ -27,7 +27,8 @@ def demo_command(
             say=lambda msg: console.print(f"[bold cyan]>[/] {msg}"),
         )
     table = Table(title="DP-A on synthetic faces (held-out accuracy)")
-    for col in ("epsilon / release", "delta", "noise sigma", "clip C", "noise multiplier", "test accuracy"):
+    for col in ("epsilon / release", "delta", "noise sigma", "clip C", "noise multiplier", "SNR / element",
+                "test accuracy"):
         table.add_column(col, justify="right")
     for r in reports:
         p = r["privacy"]
@@ -37,12 +38,14 @@ def demo_command(
             f"{p['noise_scale']:.4g}",
             f"{p['clip']:g}",
             f"{p['noise_multiplier']:.4g}",
+            f"{p['snr_per_element']:.3g}",
             f"{r['final_test_accuracy']:.3f}",
         )
     console.print(table)
     n = reports[0]["data"]["identities"]
     console.print(
         f"chance is {1 / n:.3f} ({n} identities). epsilon is per release; each epoch releases every training "
-        "example once. Labels travel in clear. Reports: "
+        "example once. Labels travel in clear. SNR / element = C / sqrt(d) / noise std: below ~1 the tail "
+        "cannot learn from scratch in a few epochs. Reports: "
         + ", ".join(str(workdir / d / "report.json") for d in ("no-noise", f"eps{epsilon:g}"))
     )

@@ -120,8 +120,8 @@ def test_wrong_weights_name_the_tensors(tmp_path):
     result = _cli("--weights", str(tmp_path / "w.pt"), "--out", str(tmp_path / "art"))
     text = " ".join(result.output.split())
     assert result.exit_code == 2
-    assert "missing conv3_1.bias (32,)" in text
-    assert "fc8.weight has shape (7, 256), expected (6, 256)" in text
+    assert "missing conv3_1.bias (64,)" in text
+    assert "fc8.weight has shape (7, 256), expected (6, 1024)" in text
     assert not (tmp_path / "art").exists()
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     result = _cli("--weights", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "art"))
