@@ -12,7 +12,7 @@ max-pool, then fc6/fc7 (4096, ReLU, dropout) and fc8 (one logit per identity).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 __all__ = [
     "ArchConfig",
@@ -34,7 +34,7 @@ _FC_WIDTH = 4096
 IMAGE_SIZE_MULTIPLE = 32
 
 
-class LayerKind(str, Enum):
+class LayerKind(StrEnum):
     CONV = "conv"  # 3x3 convolution, padding 1, followed by ReLU (the ReLU belongs to the layer)
     POOL = "pool"  # 2x2 max-pool, stride 2
     FC = "fc"  # fully connected; fc6/fc7 followed by ReLU (+ dropout in the tail), fc8 is the classifier
@@ -51,9 +51,7 @@ class ArchConfig:
 
     def __post_init__(self) -> None:
         if self.image_size <= 0 or self.image_size % IMAGE_SIZE_MULTIPLE:
-            raise ValueError(
-                f"image size must be a positive multiple of {IMAGE_SIZE_MULTIPLE}, got {self.image_size}"
-            )
+            raise ValueError(f"image size must be a positive multiple of {IMAGE_SIZE_MULTIPLE}, got {self.image_size}")
         if not 0 < self.width <= 4:
             raise ValueError(f"width must be in (0, 4], got {self.width}")
         if self.num_classes < 2:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 __all__ = ["DeviceProfile", "ResolvedDevice", "resolve_device", "PROFILE_TABLE"]
 
 log = logging.getLogger(__name__)
 
 
-class DeviceProfile(str, Enum):
+class DeviceProfile(StrEnum):
     AUTO = "auto"
     CPU = "cpu"
     ARM64 = "arm64"

@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -57,14 +57,15 @@ class GraphNames:
 
     IMAGES = "images"  # head input, float32 (B, 3, H, W), preprocessed as the manifest says
     ACTIVATION = "activation"  # head eval output and tail input, float32 (B, *activation_shape)
-    UPSTREAM_GRAD = "upstream_gradient"  # head training input: d loss / d activation, same shape (a name ending in _grad would be hidden by the training API)
+    # head training input: d loss / d activation, same shape (the training API hides names ending in _grad)
+    UPSTREAM_GRAD = "upstream_gradient"
     HEAD_LOSS = "vjp_surrogate"  # head training output: sum(activation * upstream_grad), no meaning
     LABELS = "labels"  # tail training input, int64 (B,)
     LOGITS = "logits"  # tail eval output, float32 (B, num_classes)
     ACTIVATION_GRADIENT = "activation_gradient"  # tail training output 3 (1: mean CE loss, 2: logits)
 
 
-class OptimizerName(str, Enum):
+class OptimizerName(StrEnum):
     SGD = "sgd"  # plain SGD (onnxruntime's SGDOptimizerV2 has no momentum)
     ADAMW = "adamw"  # AdamW, betas (0.9, 0.999), eps 1e-6, bias correction on
 

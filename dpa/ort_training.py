@@ -6,8 +6,9 @@ installed (upstream issue https://github.com/microsoft/onnxruntime/issues/22070)
 The API's classes are thin wrappers over ``onnxruntime.capi._pybind_state`` and need
 none of that. We register a bare ``onnxruntime.training`` package (no ``__init__``
 code run) before importing onnxruntime, so the device client and the edge server load
-on numpy + onnxruntime alone, and never import torch even where it is installed. If the real package was already imported (the exporter
-imports it, with torch), that one is used as is.
+on numpy + onnxruntime alone, and never import torch even where it is installed. If
+the real package was already imported (the exporter imports it, with torch), that one
+is used as is.
 """
 
 from __future__ import annotations

@@ -86,7 +86,9 @@ def _meta_bytes(meta: Mapping[str, Any] | None) -> bytes:
 def _tensor_layout(name: str, array: np.ndarray) -> tuple[bytes, int]:
     dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
     if dtype not in _CODE_OF:
-        raise WireError(f"tensor {name!r}: dtype {array.dtype} cannot be sent; valid: float32, float16, int64, int32, uint8")
+        raise WireError(
+            f"tensor {name!r}: dtype {array.dtype} cannot be sent; valid: float32, float16, int64, int32, uint8"
+        )
     encoded = name.encode("ascii", errors="strict") if name.isascii() else b""
     if not encoded or len(encoded) > MAX_NAME:
         raise WireError(f"tensor name {name!r} must be 1..{MAX_NAME} ASCII characters")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpa.architecture import ArchConfig, cut_info
-from dpa.manifest import ARTIFACT_FILES, GraphNames, Manifest, OptimizerConfig, sha256_file
+from dpa.manifest import GraphNames, Manifest, OptimizerConfig, sha256_file
 
 __all__ = ["ExportConfig", "export", "VGGFACE_MEAN"]
 
@@ -39,7 +39,10 @@ class ExportConfig:
     seed: int = 0  # initialisation seed (ignored with weights)
     verify: bool = True  # compare ORT against torch autograd before publishing the export
     verify_batch: int = 2  # examples in the verification batch
-    tolerance: float = 1e-3  # max relative error allowed in verification
+    # Max relative L2 error (see exporter.verify). Gradients get more room: at 224x224 width 1.0,
+    # max-pool ties routed differently in deep layers give d loss / d activation 0.6% (measured).
+    tolerance: float = 2e-2  # gradients
+    forward_tolerance: float = 1e-4  # activations, logits, loss
     ort_format: bool = False  # also write the head in ORT format for ONNX Runtime Mobile
 
 
@@ -113,11 +116,7 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
             out_dir=staging / "tail",
             optimizer=cfg.optimizer,
         )
-        files = {
-            p.relative_to(staging).as_posix(): sha256_file(p)
-            for p in sorted(staging.rglob("*"))
-            if p.is_file()
-        }
+        files = {p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         manifest = Manifest(
             arch="vggface",
             cut=cfg.cut,
@@ -143,11 +142,12 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
 
             progress("verifying against torch autograd")
             report = verify_export(staging, head, tail, batch=cfg.verify_batch, seed=cfg.seed)
-            if report.max_rel_error > cfg.tolerance:
-                raise ValueError(
-                    f"verification failed: max relative error {report.max_rel_error:.3g} "
-                    f"({report.worst}) exceeds tolerance {cfg.tolerance:g}"
-                )
+            for name, (_abs, rel) in report.errors.items():
+                limit = cfg.tolerance if name.endswith("grad") or "d_activation" in name else cfg.forward_tolerance
+                if rel > limit:
+                    raise ValueError(
+                        f"verification failed: relative error {rel:.3g} of {name} exceeds tolerance {limit:g}"
+                    )
         _publish(staging, out)
         return manifest, report
     except BaseException:

@@ -92,9 +92,7 @@ class EdgeClient:
 
     async def _tensors(self, path: str, tensors: dict[str, np.ndarray]) -> wire.Message:
         body = wire.encode(tensors)
-        _, reply, ctype = await self._request(
-            "POST", path, data=body, headers={"Content-Type": wire.CONTENT_TYPE}
-        )
+        _, reply, ctype = await self._request("POST", path, data=body, headers={"Content-Type": wire.CONTENT_TYPE})
         if ctype != wire.CONTENT_TYPE:
             raise EdgeError(0, "bad_reply", f"expected {wire.CONTENT_TYPE} from the server, got {ctype}")
         return wire.decode(reply)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 HEAD_CHECKPOINT = "head_checkpoint"
 
 
-class ModelFormat(str, Enum):
+class ModelFormat(StrEnum):
     AUTO = "auto"  # ORT format when the export has it, else ONNX
     ONNX = "onnx"
     ORT = "ort"  # the format ONNX Runtime Mobile loads (dpa export --ort-format)
@@ -47,7 +47,9 @@ def _model_paths(head_dir: Path, fmt: ModelFormat) -> tuple[Path, Path, Path, st
     if fmt is ModelFormat.ORT or (fmt is ModelFormat.AUTO and all(p.is_file() for p in ort)):
         missing = [p.name for p in ort if not p.is_file()]
         if missing:
-            raise ValueError(f"no ORT-format head in {head_dir} (missing {', '.join(missing)}): export with --ort-format")
+            raise ValueError(
+                f"no ORT-format head in {head_dir} (missing {', '.join(missing)}): export with --ort-format"
+            )
         return ort[0], ort[1], ort[2], "ort"
     paths = [head_dir / n for n in names]
     return paths[0], paths[1], paths[2], "onnx"
@@ -71,7 +73,9 @@ class HeadModel:
         self.state = CheckpointState.load_checkpoint(str(start))
         options = SessionOptions()
         options.intra_op_num_threads = device.threads
-        self.module = Module(str(training), self.state, str(evaluation), device=device.ort_device, session_options=options)
+        self.module = Module(
+            str(training), self.state, str(evaluation), device=device.ort_device, session_options=options
+        )
         self.optimizer = Optimizer(str(optimizer), self.module)
         self.lr = manifest.optimizer.lr if lr is None else lr
         self.optimizer.set_learning_rate(self.lr)

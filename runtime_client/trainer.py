@@ -116,7 +116,9 @@ def prepare_data(cfg: ClientConfig, manifest: Manifest) -> tuple[FaceIndex, Face
             size=manifest.image_size,
             seed=cfg.synth.seed,
         )
-        root = cfg.state_dir / "data" / f"synthetic-{synth.identities}x{synth.per_identity}-{synth.size}px-s{synth.seed}"
+        root = (
+            cfg.state_dir / "data" / f"synthetic-{synth.identities}x{synth.per_identity}-{synth.size}px-s{synth.seed}"
+        )
         if not root.is_dir():
             root.parent.mkdir(parents=True, exist_ok=True)
             write_synthetic_faces(root, synth)
@@ -188,7 +190,12 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
     if cfg.resume and not ckpt.is_file():
         raise ValueError(f"--resume: no head checkpoint at {ckpt}")
     head = HeadModel(
-        cfg.artifacts, manifest, device, checkpoint=ckpt if cfg.resume else None, lr=cfg.lr, model_format=cfg.model_format
+        cfg.artifacts,
+        manifest,
+        device,
+        checkpoint=ckpt if cfg.resume else None,
+        lr=cfg.lr,
+        model_format=cfg.model_format,
     )
     props = head.properties
     start_epoch = int(props["epochs_done"]) if cfg.resume and "epochs_done" in props else 0
@@ -223,7 +230,11 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
         with Progress(*columns, disable=not cfg.progress, transient=False) as progress:
             for epoch in range(start_epoch, cfg.epochs):
                 task = progress.add_task(
-                    "train", total=steps_per_epoch, epoch=f"{epoch + 1}/{cfg.epochs}", loss=math.nan, acc=0.0,
+                    "train",
+                    total=steps_per_epoch,
+                    epoch=f"{epoch + 1}/{cfg.epochs}",
+                    loss=math.nan,
+                    acc=0.0,
                     privacy=privacy_text.format(0.0),
                 )
                 t0 = time.perf_counter()
@@ -238,7 +249,10 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
                     correct += result.correct
                     seen += result.batch
                     progress.update(
-                        task, advance=1, loss=float(np.mean(losses)), acc=correct / seen,
+                        task,
+                        advance=1,
+                        loss=float(np.mean(losses)),
+                        acc=correct / seen,
                         privacy=privacy_text.format(result.fraction_clipped),
                     )
                 test_acc = await _evaluate(trainer, test_idx, manifest, cfg.batch_size)

@@ -71,7 +71,9 @@ def max_body_bytes(manifest: Manifest, max_batch: int) -> int:
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
@@ -100,7 +102,9 @@ def _session(request: web.Request) -> Session:
 async def _read_message(request: web.Request) -> wire.Message:
     state = request.app[STATE]
     if request.content_type != wire.CONTENT_TYPE:
-        raise ApiError(415, "unsupported_media_type", f"send tensors as {wire.CONTENT_TYPE}, got {request.content_type!r}")
+        raise ApiError(
+            415, "unsupported_media_type", f"send tensors as {wire.CONTENT_TYPE}, got {request.content_type!r}"
+        )
     length = request.content_length
     if length is not None and length > state.max_body:
         raise ApiError(413, "body_too_large", f"body of {length} bytes exceeds the limit of {state.max_body}")
@@ -114,9 +118,7 @@ async def _read_message(request: web.Request) -> wire.Message:
 def _check_activation(manifest: Manifest, max_batch: int, message: wire.Message, expected: set[str]) -> np.ndarray:
     names = set(message.tensors)
     if names != expected:
-        raise ApiError(
-            422, "wrong_tensors", f"expected tensors {sorted(expected)}, got {sorted(names)}"
-        )
+        raise ApiError(422, "wrong_tensors", f"expected tensors {sorted(expected)}, got {sorted(names)}")
     act = message.tensors[GraphNames.ACTIVATION]
     if act.dtype != np.float32:
         raise ApiError(422, "wrong_dtype", f"activation must be float32, got {act.dtype}")
@@ -184,7 +186,7 @@ async def open_session(request: web.Request) -> web.Response:
     try:
         body = await request.json()
     except Exception:
-        raise ApiError(400, "malformed_body", "send a JSON object {\"manifest_sha256\": ..., \"client\": ...}") from None
+        raise ApiError(400, "malformed_body", 'send a JSON object {"manifest_sha256": ..., "client": ...}') from None
     if not isinstance(body, dict) or not isinstance(body.get("manifest_sha256"), str):
         raise ApiError(400, "malformed_body", "field manifest_sha256 (string) is required")
     if body["manifest_sha256"] != state.manifest_sha256:

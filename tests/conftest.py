@@ -61,6 +61,9 @@ class RunningServer:
         return self.app[self._state_key]
 
     def stop(self) -> None:
+        """Graceful shutdown (the app saves the tail); a second call does nothing."""
+        if not self.thread.is_alive():
+            return
         asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)

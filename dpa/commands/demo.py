@@ -27,8 +27,15 @@ def demo_command(
             say=lambda msg: console.print(f"[bold cyan]>[/] {msg}"),
         )
     table = Table(title="DP-A on synthetic faces (held-out accuracy)")
-    for col in ("epsilon / release", "delta", "noise sigma", "clip C", "noise multiplier", "SNR / element",
-                "test accuracy"):
+    for col in (
+        "epsilon / release",
+        "delta",
+        "noise sigma",
+        "clip C",
+        "noise multiplier",
+        "SNR / element",
+        "test accuracy",
+    ):
         table.add_column(col, justify="right")
     for r in reports:
         p = r["privacy"]

@@ -85,7 +85,8 @@ def export_command(
     if report is not None:
         console.print(
             f"verified against torch autograd: max abs error {report.max_abs_error:.2e}, "
-            f"max rel error {report.max_rel_error:.2e} ({report.worst}); {len(report.errors)} tensors compared"
+            f"max rel error {report.max_rel_error:.2e} (relative L2, worst: {report.worst}); "
+            f"{len(report.errors)} tensors compared"
         )
         for note in report.notes:
             console.print(f"note: {note}")

@@ -44,9 +44,16 @@ def test_two_clients_concurrently(small_export, start_server, tmp_path):
 def test_resume_continues_from_the_checkpoint(small_export, start_server, tmp_path):
     server = start_server(small_export)
     cfg = ClientConfig(
-        server=server.url, artifacts=small_export, epochs=1, batch_size=4, dp=DPConfig(clip=50.0, epsilon=16.0),
-        synth=SynthConfig(identities=6, per_identity=8), max_steps_per_epoch=2, progress=False,
-        state_dir=tmp_path / "c", report=tmp_path / "r.json",
+        server=server.url,
+        artifacts=small_export,
+        epochs=1,
+        batch_size=4,
+        dp=DPConfig(clip=50.0, epsilon=16.0),
+        synth=SynthConfig(identities=6, per_identity=8),
+        max_steps_per_epoch=2,
+        progress=False,
+        state_dir=tmp_path / "c",
+        report=tmp_path / "r.json",
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

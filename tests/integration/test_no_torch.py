@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 from dpa.demo import free_port
 from runtime_server.tail import CHECKPOINT_NAME
@@ -53,9 +52,23 @@ def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
     state = tmp_path / "server-state"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     server = subprocess.Popen(
-        _dpa("serve", "--artifacts", str(small_export), "--port", str(port), "--device", "cuda",
-             "--state-dir", str(state), "--checkpoint-every", "1000"),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        _dpa(
+            "serve",
+            "--artifacts",
+            str(small_export),
+            "--port",
+            str(port),
+            "--device",
+            "cuda",
+            "--state-dir",
+            str(state),
+            "--checkpoint-every",
+            "1000",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     try:
         deadline = time.time() + 60
@@ -69,11 +82,35 @@ def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
                 time.sleep(0.2)
         report = tmp_path / "report.json"
         client = subprocess.run(
-            _dpa("client", "--server", f"http://127.0.0.1:{port}", "--artifacts", str(small_export),
-                 "--identities", "6", "--per-identity", "8", "--epochs", "1", "--max-steps", "2",
-                 "--epsilon", "4", "--clip", "50", "--state-dir", str(tmp_path / "client"),
-                 "--report", str(report), "--device", "arm64"),
-            capture_output=True, text=True, env=env, timeout=300,
+            _dpa(
+                "client",
+                "--server",
+                f"http://127.0.0.1:{port}",
+                "--artifacts",
+                str(small_export),
+                "--identities",
+                "6",
+                "--per-identity",
+                "8",
+                "--epochs",
+                "1",
+                "--max-steps",
+                "2",
+                "--epsilon",
+                "4",
+                "--clip",
+                "50",
+                "--state-dir",
+                str(tmp_path / "client"),
+                "--report",
+                str(report),
+                "--device",
+                "arm64",
+            ),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
         )
         assert client.returncode == 0, client.stdout + client.stderr
         data = json.loads(report.read_text())
@@ -82,6 +119,16 @@ def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
         assert "labels are sent to the server in clear" in data["warnings"]
         status = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/status"))
         assert status["global_step"] == 2
+        evaluation = subprocess.run(
+            _dpa("eval", "--server", f"http://127.0.0.1:{port}", "--artifacts", str(small_export),
+                 "--identities", "6", "--per-identity", "8", "--epsilon", "4", "--clip", "50",
+                 "--state-dir", str(tmp_path / "client"), "--json"),
+            capture_output=True, text=True, env=env, timeout=300,
+        )
+        assert evaluation.returncode == 0, evaluation.stdout + evaluation.stderr
+        result = json.loads(evaluation.stdout.strip().splitlines()[-1])
+        assert result["test_images"] == 6 * 2 and 0 <= result["test_accuracy"] <= 1  # 8 images: 6 train, 2 test
+        assert result["head_checkpoint"] is not None  # evaluated the trained head, not the initial one
         assert not (state / CHECKPOINT_NAME).exists()  # checkpoint interval not reached yet
     finally:
         server.send_signal(signal.SIGTERM)

@@ -17,8 +17,13 @@ def test_pinned_bytes_of_a_small_message():
     msg = encode({"x": np.array([1.0, -2.0], dtype=np.float32)}, {"step": 1})
     meta = b'{"step":1}'
     expected = (
-        b"DPAW" + struct.pack("<HHII", 1, 1, len(meta), 0) + meta + b"\0" * 6  # header 16 + meta 10, pad to 32
-        + struct.pack("<HBB", 1, 1, 1) + b"x" + struct.pack("<I", 2)  # 4 + 1 + 4 = 9 bytes, at 32..41
+        b"DPAW"
+        + struct.pack("<HHII", 1, 1, len(meta), 0)
+        + meta
+        + b"\0" * 6  # header 16 + meta 10, pad to 32
+        + struct.pack("<HBB", 1, 1, 1)
+        + b"x"
+        + struct.pack("<I", 2)  # 4 + 1 + 4 = 9 bytes, at 32..41
         + b"\0" * 7  # pad to 48
         + struct.pack("<2f", 1.0, -2.0)  # 8 bytes of data
     )

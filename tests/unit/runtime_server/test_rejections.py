@@ -68,7 +68,9 @@ def test_bad_requests(server, small_export):
             "label range": (train, _batch(shape, labels=np.array([0, 99], np.int64)), wire.CONTENT_TYPE),
             "labels dtype": (train, _batch(shape, labels=np.array([0, 1], np.int32)), wire.CONTENT_TYPE),
             "missing labels": (
-                train, bytes(wire.encode({"activation": np.ones((2, *shape), np.float32)})), wire.CONTENT_TYPE
+                train,
+                bytes(wire.encode({"activation": np.ones((2, *shape), np.float32)})),
+                wire.CONTENT_TYPE,
             ),
         }
         for name, (url, data, ctype) in cases.items():
@@ -108,7 +110,9 @@ def test_oversized_body_is_413_before_reading(server, small_export):
 
     async def run() -> tuple[int, dict]:
         _, body = await _open(server, manifest_sha256(small_export))
-        return await _post(f"{server.url}/v1/sessions/{body['session_id']}/train", bytes(wire.encode({"activation": big})))
+        return await _post(
+            f"{server.url}/v1/sessions/{body['session_id']}/train", bytes(wire.encode({"activation": big}))
+        )
 
     status, body = asyncio.run(run())
     assert status == 413 and body["error"] == "body_too_large"

@@ -1,0 +1,99 @@
+"""The edge server's happy paths: status, checkpoint and resume, health during a step."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import numpy as np
+
+from dpa import wire
+from dpa.manifest import load_manifest, manifest_sha256
+from runtime_server.tail import CHECKPOINT_NAME
+
+
+async def _train_steps(url: str, digest: str, shape, steps: int, batch: int = 2) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(0)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/v1/sessions", json={"manifest_sha256": digest}) as resp:
+            sid = (await resp.json())["session_id"]
+        for _ in range(steps):
+            body = wire.encode(
+                {
+                    "activation": rng.standard_normal((batch, *shape), dtype=np.float32),
+                    "labels": rng.integers(0, 6, batch),
+                }
+            )
+            async with http.post(
+                f"{url}/v1/sessions/{sid}/train", data=bytes(body), headers={"Content-Type": wire.CONTENT_TYPE}
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+
+
+def test_checkpoint_every_n_steps_and_resume(small_export, start_server, tmp_path):
+    shape = load_manifest(small_export).activation_shape
+    digest = manifest_sha256(small_export)
+    state = tmp_path / "state"
+    first = start_server(small_export, state_dir=state, checkpoint_every=3)
+    asyncio.run(_train_steps(first.url, digest, shape, steps=4))
+    assert (state / CHECKPOINT_NAME).is_file()  # written at step 3
+    weights = first.state.tail.parameters()
+    first.stop()  # shutdown saves step 4 too
+    second = start_server(small_export, state_dir=state)
+    assert second.state.tail.resumed and second.state.tail.global_step == 4
+    assert second.state.tail.examples_seen == 8
+    for name, value in weights.items():
+        np.testing.assert_array_equal(second.state.tail.parameters()[name], value)
+    assert [p.name for p in state.iterdir()] == [CHECKPOINT_NAME]  # no temp file left
+
+
+def test_health_answers_while_a_step_runs(small_export, start_server):
+    """ORT runs on a worker thread: a health check sent during a step returns before the step does."""
+    server = start_server(small_export, max_batch=64)
+    shape = load_manifest(small_export).activation_shape
+    digest = manifest_sha256(small_export)
+    done: list[tuple[str, float]] = []
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{server.url}/v1/sessions", json={"manifest_sha256": digest}) as resp:
+                sid = (await resp.json())["session_id"]
+            body = bytes(
+                wire.encode({"activation": np.ones((64, *shape), np.float32), "labels": np.zeros(64, np.int64)})
+            )
+
+            async def step() -> None:
+                async with http.post(
+                    f"{server.url}/v1/sessions/{sid}/train", data=body, headers={"Content-Type": wire.CONTENT_TYPE}
+                ) as resp:
+                    assert resp.status == 200
+                done.append(("step", time.perf_counter()))
+
+            async def health() -> None:
+                while "step" not in (name for name, _ in done):
+                    async with http.get(f"{server.url}/v1/health") as resp:
+                        assert resp.status == 200
+                    done.append(("health", time.perf_counter()))
+                    await asyncio.sleep(0.005)
+
+            await asyncio.gather(step(), health())
+
+    asyncio.run(run())
+    order = [name for name, _ in done]
+    assert order[-1] == "step" and order.count("health") >= 2, order
+    print(f"health answered {order.count('health')} times during one 64-example step")
+
+
+def test_status_counts(small_export, start_server):
+    server = start_server(small_export)
+    asyncio.run(_train_steps(server.url, manifest_sha256(small_export), load_manifest(small_export).activation_shape, 2))
+
+    async def status() -> dict:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{server.url}/v1/status") as resp:
+                return await resp.json()
+
+    data = asyncio.run(status())
+    assert (data["global_step"], data["examples_seen"], data["sessions"]) == (2, 4, 1)
+    assert data["manifest_sha256"] == manifest_sha256(small_export) and data["cut"] == "conv1_1"
