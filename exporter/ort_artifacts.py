@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,19 +52,23 @@ N = GraphNames  # short alias for the graph I/O names shared with the runtimes
 def export_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, output_name: str) -> onnx.ModelProto:
     """Trace ``module`` to ONNX in training mode (dropout kept), batch dimension dynamic."""
     buf = io.BytesIO()
-    torch.onnx.export(
-        module,
-        (example,),
-        buf,
-        input_names=[input_name],
-        output_names=[output_name],
-        dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
-        opset_version=OPSET,
-        do_constant_folding=False,
-        training=torch.onnx.TrainingMode.TRAINING,
-        export_params=True,
-        dynamo=False,
-    )
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated, but it is the one whose graphs onnxruntime-training
+        # 1.19 is known to load and differentiate (the dynamo exporter targets newer IR versions).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            module,
+            (example,),
+            buf,
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+            opset_version=OPSET,
+            do_constant_folding=False,
+            training=torch.onnx.TrainingMode.TRAINING,
+            export_params=True,
+            dynamo=False,
+        )
     return onnx.load_model_from_string(buf.getvalue())
 
 

@@ -120,10 +120,28 @@ def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
         status = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/status"))
         assert status["global_step"] == 2
         evaluation = subprocess.run(
-            _dpa("eval", "--server", f"http://127.0.0.1:{port}", "--artifacts", str(small_export),
-                 "--identities", "6", "--per-identity", "8", "--epsilon", "4", "--clip", "50",
-                 "--state-dir", str(tmp_path / "client"), "--json"),
-            capture_output=True, text=True, env=env, timeout=300,
+            _dpa(
+                "eval",
+                "--server",
+                f"http://127.0.0.1:{port}",
+                "--artifacts",
+                str(small_export),
+                "--identities",
+                "6",
+                "--per-identity",
+                "8",
+                "--epsilon",
+                "4",
+                "--clip",
+                "50",
+                "--state-dir",
+                str(tmp_path / "client"),
+                "--json",
+            ),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
         )
         assert evaluation.returncode == 0, evaluation.stdout + evaluation.stderr
         result = json.loads(evaluation.stdout.strip().splitlines()[-1])

@@ -87,7 +87,9 @@ def test_health_answers_while_a_step_runs(small_export, start_server):
 
 def test_status_counts(small_export, start_server):
     server = start_server(small_export)
-    asyncio.run(_train_steps(server.url, manifest_sha256(small_export), load_manifest(small_export).activation_shape, 2))
+    asyncio.run(
+        _train_steps(server.url, manifest_sha256(small_export), load_manifest(small_export).activation_shape, 2)
+    )
 
     async def status() -> dict:
         async with aiohttp.ClientSession() as http:
