@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dpa.architecture import ArchConfig
+from dpa.local import serve_and_train
 from dpa.manifest import OptimizerConfig, OptimizerName
 
-__all__ = ["DemoConfig", "run_demo", "free_port"]
+__all__ = ["DemoConfig", "run_demo"]
 
 
 @dataclass(frozen=True)
@@ -39,30 +39,6 @@ class DemoConfig:
     clip: float = 100.0  # below the median activation norm at initialisation (~170): most examples are clipped
     delta: float = 1e-5
     seed: int = 0  # reproducible demo (the client warns that fixed seeds are for experiments)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _serve_and_train(artifacts: Path, state: Path, client_cfg: Any) -> dict[str, Any]:
-    from aiohttp import web
-
-    from runtime_client.trainer import run_training
-    from runtime_server.app import init_app
-    from runtime_server.config import ServerConfig
-
-    port = free_port()
-    app = init_app(ServerConfig(artifacts=artifacts, port=port, device="cpu", state_dir=state))  # type: ignore[arg-type]
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        return await run_training(replace(client_cfg, server=f"http://127.0.0.1:{port}"))
-    finally:
-        await runner.cleanup()
 
 
 def run_demo(cfg: DemoConfig, say: Any = print) -> list[dict[str, Any]]:
@@ -91,5 +67,5 @@ def run_demo(cfg: DemoConfig, say: Any = print) -> list[dict[str, Any]]:
             report=run_dir / "report.json",
         )
         say(f"training with epsilon = {eps:g} per release (server on loopback, fresh tail)")
-        reports.append(asyncio.run(_serve_and_train(artifacts, run_dir / "server-state", client)))
+        reports.append(asyncio.run(serve_and_train(artifacts, run_dir / "server-state", client)))
     return reports

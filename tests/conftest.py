@@ -34,7 +34,7 @@ class RunningServer:
     def __init__(self, config) -> None:  # type: ignore[no-untyped-def]
         from aiohttp import web
 
-        from dpa.demo import free_port
+        from dpa.local import free_port
         from runtime_server.app import STATE, init_app
 
         self.port = config.port or free_port()

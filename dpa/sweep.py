@@ -1,0 +1,262 @@
+"""``dpa sweep``: the paper's experiment, one private training run per epsilon, and beyond it.
+
+For each per-release epsilon the sweep trains a fresh tail and head through the real
+server and client (loopback HTTP), records per-epoch train/test accuracy and loss,
+the total epsilon spent over the run (dp-accounting's PLD accountant), and the
+inversion attack's SSIM at that epsilon. It writes CSV + JSON and three PNG figures:
+accuracy vs epoch, loss vs epoch (one curve per epsilon, like the seed's figures),
+and a privacy-utility figure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import math
+import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpa.architecture import ArchConfig
+from dpa.atomic import atomic_write_bytes
+from dpa.local import serve_and_train
+from dpa.manifest import OptimizerConfig, OptimizerName
+
+__all__ = ["SweepConfig", "run_sweep", "write_plots", "parse_epsilons"]
+
+
+def parse_epsilons(text: str) -> tuple[float, ...]:
+    """'0.5,1,inf' -> (0.5, 1.0, inf); each > 0."""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = float(part)
+        except ValueError:
+            raise ValueError(f"epsilon {part!r} is not a number (use e.g. 0.5,1,8,inf)") from None
+        if not value > 0:
+            raise ValueError(f"epsilon must be > 0, got {part}")
+        values.append(value)
+    if not values:
+        raise ValueError("give at least one epsilon")
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    workdir: Path = Path("runs/sweep")  # export, per-run state, results and plots
+    epsilons: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)  # per release, as the seed's figures
+    epochs: int = 8
+    data: str = "synthetic"  # or an LFW-layout folder
+    identities: int = 10  # synthetic data set size
+    per_identity: int = 40
+    arch: ArchConfig = field(default_factory=lambda: ArchConfig(image_size=64, width=0.25, num_classes=10, dropout=0.0))
+    cut: str = "conv1_1"
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name=OptimizerName.ADAMW, lr=1e-3))
+    batch_size: int = 8
+    clip: float = 100.0
+    delta: float = 1e-5
+    seed: int = 0
+    attack: bool = True  # measure inversion SSIM per epsilon
+    attack_epochs: int = 6  # decoder training epochs of the inversion attack
+    max_steps_per_epoch: int | None = None  # cap for quick runs
+
+
+def _tag(eps: float) -> str:
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train one run per epsilon, attack each setting, write results; returns the results dict."""
+    from dpa.devices import DeviceProfile
+    from exporter.export import ExportConfig, export
+    from runtime_client.accountant import epsilon_spent
+    from runtime_client.mechanism import DPConfig
+    from runtime_client.synth import SynthConfig
+    from runtime_client.trainer import ClientConfig
+
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    artifacts = cfg.workdir / "artifacts"
+    data = cfg.data
+    if data == "synthetic":  # drawn once, so every run trains and tests on the same images
+        from runtime_client.synth import write_synthetic_faces
+
+        folder = cfg.workdir / "data"
+        if not folder.is_dir():
+            synth = SynthConfig(cfg.identities, cfg.per_identity, cfg.arch.image_size, cfg.seed)
+            write_synthetic_faces(folder, synth)
+        data = str(folder)
+    say(f"exporting VGG-Face {cfg.arch.image_size}px width {cfg.arch.width}, cut {cfg.cut}")
+    export(ExportConfig(arch=cfg.arch, cut=cfg.cut, optimizer=cfg.optimizer, out=artifacts, seed=cfg.seed))
+    runs: list[dict[str, Any]] = []
+    for eps in cfg.epsilons:
+        run_dir = cfg.workdir / f"eps-{_tag(eps)}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        dp = DPConfig(clip=cfg.clip, epsilon=eps, delta=cfg.delta)
+        client = ClientConfig(
+            artifacts=artifacts,
+            data=data,
+            device=DeviceProfile.CPU,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            dp=dp,
+            seed=cfg.seed,
+            state_dir=cfg.workdir / "client" / _tag(eps),
+            report=run_dir / "report.json",
+            max_steps_per_epoch=cfg.max_steps_per_epoch,
+        )
+        say(f"training with epsilon = {_tag(eps)} per release")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the sweep's fixed seed and epsilon = inf are deliberate
+            report = asyncio.run(serve_and_train(artifacts, run_dir / "server-state", client))
+        total = (
+            math.inf
+            if math.isinf(eps)
+            else epsilon_spent(
+                mechanism=dp.mechanism, noise_multiplier=dp.noise_multiplier, releases=cfg.epochs, delta=cfg.delta
+            )
+        )
+        runs.append(
+            {
+                "epsilon_per_release": eps,
+                "total_epsilon": total,
+                "delta": cfg.delta,
+                "noise_multiplier": report["privacy"]["noise_multiplier"],
+                "snr_per_element": report["privacy"]["snr_per_element"],
+                "epochs": report["epochs"],
+                "final_test_accuracy": report["final_test_accuracy"],
+            }
+        )
+    if cfg.attack:
+        say("inversion attack per epsilon (head weights known, auxiliary identities)")
+        ssim = _inversion_ssim(cfg, artifacts)
+        for run in runs:
+            run["inversion_ssim"] = ssim.get(run["epsilon_per_release"])
+    results = {
+        "config": {
+            "epsilons": [_tag(e) for e in cfg.epsilons],
+            "epochs": cfg.epochs,
+            "data": cfg.data,
+            "cut": cfg.cut,
+            "image_size": cfg.arch.image_size,
+            "width": cfg.arch.width,
+            "clip": cfg.clip,
+            "delta": cfg.delta,
+            "optimizer": cfg.optimizer.name.value,
+            "lr": cfg.optimizer.lr,
+        },
+        "runs": runs,
+    }
+    _write_results(cfg.workdir, results)
+    write_plots(results, cfg.workdir)
+    return results
+
+
+def _inversion_ssim(cfg: SweepConfig, artifacts: Path) -> dict[float, float]:
+    from attack.inversion import InversionConfig, run_inversion, write_grid
+
+    report = run_inversion(
+        InversionConfig(
+            artifacts=artifacts,
+            epsilons=cfg.epsilons,
+            clip=cfg.clip,
+            delta=cfg.delta,
+            epochs=cfg.attack_epochs,
+            seed=cfg.seed,
+        )
+    )
+    write_grid(report, cfg.workdir / "inversion.png")
+    return {r.epsilon: r.mean_ssim for r in report.results}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _write_results(workdir: Path, results: dict[str, Any]) -> None:
+    atomic_write_bytes(workdir / "sweep.json", (json.dumps(_json_safe(results), indent=2) + "\n").encode())
+    rows = [
+        ["epsilon_per_release", "total_epsilon", "epoch", "train_loss", "train_accuracy", "test_accuracy"],
+    ]
+    for run in results["runs"]:
+        for e in run["epochs"]:
+            rows.append(
+                [
+                    _tag(run["epsilon_per_release"]),
+                    _tag(run["total_epsilon"]),
+                    e["epoch"],
+                    f"{e['train_loss']:.6f}",
+                    f"{e['train_accuracy']:.6f}",
+                    f"{e['test_accuracy']:.6f}",
+                ]
+            )
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    atomic_write_bytes(workdir / "sweep.csv", buf.getvalue().encode())
+
+
+def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    """accuracy.png and loss.png (vs epoch, one curve per epsilon) and privacy_utility.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    paths = []
+    for key, ylabel, name in (
+        ("test_accuracy", "held-out accuracy", "accuracy.png"),
+        ("train_loss", "training loss", "loss.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        for run in runs:
+            xs = [e["epoch"] for e in run["epochs"]]
+            ax.plot(xs, [e[key] for e in run["epochs"]], marker="o", ms=3, label=f"ε = {_tag(run['epsilon_per_release'])}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"DP-A, cut {results['config']['cut']}: {ylabel} (ε per release)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    labels = [_tag(r["epsilon_per_release"]) for r in runs]
+    xs = range(len(runs))
+    ax1.bar(xs, [r["final_test_accuracy"] for r in runs], color="tab:blue")
+    ax1.set_xticks(list(xs), labels)
+    ax1.set_xlabel("ε per release")
+    ax1.set_ylabel("final held-out accuracy")
+    ax1.set_title("utility")
+    for x, r in zip(xs, runs, strict=True):
+        ax1.annotate(f"total ε {_tag(round(r['total_epsilon'], 2)) if math.isfinite(r['total_epsilon']) else 'inf'}",
+                     (x, r["final_test_accuracy"]), ha="center", va="bottom", fontsize=7)
+    ssim = [r.get("inversion_ssim") for r in runs]
+    ax2.bar(xs, [s if s is not None else 0.0 for s in ssim], color="tab:red")
+    ax2.axhline(0.3, color="k", ls="--", lw=1, label="recognisable (SSIM 0.3, He et al. 2021)")
+    ax2.set_xticks(list(xs), labels)
+    ax2.set_xlabel("ε per release")
+    ax2.set_ylabel("inversion SSIM (mean over victims)")
+    ax2.set_title("privacy (lower is better)")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "privacy_utility.png"
+    fig.savefig(path)
+    plt.close(fig)
+    paths.append(path)
+    return paths
