@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import typer
 
+from dpa.commands.attack import attack_app
 from dpa.commands.client import client_command, eval_command
 from dpa.commands.data import data_app
 from dpa.commands.demo import demo_command
 from dpa.commands.export import export_command
+from dpa.commands.privacy import privacy_command
 from dpa.commands.serve import serve_command
+from dpa.commands.sweep import sweep_command
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -32,7 +35,10 @@ app.command("serve")(serve_command)
 app.command("client")(client_command)
 app.command("eval")(eval_command)
 app.command("demo")(demo_command)
+app.command("privacy")(privacy_command)
+app.command("sweep")(sweep_command)
 app.add_typer(data_app, name="data")
+app.add_typer(attack_app, name="attack")
 
 
 def main() -> None:

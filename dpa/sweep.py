@@ -62,7 +62,10 @@ class SweepConfig:
     delta: float = 1e-5
     seed: int = 0
     attack: bool = True  # measure inversion SSIM per epsilon
-    attack_epochs: int = 6  # decoder training epochs of the inversion attack
+    attack_epochs: int = 20  # decoder training epochs of the inversion attack
+    attack_aux_identities: int = 16  # the attacker's own faces (identities disjoint from the victims)
+    attack_victim_identities: int = 4
+    attack_images_per_identity: int = 16
     max_steps_per_epoch: int | None = None  # cap for quick runs
 
 
@@ -157,6 +160,7 @@ def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print) -> dict[s
 
 
 def _inversion_ssim(cfg: SweepConfig, artifacts: Path) -> dict[float, float]:
+    """Mean victim SSIM of the inversion attack per epsilon, on the sweep's own export (head weights known)."""
     from attack.inversion import InversionConfig, run_inversion, write_grid
 
     report = run_inversion(
@@ -165,12 +169,17 @@ def _inversion_ssim(cfg: SweepConfig, artifacts: Path) -> dict[float, float]:
             epsilons=cfg.epsilons,
             clip=cfg.clip,
             delta=cfg.delta,
+            aux_identities=cfg.attack_aux_identities,
+            victim_identities=cfg.attack_victim_identities,
+            images_per_identity=cfg.attack_images_per_identity,
             epochs=cfg.attack_epochs,
             seed=cfg.seed,
+            cache_dir=cfg.workdir / "attack-data",
         )
     )
     write_grid(report, cfg.workdir / "inversion.png")
-    return {r.epsilon: r.mean_ssim for r in report.results}
+    atomic_write_bytes(cfg.workdir / "inversion.json", (json.dumps(report.to_json(), indent=2) + "\n").encode())
+    return {r.epsilon: r.ssim_mean for r in report.results}
 
 
 def _json_safe(value: Any) -> Any:
@@ -223,7 +232,9 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
         for run in runs:
             xs = [e["epoch"] for e in run["epochs"]]
-            ax.plot(xs, [e[key] for e in run["epochs"]], marker="o", ms=3, label=f"ε = {_tag(run['epsilon_per_release'])}")
+            ax.plot(
+                xs, [e[key] for e in run["epochs"]], marker="o", ms=3, label=f"ε = {_tag(run['epsilon_per_release'])}"
+            )
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.set_title(f"DP-A, cut {results['config']['cut']}: {ylabel} (ε per release)")
@@ -244,8 +255,13 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     ax1.set_ylabel("final held-out accuracy")
     ax1.set_title("utility")
     for x, r in zip(xs, runs, strict=True):
-        ax1.annotate(f"total ε {_tag(round(r['total_epsilon'], 2)) if math.isfinite(r['total_epsilon']) else 'inf'}",
-                     (x, r["final_test_accuracy"]), ha="center", va="bottom", fontsize=7)
+        ax1.annotate(
+            f"total ε {_tag(round(r['total_epsilon'], 2)) if math.isfinite(r['total_epsilon']) else 'inf'}",
+            (x, r["final_test_accuracy"]),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
     ssim = [r.get("inversion_ssim") for r in runs]
     ax2.bar(xs, [s if s is not None else 0.0 for s in ssim], color="tab:red")
     ax2.axhline(0.3, color="k", ls="--", lw=1, label="recognisable (SSIM 0.3, He et al. 2021)")

@@ -103,6 +103,10 @@ class DPConfig:
     # every epsilon instead of inputs that grow with the noise and blow training up.
     # A data-independent rescaling is post-processing: it costs no privacy.
     normalize: bool = True
+    # Set by `--total-epsilon`: the noise multiplier (noise std / 2C) that dp-accounting calibrated
+    # for the whole run replaces the per-release calibration; `epsilon` then holds what one
+    # release at that noise costs, for display.
+    fixed_noise_multiplier: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mechanism", Mechanism.parse(self.mechanism))
@@ -119,6 +123,10 @@ class DPConfig:
             raise ValueError(f"delta must be in (0, 1) for the gaussian mechanism, got {delta}")
         if self.mechanism is Mechanism.LAPLACE and not 0 <= delta < 1:
             raise ValueError(f"delta must be in [0, 1) (laplace ignores it), got {delta}")
+        if self.fixed_noise_multiplier is not None:
+            z = _real("fixed_noise_multiplier", self.fixed_noise_multiplier)
+            if not (z > 0 and math.isfinite(z)):
+                raise ValueError(f"fixed noise multiplier must be a positive finite number, got {z}")
         object.__setattr__(self, "clip", clip)
         object.__setattr__(self, "epsilon", eps)
         object.__setattr__(self, "delta", delta)
@@ -134,7 +142,13 @@ class DPConfig:
 
     @cached_property
     def noise_scale(self) -> float:
-        """sigma (gaussian, via gaussian_sigma) or b (laplace, via laplace_scale); 0 if epsilon = inf."""
+        """sigma (gaussian, via gaussian_sigma) or b (laplace, via laplace_scale); 0 if epsilon = inf.
+
+        With ``fixed_noise_multiplier`` z: sigma = 2C z, or b = 2C z / sqrt(2) (Laplace's std is sqrt(2) b).
+        """
+        if self.fixed_noise_multiplier is not None:
+            std = self.fixed_noise_multiplier * self.sensitivity
+            return std if self.mechanism is Mechanism.GAUSSIAN else std / math.sqrt(2.0)
         if self.mechanism is Mechanism.GAUSSIAN:
             return gaussian_sigma(epsilon=self.epsilon, delta=self.delta, sensitivity=self.sensitivity)
         return laplace_scale(epsilon=self.epsilon, sensitivity=self.sensitivity)

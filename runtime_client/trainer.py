@@ -13,7 +13,7 @@ import math
 import secrets
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from dpa.atomic import atomic_write_bytes
 from dpa.devices import DeviceProfile, resolve_device
 from dpa.manifest import Manifest, load_manifest, manifest_sha256
+from runtime_client.accountant import PrivacyAccountant, calibrate_noise_multiplier, epsilon_spent
 from runtime_client.edge import EdgeClient
 from runtime_client.faces import FaceIndex, index_faces, iter_batches, load_batch, split_faces
 from runtime_client.head import HEAD_CHECKPOINT, HeadModel, ModelFormat
@@ -36,8 +37,9 @@ log = logging.getLogger(__name__)
 THREAT_MODEL = (
     "The edge server sees, per training step, each example's clipped activation plus noise calibrated to "
     "(epsilon, delta) for ONE release, and the example's identity label IN CLEAR. It never sees images. "
-    "epsilon here is per release: each epoch releases every training example once more (and each evaluation "
-    "releases every test example), so the total privacy loss composes over releases."
+    "Each epoch releases every training example once more (and its evaluation every held-out example), so "
+    "the privacy loss composes over releases: privacy.total is that composition (dp-accounting PLD, no "
+    "amplification by sampling claimed). It covers the activations; labels are not protected."
 )
 
 
@@ -61,6 +63,9 @@ class ClientConfig:
     report: Path | None = None  # JSON report path
     model_format: ModelFormat = ModelFormat.AUTO
     max_steps_per_epoch: int | None = None  # cap for quick runs; None: whole epoch
+    # Whole-run budget: calibrate the noise so that `epochs` releases of each example stay within
+    # this epsilon (dp-accounting's PLD accountant); None: `dp.epsilon` is per release, no budget.
+    total_epsilon: float | None = None
     progress: bool = True  # rich progress bar
 
     def __post_init__(self) -> None:
@@ -72,6 +77,8 @@ class ClientConfig:
             raise ValueError(f"learning rate must be a positive number, got {self.lr}")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test fraction must be in (0, 1), got {self.test_fraction}")
+        if self.total_epsilon is not None and not (math.isfinite(self.total_epsilon) and self.total_epsilon > 0):
+            raise ValueError(f"total epsilon must be a positive finite number, got {self.total_epsilon}")
 
 
 @dataclass(frozen=True)
@@ -176,7 +183,7 @@ def _privacy_summary(dp: DPConfig, releases: int, elements: int) -> dict[str, An
         "releases_per_training_example": releases,
         "elements_per_release": elements,
         "snr_per_element": math.inf if std == 0 else dp.clip / math.sqrt(elements) / std,
-        "accounting": "per release only; composition over epochs is not accounted here",
+        "accounting": "epsilon_per_release is one release; 'total' composes all releases so far (PLD)",
     }
 
 
@@ -204,7 +211,8 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
     else:
         data_seed = cfg.seed if cfg.seed is not None else secrets.randbits(31)
     noise_rng, data_seed = _rngs(cfg, data_seed)
-    dp = DPActivations(cfg.dp, noise_rng)
+    dp_cfg, accountant = _privacy_plan(cfg, dict(props) if cfg.resume else {})
+    dp = DPActivations(dp_cfg, noise_rng)
     history: list[dict[str, Any]] = []
     if cfg.resume and cfg.report is not None and cfg.report.is_file():
         history = json.loads(cfg.report.read_text()).get("epochs", [])
@@ -222,20 +230,24 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
             TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.2f} | {task.fields[privacy]}"),
             TimeElapsedColumn(),
         )
+        budget = "" if math.isinf(accountant.budget_epsilon) else f"/{accountant.budget_epsilon:g}"
         privacy_text = (
-            f"{cfg.dp.mechanism.value} eps={cfg.dp.epsilon:g}/release clip={cfg.dp.clip:g} "
-            f"noise={dp.noise_scale:.3g} clipped={{:.0%}}"
+            f"{dp_cfg.mechanism.value} eps={dp_cfg.epsilon:.3g}/release clip={dp_cfg.clip:g} "
+            f"noise={dp.noise_scale:.3g} clipped={{:.0%}} spent eps={{:.3g}}{budget}"
         )
         started = time.perf_counter()
         with Progress(*columns, disable=not cfg.progress, transient=False) as progress:
             for epoch in range(start_epoch, cfg.epochs):
+                # One epoch releases every example once (training ones here, held-out ones in the
+                # evaluation): refuse before sending anything that would exceed the budget.
+                accountant.record(1)
                 task = progress.add_task(
                     "train",
                     total=steps_per_epoch,
                     epoch=f"{epoch + 1}/{cfg.epochs}",
                     loss=math.nan,
                     acc=0.0,
-                    privacy=privacy_text.format(0.0),
+                    privacy=privacy_text.format(0.0, accountant.epsilon),
                 )
                 t0 = time.perf_counter()
                 losses, correct, seen = [], 0, 0
@@ -253,7 +265,7 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
                         advance=1,
                         loss=float(np.mean(losses)),
                         acc=correct / seen,
-                        privacy=privacy_text.format(result.fraction_clipped),
+                        privacy=privacy_text.format(result.fraction_clipped, accountant.epsilon),
                     )
                 test_acc = await _evaluate(trainer, test_idx, manifest, cfg.batch_size)
                 history.append(
@@ -262,11 +274,14 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
                         "train_loss": float(np.mean(losses)),
                         "train_accuracy": correct / max(seen, 1),
                         "test_accuracy": test_acc,
+                        "epsilon_spent": accountant.epsilon,
                         "seconds": round(time.perf_counter() - t0, 3),
                     }
                 )
                 props["epochs_done"] = epoch + 1
                 props["data_seed"] = data_seed
+                for key, value in accountant.to_state().items():
+                    props[key] = value
                 head.save(ckpt)
                 progress.console.print(
                     f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.3f}, "
@@ -287,7 +302,11 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
             "test_images": len(test_idx.paths),
         },
         "training": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": head.lr, "seed": cfg.seed},
-        "privacy": _privacy_summary(cfg.dp, releases=cfg.epochs, elements=manifest.activation_numel),
+        "privacy": {
+            **_privacy_summary(dp_cfg, releases=cfg.epochs, elements=manifest.activation_numel),
+            "total": accountant.summary(),
+            "budget_epsilon": accountant.budget_epsilon,
+        },
         "threat_model": THREAT_MODEL,
         "warnings": _warnings(cfg),
         "epochs": history,
@@ -298,6 +317,42 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
         cfg.report.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(cfg.report, (json.dumps(report, indent=2) + "\n").encode())
     return report
+
+
+def _privacy_plan(cfg: ClientConfig, saved: dict[str, Any]) -> tuple[DPConfig, PrivacyAccountant]:
+    """The release's noise and the run's accountant (restored from ``saved`` on --resume).
+
+    With ``total_epsilon`` the noise multiplier is calibrated once, for ``epochs`` releases of
+    each example, when the run starts. A resumed run keeps that noise and that budget (both
+    saved with the head), so asking for more epochs than were planned runs into the budget
+    and is refused, instead of being silently re-budgeted; other privacy settings than the
+    saved ones are refused by the accountant.
+    """
+    dp = cfg.dp
+    if not any(key.startswith("accountant.") for key in saved):
+        budget = math.inf
+        if cfg.total_epsilon is not None:
+            z = calibrate_noise_multiplier(
+                mechanism=dp.mechanism, total_epsilon=cfg.total_epsilon, delta=dp.delta, releases=cfg.epochs
+            )
+            dp = _with_noise_multiplier(dp, z)
+            budget = cfg.total_epsilon
+        z = 0.0 if math.isinf(dp.epsilon) else dp.noise_multiplier
+        return dp, PrivacyAccountant(mechanism=dp.mechanism, noise_multiplier=z, delta=dp.delta, budget_epsilon=budget)
+    saved_budget = float(saved.get("accountant.budget_epsilon", math.inf))
+    asked_budget = math.inf if cfg.total_epsilon is None else cfg.total_epsilon
+    if not math.isclose(saved_budget, asked_budget, rel_tol=1e-6) and saved_budget != asked_budget:
+        raise ValueError(f"--resume: the run was started with a total budget of {saved_budget:g}, not {asked_budget:g}")
+    if cfg.total_epsilon is not None:
+        dp = _with_noise_multiplier(dp, float(saved["accountant.noise_multiplier"]))
+    z = 0.0 if math.isinf(dp.epsilon) else dp.noise_multiplier
+    accountant = PrivacyAccountant.from_state(saved, mechanism=dp.mechanism, noise_multiplier=z, delta=dp.delta)
+    return dp, accountant
+
+
+def _with_noise_multiplier(dp: DPConfig, z: float) -> DPConfig:
+    per_release = epsilon_spent(mechanism=dp.mechanism, noise_multiplier=z, releases=1, delta=dp.delta)
+    return replace(dp, epsilon=per_release, fixed_noise_multiplier=z)
 
 
 def _warnings(cfg: ClientConfig) -> list[str]:

@@ -42,7 +42,7 @@ class RunningServer:
         self.app = init_app(config)
         self._state_key = STATE
         self.loop = asyncio.new_event_loop()
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2)
         ready = threading.Event()
 
         def main() -> None:

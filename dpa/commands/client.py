@@ -50,6 +50,12 @@ def client_command(
     delta: DeltaOpt = 1e-5,
     clip: ClipOpt = 10.0,
     seed: SeedOpt = None,
+    total_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            help="Budget for the whole run: calibrates the noise for --epochs releases (overrides --epsilon)."
+        ),
+    ] = None,
     min_faces_per_person: Annotated[int, typer.Option(help="Skip identities with fewer images.")] = 2,
     identities: Annotated[int, typer.Option(help="Synthetic identities (with --data synthetic).")] = 10,
     per_identity: Annotated[int, typer.Option(help="Synthetic images per identity.")] = 40,
@@ -83,6 +89,7 @@ def client_command(
             report=report,
             model_format=ModelFormat.parse(format),
             max_steps_per_epoch=max_steps,
+            total_epsilon=total_epsilon,
         )
         try:
             result = asyncio.run(run_training(cfg))
@@ -91,9 +98,10 @@ def client_command(
     p = result["privacy"]
     console.print(
         f"[green]done[/]: test accuracy {result['final_test_accuracy']:.3f} on {result['data']['test_images']} "
-        f"held-out images; {p['mechanism']} epsilon {p['epsilon_per_release']:g} per release "
-        f"(delta {p['delta_per_release']:g}, noise {p['noise_scale']:.4g}, clip {p['clip']:g}), "
-        f"{p['releases_per_training_example']} releases per training example; labels sent in clear"
+        f"held-out images; {p['mechanism']} epsilon {p['epsilon_per_release']:.3g} per release "
+        f"(delta {p['delta_per_release']:g}, noise {p['noise_scale']:.4g}, clip {p['clip']:g}); "
+        f"total epsilon {p['total']['epsilon']:.3g} over {p['total']['releases']} releases per example "
+        f"(PLD accountant); labels sent in clear"
     )
     if report is not None:
         console.print(f"report: {report}")

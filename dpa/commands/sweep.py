@@ -27,7 +27,12 @@ def sweep_command(
 
     with user_errors():
         cfg = SweepConfig(
-            workdir=out, epsilons=parse_epsilons(epsilons), epochs=epochs, data=data, clip=clip, delta=delta,
+            workdir=out,
+            epsilons=parse_epsilons(epsilons),
+            epochs=epochs,
+            data=data,
+            clip=clip,
+            delta=delta,
             attack=attack,
         )
         results = run_sweep(cfg, say=lambda msg: console.print(f"[bold cyan]>[/] {msg}"))
