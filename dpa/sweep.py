@@ -26,24 +26,7 @@ from dpa.atomic import atomic_write_bytes
 from dpa.local import serve_and_train
 from dpa.manifest import OptimizerConfig, OptimizerName
 
-__all__ = ["SweepConfig", "run_sweep", "write_plots", "parse_epsilons"]
-
-
-def parse_epsilons(text: str) -> tuple[float, ...]:
-    """'0.5,1,inf' -> (0.5, 1.0, inf); each > 0."""
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            value = float(part)
-        except ValueError:
-            raise ValueError(f"epsilon {part!r} is not a number (use e.g. 0.5,1,8,inf)") from None
-        if not value > 0:
-            raise ValueError(f"epsilon must be > 0, got {part}")
-        values.append(value)
-    if not values:
-        raise ValueError("give at least one epsilon")
-    return tuple(values)
+__all__ = ["SweepConfig", "run_sweep", "write_plots"]
 
 
 @dataclass(frozen=True)

@@ -9,29 +9,11 @@ from typing import Annotated
 
 import typer
 
-from dpa.cli_util import console, user_errors
+from dpa.cli_util import console, parse_epsilons, user_errors
 
 attack_app = typer.Typer(
     no_args_is_help=True, help="Privacy audits: what an honest-but-curious edge server can learn from DP-A releases."
 )
-
-
-def _parse_epsilons(text: str) -> tuple[float, ...]:
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            value = float(part)
-        except ValueError:
-            raise typer.BadParameter(f"{part!r} is not a number (use inf for no noise)") from None
-        if math.isnan(value) or value <= 0:
-            raise typer.BadParameter(f"epsilon must be > 0 (or inf for no noise), got {part}")
-        out.append(value)
-    if not out:
-        raise typer.BadParameter("give at least one epsilon")
-    return tuple(out)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -82,8 +64,8 @@ def inversion_command(
         write_grid,
     )
 
-    eps = _parse_epsilons(epsilons)
     with user_errors():
+        eps = parse_epsilons(epsilons)
         cfg = InversionConfig(
             artifacts=artifacts,
             head_checkpoint=head_checkpoint,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dpa.cli_util import console, user_errors
+from dpa.cli_util import console, parse_epsilons, user_errors
 
 
 def sweep_command(
@@ -23,7 +23,7 @@ def sweep_command(
     out: Annotated[Path, typer.Option(help="Work and results folder.")] = Path("runs/sweep"),
 ) -> None:
     """The paper's experiment: one private training run per epsilon through the real server and client."""
-    from dpa.sweep import SweepConfig, parse_epsilons, run_sweep
+    from dpa.sweep import SweepConfig, run_sweep
 
     with user_errors():
         cfg = SweepConfig(

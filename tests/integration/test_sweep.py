@@ -9,7 +9,8 @@ import math
 import numpy as np
 from PIL import Image
 
-from dpa.sweep import SweepConfig, parse_epsilons, run_sweep
+from dpa.cli_util import parse_epsilons
+from dpa.sweep import SweepConfig, run_sweep
 from runtime_client.accountant import epsilon_spent
 from runtime_client.mechanism import DPConfig
 
