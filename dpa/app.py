@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from dpa.commands.attack import attack_app
+from dpa.commands.bench import bench_command
 from dpa.commands.client import client_command, eval_command
 from dpa.commands.data import data_app
 from dpa.commands.demo import demo_command
@@ -37,9 +38,14 @@ app.command("eval")(eval_command)
 app.command("demo")(demo_command)
 app.command("privacy")(privacy_command)
 app.command("sweep")(sweep_command)
+app.command("bench")(bench_command)
 app.add_typer(data_app, name="data")
 app.add_typer(attack_app, name="attack")
 
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -76,13 +76,14 @@ def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print) -> dict[s
             synth = SynthConfig(cfg.identities, cfg.per_identity, cfg.arch.image_size, cfg.seed)
             write_synthetic_faces(folder, synth)
         data = str(folder)
-    say(f"exporting VGG-Face {cfg.arch.image_size}px width {cfg.arch.width}, cut {cfg.cut}")
-    export(ExportConfig(arch=cfg.arch, cut=cfg.cut, optimizer=cfg.optimizer, out=artifacts, seed=cfg.seed))
+    if not _same_export(artifacts, cfg):
+        say(f"exporting VGG-Face {cfg.arch.image_size}px width {cfg.arch.width}, cut {cfg.cut}")
+        export(ExportConfig(arch=cfg.arch, cut=cfg.cut, optimizer=cfg.optimizer, out=artifacts, seed=cfg.seed))
     runs: list[dict[str, Any]] = []
     for eps in cfg.epsilons:
         run_dir = cfg.workdir / f"eps-{_tag(eps)}"
-        shutil.rmtree(run_dir, ignore_errors=True)
         dp = DPConfig(clip=cfg.clip, epsilon=eps, delta=cfg.delta)
+        report = _finished_run(run_dir / "report.json", cfg, dp)
         client = ClientConfig(
             artifacts=artifacts,
             data=data,
@@ -95,10 +96,14 @@ def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print) -> dict[s
             report=run_dir / "report.json",
             max_steps_per_epoch=cfg.max_steps_per_epoch,
         )
-        say(f"training with epsilon = {_tag(eps)} per release")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the sweep's fixed seed and epsilon = inf are deliberate
-            report = asyncio.run(serve_and_train(artifacts, run_dir / "server-state", client))
+        if report is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            say(f"training with epsilon = {_tag(eps)} per release")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the sweep's fixed seed and epsilon = inf are deliberate
+                report = asyncio.run(serve_and_train(artifacts, run_dir / "server-state", client))
+        else:
+            say(f"epsilon = {_tag(eps)}: reusing the finished run in {run_dir}")
         total = (
             math.inf
             if math.isinf(eps)
@@ -117,9 +122,10 @@ def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print) -> dict[s
                 "final_test_accuracy": report["final_test_accuracy"],
             }
         )
+    baseline = None
     if cfg.attack:
         say("inversion attack per epsilon (head weights known, auxiliary identities)")
-        ssim = _inversion_ssim(cfg, artifacts)
+        ssim, baseline = _inversion_ssim(cfg, artifacts)
         for run in runs:
             run["inversion_ssim"] = ssim.get(run["epsilon_per_release"])
     results = {
@@ -136,17 +142,71 @@ def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print) -> dict[s
             "lr": cfg.optimizer.lr,
         },
         "runs": runs,
+        # SSIM of the attacker's mean auxiliary face against the victims: what a guess without data scores.
+        "inversion_baseline_ssim": baseline,
     }
     _write_results(cfg.workdir, results)
     write_plots(results, cfg.workdir)
     return results
 
 
-def _inversion_ssim(cfg: SweepConfig, artifacts: Path) -> dict[float, float]:
-    """Mean victim SSIM of the inversion attack per epsilon, on the sweep's own export (head weights known)."""
-    from attack.inversion import InversionConfig, run_inversion, write_grid
+def _same_export(artifacts: Path, cfg: SweepConfig) -> bool:
+    from dpa.manifest import load_manifest
 
-    report = run_inversion(
+    try:
+        m = load_manifest(artifacts, verify=("head", "tail"))
+    except ValueError:
+        return False
+    want = (
+        cfg.cut,
+        cfg.arch.image_size,
+        cfg.arch.width,
+        cfg.arch.num_classes,
+        cfg.arch.dropout,
+        cfg.optimizer,
+        cfg.seed,
+    )
+    return (m.cut, m.image_size, m.width, m.num_classes, m.dropout, m.optimizer, m.seed) == want
+
+
+def _finished_run(path: Path, cfg: SweepConfig, dp: Any) -> dict[str, Any] | None:
+    """A report left by an earlier sweep of the same settings, so a re-run resumes where it stopped."""
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    privacy = report.get("privacy", {})
+    same = (
+        len(report.get("epochs", [])) == cfg.epochs
+        and privacy.get("clip") == cfg.clip
+        and privacy.get("noise_scale") == dp.noise_scale
+        and report.get("training", {}).get("batch_size") == cfg.batch_size
+    )
+    return report if same else None
+
+
+def _inversion_ssim(cfg: SweepConfig, artifacts: Path) -> tuple[dict[float, float], float]:
+    """Mean victim SSIM of the inversion attack per epsilon, on the sweep's own export (head weights known)."""
+    from rich.progress import Progress
+
+    from attack.inversion import write_grid
+
+    with Progress() as bar:
+        task = bar.add_task("inversion attack", total=None)
+        report = _run_attack(
+            cfg, artifacts, lambda text, done, total: bar.update(task, description=text, completed=done, total=total)
+        )
+    write_grid(report, cfg.workdir / "inversion.png")
+    atomic_write_bytes(cfg.workdir / "inversion.json", (json.dumps(report.to_json(), indent=2) + "\n").encode())
+    return {r.epsilon: r.ssim_mean for r in report.results}, report.baseline_ssim_mean
+
+
+def _run_attack(cfg: SweepConfig, artifacts: Path, progress: Callable[[str, int, int], None]) -> Any:
+    from attack.inversion import InversionConfig, run_inversion
+
+    return run_inversion(
         InversionConfig(
             artifacts=artifacts,
             epsilons=cfg.epsilons,
@@ -158,11 +218,9 @@ def _inversion_ssim(cfg: SweepConfig, artifacts: Path) -> dict[float, float]:
             epochs=cfg.attack_epochs,
             seed=cfg.seed,
             cache_dir=cfg.workdir / "attack-data",
-        )
+        ),
+        progress=progress,
     )
-    write_grid(report, cfg.workdir / "inversion.png")
-    atomic_write_bytes(cfg.workdir / "inversion.json", (json.dumps(report.to_json(), indent=2) + "\n").encode())
-    return {r.epsilon: r.ssim_mean for r in report.results}
 
 
 def _json_safe(value: Any) -> Any:
@@ -238,16 +296,20 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     ax1.set_ylabel("final held-out accuracy")
     ax1.set_title("utility")
     for x, r in zip(xs, runs, strict=True):
-        ax1.annotate(
-            f"total ε {_tag(round(r['total_epsilon'], 2)) if math.isfinite(r['total_epsilon']) else 'inf'}",
-            (x, r["final_test_accuracy"]),
-            ha="center",
-            va="bottom",
-            fontsize=7,
-        )
+        total = f"{r['total_epsilon']:.3g}" if math.isfinite(r["total_epsilon"]) else "inf"
+        ax1.annotate(f"total ε\n{total}", (x, r["final_test_accuracy"]), ha="center", va="bottom", fontsize=7)
+    ax1.set_ylim(0, max(r["final_test_accuracy"] for r in runs) * 1.25 + 0.01)
     ssim = [r.get("inversion_ssim") for r in runs]
     ax2.bar(xs, [s if s is not None else 0.0 for s in ssim], color="tab:red")
     ax2.axhline(0.3, color="k", ls="--", lw=1, label="recognisable (SSIM 0.3, He et al. 2021)")
+    if results.get("inversion_baseline_ssim") is not None:
+        ax2.axhline(
+            results["inversion_baseline_ssim"],
+            color="tab:gray",
+            ls=":",
+            lw=1.5,
+            label="attacker's mean face, no data (baseline)",
+        )
     ax2.set_xticks(list(xs), labels)
     ax2.set_xlabel("ε per release")
     ax2.set_ylabel("inversion SSIM (mean over victims)")

@@ -1,0 +1,392 @@
+"""``dpa bench``: the device and edge figures against torch eager, measured in one run.
+
+Every ratio is ours / torch on the same machine, the same weights and the same batch,
+so a ratio below 1 means dpa is faster. Timings are medians over repeats after a
+warm-up. torch is a reference here (imported lazily); the measured paths are the
+deployed ones: onnxruntime artifacts, the DP-A mechanism, the wire format and the
+real aiohttp server on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpa.architecture import ArchConfig
+
+__all__ = ["BenchConfig", "CONFIGS", "run_bench"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    arch: ArchConfig
+    cut: str = "conv1_1"  # the seed's cut
+    batch: int = 8  # the seed's batch size
+    repeats: int = 5  # timed repeats per figure (median reported)
+    clients: tuple[int, ...] = (1, 4, 16)  # concurrency levels for server throughput
+    steps_per_client: int = 4  # train steps each concurrent client sends
+
+
+CONFIGS = {
+    # The seed's configuration: VGG-Face as published, cut after conv1_1, batch 8.
+    "paper": BenchConfig(
+        "paper", ArchConfig(image_size=224, width=1.0, num_classes=2622, dropout=0.0), repeats=3, steps_per_client=1
+    ),
+    # A CPU-sized network for quick comparisons.
+    "small": BenchConfig(
+        "small", ArchConfig(image_size=64, width=0.25, num_classes=10, dropout=0.0), repeats=7, steps_per_client=8
+    ),
+}
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up: allocations, kernel selection
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _export(cfg: BenchConfig, out: Path) -> Path:
+    from dpa.manifest import OptimizerConfig
+    from exporter.export import ExportConfig, export
+
+    export(ExportConfig(arch=cfg.arch, cut=cfg.cut, optimizer=OptimizerConfig(lr=1e-3), out=out, verify=False))
+    return out
+
+
+def _head_and_tail_ratios(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> None:
+    import torch
+
+    from dpa.devices import resolve_device
+    from dpa.manifest import load_manifest
+    from dpa.ort_training import CheckpointState, Module, Optimizer, SessionOptions
+    from exporter.vggface import build_parts, init_weights
+    from runtime_client.head import HeadModel
+    from runtime_client.mechanism import DPActivations, DPConfig
+
+    manifest = load_manifest(artifacts)
+    device = resolve_device("cpu")
+    rng = np.random.default_rng(0)
+    size = cfg.arch.image_size
+    images = rng.standard_normal((cfg.batch, 3, size, size), dtype=np.float32)
+    labels = rng.integers(0, cfg.arch.num_classes, cfg.batch)
+    dp_cfg = DPConfig(clip=100.0, epsilon=8.0)
+    head, tail = build_parts(cfg.arch, cfg.cut)
+    init_weights((head, tail), 0)
+    torch.set_num_threads(device.threads)
+
+    # 1. Device head step: forward + clip + noise + backward + optimizer step.
+    ours_head = HeadModel(artifacts, manifest, device)
+    dp = DPActivations(dp_cfg, np.random.default_rng(1))
+    upstream = rng.standard_normal((cfg.batch, *manifest.activation_shape), dtype=np.float32)
+
+    def ort_head() -> None:
+        noisy, ctx = dp.release(ours_head.forward(images))
+        ours_head.backward_step(images, dp.backward(ctx, upstream))
+
+    opt = torch.optim.SGD(head.parameters(), lr=1e-3)
+    x = torch.from_numpy(images)
+    g = torch.from_numpy(upstream)
+    sigma, clip = dp.noise_scale, dp_cfg.clip
+
+    def torch_head() -> None:
+        a = head(x)
+        factor = torch.clamp(clip / a.flatten(1).norm(dim=1), max=1.0).view(-1, *([1] * (a.dim() - 1)))
+        released = a * factor + sigma * torch.randn_like(a)
+        opt.zero_grad()
+        released.backward(g)
+        opt.step()
+
+    t_ours, t_torch = _median_time(ort_head, cfg.repeats), _median_time(torch_head, cfg.repeats)
+    report["head_step_s"] = {"ours": t_ours, "torch": t_torch}
+    report["head_step_ratio"] = t_ours / t_torch
+
+    # 2. Edge tail step (onnxruntime-training) vs torch eager on the same tail.
+    options = SessionOptions()
+    options.intra_op_num_threads = device.threads
+    state = CheckpointState.load_checkpoint(str(artifacts / "tail" / "checkpoint"))
+    module = Module(
+        str(artifacts / "tail" / "training_model.onnx"),
+        state,
+        str(artifacts / "tail" / "eval_model.onnx"),
+        device="cpu",
+        session_options=options,
+    )
+    optimizer = Optimizer(str(artifacts / "tail" / "optimizer_model.onnx"), module)
+    activation = np.ascontiguousarray(head(x).detach().numpy())
+
+    def ort_tail() -> None:
+        module.train()
+        module(activation, labels)
+        optimizer.step()
+        module.lazy_reset_grad()
+
+    topt = torch.optim.SGD(tail.parameters(), lr=1e-3)
+    ta = torch.from_numpy(activation)
+    tl = torch.from_numpy(labels)
+
+    def torch_tail() -> None:
+        a = ta.detach().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(tail(a), tl)
+        topt.zero_grad()
+        loss.backward()  # parameter gradients and d loss / d activation, as the server returns
+        topt.step()
+
+    t_ours, t_torch = _median_time(ort_tail, cfg.repeats), _median_time(torch_tail, cfg.repeats)
+    report["tail_step_s"] = {"ours": t_ours, "torch": t_torch}
+    report["tail_step_ratio"] = t_ours / t_torch
+
+    # Monolithic torch train step of the whole network: the reference of the split step.
+    full_params = list(head.parameters()) + list(tail.parameters())
+    fopt = torch.optim.SGD(full_params, lr=1e-3)
+
+    def torch_full() -> None:
+        loss = torch.nn.functional.cross_entropy(tail(head(x)), tl)
+        fopt.zero_grad()
+        loss.backward()
+        fopt.step()
+
+    report["monolithic_torch_step_s"] = _median_time(torch_full, cfg.repeats)
+
+
+async def _split_and_throughput(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> None:
+    """3. split step over loopback HTTP; 4. wire bytes; 6. server throughput with concurrent clients."""
+    from aiohttp import web
+
+    from dpa import wire
+    from dpa.devices import resolve_device
+    from dpa.local import free_port
+    from dpa.manifest import load_manifest, manifest_sha256
+    from runtime_client.edge import EdgeClient
+    from runtime_client.head import HeadModel
+    from runtime_client.mechanism import DPActivations, DPConfig
+    from runtime_client.trainer import SplitTrainer
+    from runtime_server.app import init_app
+    from runtime_server.config import ServerConfig
+
+    manifest = load_manifest(artifacts)
+    digest = manifest_sha256(artifacts)
+    port = free_port()
+    with tempfile.TemporaryDirectory() as state:
+        app = init_app(
+            ServerConfig(artifacts=artifacts, port=port, device="cpu", state_dir=Path(state), checkpoint_every=10**9)
+        )  # type: ignore[arg-type]
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        url = f"http://127.0.0.1:{port}"
+        try:
+            rng = np.random.default_rng(0)
+            size = cfg.arch.image_size
+            images = rng.standard_normal((cfg.batch, 3, size, size), dtype=np.float32)
+            labels = rng.integers(0, cfg.arch.num_classes, cfg.batch).astype(np.int64)
+            head = HeadModel(artifacts, manifest, resolve_device("cpu"))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dp = DPActivations(DPConfig(clip=100.0, epsilon=8.0), np.random.default_rng(1))
+            async with EdgeClient(url) as edge:
+                session = await edge.open_session(digest)
+                trainer = SplitTrainer(head, edge, session.session_id, dp)
+                await trainer.step(images, labels)  # warm-up
+                times = []
+                for _ in range(cfg.repeats):
+                    t0 = time.perf_counter()
+                    await trainer.step(images, labels)
+                    times.append(time.perf_counter() - t0)
+            split = statistics.median(times)
+            report["split_step_s"] = split
+            report["split_step_ratio"] = split / report["monolithic_torch_step_s"]
+
+            act = np.zeros((cfg.batch, *manifest.activation_shape), np.float32)
+            request = wire.encoded_size({"activation": act, "labels": labels})
+            reply = wire.encoded_size(
+                {
+                    "loss": np.float32(0),
+                    "logits": np.zeros((cfg.batch, manifest.num_classes), np.float32),
+                    "activation_gradient": act,
+                },
+                {"global_step": 10**9},
+            )
+            raw = 2 * act.nbytes + labels.nbytes + 4 + cfg.batch * manifest.num_classes * 4
+            report["wire_bytes_per_step"] = request + reply
+            report["raw_tensor_bytes_per_step"] = raw
+            report["wire_overhead_ratio"] = (request + reply) / raw
+
+            report["throughput"] = {}
+            body = bytes(wire.encode({"activation": act, "labels": labels}))
+            for clients in cfg.clients:
+                report["throughput"][str(clients)] = await _throughput(url, digest, body, clients, cfg.steps_per_client)
+        finally:
+            await runner.cleanup()
+
+
+async def _throughput(url: str, digest: str, body: bytes, clients: int, steps: int) -> dict[str, float]:
+    import aiohttp
+
+    from dpa import wire
+
+    latencies: list[float] = []
+    health: list[float] = []
+    done = asyncio.Event()
+
+    async def one(http: aiohttp.ClientSession) -> None:
+        async with http.post(f"{url}/v1/sessions", json={"manifest_sha256": digest}) as resp:
+            sid = (await resp.json())["session_id"]
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            async with http.post(
+                f"{url}/v1/sessions/{sid}/train", data=body, headers={"Content-Type": wire.CONTENT_TYPE}
+            ) as resp:
+                await resp.read()
+                assert resp.status == 200, resp.status
+            latencies.append(time.perf_counter() - t0)
+
+    async def probe(http: aiohttp.ClientSession) -> None:
+        while not done.is_set():
+            t0 = time.perf_counter()
+            async with http.get(f"{url}/v1/health") as resp:
+                await resp.read()
+            health.append(time.perf_counter() - t0)
+            await asyncio.sleep(0.05)
+
+    connector = aiohttp.TCPConnector(limit=clients + 2)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3600)) as http:
+        prober = asyncio.create_task(probe(http))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(http) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+        done.set()
+        await prober
+    lat = np.array(latencies) * 1000
+    return {
+        "steps_per_s": len(latencies) / wall,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "health_p99_ms": float(np.percentile(np.array(health) * 1000, 99)) if health else float("nan"),
+    }
+
+
+_RSS_SCRIPT = """
+import asyncio, json, resource, sys, warnings
+import numpy as np
+warnings.simplefilter("ignore")
+from pathlib import Path
+from dpa.devices import resolve_device
+from dpa.manifest import load_manifest, manifest_sha256
+from runtime_client.edge import EdgeClient
+from runtime_client.head import HeadModel
+from runtime_client.mechanism import DPActivations, DPConfig
+from runtime_client.trainer import SplitTrainer
+artifacts, url, batch, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+m = load_manifest(artifacts)
+head = HeadModel(artifacts, m, resolve_device("arm64"))
+dp = DPActivations(DPConfig(clip=100.0, epsilon=8.0), np.random.default_rng())
+rng = np.random.default_rng(0)
+images = rng.standard_normal((batch, *m.input_shape), dtype=np.float32)
+labels = rng.integers(0, m.num_classes, batch)
+async def main():
+    async with EdgeClient(url) as edge:
+        s = await edge.open_session(manifest_sha256(artifacts))
+        t = SplitTrainer(head, edge, s.session_id, dp)
+        for _ in range(steps):
+            await t.step(images, labels)
+asyncio.run(main())
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "torch_loaded": "torch" in sys.modules}))
+"""
+
+
+def _client_rss_and_load(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> None:
+    """5. The device client's peak RSS (a separate process, as on a phone) and batch loading time."""
+    from dpa.local import free_port
+    from dpa.manifest import load_manifest
+    from runtime_client.faces import load_batch
+    from runtime_client.synth import SynthConfig, write_synthetic_faces
+
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dpa.app",
+            "serve",
+            "--artifacts",
+            str(artifacts),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--state-dir",
+            str(artifacts.parent / "rss-server"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        import urllib.request
+
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("bench server did not start") from None
+                time.sleep(0.3)
+        out = subprocess.run(
+            [sys.executable, "-c", _RSS_SCRIPT, str(artifacts), f"http://127.0.0.1:{port}", str(cfg.batch), "3"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        report.update(json.loads(out.stdout.strip().splitlines()[-1]))
+        report["client_peak_rss_mb"] = report.pop("peak_rss_mb")
+    finally:
+        server.terminate()
+        server.wait(60)
+
+    manifest = load_manifest(artifacts)
+    faces = artifacts.parent / "faces"
+    # LFW's images are 250x250 JPEGs; the loader crops and resizes them to the model's input.
+    write_synthetic_faces(faces, SynthConfig(identities=2, per_identity=cfg.batch, size=250))
+    paths = sorted(faces.rglob("*.jpg"))[: cfg.batch]
+    report["batch_load_s"] = _median_time(
+        lambda: load_batch(paths, size=manifest.image_size, mean=manifest.pixel_mean, std=manifest.pixel_std),
+        cfg.repeats,
+    )
+
+
+def run_bench(cfg: BenchConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
+    import os
+
+    report: dict[str, Any] = {
+        "config": {**asdict(cfg), "arch": asdict(cfg.arch)},
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        say(f"exporting the {cfg.name} configuration")
+        artifacts = _export(cfg, Path(tmp) / "artifacts")
+        say("head and tail steps: onnxruntime vs torch eager")
+        _head_and_tail_ratios(cfg, artifacts, report)
+        say("split step over loopback HTTP, wire bytes, server throughput")
+        asyncio.run(_split_and_throughput(cfg, artifacts, report))
+        say("device client peak RSS (own process) and batch loading")
+        _client_rss_and_load(cfg, artifacts, report)
+    return report
