@@ -1,0 +1,37 @@
+"""`dpa bench` produces every figure the tracking JSON promises (timings are not asserted)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from dpa.bench import CONFIGS, run_bench
+
+
+def test_bench_reports_every_figure():
+    cfg = replace(CONFIGS["small"], repeats=1, clients=(1, 2), steps_per_client=2)
+    report = run_bench(cfg, say=lambda _msg: None)
+    for key in (
+        "head_step_ratio",
+        "tail_step_ratio",
+        "split_step_ratio",
+        "wire_overhead_ratio",
+        "client_peak_rss_mb",
+        "batch_load_s",
+        "throughput",
+        "config",
+    ):
+        assert key in report, key
+    assert set(report["throughput"]) == {"1", "2"}
+    assert all(t["steps_per_s"] > 0 and t["p99_ms"] >= t["p50_ms"] > 0 for t in report["throughput"].values())
+    # Wire bytes per step by the protocol's arithmetic (docs/protocol.md), activation 8x16x64x64 float32:
+    # request = 16 header + (4 + 10 "activation" + 16 dims -> 32) + act + (4 + 6 "labels" + 4 -> 16) + 64;
+    # reply = 16 + 26 meta -> 48, "loss" 8 + 4 -> 64, "logits" 4 + 6 + 8 -> 88 + 320 = 408,
+    #         "activation_gradient" 4 + 19 + 16 -> 448, + act.
+    act = 8 * 16 * 64 * 64 * 4
+    assert report["wire_bytes_per_step"] == (128 + act) + (448 + act)
+    assert report["raw_tensor_bytes_per_step"] == 2 * act + 8 * 8 + 4 + 8 * 10 * 4
+    assert report["wire_overhead_ratio"] < 1.0001
+    assert report["torch_loaded"] is False  # the measured device client never imported torch
+    assert 0 < report["client_peak_rss_mb"] < 2000 and np.isfinite(report["head_step_ratio"])
