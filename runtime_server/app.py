@@ -55,6 +55,7 @@ class ServerState:
     tail: TailModel
     executor: ThreadPoolExecutor
     max_body: int
+    slots: asyncio.Semaphore  # bounds bodies in memory: see ServerConfig.max_inflight_steps
     sessions: dict[str, Session] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
@@ -222,6 +223,11 @@ async def close_session(request: web.Request) -> web.Response:
 async def train(request: web.Request) -> web.Response:
     state = request.app[STATE]
     session = _session(request)
+    async with state.slots:  # read the body only when the tail can soon take it
+        return await _train(request, state, session)
+
+
+async def _train(request: web.Request, state: ServerState, session: Session) -> web.Response:
     message = await _read_message(request)
     act, labels = await state.run(_validate_train, state.manifest, state.config.max_batch, message)
 
@@ -250,6 +256,11 @@ async def train(request: web.Request) -> web.Response:
 async def evaluate(request: web.Request) -> web.Response:
     state = request.app[STATE]
     _session(request)
+    async with state.slots:
+        return await _evaluate(request, state)
+
+
+async def _evaluate(request: web.Request, state: ServerState) -> web.Response:
     message = await _read_message(request)
     act = await state.run(_validate_eval, state.manifest, state.config.max_batch, message)
 
@@ -275,7 +286,8 @@ def init_app(config: ServerConfig) -> web.Application:
         tail = await asyncio.get_running_loop().run_in_executor(
             executor, TailModel, config.artifacts, manifest, device, config.resolved_state_dir
         )
-        app[STATE] = ServerState(config, manifest, digest, tail, executor, max_body)
+        slots = asyncio.Semaphore(config.max_inflight_steps)
+        app[STATE] = ServerState(config, manifest, digest, tail, executor, max_body, slots)
         log.info("serving cut %s on %s, tail at step %d", manifest.cut, device.describe(), tail.global_step)
         yield
         if tail.dirty:

@@ -18,6 +18,9 @@ class ServerConfig:
     device: DeviceProfile = DeviceProfile.AUTO
     max_batch: int = 32  # examples per request; with the manifest it sets the body-size limit
     checkpoint_every: int = 50  # train steps between tail checkpoints (also saved on shutdown)
+    # Requests whose bodies are read and queued for the tail at once: one running, one ready. More
+    # only piles up 100 MB bodies in memory and starves the event loop (health p99 5.8 s at 16 clients).
+    max_inflight_steps: int = 2
     state_dir: Path | None = None  # where the running tail checkpoint lives; None: <artifacts>/server-state
 
     def __post_init__(self) -> None:
@@ -27,6 +30,8 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.max_batch < 1:
             raise ValueError(f"max batch must be >= 1, got {self.max_batch}")
+        if self.max_inflight_steps < 1:
+            raise ValueError(f"max in-flight steps must be >= 1, got {self.max_inflight_steps}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint interval must be >= 1 step, got {self.checkpoint_every}")
 
