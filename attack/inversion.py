@@ -318,7 +318,7 @@ class _Head:
     source: str
 
 
-def _checkpoint_file(path: Path, name: str) -> Path:
+def checkpoint_file(path: Path, name: str) -> Path:
     path = Path(path)
     file = path / name if path.is_dir() else path
     if not file.is_file():
@@ -352,7 +352,7 @@ def _load_head(cfg: InversionConfig) -> _Head:
         )
         head, _ = build_parts(arch, manifest.cut)
         if cfg.head_checkpoint is not None:
-            ckpt = _checkpoint_file(cfg.head_checkpoint, HEAD_CHECKPOINT)
+            ckpt = checkpoint_file(cfg.head_checkpoint, HEAD_CHECKPOINT)
         else:
             ckpt = cfg.artifacts / "head" / ARTIFACT_FILES.checkpoint
         state = CheckpointState.load_checkpoint(str(ckpt))

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from attack.inversion import checkpoint_file
+
 if TYPE_CHECKING:
     from runtime_client.faces import FaceIndex
     from runtime_client.mechanism import DPConfig
@@ -138,14 +140,6 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return lse - z[np.arange(y.size), y]
 
 
-def _checkpoint_file(path: Path, name: str) -> Path:
-    path = Path(path)
-    file = path / name if path.is_dir() else path
-    if not file.is_file():
-        raise ValueError(f"no checkpoint at {file}")
-    return file
-
-
 class TrainedSplitModel:
     """A trained head + tail, loaded with onnxruntime from an export and two checkpoints.
 
@@ -170,11 +164,11 @@ class TrainedSplitModel:
         self.artifacts = Path(artifacts)
         self.manifest = load_manifest(self.artifacts, verify=("head", "tail"))
         head_dir, tail_dir = self.artifacts / "head", self.artifacts / "tail"
-        self.tail_source = _checkpoint_file(tail_checkpoint, CHECKPOINT_NAME)
+        self.tail_source = checkpoint_file(tail_checkpoint, CHECKPOINT_NAME)
         self.head_source = (
             head_dir / ARTIFACT_FILES.checkpoint
             if head_checkpoint is None
-            else _checkpoint_file(head_checkpoint, HEAD_CHECKPOINT)
+            else checkpoint_file(head_checkpoint, HEAD_CHECKPOINT)
         )
         self._head_state = CheckpointState.load_checkpoint(str(self.head_source))
         self._tail_state = CheckpointState.load_checkpoint(str(self.tail_source))

@@ -49,6 +49,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from runtime_client.calibration import real_number
 from runtime_client.mechanism import Mechanism
 
 __all__ = [
@@ -91,15 +92,6 @@ class BudgetExceeded(ValueError):
 # --------------------------------------------------------------------------- validation
 
 
-def _real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    out = float(value)
-    if math.isnan(out):
-        raise ValueError(f"{name} must not be NaN")
-    return out
-
-
 def _count(name: str, value: object, *, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
@@ -110,7 +102,7 @@ def _count(name: str, value: object, *, minimum: int = 0) -> int:
 
 
 def _noise_multiplier(value: object) -> float:
-    nm = _real("noise_multiplier", value)
+    nm = real_number("noise_multiplier", value)
     if nm < 0:
         raise ValueError(f"noise_multiplier must be >= 0, got {nm}")
     if math.isinf(nm):
@@ -119,7 +111,7 @@ def _noise_multiplier(value: object) -> float:
 
 
 def _delta(mechanism: Mechanism, value: object) -> float:
-    delta = _real("delta", value)
+    delta = real_number("delta", value)
     if mechanism is Mechanism.GAUSSIAN and not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1) for the gaussian mechanism, got {delta}")
     if mechanism is Mechanism.LAPLACE and not 0 <= delta < 1:
@@ -128,7 +120,7 @@ def _delta(mechanism: Mechanism, value: object) -> float:
 
 
 def _budget(name: str, value: object, *, allow_inf: bool) -> float:
-    eps = _real(name, value)
+    eps = real_number(name, value)
     if eps <= 0:
         raise ValueError(f"{name} must be > 0, got {eps}")
     if math.isinf(eps) and not allow_inf:
@@ -310,7 +302,7 @@ def sigma_for(*, noise_multiplier: float, clip: float, mechanism: Mechanism | st
     """
     mech = Mechanism.parse(mechanism)
     nm = _noise_multiplier(noise_multiplier)
-    c = _real("clip", clip)
+    c = real_number("clip", clip)
     if c <= 0 or math.isinf(c):
         raise ValueError(f"clip must be > 0 and finite, got {c}")
     std = nm * 2.0 * c
@@ -440,7 +432,7 @@ class PrivacyAccountant:
                 f"privacy accountant mismatch: noise_multiplier was {stored_nm!r}, now {nm!r}; "
                 "start a new run instead of resuming"
             )
-        stored_delta = _real("delta", get("delta"))
+        stored_delta = real_number("delta", get("delta"))
         if not _close(stored_delta, d):
             raise ValueError(
                 f"privacy accountant mismatch: delta was {stored_delta!r}, now {d!r}; "

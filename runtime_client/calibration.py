@@ -28,6 +28,7 @@ import numbers
 from scipy.special import log_ndtr
 
 __all__ = [
+    "real_number",
     "gaussian_sigma",
     "gaussian_delta",
     "classical_gaussian_sigma",
@@ -45,7 +46,7 @@ _MAX_EXPAND = 2000
 # --------------------------------------------------------------------------- validation
 
 
-def _real(name: str, value: object) -> float:
+def real_number(name: str, value: object) -> float:
     """``value`` as a float; rejects non-numbers, booleans and NaN."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -56,7 +57,7 @@ def _real(name: str, value: object) -> float:
 
 
 def _epsilon(value: object, *, allow_inf: bool) -> float:
-    eps = _real("epsilon", value)
+    eps = real_number("epsilon", value)
     if eps <= 0:
         raise ValueError(f"epsilon must be > 0, got {eps}")
     if math.isinf(eps) and not allow_inf:
@@ -65,14 +66,14 @@ def _epsilon(value: object, *, allow_inf: bool) -> float:
 
 
 def _delta(value: object) -> float:
-    delta = _real("delta", value)
+    delta = real_number("delta", value)
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     return delta
 
 
 def _positive_finite(name: str, value: object) -> float:
-    out = _real(name, value)
+    out = real_number(name, value)
     if out <= 0:
         raise ValueError(f"{name} must be > 0, got {out}")
     if math.isinf(out):

@@ -32,7 +32,7 @@ from functools import cached_property
 
 import numpy as np
 
-from runtime_client.calibration import gaussian_sigma, laplace_scale
+from runtime_client.calibration import gaussian_sigma, laplace_scale, real_number
 from runtime_client.clipping import (
     clip_factors,
     clip_l1_vjp,
@@ -73,15 +73,6 @@ class Mechanism(StrEnum):
             raise ValueError(f"unknown mechanism {name!r}; valid: {valid}") from None
 
 
-def _real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    out = float(value)
-    if math.isnan(out):
-        raise ValueError(f"{name} must not be NaN")
-    return out
-
-
 @dataclass(frozen=True)
 class DPConfig:
     """What the device's DP-A release is calibrated to. Validated on construction."""
@@ -110,21 +101,21 @@ class DPConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mechanism", Mechanism.parse(self.mechanism))
-        clip = _real("clip", self.clip)
+        clip = real_number("clip", self.clip)
         if clip <= 0:
             raise ValueError(f"clip must be > 0, got {clip}")
         if math.isinf(clip):
             raise ValueError(f"clip must be finite, got {clip}")
-        eps = _real("epsilon", self.epsilon)
+        eps = real_number("epsilon", self.epsilon)
         if eps <= 0:
             raise ValueError(f"epsilon must be > 0 (math.inf for no noise), got {eps}")
-        delta = _real("delta", self.delta)
+        delta = real_number("delta", self.delta)
         if self.mechanism is Mechanism.GAUSSIAN and not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1) for the gaussian mechanism, got {delta}")
         if self.mechanism is Mechanism.LAPLACE and not 0 <= delta < 1:
             raise ValueError(f"delta must be in [0, 1) (laplace ignores it), got {delta}")
         if self.fixed_noise_multiplier is not None:
-            z = _real("fixed_noise_multiplier", self.fixed_noise_multiplier)
+            z = real_number("fixed_noise_multiplier", self.fixed_noise_multiplier)
             if not (z > 0 and math.isfinite(z)):
                 raise ValueError(f"fixed noise multiplier must be a positive finite number, got {z}")
         object.__setattr__(self, "clip", clip)
