@@ -10,6 +10,7 @@ real aiohttp server on loopback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import statistics
 import subprocess
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -167,73 +168,58 @@ def _head_and_tail_ratios(cfg: BenchConfig, artifacts: Path, report: dict[str, A
 
 async def _split_and_throughput(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> None:
     """3. split step over loopback HTTP; 4. wire bytes; 6. server throughput with concurrent clients."""
-    from aiohttp import web
 
     from dpa import wire
     from dpa.devices import resolve_device
-    from dpa.local import free_port
     from dpa.manifest import load_manifest, manifest_sha256
     from runtime_client.edge import EdgeClient
     from runtime_client.head import HeadModel
     from runtime_client.mechanism import DPActivations, DPConfig
     from runtime_client.trainer import SplitTrainer
-    from runtime_server.app import init_app
-    from runtime_server.config import ServerConfig
 
     manifest = load_manifest(artifacts)
     digest = manifest_sha256(artifacts)
-    port = free_port()
-    with tempfile.TemporaryDirectory() as state:
-        app = init_app(
-            ServerConfig(artifacts=artifacts, port=port, device="cpu", state_dir=Path(state), checkpoint_every=10**9)
-        )  # type: ignore[arg-type]
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        url = f"http://127.0.0.1:{port}"
-        try:
-            rng = np.random.default_rng(0)
-            size = cfg.arch.image_size
-            images = rng.standard_normal((cfg.batch, 3, size, size), dtype=np.float32)
-            labels = rng.integers(0, cfg.arch.num_classes, cfg.batch).astype(np.int64)
-            head = HeadModel(artifacts, manifest, resolve_device("cpu"))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                dp = DPActivations(DPConfig(clip=100.0, epsilon=8.0), np.random.default_rng(1))
-            async with EdgeClient(url) as edge:
-                session = await edge.open_session(digest)
-                trainer = SplitTrainer(head, edge, session.session_id, dp)
-                await trainer.step(images, labels)  # warm-up
-                times = []
-                for _ in range(cfg.repeats):
-                    t0 = time.perf_counter()
-                    await trainer.step(images, labels)
-                    times.append(time.perf_counter() - t0)
-            split = statistics.median(times)
-            report["split_step_s"] = split
-            report["split_step_ratio"] = split / report["monolithic_torch_step_s"]
+    with _server_process(artifacts, artifacts.parent / "bench-server") as url:
+        rng = np.random.default_rng(0)
+        size = cfg.arch.image_size
+        images = rng.standard_normal((cfg.batch, 3, size, size), dtype=np.float32)
+        labels = rng.integers(0, cfg.arch.num_classes, cfg.batch).astype(np.int64)
+        head = HeadModel(artifacts, manifest, resolve_device("cpu"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dp = DPActivations(DPConfig(clip=100.0, epsilon=8.0), np.random.default_rng(1))
+        async with EdgeClient(url) as edge:
+            session = await edge.open_session(digest)
+            trainer = SplitTrainer(head, edge, session.session_id, dp)
+            await trainer.step(images, labels)  # warm-up
+            times = []
+            for _ in range(cfg.repeats):
+                t0 = time.perf_counter()
+                await trainer.step(images, labels)
+                times.append(time.perf_counter() - t0)
+        split = statistics.median(times)
+        report["split_step_s"] = split
+        report["split_step_ratio"] = split / report["monolithic_torch_step_s"]
 
-            act = np.zeros((cfg.batch, *manifest.activation_shape), np.float32)
-            request = wire.encoded_size({"activation": act, "labels": labels})
-            reply = wire.encoded_size(
-                {
-                    "loss": np.float32(0),
-                    "logits": np.zeros((cfg.batch, manifest.num_classes), np.float32),
-                    "activation_gradient": act,
-                },
-                {"global_step": 10**9},
-            )
-            raw = 2 * act.nbytes + labels.nbytes + 4 + cfg.batch * manifest.num_classes * 4
-            report["wire_bytes_per_step"] = request + reply
-            report["raw_tensor_bytes_per_step"] = raw
-            report["wire_overhead_ratio"] = (request + reply) / raw
+        act = np.zeros((cfg.batch, *manifest.activation_shape), np.float32)
+        request = wire.encoded_size({"activation": act, "labels": labels})
+        reply = wire.encoded_size(
+            {
+                "loss": np.float32(0),
+                "logits": np.zeros((cfg.batch, manifest.num_classes), np.float32),
+                "activation_gradient": act,
+            },
+            {"global_step": 10**9},
+        )
+        raw = 2 * act.nbytes + labels.nbytes + 4 + cfg.batch * manifest.num_classes * 4
+        report["wire_bytes_per_step"] = request + reply
+        report["raw_tensor_bytes_per_step"] = raw
+        report["wire_overhead_ratio"] = (request + reply) / raw
 
-            report["throughput"] = {}
-            body = bytes(wire.encode({"activation": act, "labels": labels}))
-            for clients in cfg.clients:
-                report["throughput"][str(clients)] = await _throughput(url, digest, body, clients, cfg.steps_per_client)
-        finally:
-            await runner.cleanup()
+        report["throughput"] = {}
+        body = bytes(wire.encode({"activation": act, "labels": labels}))
+        for clients in cfg.clients:
+            report["throughput"][str(clients)] = await _throughput(url, digest, body, clients, cfg.steps_per_client)
 
 
 async def _throughput(url: str, digest: str, body: bytes, clients: int, steps: int) -> dict[str, float]:
@@ -282,6 +268,35 @@ async def _throughput(url: str, digest: str, body: bytes, clients: int, steps: i
     }
 
 
+@contextlib.contextmanager
+def _server_process(artifacts: Path, state: Path) -> Iterator[str]:
+    """`dpa serve` in its own process, as deployed: it shares no event loop or GIL with the clients."""
+    import urllib.request
+
+    from dpa.local import free_port
+
+    port = free_port()
+    args = ["serve", "--artifacts", str(artifacts), "--port", str(port), "--device", "cpu"]
+    args += ["--state-dir", str(state), "--checkpoint-every", str(10**9)]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "dpa.app", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("bench server did not start") from None
+                time.sleep(0.3)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
 _RSS_SCRIPT = """
 import asyncio, json, resource, sys, warnings
 import numpy as np
@@ -323,53 +338,15 @@ print(json.dumps({"peak_rss_mb": peak_mb(), "torch_loaded": "torch" in sys.modul
 
 def _client_rss_and_load(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> None:
     """5. The device client's peak RSS (a separate process, as on a phone) and batch loading time."""
-    from dpa.local import free_port
     from dpa.manifest import load_manifest
     from runtime_client.faces import load_batch
     from runtime_client.synth import SynthConfig, write_synthetic_faces
 
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dpa.app",
-            "serve",
-            "--artifacts",
-            str(artifacts),
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-            "--state-dir",
-            str(artifacts.parent / "rss-server"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        import urllib.request
-
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=1)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("bench server did not start") from None
-                time.sleep(0.3)
-        out = subprocess.run(
-            [sys.executable, "-c", _RSS_SCRIPT, str(artifacts), f"http://127.0.0.1:{port}", str(cfg.batch), "3"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        report.update(json.loads(out.stdout.strip().splitlines()[-1]))
-        report["client_peak_rss_mb"] = report.pop("peak_rss_mb")
-    finally:
-        server.terminate()
-        server.wait(60)
+    with _server_process(artifacts, artifacts.parent / "rss-server") as url:
+        script = [sys.executable, "-c", _RSS_SCRIPT, str(artifacts), url, str(cfg.batch), "3"]
+        out = subprocess.run(script, capture_output=True, text=True, check=True)
+    report.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    report["client_peak_rss_mb"] = report.pop("peak_rss_mb")
 
     manifest = load_manifest(artifacts)
     faces = artifacts.parent / "faces"
