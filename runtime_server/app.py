@@ -1,9 +1,10 @@
 """The edge server's aiohttp application: endpoints, validation, one shared tail.
 
 Every onnxruntime call runs on a single worker thread: updates from concurrent
-sessions are applied one at a time (none lost), and the event loop stays free, so
-``/v1/health`` answers during a step. Every request is validated completely before
-the tail is touched, so a rejected request changes nothing.
+sessions are applied one at a time (none lost). Bodies are read and validated off that
+thread, so ``/v1/health`` answers while they arrive; onnxruntime-training's step itself
+appears to hold the GIL (BENCHMARKS.md), which a worker process would fix. Every request
+is validated completely before the tail is touched, so a rejected request changes nothing.
 """
 
 from __future__ import annotations
