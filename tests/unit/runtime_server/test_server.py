@@ -85,8 +85,9 @@ def test_health_answers_while_a_step_is_in_flight(small_export, start_server):
 
     asyncio.run(run())
     order = [name for name, _ in done]
-    assert order[-1] == "step" and order.count("health") >= 2, order
-    print(f"health answered {order.count('health')} times during one 64-example step")
+    # At least two health answers arrived before the step's answer (one more may land just after it).
+    assert "step" in order and order.index("step") >= 2, order
+    print(f"health answered {order.index('step')} times during one 64-example step")
 
 
 def test_status_counts(small_export, start_server):
