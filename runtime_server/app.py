@@ -1,10 +1,10 @@
 """The edge server's aiohttp application: endpoints, validation, one shared tail.
 
-Every onnxruntime call runs on a single worker thread: updates from concurrent
-sessions are applied one at a time (none lost). Bodies are read and validated off that
-thread, so ``/v1/health`` answers while they arrive; onnxruntime-training's step itself
-appears to hold the GIL (BENCHMARKS.md), which a worker process would fix. Every request
-is validated completely before the tail is touched, so a rejected request changes nothing.
+The tail lives in a child process (``tail_worker``: onnxruntime-training's step holds
+the GIL), driven from a single worker thread, so updates from concurrent sessions are
+applied one at a time (none lost) and the event loop stays free: ``/v1/health`` answers
+during a step. Every request is validated completely before the tail is touched, so a
+rejected request changes nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from dpa.devices import resolve_device
 from dpa.manifest import GraphNames, Manifest, load_manifest, manifest_sha256
 from runtime_server.config import ServerConfig
 from runtime_server.errors import ApiError, error_response
-from runtime_server.tail import NonFiniteStep, TailModel
+from runtime_server.tail import NonFiniteStep
+from runtime_server.tail_worker import TailWorker
 
 __all__ = ["init_app", "STATE", "API_PREFIX"]
 
@@ -53,7 +54,7 @@ class ServerState:
     config: ServerConfig
     manifest: Manifest
     manifest_sha256: str
-    tail: TailModel
+    tail: TailWorker
     executor: ThreadPoolExecutor
     max_body: int
     slots: asyncio.Semaphore  # bounds bodies in memory: see ServerConfig.max_inflight_steps
@@ -285,7 +286,7 @@ def init_app(config: ServerConfig) -> web.Application:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tail")
         device = resolve_device(config.device)
         tail = await asyncio.get_running_loop().run_in_executor(
-            executor, TailModel, config.artifacts, manifest, device, config.resolved_state_dir
+            executor, TailWorker, config.artifacts, manifest, device, config.resolved_state_dir
         )
         slots = asyncio.Semaphore(config.max_inflight_steps)
         app[STATE] = ServerState(config, manifest, digest, tail, executor, max_body, slots)
@@ -294,6 +295,7 @@ def init_app(config: ServerConfig) -> web.Application:
         if tail.dirty:
             await asyncio.get_running_loop().run_in_executor(executor, tail.save)
         executor.shutdown(wait=True)
+        tail.close()
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get(f"{API_PREFIX}/health", health)

@@ -1,0 +1,103 @@
+"""The tail in a child process, so the server's event loop never waits for a step.
+
+onnxruntime-training's Python step holds the GIL for the whole step (measured: a
+thread running a tail step starves the main thread for the step's duration). On a
+worker thread that froze the event loop: at 224x224 ``/v1/health`` p99 was 3.5 s with
+one client. Here the tail lives in one spawned process and the server talks to it
+through a one-worker process pool; the calling thread waits with the GIL released.
+
+The child ignores SIGINT and SIGTERM: Ctrl-C reaches the whole process group, and the
+parent must still be able to ask the child to save the tail before both exit.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpa.devices import ResolvedDevice
+from dpa.manifest import Manifest
+from runtime_server.tail import TailModel, TrainResult
+
+__all__ = ["TailWorker"]
+
+_TAIL: TailModel | None = None  # the child's tail
+
+
+def _init(artifacts: Path, manifest: Manifest, device: ResolvedDevice, state_dir: Path) -> None:
+    global _TAIL
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _TAIL = TailModel(artifacts, manifest, device, state_dir)
+
+
+def _tail() -> TailModel:
+    assert _TAIL is not None, "tail worker not initialised"
+    return _TAIL
+
+
+def _info() -> dict[str, Any]:
+    t = _tail()
+    return {"resumed": t.resumed, "global_step": t.global_step, "examples_seen": t.examples_seen}
+
+
+def _train(activation: np.ndarray, labels: np.ndarray) -> tuple[TrainResult, int]:
+    t = _tail()
+    return t.train_step(activation, labels), t.examples_seen
+
+
+def _eval(activation: np.ndarray) -> np.ndarray:
+    return _tail().eval_step(activation)
+
+
+def _parameters() -> dict[str, np.ndarray]:
+    return _tail().parameters()
+
+
+def _save() -> Path:
+    return _tail().save()
+
+
+class TailWorker:
+    """TailModel's interface, run in a child process. Calls block the calling thread only."""
+
+    def __init__(self, artifacts: Path, manifest: Manifest, device: ResolvedDevice, state_dir: Path) -> None:
+        self._pool = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),  # no inherited threads, sessions or sockets
+            initializer=_init,
+            initargs=(artifacts, manifest, device, state_dir),
+        )
+        info = self._pool.submit(_info).result()
+        self.resumed: bool = info["resumed"]
+        self.global_step: int = info["global_step"]
+        self.examples_seen: int = info["examples_seen"]
+        self._saved_step = self.global_step
+
+    def train_step(self, activation: np.ndarray, labels: np.ndarray) -> TrainResult:
+        result, examples = self._pool.submit(_train, activation, labels).result()
+        self.global_step, self.examples_seen = result.global_step, examples
+        return result
+
+    def eval_step(self, activation: np.ndarray) -> np.ndarray:
+        return self._pool.submit(_eval, activation).result()
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return self._pool.submit(_parameters).result()
+
+    @property
+    def dirty(self) -> bool:
+        return self.global_step != self._saved_step
+
+    def save(self) -> Path:
+        path = self._pool.submit(_save).result()
+        self._saved_step = self.global_step
+        return path
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
