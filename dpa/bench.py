@@ -309,6 +309,7 @@ from runtime_client.head import HeadModel
 from runtime_client.mechanism import DPActivations, DPConfig
 from runtime_client.trainer import SplitTrainer
 artifacts, url, batch, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+micro = None if sys.argv[5] == "none" else int(sys.argv[5])
 m = load_manifest(artifacts)
 head = HeadModel(artifacts, m, resolve_device("arm64"))
 dp = DPActivations(DPConfig(clip=100.0, epsilon=8.0), np.random.default_rng())
@@ -318,7 +319,7 @@ labels = rng.integers(0, m.num_classes, batch)
 async def main():
     async with EdgeClient(url) as edge:
         s = await edge.open_session(manifest_sha256(artifacts))
-        t = SplitTrainer(head, edge, s.session_id, dp)
+        t = SplitTrainer(head, edge, s.session_id, dp, micro_batch=micro)
         for _ in range(steps):
             await t.step(images, labels)
 asyncio.run(main())
@@ -342,11 +343,14 @@ def _client_rss_and_load(cfg: BenchConfig, artifacts: Path, report: dict[str, An
     from runtime_client.faces import load_batch
     from runtime_client.synth import SynthConfig, write_synthetic_faces
 
+    # The device setting for phones (--micro-batch 1) and the whole-batch default.
     with _server_process(artifacts, artifacts.parent / "rss-server") as url:
-        script = [sys.executable, "-c", _RSS_SCRIPT, str(artifacts), url, str(cfg.batch), "3"]
-        out = subprocess.run(script, capture_output=True, text=True, check=True)
-    report.update(json.loads(out.stdout.strip().splitlines()[-1]))
-    report["client_peak_rss_mb"] = report.pop("peak_rss_mb")
+        for micro, key in (("1", "client_peak_rss_mb"), ("none", "client_peak_rss_mb_whole_batch")):
+            script = [sys.executable, "-c", _RSS_SCRIPT, str(artifacts), url, str(cfg.batch), "3", micro]
+            out = subprocess.run(script, capture_output=True, text=True, check=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            report[key] = result["peak_rss_mb"]
+            report["torch_loaded"] = report.get("torch_loaded", False) or result["torch_loaded"]
 
     manifest = load_manifest(artifacts)
     faces = artifacts.parent / "faces"

@@ -33,6 +33,7 @@ __all__ = [
     "WireError",
     "Message",
     "encode",
+    "allocate",
     "decode",
     "encoded_size",
 ]
@@ -83,58 +84,83 @@ def _meta_bytes(meta: Mapping[str, Any] | None) -> bytes:
     return data
 
 
-def _tensor_layout(name: str, array: np.ndarray) -> tuple[bytes, int]:
-    dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+def _tensor_layout(name: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[bytes, int, np.dtype]:
+    """The tensor's header bytes, its data size, and its little-endian dtype."""
+    dtype = np.dtype(dtype)
+    dtype = dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
     if dtype not in _CODE_OF:
-        raise WireError(
-            f"tensor {name!r}: dtype {array.dtype} cannot be sent; valid: float32, float16, int64, int32, uint8"
-        )
+        raise WireError(f"tensor {name!r}: dtype {dtype} cannot be sent; valid: float32, float16, int64, int32, uint8")
     encoded = name.encode("ascii", errors="strict") if name.isascii() else b""
     if not encoded or len(encoded) > MAX_NAME:
         raise WireError(f"tensor name {name!r} must be 1..{MAX_NAME} ASCII characters")
-    if array.ndim > MAX_NDIM:
-        raise WireError(f"tensor {name!r} has {array.ndim} dimensions; the limit is {MAX_NDIM}")
-    if any(d >= 2**32 for d in array.shape):
+    if len(shape) > MAX_NDIM:
+        raise WireError(f"tensor {name!r} has {len(shape)} dimensions; the limit is {MAX_NDIM}")
+    if any(d >= 2**32 for d in shape):
         raise WireError(f"tensor {name!r} has a dimension too large for the wire")
-    head = _TENSOR_HEADER.pack(len(encoded), _CODE_OF[dtype], array.ndim) + encoded
-    head += struct.pack(f"<{array.ndim}I", *array.shape)
-    return head, array.nbytes
+    head = _TENSOR_HEADER.pack(len(encoded), _CODE_OF[dtype], len(shape)) + encoded
+    head += struct.pack(f"<{len(shape)}I", *shape)
+    return head, math.prod(shape) * dtype.itemsize, dtype
 
 
-def encoded_size(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> int:
-    """Bytes ``encode`` will produce (for framing-overhead figures and body-size limits)."""
-    size = _HEADER.size + len(_meta_bytes(meta))
+Spec = tuple[tuple[int, ...], Any]  # (shape, dtype) of a tensor to be written in place
+
+
+def _specs(tensors: Mapping[str, np.ndarray]) -> dict[str, Spec]:
+    return {name: (np.shape(a), np.asarray(a).dtype) for name, a in tensors.items()}
+
+
+def _size(specs: Mapping[str, Spec], meta_b: bytes) -> int:
+    size = _HEADER.size + len(meta_b)
     size += _pad(size)
-    for name, array in tensors.items():
-        head, nbytes = _tensor_layout(name, np.asarray(array))
+    for name, (shape, dtype) in specs.items():
+        head, nbytes, _ = _tensor_layout(name, tuple(shape), dtype)
         size += len(head)
         size += _pad(size) + nbytes
         size += _pad(size)
     return size
 
 
-def encode(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> bytearray:
-    """One buffer holding the message; each tensor's bytes are copied exactly once."""
-    if len(tensors) > MAX_TENSORS:
-        raise WireError(f"{len(tensors)} tensors in one message; the limit is {MAX_TENSORS}")
+def encoded_size(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> int:
+    """Bytes ``encode`` will produce (for framing-overhead figures and body-size limits)."""
+    return _size(_specs(tensors), _meta_bytes(meta))
+
+
+def allocate(
+    specs: Mapping[str, Spec], meta: Mapping[str, Any] | None = None
+) -> tuple[bytearray, dict[str, np.ndarray]]:
+    """A message buffer with every header written, and writable arrays over its tensor slots.
+
+    Lets a sender produce tensors straight into the message (the device writes each
+    example's DP-A release into it) instead of building them and copying them in.
+    """
+    if len(specs) > MAX_TENSORS:
+        raise WireError(f"{len(specs)} tensors in one message; the limit is {MAX_TENSORS}")
     meta_b = _meta_bytes(meta)
-    arrays = {name: np.asarray(a) for name, a in tensors.items()}
-    out = bytearray(encoded_size(arrays, meta))
-    _HEADER.pack_into(out, 0, MAGIC, VERSION, len(arrays), len(meta_b), 0)
+    out = bytearray(_size(specs, meta_b))
+    _HEADER.pack_into(out, 0, MAGIC, VERSION, len(specs), len(meta_b), 0)
     pos = _HEADER.size
     out[pos : pos + len(meta_b)] = meta_b
     pos += len(meta_b)
     pos += _pad(pos)
     view = memoryview(out)
-    for name, array in arrays.items():
-        head, nbytes = _tensor_layout(name, array)
+    slots: dict[str, np.ndarray] = {}
+    for name, (shape, dtype) in specs.items():
+        head, nbytes, le_dtype = _tensor_layout(name, tuple(shape), dtype)
         view[pos : pos + len(head)] = head
         pos += len(head)
         pos += _pad(pos)
-        target = np.frombuffer(view[pos : pos + nbytes], dtype=array.dtype.newbyteorder("<"))
-        target[...] = array.reshape(-1)
+        slots[name] = np.frombuffer(view[pos : pos + nbytes], dtype=le_dtype).reshape(shape)
         pos += nbytes
         pos += _pad(pos)
+    return out, slots
+
+
+def encode(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> bytearray:
+    """One buffer holding the message; each tensor's bytes are copied exactly once."""
+    arrays = {name: np.asarray(a) for name, a in tensors.items()}
+    out, slots = allocate(_specs(arrays), meta)
+    for name, array in arrays.items():
+        slots[name][...] = array
     return out
 
 

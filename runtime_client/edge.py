@@ -90,18 +90,19 @@ class EdgeClient:
     async def close_session(self, session_id: str) -> None:
         await self._request("DELETE", f"/sessions/{session_id}")
 
-    async def _tensors(self, path: str, tensors: dict[str, np.ndarray]) -> wire.Message:
-        body = wire.encode(tensors)
+    async def _post_message(self, path: str, body: bytearray) -> wire.Message:
         _, reply, ctype = await self._request("POST", path, data=body, headers={"Content-Type": wire.CONTENT_TYPE})
         if ctype != wire.CONTENT_TYPE:
             raise EdgeError(0, "bad_reply", f"expected {wire.CONTENT_TYPE} from the server, got {ctype}")
         return wire.decode(reply)
 
     async def train(self, session_id: str, activation: np.ndarray, labels: np.ndarray) -> TrainReply:
-        msg = await self._tensors(
-            f"/sessions/{session_id}/train",
-            {GraphNames.ACTIVATION: activation, GraphNames.LABELS: labels.astype(np.int64, copy=False)},
-        )
+        body = wire.encode({GraphNames.ACTIVATION: activation, GraphNames.LABELS: labels.astype(np.int64, copy=False)})
+        return await self.train_message(session_id, body)
+
+    async def train_message(self, session_id: str, body: bytearray) -> TrainReply:
+        """Send an already encoded train message (see ``wire.allocate``); the reply's tensors."""
+        msg = await self._post_message(f"/sessions/{session_id}/train", body)
         t = msg.tensors
         return TrainReply(
             loss=float(t["loss"]),
@@ -111,5 +112,5 @@ class EdgeClient:
         )
 
     async def evaluate(self, session_id: str, activation: np.ndarray) -> np.ndarray:
-        msg = await self._tensors(f"/sessions/{session_id}/eval", {GraphNames.ACTIVATION: activation})
+        msg = await self._post_message(f"/sessions/{session_id}/eval", wire.encode({GraphNames.ACTIVATION: activation}))
         return msg.tensors[GraphNames.LOGITS]

@@ -77,6 +77,7 @@ class HeadModel:
             str(training), self.state, str(evaluation), device=device.ort_device, session_options=options
         )
         self.optimizer = Optimizer(str(optimizer), self.module)
+        self.activation_shape = manifest.activation_shape
         self.lr = manifest.optimizer.lr if lr is None else lr
         self.optimizer.set_learning_rate(self.lr)
 
@@ -87,8 +88,20 @@ class HeadModel:
 
     def backward_step(self, images: np.ndarray, upstream_gradient: np.ndarray) -> None:
         """Accumulate d loss / d head parameters = J^T upstream_gradient, then take an optimizer step."""
+        self.accumulate(images, upstream_gradient)
+        self.step()
+
+    def accumulate(self, images: np.ndarray, upstream_gradient: np.ndarray) -> None:
+        """Add J^T upstream_gradient for these examples to the parameter gradients (no update yet).
+
+        The surrogate loss is a sum over examples, so accumulating example by example gives
+        exactly the batch's gradient: a device can run its backward in micro-batches.
+        """
         self.module.train()
         self.module(images, upstream_gradient)
+
+    def step(self) -> None:
+        """Apply the accumulated gradients, then clear them."""
         self.optimizer.step()
         self.module.lazy_reset_grad()
 

@@ -246,27 +246,38 @@ class DPActivations:
         go; for laplace each block is b * (E1 - E2) with E1, E2 two successive
         float32 ``standard_exponential`` draws of the block's size.
         """
+        ctx = self.context(activation)
+        a = ctx.activation
+        noisy = scale_examples(a, ctx.factors)
+        if noisy.dtype != np.float32:
+            noisy = noisy.astype(np.float32)
+        if self._scale > 0 and noisy.size:
+            self._add_noise(noisy.reshape(a.shape[0], -1), self.config.mechanism is Mechanism.GAUSSIAN)
+        if ctx.scale != 1.0:
+            noisy *= np.float32(ctx.scale)
+        return noisy, ctx
+
+    def context(self, activation: np.ndarray) -> ReleaseContext:
+        """What ``backward`` needs for this activation (norms, clip factors, scale), without releasing it.
+
+        A device short of memory releases examples one at a time and recomputes their
+        activations for the backward pass instead of keeping them; this rebuilds the context.
+        """
         a = np.asarray(activation)
         if a.ndim < 1:
             raise ValueError("activation needs a batch axis (ndim >= 1), got a scalar")
         if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
             raise TypeError(f"activation must be a real numeric array, got dtype {a.dtype}")
         cfg = self.config
-        gaussian = cfg.mechanism is Mechanism.GAUSSIAN
-        norms = l2_norms(a) if gaussian else l1_norms(a)
-        factors = clip_factors(norms, clip=cfg.clip)
-        noisy = scale_examples(a, factors)
-        if noisy.dtype != np.float32:
-            noisy = noisy.astype(np.float32)
-        if self._scale > 0 and noisy.size:
-            self._add_noise(noisy.reshape(a.shape[0], -1), gaussian)
-        scale = cfg.release_scale(int(np.prod(a.shape[1:])))
-        if scale != 1.0:
-            noisy *= np.float32(scale)
-        ctx = ReleaseContext(
-            activation=a, norms=norms, factors=factors, clip=cfg.clip, mechanism=cfg.mechanism, scale=scale
+        norms = l2_norms(a) if cfg.mechanism is Mechanism.GAUSSIAN else l1_norms(a)
+        return ReleaseContext(
+            activation=a,
+            norms=norms,
+            factors=clip_factors(norms, clip=cfg.clip),
+            clip=cfg.clip,
+            mechanism=cfg.mechanism,
+            scale=cfg.release_scale(int(np.prod(a.shape[1:]))),
         )
-        return noisy, ctx
 
     def _add_noise(self, rows: np.ndarray, gaussian: bool) -> None:
         """rows += noise, in place, one block of whole examples at a time."""

@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from dpa import wire
 from dpa.atomic import atomic_write_bytes
 from dpa.devices import DeviceProfile, resolve_device
-from dpa.manifest import Manifest, load_manifest, manifest_sha256
+from dpa.manifest import GraphNames, Manifest, load_manifest, manifest_sha256
 from runtime_client.accountant import PrivacyAccountant, calibrate_noise_multiplier, epsilon_spent
 from runtime_client.edge import EdgeClient
 from runtime_client.faces import FaceIndex, index_faces, iter_batches, load_batch, split_faces
@@ -66,6 +67,9 @@ class ClientConfig:
     # Whole-run budget: calibrate the noise so that `epochs` releases of each example stay within
     # this epsilon (dp-accounting's PLD accountant); None: `dp.epsilon` is per release, no budget.
     total_epsilon: float | None = None
+    # Examples per head call on the device; None: the whole batch. 1 keeps one example's
+    # activations in memory instead of the batch's (a phone's setting; same update).
+    micro_batch: int | None = None
     progress: bool = True  # rich progress bar
 
     def __post_init__(self) -> None:
@@ -91,15 +95,29 @@ class StepResult:
 
 
 class SplitTrainer:
-    """One device's half of split training, bound to an open server session."""
+    """One device's half of split training, bound to an open server session.
 
-    def __init__(self, head: HeadModel, edge: EdgeClient, session_id: str, dp: DPActivations) -> None:
+    With ``micro_batch`` the device never holds a batch of activations: each group of
+    examples is run through the head and released straight into the request buffer, and
+    for the backward pass their activations are recomputed (for conv1_1, one convolution)
+    and their gradients accumulated before one optimizer step. Same update, same privacy
+    (every example gets its own noise either way), a fraction of the memory.
+    """
+
+    def __init__(
+        self, head: HeadModel, edge: EdgeClient, session_id: str, dp: DPActivations, micro_batch: int | None = None
+    ) -> None:
+        if micro_batch is not None and micro_batch < 1:
+            raise ValueError(f"micro batch must be >= 1, got {micro_batch}")
         self.head = head
         self.edge = edge
         self.session_id = session_id
         self.dp = dp
+        self.micro_batch = micro_batch
 
     async def step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
+        if self.micro_batch is not None:
+            return await self._micro_step(images, labels, self.micro_batch)
         activation = self.head.forward(images)  # (B, *activation_shape)
         noisy, ctx = self.dp.release(activation)
         reply = await self.edge.train(self.session_id, noisy, labels)
@@ -107,6 +125,31 @@ class SplitTrainer:
         self.head.backward_step(images, upstream.astype(np.float32, copy=False))
         correct = int((reply.logits.argmax(axis=1) == labels).sum())
         return StepResult(reply.loss, correct, len(labels), ctx.fraction_clipped, reply.global_step)
+
+    async def _micro_step(self, images: np.ndarray, labels: np.ndarray, size: int) -> StepResult:
+        batch = len(labels)
+        shape = self.head.activation_shape
+        body, slots = wire.allocate(
+            {GraphNames.ACTIVATION: ((batch, *shape), np.float32), GraphNames.LABELS: ((batch,), np.int64)}
+        )
+        slots[GraphNames.LABELS][...] = labels
+        clipped = 0
+        for start in range(0, batch, size):
+            part = slice(start, start + size)
+            noisy, ctx = self.dp.release(self.head.forward(images[part]))
+            slots[GraphNames.ACTIVATION][part] = noisy  # the release goes straight into the message
+            clipped += int(ctx.clipped.sum())
+        del slots, noisy, ctx
+        reply = await self.edge.train_message(self.session_id, body)
+        del body
+        for start in range(0, batch, size):
+            part = slice(start, start + size)
+            ctx = self.dp.context(self.head.forward(images[part]))  # recomputed, not kept
+            upstream = self.dp.backward(ctx, reply.activation_gradient[part])
+            self.head.accumulate(images[part], upstream.astype(np.float32, copy=False))
+        self.head.step()
+        correct = int((reply.logits.argmax(axis=1) == labels).sum())
+        return StepResult(reply.loss, correct, batch, clipped / max(batch, 1), reply.global_step)
 
     async def predict(self, images: np.ndarray) -> np.ndarray:
         """Class predictions; the test activations are released with the same DP-A mechanism."""
@@ -222,7 +265,7 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
 
     async with EdgeClient(cfg.server) as edge:
         session = await edge.open_session(digest, client="dpa-client")
-        trainer = SplitTrainer(head, edge, session.session_id, dp)
+        trainer = SplitTrainer(head, edge, session.session_id, dp, micro_batch=cfg.micro_batch)
         columns = (
             TextColumn("[bold]epoch {task.fields[epoch]}"),
             BarColumn(),

@@ -64,6 +64,9 @@ def client_command(
     resume: Annotated[bool, typer.Option(help="Continue from the head checkpoint in --state-dir.")] = False,
     report: Annotated[Path | None, typer.Option(help="Write a JSON report here.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Cap on steps per epoch (quick runs).")] = None,
+    micro_batch: Annotated[
+        int | None, typer.Option(help="Examples per head call (1: least memory, same update); default the batch.")
+    ] = None,
 ) -> None:
     """Train privately: head on this device, DP-A activations to the edge server."""
     from runtime_client.edge import EdgeError
@@ -90,6 +93,7 @@ def client_command(
             model_format=ModelFormat.parse(format),
             max_steps_per_epoch=max_steps,
             total_epsilon=total_epsilon,
+            micro_batch=micro_batch,
         )
         try:
             result = asyncio.run(run_training(cfg))

@@ -105,3 +105,34 @@ def test_split_training_equals_monolithic_torch(cut, tmp_path, start_server):
         assert moved > 0, f"{name} did not train"
         assert err <= RTOL * max(np.abs(ref).max(), 1e-6), f"{name}: max error {err:.3g}, moved {moved:.3g}"
     assert server.state.tail.global_step == STEPS
+
+
+def test_micro_batches_give_the_same_update(tmp_path, start_server):
+    """Releasing and back-propagating one example at a time equals the whole-batch step."""
+    artifacts = export_small(tmp_path / "art", cut="pool1", lr=LR)
+    manifest = load_manifest(artifacts)
+    rng = np.random.default_rng(3)
+    batches = [
+        (rng.standard_normal((BATCH, 3, 64, 64)).astype(np.float32), rng.integers(0, SMALL.num_classes, BATCH))
+        for _ in range(2)
+    ]
+    weights = []
+    for micro in (None, 1, 3):
+        server = start_server(artifacts)
+        head = HeadModel(artifacts, manifest, resolve_device("cpu"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dp = DPActivations(DPConfig(clip=30.0, epsilon=float("inf")), np.random.default_rng(0))
+
+        async def train() -> None:
+            async with EdgeClient(server.url) as edge:  # noqa: B023 (the loop variables are used at once)
+                session = await edge.open_session(manifest_sha256(artifacts))
+                trainer = SplitTrainer(head, edge, session.session_id, dp, micro_batch=micro)  # noqa: B023
+                for images, labels in batches:
+                    await trainer.step(images, labels)
+
+        asyncio.run(train())
+        weights.append({**head.parameters(), **server.state.tail.parameters()})
+    for other in weights[1:]:
+        for name, value in weights[0].items():
+            np.testing.assert_allclose(other[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
