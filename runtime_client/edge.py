@@ -10,6 +10,7 @@ import numpy as np
 
 from dpa import wire
 from dpa.manifest import GraphNames
+from dpa.streaming import read_body
 
 __all__ = ["EdgeClient", "EdgeError", "SessionInfo", "TrainReply"]
 
@@ -55,19 +56,19 @@ class EdgeClient:
         if self._http is not None:
             await self._http.close()
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytes, str]:
+    async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytearray, str]:
         assert self._http is not None, "use EdgeClient as an async context manager"
         try:
             async with self._http.request(method, self.url + API_PREFIX + path, **kwargs) as resp:
-                body = await resp.read()
                 if resp.status >= 400:
+                    body = await resp.read()
                     try:
                         err = await resp.json(content_type=None)
                         code, message = str(err.get("error", "error")), str(err.get("message", ""))
                     except Exception:
                         code, message = "error", body[:200].decode(errors="replace")
                     raise EdgeError(resp.status, code, message)
-                return resp.status, body, resp.content_type
+                return resp.status, await read_body(resp.content, resp.content_length), resp.content_type
         except aiohttp.ClientError as exc:
             raise EdgeError(0, "unreachable", f"cannot reach {self.url}: {exc}") from None
 

@@ -26,6 +26,7 @@ from aiohttp import web
 from dpa import wire
 from dpa.devices import resolve_device
 from dpa.manifest import GraphNames, Manifest, load_manifest, manifest_sha256
+from dpa.streaming import read_body
 from runtime_server.config import ServerConfig
 from runtime_server.errors import ApiError, error_response
 from runtime_server.tail import NonFiniteStep
@@ -111,7 +112,10 @@ async def _read_message(request: web.Request) -> wire.Message:
     length = request.content_length
     if length is not None and length > state.max_body:
         raise ApiError(413, "body_too_large", f"body of {length} bytes exceeds the limit of {state.max_body}")
-    body = await request.read()
+    try:
+        body = await read_body(request.content, length)
+    except ValueError as exc:
+        raise ApiError(400, "malformed_body", str(exc)) from None
     try:
         return wire.decode(body)
     except wire.WireError as exc:

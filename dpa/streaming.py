@@ -1,0 +1,30 @@
+"""Reading an HTTP body into one buffer, without aiohttp's extra copy of it.
+
+``read()`` on an aiohttp stream keeps every received chunk and joins them at the end:
+a 100 MB activation batch then exists twice. With a Content-Length we allocate the
+buffer once and copy each chunk into it as it arrives.
+"""
+
+from __future__ import annotations
+
+from aiohttp import StreamReader
+
+__all__ = ["read_body"]
+
+
+async def read_body(stream: StreamReader, length: int | None) -> bytearray:
+    """The whole body; ``length`` is the Content-Length (None: chunked, read the usual way)."""
+    if length is None:
+        return bytearray(await stream.read())
+    buf = bytearray(length)
+    view = memoryview(buf)
+    pos = 0
+    async for chunk in stream.iter_any():
+        end = pos + len(chunk)
+        if end > length:
+            raise ValueError(f"body longer than its Content-Length ({length} bytes)")
+        view[pos:end] = chunk
+        pos = end
+    if pos != length:
+        raise ValueError(f"body ended after {pos} of {length} bytes")
+    return buf
