@@ -28,7 +28,6 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -176,12 +175,6 @@ def _optimizer_block(cfg: OptimizerConfig) -> onnxblock.blocks.Block:
     if cfg.name is OptimizerName.SGD:
         return onnxblock.optim.SGD()
     return onnxblock.optim.AdamW(weight_decay=cfg.weight_decay)
-
-
-@dataclass(frozen=True)
-class PartModels:
-    training: onnx.ModelProto
-    eval: onnx.ModelProto
 
 
 def write_part_artifacts(

@@ -61,7 +61,6 @@ class TailModel:
         props = self.state.properties
         self.global_step = int(props[_STEP]) if _STEP in props else 0
         self.examples_seen = int(props[_EXAMPLES]) if _EXAMPLES in props else 0
-        self._saved_step = self.global_step
         if self.resumed:
             log.info("resumed tail from %s at step %d", resume, self.global_step)
 
@@ -87,10 +86,6 @@ class TailModel:
         """Copies of the current weights, by name (tests compare them against torch)."""
         return {name: np.array(p.data) for name, p in self.state.parameters}
 
-    @property
-    def dirty(self) -> bool:
-        return self.global_step != self._saved_step
-
     def save(self) -> Path:
         """Write weights, optimizer state and counters to one checkpoint file, atomically."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +98,5 @@ class TailModel:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(self.state_dir)
-        self._saved_step = self.global_step
         log.info("saved tail checkpoint at step %d", self.global_step)
         return path

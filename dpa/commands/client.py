@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -31,10 +32,35 @@ def _epsilon(value: float) -> float:
     return value
 
 
-def _dp(mechanism: str, epsilon: float, delta: float, clip: float):  # type: ignore[no-untyped-def]
+def _run_client(
+    run: Callable[[Any], Awaitable[dict[str, Any]]],
+    *,
+    device: str,
+    mechanism: str,
+    epsilon: float,
+    delta: float,
+    clip: float,
+    identities: int,
+    per_identity: int,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Build the ClientConfig from CLI values and run ``run`` on it; user errors exit cleanly."""
+    from runtime_client.edge import EdgeError
     from runtime_client.mechanism import DPConfig, Mechanism
+    from runtime_client.synth import SynthConfig
+    from runtime_client.trainer import ClientConfig
 
-    return DPConfig(mechanism=Mechanism.parse(mechanism), clip=clip, epsilon=epsilon, delta=delta)
+    with user_errors():
+        cfg = ClientConfig(
+            device=DeviceProfile.parse(device),
+            dp=DPConfig(mechanism=Mechanism.parse(mechanism), clip=clip, epsilon=epsilon, delta=delta),
+            synth=SynthConfig(identities=identities, per_identity=per_identity),
+            **fields,
+        )
+        try:
+            return asyncio.run(run(cfg))
+        except EdgeError as exc:
+            raise ValueError(str(exc)) from None
 
 
 def client_command(
@@ -69,36 +95,20 @@ def client_command(
     ] = None,
 ) -> None:
     """Train privately: head on this device, DP-A activations to the edge server."""
-    from runtime_client.edge import EdgeError
     from runtime_client.head import ModelFormat
-    from runtime_client.synth import SynthConfig
-    from runtime_client.trainer import ClientConfig, run_training
+    from runtime_client.trainer import run_training
 
     with user_errors():
-        cfg = ClientConfig(
-            server=server,
-            artifacts=artifacts,
-            data=data,
-            device=DeviceProfile.parse(device),
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            dp=_dp(mechanism, epsilon, delta, clip),
-            seed=seed,
-            min_faces_per_person=min_faces_per_person,
-            synth=SynthConfig(identities=identities, per_identity=per_identity),
-            state_dir=state_dir,
-            resume=resume,
-            report=report,
-            model_format=ModelFormat.parse(format),
-            max_steps_per_epoch=max_steps,
-            total_epsilon=total_epsilon,
-            micro_batch=micro_batch,
-        )
-        try:
-            result = asyncio.run(run_training(cfg))
-        except EdgeError as exc:
-            raise ValueError(str(exc)) from None
+        model_format = ModelFormat.parse(format)
+    result = _run_client(
+        run_training,
+        device=device, mechanism=mechanism, epsilon=epsilon, delta=delta, clip=clip,
+        identities=identities, per_identity=per_identity,
+        server=server, artifacts=artifacts, data=data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+        min_faces_per_person=min_faces_per_person, state_dir=state_dir, resume=resume, report=report,
+        model_format=model_format, max_steps_per_epoch=max_steps, total_epsilon=total_epsilon,
+        micro_batch=micro_batch,
+    )  # fmt: skip
     p = result["privacy"]
     console.print(
         f"[green]done[/]: test accuracy {result['final_test_accuracy']:.3f} on {result['data']['test_images']} "
@@ -129,28 +139,15 @@ def eval_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Held-out accuracy through this device's head and the server's tail (test activations get DP-A too)."""
-    from runtime_client.edge import EdgeError
-    from runtime_client.synth import SynthConfig
-    from runtime_client.trainer import ClientConfig, run_evaluation
+    from runtime_client.trainer import run_evaluation
 
-    with user_errors():
-        cfg = ClientConfig(
-            server=server,
-            artifacts=artifacts,
-            data=data,
-            device=DeviceProfile.parse(device),
-            batch_size=batch_size,
-            dp=_dp(mechanism, epsilon, delta, clip),
-            seed=seed,
-            min_faces_per_person=min_faces_per_person,
-            synth=SynthConfig(identities=identities, per_identity=per_identity),
-            state_dir=state_dir,
-            progress=False,
-        )
-        try:
-            result = asyncio.run(run_evaluation(cfg))
-        except EdgeError as exc:
-            raise ValueError(str(exc)) from None
+    result = _run_client(
+        run_evaluation,
+        device=device, mechanism=mechanism, epsilon=epsilon, delta=delta, clip=clip,
+        identities=identities, per_identity=per_identity,
+        server=server, artifacts=artifacts, data=data, batch_size=batch_size, seed=seed,
+        min_faces_per_person=min_faces_per_person, state_dir=state_dir, progress=False,
+    )  # fmt: skip
     if json_out:
         print(json.dumps(result))
     else:
