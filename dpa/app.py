@@ -15,7 +15,7 @@ from dpa.commands.data import data_app
 from dpa.commands.demo import demo_command
 from dpa.commands.export import export_command
 from dpa.commands.privacy import privacy_command
-from dpa.commands.serve import serve_command
+from dpa.commands.serve import serve_command, token_app
 from dpa.commands.sweep import sweep_command
 
 app = typer.Typer(
@@ -41,6 +41,7 @@ app.command("sweep")(sweep_command)
 app.command("bench")(bench_command)
 app.add_typer(data_app, name="data")
 app.add_typer(attack_app, name="attack")
+app.add_typer(token_app, name="token")
 
 
 def main() -> None:

@@ -194,6 +194,8 @@ def decode(buffer: bytes | bytearray | memoryview) -> Message:
             meta = json.loads(bytes(view[pos : pos + meta_len]).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise WireError(f"metadata is not UTF-8 JSON: {exc}") from None
+        except RecursionError:  # "[[[[..." 64 KiB deep: found by the fuzz test
+            raise WireError("metadata is nested too deeply") from None
         if not isinstance(meta, dict):
             raise WireError("metadata must be a JSON object")
     pos += meta_len
@@ -225,7 +227,10 @@ def decode(buffer: bytes | bytearray | memoryview) -> Message:
         nbytes = math.prod(dims) * dtype.itemsize
         if pos + nbytes > total:
             raise WireError(f"message truncated in the data of tensor {name!r} ({nbytes} bytes announced)")
-        tensors[name] = np.frombuffer(view[pos : pos + nbytes], dtype=dtype).reshape(dims)
+        try:
+            tensors[name] = np.frombuffer(view[pos : pos + nbytes], dtype=dtype).reshape(dims)
+        except ValueError:  # a zero dimension beside dimensions whose product overflows
+            raise WireError(f"tensor {name!r}: dimensions {list(dims)} are too large") from None
         pos += nbytes
         pos += _pad(pos)
     if pos != total:

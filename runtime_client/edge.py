@@ -1,8 +1,20 @@
-"""HTTP client for the edge server's API (``docs/protocol.md``), on aiohttp."""
+"""HTTP client for the edge server's API (``docs/protocol.md``), on aiohttp.
+
+Every request carries the device's bearer token (if any), goes over TLS when the URL is
+``https`` (trusting ``ca`` besides the system's roots), and is retried through network
+errors and server restarts according to a ``RetryPolicy``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import ssl
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -11,8 +23,11 @@ import numpy as np
 from dpa import wire
 from dpa.manifest import GraphNames
 from dpa.streaming import read_body
+from runtime_client.retry import RETRYABLE_STATUS, RetryPolicy
 
-__all__ = ["EdgeClient", "EdgeError", "SessionInfo", "TrainReply"]
+__all__ = ["EdgeClient", "EdgeError", "SessionInfo", "TrainReply", "read_token_file"]
+
+log = logging.getLogger(__name__)
 
 API_PREFIX = "/v1"
 #: A 224x224 conv1_1 batch is ~100 MB each way; allow slow links, but not forever.
@@ -22,10 +37,16 @@ _TIMEOUT = aiohttp.ClientTimeout(total=600, sock_connect=10)
 class EdgeError(RuntimeError):
     """The server refused a request or could not be reached; the message says why."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, detail: dict[str, Any] | None = None) -> None:
         super().__init__(f"edge server: {message} (HTTP {status}, {code})" if status else f"edge server: {message}")
         self.status = status
         self.code = code
+        self.detail = detail or {}  # the error's JSON fields (expected_step, retry_after_s, ...)
+        self.retry_after: float | None = None
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in ("unreachable", "timeout") or self.status in RETRYABLE_STATUS
 
 
 @dataclass(frozen=True)
@@ -33,6 +54,7 @@ class SessionInfo:
     session_id: str
     max_batch: int
     global_step: int
+    step: int = 0  # the session's last applied step (0 for a new session)
 
 
 @dataclass(frozen=True)
@@ -41,40 +63,111 @@ class TrainReply:
     logits: np.ndarray
     activation_gradient: np.ndarray
     global_step: int
+    step: int  # the session step this answers
+
+
+def read_token_file(path: Path) -> str:
+    """A device's token: a file holding the bare token, or a ``name token`` file with one entry."""
+    if not path.is_file():
+        raise ValueError(f"token file {path} does not exist")
+    lines = [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines()]
+    lines = [ln for ln in lines if ln]
+    if len(lines) != 1 or len(lines[0].split()) > 2:
+        raise ValueError(f"{path} must hold exactly one token (or one 'name token' line); it has {len(lines)} lines")
+    return lines[0].split()[-1]
+
+
+def _ssl_context(ca: Path | None) -> ssl.SSLContext | None:
+    if ca is None:
+        return None
+    if not ca.is_file():
+        raise ValueError(f"CA file {ca} does not exist")
+    try:
+        return ssl.create_default_context(cafile=str(ca))
+    except ssl.SSLError as exc:
+        raise ValueError(f"CA file {ca} is not a PEM certificate: {exc}") from None
 
 
 class EdgeClient:
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        ca: Path | None = None,
+        retry: RetryPolicy | None = None,
+        on_retry: Callable[[EdgeError, float], None] | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._ssl = _ssl_context(ca)
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.on_retry = on_retry
+        self.retries = 0  # requests sent again, over this client's life
         self._http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> EdgeClient:
-        self._http = aiohttp.ClientSession(timeout=_TIMEOUT)
+        connector = aiohttp.TCPConnector(ssl=self._ssl) if self._ssl is not None else None
+        self._http = aiohttp.ClientSession(timeout=_TIMEOUT, headers=self._headers, connector=connector)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._http is not None:
             await self._http.close()
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytearray, str]:
+    async def _once(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytearray, str]:
         assert self._http is not None, "use EdgeClient as an async context manager"
         try:
             async with self._http.request(method, self.url + API_PREFIX + path, **kwargs) as resp:
                 if resp.status >= 400:
                     body = await resp.read()
                     try:
-                        err = await resp.json(content_type=None)
+                        err = json.loads(body)
                         code, message = str(err.get("error", "error")), str(err.get("message", ""))
                     except Exception:
-                        code, message = "error", body[:200].decode(errors="replace")
-                    raise EdgeError(resp.status, code, message)
+                        err, code, message = {}, "error", body[:200].decode(errors="replace")
+                    error = EdgeError(resp.status, code, message, err if isinstance(err, dict) else {})
+                    if "Retry-After" in resp.headers:
+                        try:
+                            error.retry_after = float(resp.headers["Retry-After"])
+                        except ValueError:
+                            pass
+                    raise error
                 return resp.status, await read_body(resp.content, resp.content_length), resp.content_type
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise EdgeError(
+                0,
+                "tls",
+                f"{self.url}'s certificate is not trusted ({exc.certificate_error}): "
+                "pass the CA that signed it with --ca",
+            ) from None
+        except aiohttp.ClientSSLError as exc:
+            raise EdgeError(0, "tls", f"TLS with {self.url} failed: {exc}") from None
         except aiohttp.ClientError as exc:
             raise EdgeError(0, "unreachable", f"cannot reach {self.url}: {exc}") from None
+        except TimeoutError:
+            raise EdgeError(0, "timeout", f"{self.url} did not answer in time") from None
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytearray, str]:
+        """One request, retried while the error is transient and the policy's time lasts."""
+        deadline = time.monotonic() + self.retry.total_s
+        waits = self.retry.waits()
+        while True:
+            try:
+                return await self._once(method, path, **kwargs)
+            except EdgeError as exc:
+                if not exc.retryable:
+                    raise
+                wait = max(next(waits), min(exc.retry_after or 0.0, self.retry.max_s))
+                if time.monotonic() + wait > deadline:
+                    raise
+                if self.on_retry is not None:
+                    self.on_retry(exc, wait)
+                log.warning("retrying", extra={"fields": {"code": exc.code, "status": exc.status, "wait_s": wait}})
+                self.retries += 1
+                await asyncio.sleep(wait)
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        import json
-
         _, body, _ = await self._request(method, path, **kwargs)
         return json.loads(body) if body else {}
 
@@ -86,32 +179,58 @@ class EdgeClient:
 
     async def open_session(self, manifest_sha256: str, client: str = "dpa-client") -> SessionInfo:
         data = await self._json("POST", "/sessions", json={"manifest_sha256": manifest_sha256, "client": client})
-        return SessionInfo(str(data["session_id"]), int(data["max_batch"]), int(data["global_step"]))
+        return SessionInfo(str(data["session_id"]), int(data["max_batch"]), int(data["global_step"]), int(data["step"]))
+
+    async def describe_session(self, session_id: str) -> dict[str, Any]:
+        return await self._json("GET", f"/sessions/{session_id}")
 
     async def close_session(self, session_id: str) -> None:
-        await self._request("DELETE", f"/sessions/{session_id}")
+        try:
+            await self._request("DELETE", f"/sessions/{session_id}")
+        except EdgeError as exc:
+            if exc.status not in (404, 410):  # a retried close whose first try got through
+                raise
 
     async def _post_message(self, path: str, body: bytearray) -> wire.Message:
         _, reply, ctype = await self._request("POST", path, data=body, headers={"Content-Type": wire.CONTENT_TYPE})
-        if ctype != wire.CONTENT_TYPE:
-            raise EdgeError(0, "bad_reply", f"expected {wire.CONTENT_TYPE} from the server, got {ctype}")
-        return wire.decode(reply)
+        return _decode_reply(reply, ctype)
 
-    async def train(self, session_id: str, activation: np.ndarray, labels: np.ndarray) -> TrainReply:
-        body = wire.encode({GraphNames.ACTIVATION: activation, GraphNames.LABELS: labels.astype(np.int64, copy=False)})
+    async def train(self, session_id: str, step: int, activation: np.ndarray, labels: np.ndarray) -> TrainReply:
+        body = wire.encode(
+            {GraphNames.ACTIVATION: activation, GraphNames.LABELS: labels.astype(np.int64, copy=False)}, {"step": step}
+        )
         return await self.train_message(session_id, body)
 
     async def train_message(self, session_id: str, body: bytearray) -> TrainReply:
-        """Send an already encoded train message (see ``wire.allocate``); the reply's tensors."""
-        msg = await self._post_message(f"/sessions/{session_id}/train", body)
-        t = msg.tensors
-        return TrainReply(
-            loss=float(t["loss"]),
-            logits=t[GraphNames.LOGITS],
-            activation_gradient=t[GraphNames.ACTIVATION_GRADIENT],
-            global_step=int(msg.meta.get("global_step", -1)),
-        )
+        """Send an already encoded train message (meta ``step``; see ``wire.allocate``); the reply.
+
+        A retry sends the same bytes: the same release, so no extra privacy cost, and the
+        server answers it from its stored reply if the first try was applied.
+        """
+        return _train_reply(await self._post_message(f"/sessions/{session_id}/train", body))
+
+    async def stored_reply(self, session_id: str, step: int) -> TrainReply:
+        """The server's reply to ``step``, the session's last applied one (after the device crashed)."""
+        _, reply, ctype = await self._request("GET", f"/sessions/{session_id}/steps/{step}")
+        return _train_reply(_decode_reply(reply, ctype))
 
     async def evaluate(self, session_id: str, activation: np.ndarray) -> np.ndarray:
         msg = await self._post_message(f"/sessions/{session_id}/eval", wire.encode({GraphNames.ACTIVATION: activation}))
         return msg.tensors[GraphNames.LOGITS]
+
+
+def _decode_reply(reply: bytearray, ctype: str) -> wire.Message:
+    if ctype != wire.CONTENT_TYPE:
+        raise EdgeError(0, "bad_reply", f"expected {wire.CONTENT_TYPE} from the server, got {ctype}")
+    return wire.decode(reply)
+
+
+def _train_reply(msg: wire.Message) -> TrainReply:
+    t = msg.tensors
+    return TrainReply(
+        loss=float(t["loss"]),
+        logits=t[GraphNames.LOGITS],
+        activation_gradient=t[GraphNames.ACTIVATION_GRADIENT],
+        global_step=int(msg.meta.get("global_step", -1)),
+        step=int(msg.meta.get("step", -1)),
+    )

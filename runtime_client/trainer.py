@@ -25,10 +25,11 @@ from dpa.atomic import atomic_write_bytes
 from dpa.devices import DeviceProfile, resolve_device
 from dpa.manifest import GraphNames, Manifest, load_manifest, manifest_sha256
 from runtime_client.accountant import PrivacyAccountant, calibrate_noise_multiplier, epsilon_spent
-from runtime_client.edge import EdgeClient
+from runtime_client.edge import EdgeClient, EdgeError, TrainReply
 from runtime_client.faces import FaceIndex, index_faces, iter_batches, load_batch, split_faces
 from runtime_client.head import HEAD_CHECKPOINT, HeadModel, ModelFormat
-from runtime_client.mechanism import DPActivations, DPConfig
+from runtime_client.mechanism import DPActivations, DPConfig, ReleaseContext
+from runtime_client.retry import RetryPolicy
 from runtime_client.synth import SynthConfig, write_synthetic_faces
 
 __all__ = ["ClientConfig", "SplitTrainer", "StepResult", "run_training", "run_evaluation", "THREAT_MODEL"]
@@ -71,6 +72,9 @@ class ClientConfig:
     # activations in memory instead of the batch's (a phone's setting; same update).
     micro_batch: int | None = None
     progress: bool = True  # rich progress bar
+    token: str | None = field(default=None, repr=False)  # bearer token for the server (never printed)
+    ca: Path | None = None  # CA certificate (PEM) to trust for an https server, besides the system's
+    retry_s: float = 600.0  # keep retrying a request through network errors and server restarts this long
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -81,6 +85,8 @@ class ClientConfig:
             raise ValueError(f"learning rate must be a positive number, got {self.lr}")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test fraction must be in (0, 1), got {self.test_fraction}")
+        if not (math.isfinite(self.retry_s) and self.retry_s >= 0):
+            raise ValueError(f"retry time must be >= 0 seconds, got {self.retry_s}")
         if self.total_epsilon is not None and not (math.isfinite(self.total_epsilon) and self.total_epsilon > 0):
             raise ValueError(f"total epsilon must be a positive finite number, got {self.total_epsilon}")
 
@@ -97,7 +103,9 @@ class StepResult:
 class SplitTrainer:
     """One device's half of split training, bound to an open server session.
 
-    With ``micro_batch`` the device never holds a batch of activations: each group of
+    Each step carries the session step number (``step + 1``); the server applies it once,
+    and a retry of the same bytes after a lost answer gets the stored reply. With
+    ``micro_batch`` the device never holds a batch of activations: each group of
     examples is run through the head and released straight into the request buffer, and
     for the backward pass their activations are recomputed (for conv1_1, one convolution)
     and their gradients accumulated before one optimizer step. Same update, same privacy
@@ -105,7 +113,13 @@ class SplitTrainer:
     """
 
     def __init__(
-        self, head: HeadModel, edge: EdgeClient, session_id: str, dp: DPActivations, micro_batch: int | None = None
+        self,
+        head: HeadModel,
+        edge: EdgeClient,
+        session_id: str,
+        dp: DPActivations,
+        micro_batch: int | None = None,
+        step: int = 0,
     ) -> None:
         if micro_batch is not None and micro_batch < 1:
             raise ValueError(f"micro batch must be >= 1, got {micro_batch}")
@@ -114,42 +128,60 @@ class SplitTrainer:
         self.session_id = session_id
         self.dp = dp
         self.micro_batch = micro_batch
+        self.step_number = step  # the session's last step whose update this head holds
+        self.rollbacks = 0  # times the server was found behind this device (see _send)
 
-    async def step(self, images: np.ndarray, labels: np.ndarray) -> StepResult:
-        if self.micro_batch is not None:
-            return await self._micro_step(images, labels, self.micro_batch)
-        activation = self.head.forward(images)  # (B, *activation_shape)
-        noisy, ctx = self.dp.release(activation)
-        reply = await self.edge.train(self.session_id, noisy, labels)
-        upstream = self.dp.backward(ctx, reply.activation_gradient)  # through the clipping
-        self.head.backward_step(images, upstream.astype(np.float32, copy=False))
-        correct = int((reply.logits.argmax(axis=1) == labels).sum())
-        return StepResult(reply.loss, correct, len(labels), ctx.fraction_clipped, reply.global_step)
-
-    async def _micro_step(self, images: np.ndarray, labels: np.ndarray, size: int) -> StepResult:
+    async def step(self, images: np.ndarray, labels: np.ndarray, stored: TrainReply | None = None) -> StepResult:
+        """One private step. With ``stored`` (the server's reply to this very step, fetched after
+        the device crashed) nothing is sent: the release is recomputed only to advance the noise
+        generator exactly as the first time, and the stored gradient is applied."""
+        size = self.micro_batch if self.micro_batch is not None else len(labels)
         batch = len(labels)
-        shape = self.head.activation_shape
         body, slots = wire.allocate(
-            {GraphNames.ACTIVATION: ((batch, *shape), np.float32), GraphNames.LABELS: ((batch,), np.int64)}
+            {
+                GraphNames.ACTIVATION: ((batch, *self.head.activation_shape), np.float32),
+                GraphNames.LABELS: ((batch,), np.int64),
+            },
+            {"step": self.step_number + 1},
         )
         slots[GraphNames.LABELS][...] = labels
         clipped = 0
+        kept: list[ReleaseContext] = []
         for start in range(0, batch, size):
             part = slice(start, start + size)
             noisy, ctx = self.dp.release(self.head.forward(images[part]))
             slots[GraphNames.ACTIVATION][part] = noisy  # the release goes straight into the message
             clipped += int(ctx.clipped.sum())
+            if self.micro_batch is None:
+                kept.append(ctx)
         del slots, noisy, ctx
-        reply = await self.edge.train_message(self.session_id, body)
+        reply = stored if stored is not None else await self._send(body)
         del body
-        for start in range(0, batch, size):
+        for index, start in enumerate(range(0, batch, size)):
             part = slice(start, start + size)
-            ctx = self.dp.context(self.head.forward(images[part]))  # recomputed, not kept
+            # Micro-batches recompute the activations instead of keeping them.
+            ctx = kept[index] if kept else self.dp.context(self.head.forward(images[part]))
             upstream = self.dp.backward(ctx, reply.activation_gradient[part])
             self.head.accumulate(images[part], upstream.astype(np.float32, copy=False))
         self.head.step()
+        self.step_number = reply.step if reply.step > 0 else self.step_number + 1
         correct = int((reply.logits.argmax(axis=1) == labels).sum())
         return StepResult(reply.loss, correct, batch, clipped / max(batch, 1), reply.global_step)
+
+    async def _send(self, body: bytearray) -> TrainReply:
+        """Send a step. If the server lost steps (it ran with checkpoint_every > 1 and crashed),
+        it asks for an earlier step number: the same release is renumbered and sent again."""
+        try:
+            return await self.edge.train_message(self.session_id, body)
+        except EdgeError as exc:
+            expected = exc.detail.get("expected_step")
+            if exc.code != "step_out_of_order" or not isinstance(expected, int) or expected > self.step_number:
+                raise
+            log.warning("server rolled back", extra={"fields": {"lost_steps": self.step_number + 1 - expected}})
+            self.rollbacks += 1
+            self.step_number = expected - 1
+            message = wire.decode(body)
+            return await self.edge.train_message(self.session_id, wire.encode(message.tensors, {"step": expected}))
 
     async def predict(self, images: np.ndarray) -> np.ndarray:
         """Class predictions; the test activations are released with the same DP-A mechanism."""
@@ -230,6 +262,72 @@ def _privacy_summary(dp: DPConfig, releases: int, elements: int) -> dict[str, An
     }
 
 
+@dataclass
+class _Progress:
+    """Where the run is, saved with the head after every step (checkpoint properties).
+
+    A device killed mid-epoch resumes at the next batch of the same epoch, in the same
+    session, with the same noise generator state: nothing is released twice.
+    """
+
+    epochs_done: int = 0
+    epoch_step: int = 0  # batches of the current epoch whose updates the head holds
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    session_id: str = ""
+    session_step: int = 0
+
+    _INT = ("epochs_done", "epoch_step", "correct", "seen", "session_step")
+
+    @classmethod
+    def load(cls, props: Any) -> _Progress:
+        out = cls()
+        for key in (*cls._INT, "loss_sum", "session_id"):
+            if f"run.{key}" in props:
+                kind = int if key in cls._INT else float if key == "loss_sum" else str
+                setattr(out, key, kind(props[f"run.{key}"]))
+        if "epochs_done" in props and "run.epochs_done" not in props:  # checkpoints of older versions
+            out.epochs_done = int(props["epochs_done"])
+        return out
+
+    def store(self, props: Any) -> None:
+        for key in (*self._INT, "loss_sum", "session_id"):
+            props[f"run.{key}"] = getattr(self, key)
+        props["epochs_done"] = self.epochs_done
+
+
+async def _attach(edge: EdgeClient, digest: str, progress: _Progress, say: Any) -> tuple[str, int, TrainReply | None]:
+    """The session to train in: (id, last applied step, stored reply to replay or None).
+
+    A resumed device asks the server where its session stands. The server may be one step
+    ahead (the device died after the server applied a step, before the device saved): the
+    device then fetches that step's stored reply instead of sending the batch again.
+    """
+    if progress.session_id:
+        try:
+            info = await edge.describe_session(progress.session_id)
+        except EdgeError as exc:
+            if exc.status not in (404, 410):
+                raise
+            say(f"[yellow]the server no longer has session {progress.session_id[:8]}... ({exc.code}): opening another")
+        else:
+            server_step, mine = int(info["step"]), progress.session_step
+            if server_step == mine:
+                return progress.session_id, mine, None
+            if server_step == mine + 1:
+                return progress.session_id, mine, await edge.stored_reply(progress.session_id, server_step)
+            if server_step < mine:
+                say(f"[yellow]the server lost steps {server_step + 1}..{mine} (it rolled back to its last checkpoint)")
+                return progress.session_id, server_step, None
+            raise ValueError(
+                f"session {progress.session_id[:8]}... is at step {server_step} on the server but this device saved "
+                f"step {mine}: another device uses it, or the head checkpoint is older than the run"
+            )
+    session = await edge.open_session(digest, client="dpa-client")
+    return session.session_id, session.step, None
+
+
 async def run_training(cfg: ClientConfig) -> dict[str, Any]:
     """Train the head with the server for cfg.epochs; returns (and optionally writes) the report."""
     manifest = load_manifest(cfg.artifacts, verify=("head",))
@@ -248,89 +346,113 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
         model_format=cfg.model_format,
     )
     props = head.properties
-    start_epoch = int(props["epochs_done"]) if cfg.resume and "epochs_done" in props else 0
+    run = _Progress.load(props) if cfg.resume else _Progress()
     if cfg.resume and "data_seed" in props:
         data_seed = int(props["data_seed"])
     else:
         data_seed = cfg.seed if cfg.seed is not None else secrets.randbits(31)
     noise_rng, data_seed = _rngs(cfg, data_seed)
+    if cfg.resume and "run.noise_rng" in props:  # continue the noise stream where the saved step left it
+        noise_rng.bit_generator.state = json.loads(str(props["run.noise_rng"]))
     dp_cfg, accountant = _privacy_plan(cfg, dict(props) if cfg.resume else {})
     dp = DPActivations(dp_cfg, noise_rng)
     history: list[dict[str, Any]] = []
     if cfg.resume and cfg.report is not None and cfg.report.is_file():
-        history = json.loads(cfg.report.read_text()).get("epochs", [])
+        history = json.loads(cfg.report.read_text()).get("epochs", [])[: run.epochs_done]
     steps_per_epoch = math.ceil(len(train_idx.paths) / cfg.batch_size)
     if cfg.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
 
-    async with EdgeClient(cfg.server) as edge:
-        session = await edge.open_session(digest, client="dpa-client")
-        trainer = SplitTrainer(head, edge, session.session_id, dp, micro_batch=cfg.micro_batch)
-        columns = (
-            TextColumn("[bold]epoch {task.fields[epoch]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.2f} | {task.fields[privacy]}"),
-            TimeElapsedColumn(),
-        )
-        budget = "" if math.isinf(accountant.budget_epsilon) else f"/{accountant.budget_epsilon:g}"
-        privacy_text = (
-            f"{dp_cfg.mechanism.value} eps={dp_cfg.epsilon:.3g}/release clip={dp_cfg.clip:g} "
-            f"noise={dp.noise_scale:.3g} clipped={{:.0%}} spent eps={{:.3g}}{budget}"
-        )
-        started = time.perf_counter()
-        with Progress(*columns, disable=not cfg.progress, transient=False) as progress:
-            for epoch in range(start_epoch, cfg.epochs):
-                # One epoch releases every example once (training ones here, held-out ones in the
-                # evaluation): refuse before sending anything that would exceed the budget.
-                accountant.record(1)
+    def save() -> None:
+        run.store(props)
+        props["data_seed"] = data_seed
+        props["run.noise_rng"] = json.dumps(noise_rng.bit_generator.state)
+        for key, value in accountant.to_state().items():
+            props[key] = value
+        head.save(ckpt)
+
+    columns = (
+        TextColumn("[bold]epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.2f} | {task.fields[privacy]}"),
+        TimeElapsedColumn(),
+    )
+    budget = "" if math.isinf(accountant.budget_epsilon) else f"/{accountant.budget_epsilon:g}"
+    privacy_text = (
+        f"{dp_cfg.mechanism.value} eps={dp_cfg.epsilon:.3g}/release clip={dp_cfg.clip:g} "
+        f"noise={dp.noise_scale:.3g} clipped={{:.0%}} spent eps={{:.3g}}{budget}"
+    )
+    started = time.perf_counter()
+    with Progress(*columns, disable=not cfg.progress, transient=False) as progress:
+
+        def say(text: str) -> None:
+            progress.console.print(text)
+
+        def on_retry(error: EdgeError, wait: float) -> None:
+            say(f"[yellow]{error} - retrying in {wait:.1f} s")
+
+        retry = RetryPolicy(total_s=cfg.retry_s)
+        async with EdgeClient(cfg.server, token=cfg.token, ca=cfg.ca, retry=retry, on_retry=on_retry) as edge:
+            run.session_id, step, stored = await _attach(edge, digest, run, say)
+            run.session_step = step
+            trainer = SplitTrainer(head, edge, run.session_id, dp, micro_batch=cfg.micro_batch, step=step)
+            for epoch in range(run.epochs_done, cfg.epochs):
+                if run.epoch_step == 0:
+                    # One epoch releases every example once (training ones here, held-out ones in the
+                    # evaluation): refuse before sending anything that would exceed the budget.
+                    accountant.record(1)
+                    run.loss_sum, run.correct, run.seen = 0.0, 0, 0
                 task = progress.add_task(
                     "train",
                     total=steps_per_epoch,
+                    completed=run.epoch_step,
                     epoch=f"{epoch + 1}/{cfg.epochs}",
-                    loss=math.nan,
-                    acc=0.0,
+                    loss=run.loss_sum / max(run.epoch_step, 1),
+                    acc=run.correct / max(run.seen, 1),
                     privacy=privacy_text.format(0.0, accountant.epsilon),
                 )
                 t0 = time.perf_counter()
-                losses, correct, seen = [], 0, 0
                 epoch_rng = np.random.default_rng([data_seed, epoch])
                 for i, rows in enumerate(iter_batches(train_idx, batch_size=cfg.batch_size, rng=epoch_rng)):
                     if i >= steps_per_epoch:
                         break
+                    if i < run.epoch_step:  # done before the device was restarted
+                        continue
                     images, labels = _load(train_idx, rows, manifest)
-                    result = await trainer.step(images, labels)
-                    losses.append(result.loss)
-                    correct += result.correct
-                    seen += result.batch
+                    result = await trainer.step(images, labels, stored=stored)
+                    stored = None
+                    run.epoch_step, run.session_step = i + 1, trainer.step_number
+                    run.loss_sum += result.loss
+                    run.correct += result.correct
+                    run.seen += result.batch
+                    save()  # every step: the server keeps only the last reply (24 KB at conv1_1)
                     progress.update(
                         task,
                         advance=1,
-                        loss=float(np.mean(losses)),
-                        acc=correct / seen,
+                        loss=run.loss_sum / run.epoch_step,
+                        acc=run.correct / run.seen,
                         privacy=privacy_text.format(result.fraction_clipped, accountant.epsilon),
                     )
                 test_acc = await _evaluate(trainer, test_idx, manifest, cfg.batch_size)
                 history.append(
                     {
                         "epoch": epoch + 1,
-                        "train_loss": float(np.mean(losses)),
-                        "train_accuracy": correct / max(seen, 1),
+                        "train_loss": run.loss_sum / max(run.epoch_step, 1),
+                        "train_accuracy": run.correct / max(run.seen, 1),
                         "test_accuracy": test_acc,
                         "epsilon_spent": accountant.epsilon,
                         "seconds": round(time.perf_counter() - t0, 3),
                     }
                 )
-                props["epochs_done"] = epoch + 1
-                props["data_seed"] = data_seed
-                for key, value in accountant.to_state().items():
-                    props[key] = value
-                head.save(ckpt)
-                progress.console.print(
+                run.epochs_done, run.epoch_step = epoch + 1, 0
+                save()
+                say(
                     f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.3f}, "
                     f"train acc {history[-1]['train_accuracy']:.3f}, test acc {test_acc:.3f}"
                 )
-        await edge.close_session(session.session_id)
+            await edge.close_session(run.session_id)
+            retries, rollbacks = edge.retries, trainer.rollbacks
 
     report = {
         "server": cfg.server,
@@ -353,6 +475,7 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
         "threat_model": THREAT_MODEL,
         "warnings": _warnings(cfg),
         "epochs": history,
+        "resilience": {"retried_requests": retries, "server_rollbacks": rollbacks, "session_steps": run.session_step},
         "final_test_accuracy": history[-1]["test_accuracy"] if history else None,
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -417,7 +540,7 @@ async def run_evaluation(cfg: ClientConfig) -> dict[str, Any]:
     head = HeadModel(cfg.artifacts, manifest, device, checkpoint=ckpt, model_format=cfg.model_format)
     noise_rng, _ = _rngs(cfg, 0)
     dp = DPActivations(cfg.dp, noise_rng)
-    async with EdgeClient(cfg.server) as edge:
+    async with EdgeClient(cfg.server, token=cfg.token, ca=cfg.ca, retry=RetryPolicy(total_s=cfg.retry_s)) as edge:
         session = await edge.open_session(digest, client="dpa-eval")
         acc = await _evaluate(SplitTrainer(head, edge, session.session_id, dp), test_idx, manifest, cfg.batch_size)
         await edge.close_session(session.session_id)

@@ -1,21 +1,25 @@
-"""The edge server's aiohttp application: endpoints, validation, one shared tail.
+"""The edge server's aiohttp application: auth, sessions, exactly-once steps, one shared tail.
 
 The tail lives in a child process (``tail_worker``: onnxruntime-training's step holds
 the GIL), driven from a single worker thread, so updates from concurrent sessions are
 applied one at a time (none lost) and the event loop stays free: ``/v1/health`` answers
 during a step. Every request is validated completely before the tail is touched, so a
 rejected request changes nothing.
+
+A train step is answered only after it is durable (with ``checkpoint_every = 1``): the
+reply is written to disk, then the tail checkpoint, which carries every session's step
+count. A SIGKILL at any moment therefore leaves either the step applied and its reply
+stored (a retry gets that reply) or neither (a retry applies it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -24,30 +28,29 @@ import numpy as np
 from aiohttp import web
 
 from dpa import wire
+from dpa.atomic import atomic_write_bytes
 from dpa.devices import resolve_device
 from dpa.manifest import GraphNames, Manifest, load_manifest, manifest_sha256
 from dpa.streaming import read_body
+from runtime_server import metrics as prom
+from runtime_server.auth import TokenStore
 from runtime_server.config import ServerConfig
 from runtime_server.errors import ApiError, error_response
+from runtime_server.sessions import Session, SessionTable
 from runtime_server.tail import NonFiniteStep
 from runtime_server.tail_worker import TailWorker
+from runtime_server.validation import step_number, validate_eval, validate_train
 
-__all__ = ["init_app", "STATE", "API_PREFIX"]
+__all__ = ["init_app", "STATE", "API_PREFIX", "max_body_bytes"]
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/v1"
 #: Room for the wire header, metadata and labels beyond the activation bytes.
 _FRAMING_SLACK = 64 * 1024
-
-
-@dataclass
-class Session:
-    id: str
-    client: str
-    created: float = field(default_factory=time.time)
-    steps: int = 0
-    examples: int = 0
+#: Requests answered without a token: load balancers and orchestrators probe this.
+_PUBLIC = frozenset({f"{API_PREFIX}/health"})
+_OWNER = "dpa_owner"  # request key: the token's device name (None without auth)
 
 
 @dataclass
@@ -59,11 +62,29 @@ class ServerState:
     executor: ThreadPoolExecutor
     max_body: int
     slots: asyncio.Semaphore  # bounds bodies in memory: see ServerConfig.max_inflight_steps
-    sessions: dict[str, Session] = field(default_factory=dict)
+    sessions: SessionTable
+    tokens: TokenStore | None
+    metrics: prom.Metrics = field(default_factory=prom.Metrics)
+    tail_alive: bool = True
     started: float = field(default_factory=time.time)
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
+        """Run ``fn`` on the tail thread; a dead tail process becomes 503 for this and every later call."""
+        if not self.tail_alive:
+            raise _tail_down()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
+        except BrokenProcessPool:
+            self.tail_alive = False
+            log.error("tail worker died", extra={"fields": {"action": "restart the server"}})
+            raise _tail_down() from None
+        except OSError as exc:  # disk full, state dir gone: the device may retry once it is fixed
+            log.error("storage error", extra={"fields": {"error": type(exc).__name__, "errno": exc.errno}})
+            raise ApiError(503, "storage_error", f"the server could not write its state: {exc.strerror}") from None
+
+
+def _tail_down() -> ApiError:
+    return ApiError(503, "tail_unavailable", "the tail worker process died; the server must be restarted")
 
 
 STATE = web.AppKey("state", ServerState)
@@ -74,6 +95,12 @@ def max_body_bytes(manifest: Manifest, max_batch: int) -> int:
     return max_batch * (4 * manifest.activation_numel + 8) + _FRAMING_SLACK
 
 
+def _route(request: web.Request) -> str:
+    """The route's pattern (no session ids) for logs."""
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
 @web.middleware
 async def _errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -81,26 +108,47 @@ async def _errors(
     try:
         return await handler(request)
     except ApiError as exc:
-        log.info("rejected %s %s: %s %s", request.method, request.path, exc.status, exc.code)
-        return error_response(exc.status, exc.code, exc.message)
+        status, code, message, extra, headers = exc.status, exc.code, exc.message, exc.extra, exc.headers
     except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(413, "body_too_large", exc.text or "request body too large")
+        status, code, message, extra, headers = 413, "body_too_large", exc.text or "request body too large", {}, {}
     except web.HTTPException as exc:
-        if exc.status >= 400:
-            return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
-        raise
+        if exc.status < 400:
+            raise
+        status, code, message = exc.status, exc.reason.lower().replace(" ", "_"), exc.reason
+        extra, headers = {}, {}
+    state = request.app.get(STATE)
+    if state is not None:
+        state.metrics.reject(code)
+    fields = {"method": request.method, "route": _route(request), "status": status, "code": code}
+    fields["device"] = request.get(_OWNER)
+    log.info("request rejected", extra={"fields": fields})
+    return error_response(status, code, message, extra, headers)
 
 
-# ----------------------------------------------------------------------------- validation
+@web.middleware
+async def _auth(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    tokens = request.app[STATE].tokens
+    if tokens is not None and request.path not in _PUBLIC:
+        owner = tokens.authenticate(request.headers.get("Authorization"))
+        if owner is None:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "send a valid device token: Authorization: Bearer <token> (see `dpa token add`)",
+                headers={"WWW-Authenticate": 'Bearer realm="dpa"'},
+            )
+        request[_OWNER] = owner
+    return await handler(request)
+
+
+# ----------------------------------------------------------------------------- helpers
 
 
 def _session(request: web.Request) -> Session:
     state = request.app[STATE]
-    sid = request.match_info["session_id"]
-    session = state.sessions.get(sid)
-    if session is None:
-        raise ApiError(404, "unknown_session", f"no open session {sid!r}; open one with POST {API_PREFIX}/sessions")
-    return session
+    return state.sessions.get(request.match_info["session_id"], request.get(_OWNER))
 
 
 async def _read_message(request: web.Request) -> wire.Message:
@@ -122,52 +170,30 @@ async def _read_message(request: web.Request) -> wire.Message:
         raise ApiError(400, "malformed_body", str(exc)) from None
 
 
-def _check_activation(manifest: Manifest, max_batch: int, message: wire.Message, expected: set[str]) -> np.ndarray:
-    names = set(message.tensors)
-    if names != expected:
-        raise ApiError(422, "wrong_tensors", f"expected tensors {sorted(expected)}, got {sorted(names)}")
-    act = message.tensors[GraphNames.ACTIVATION]
-    if act.dtype != np.float32:
-        raise ApiError(422, "wrong_dtype", f"activation must be float32, got {act.dtype}")
-    want = tuple(manifest.activation_shape)
-    if act.ndim != 1 + len(want) or tuple(act.shape[1:]) != want:
-        raise ApiError(
-            422, "wrong_shape", f"activation must have shape (batch, {', '.join(map(str, want))}), got {act.shape}"
-        )
-    if not 1 <= act.shape[0] <= max_batch:
-        raise ApiError(422, "wrong_batch", f"batch size must be 1..{max_batch}, got {act.shape[0]}")
-    return act
+def _tensor_response(body: bytes | bytearray) -> web.Response:
+    return web.Response(body=body, content_type=wire.CONTENT_TYPE)
 
 
-def _validate_train(manifest: Manifest, max_batch: int, message: wire.Message) -> tuple[np.ndarray, np.ndarray]:
-    act = _check_activation(manifest, max_batch, message, {GraphNames.ACTIVATION, GraphNames.LABELS})
-    labels = message.tensors[GraphNames.LABELS]
-    if labels.dtype != np.int64:
-        raise ApiError(422, "wrong_dtype", f"labels must be int64, got {labels.dtype}")
-    if labels.shape != (act.shape[0],):
-        raise ApiError(422, "wrong_shape", f"labels must have shape ({act.shape[0]},), got {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() >= manifest.num_classes):
-        raise ApiError(422, "label_out_of_range", f"labels must be in 0..{manifest.num_classes - 1}")
-    _check_finite(act)
-    return act, labels
-
-
-def _validate_eval(manifest: Manifest, max_batch: int, message: wire.Message) -> np.ndarray:
-    act = _check_activation(manifest, max_batch, message, {GraphNames.ACTIVATION})
-    _check_finite(act)
-    return act
-
-
-def _check_finite(act: np.ndarray) -> None:
-    # Sum first: one pass and no boolean temporary of the whole batch in the common (finite) case.
-    if not math.isfinite(float(np.sum(act, dtype=np.float64))) or not np.isfinite(act).all():
-        raise ApiError(422, "non_finite", "activation contains NaN or infinity")
+def _stored_reply(state: ServerState, session: Session, step: int) -> bytearray:
+    """The reply to the session's last applied step, as first sent (read on the tail thread)."""
+    path = state.sessions.reply_path(session)
+    try:
+        data = bytearray(path.read_bytes())
+        if wire.decode(data).meta.get("step") == step:
+            return data
+    except (OSError, wire.WireError):
+        pass
+    raise ApiError(
+        409, "reply_unavailable", f"step {step} was applied but its reply is no longer stored; continue with {step + 1}"
+    )
 
 
 # ----------------------------------------------------------------------------- handlers
 
 
 async def health(request: web.Request) -> web.Response:
+    if not request.app[STATE].tail_alive:
+        return web.json_response({"status": "tail_down"}, status=503)
     return web.json_response({"status": "ok"})
 
 
@@ -177,15 +203,24 @@ async def status(request: web.Request) -> web.Response:
         {
             "global_step": state.tail.global_step,
             "examples_seen": state.tail.examples_seen,
-            "sessions": len(state.sessions),
+            "sessions": len(state.sessions.sessions),
             "manifest_sha256": state.manifest_sha256,
             "cut": state.manifest.cut,
             "max_batch": state.config.max_batch,
             "max_body_bytes": state.max_body,
+            "checkpoint_every": state.config.checkpoint_every,
             "resumed": state.tail.resumed,
             "uptime_s": round(time.time() - state.started, 3),
         }
     )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    text = state.metrics.render(
+        active_sessions=len(state.sessions.sessions), global_step=state.tail.global_step, tail_alive=state.tail_alive
+    )
+    return web.Response(body=text.encode(), headers={"Content-Type": prom.CONTENT_TYPE})
 
 
 async def open_session(request: web.Request) -> web.Response:
@@ -203,14 +238,16 @@ async def open_session(request: web.Request) -> web.Response:
             f"client manifest sha256 {body['manifest_sha256'][:12]}... differs from the server's "
             f"{state.manifest_sha256[:12]}...: both sides must use the same export",
         )
-    client = str(body.get("client", ""))[:64]
-    session = Session(id=secrets.token_urlsafe(16), client=client)
-    state.sessions[session.id] = session
-    log.info("opened session for client %r (%d open)", client, len(state.sessions))
+    client = "".join(ch for ch in str(body.get("client", "")) if ch.isprintable())[:64]
+    session = state.sessions.open(request.get(_OWNER), client)
+    await state.sessions.persist()  # durable before the device learns the id
+    fields = {"session": session.id[:8], "device": session.owner, "open": len(state.sessions.sessions)}
+    log.info("session opened", extra={"fields": fields})
     m = state.manifest
     return web.json_response(
         {
             "session_id": session.id,
+            "step": session.step,
             "max_batch": state.config.max_batch,
             "activation_shape": list(m.activation_shape),
             "num_classes": m.num_classes,
@@ -220,92 +257,166 @@ async def open_session(request: web.Request) -> web.Response:
     )
 
 
+async def describe_session(request: web.Request) -> web.Response:
+    return web.json_response(_session(request).describe())
+
+
 async def close_session(request: web.Request) -> web.Response:
+    state = request.app[STATE]
     session = _session(request)
-    request.app[STATE].sessions.pop(session.id, None)
+    async with session.lock:  # not while one of its steps runs
+        state.sessions.close(session)
+        await state.sessions.persist()
+    log.info("session closed", extra={"fields": {"session": session.id[:8], "steps": session.step}})
     return web.Response(status=204)
+
+
+async def stored_reply(request: web.Request) -> web.Response:
+    """GET .../steps/{n}: the reply to step n if it is the last applied one (a device resuming after a crash)."""
+    state = request.app[STATE]
+    session = _session(request)
+    try:
+        step = int(request.match_info["step"])
+    except ValueError:
+        raise ApiError(400, "malformed_step", "the step in the path must be an integer") from None
+    async with session.lock:
+        if step != session.step or step < 1:
+            raise ApiError(
+                404, "no_stored_reply", f"only the last applied step ({session.step}) has a stored reply, not {step}"
+            )
+        return _tensor_response(await state.run(_stored_reply, state, session, step))
 
 
 async def train(request: web.Request) -> web.Response:
     state = request.app[STATE]
     session = _session(request)
-    async with state.slots:  # read the body only when the tail can soon take it
-        return await _train(request, state, session)
+    state.sessions.admit(session)
+    started = time.perf_counter()
+    async with session.lock, state.slots:  # a retry waits for its original; few bodies in memory
+        message = await _read_message(request)
+        step = step_number(message)
+        if step == session.step:  # a retry of the last applied step: its answer, not a second update
+            body = await state.run(_stored_reply, state, session, step)
+            state.metrics.replayed_steps += 1
+            log.info("step replayed", extra={"fields": {"session": session.id[:8], "step": step}})
+            return _tensor_response(body)
+        if step != session.step + 1:
+            raise ApiError(
+                409,
+                "step_out_of_order",
+                f"this session's next step is {session.step + 1}, not {step}",
+                extra={"expected_step": session.step + 1},
+            )
+        act, labels = await state.run(validate_train, state.manifest, state.config.max_batch, message)
+        try:
+            body, saved_s = await state.run(_apply_step, state, session, step, act, labels)
+        except NonFiniteStep as exc:
+            raise ApiError(422, "non_finite_step", str(exc)) from None
+    m = state.metrics
+    m.steps += 1
+    m.examples += int(labels.shape[0])
+    if saved_s is not None:
+        m.checkpoints += 1
+        m.checkpoint_seconds.observe(saved_s)
+    m.step_seconds.observe(time.perf_counter() - started)
+    return _tensor_response(body)
 
 
-async def _train(request: web.Request, state: ServerState, session: Session) -> web.Response:
-    message = await _read_message(request)
-    act, labels = await state.run(_validate_train, state.manifest, state.config.max_batch, message)
-
-    def step() -> bytearray:
-        result = state.tail.train_step(act, labels)
-        if result.global_step % state.config.checkpoint_every == 0:
-            state.tail.save()
-        return wire.encode(
-            {
-                "loss": np.float32(result.loss),
-                GraphNames.LOGITS: result.logits,
-                GraphNames.ACTIVATION_GRADIENT: result.activation_gradient,
-            },
-            {"global_step": result.global_step},
-        )
-
-    try:
-        body = await state.run(step)
-    except NonFiniteStep as exc:
-        raise ApiError(422, "non_finite_step", str(exc)) from None
-    session.steps += 1
+def _apply_step(
+    state: ServerState, session: Session, step: int, act: np.ndarray, labels: np.ndarray
+) -> tuple[bytearray, float | None]:
+    """On the tail thread: update the tail, store the reply, commit; (reply, checkpoint seconds)."""
+    result = state.tail.train_step(act, labels)
+    body = wire.encode(
+        {
+            "loss": np.float32(result.loss),
+            GraphNames.LOGITS: result.logits,
+            GraphNames.ACTIVATION_GRADIENT: result.activation_gradient,
+        },
+        {"global_step": result.global_step, "step": step},
+    )
+    # Recorded here, on the tail thread, so the checkpoint below (and any later one) counts it.
+    session.step = step
     session.examples += int(labels.shape[0])
-    return web.Response(body=body, content_type=wire.CONTENT_TYPE)
+    state.sessions.replies.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(state.sessions.reply_path(session), body)
+    saved_s = None
+    if result.global_step % state.config.checkpoint_every == 0:
+        t0 = time.perf_counter()
+        state.tail.save(state.sessions.committed_steps())
+        saved_s = time.perf_counter() - t0
+    return body, saved_s
 
 
 async def evaluate(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    _session(request)
+    session = _session(request)
+    state.sessions.admit(session)
     async with state.slots:
-        return await _evaluate(request, state)
+        message = await _read_message(request)
+        act = await state.run(validate_eval, state.manifest, state.config.max_batch, message)
 
+        def step() -> bytearray:
+            return wire.encode({GraphNames.LOGITS: state.tail.eval_step(act)})
 
-async def _evaluate(request: web.Request, state: ServerState) -> web.Response:
-    message = await _read_message(request)
-    act = await state.run(_validate_eval, state.manifest, state.config.max_batch, message)
-
-    def step() -> bytearray:
-        return wire.encode({GraphNames.LOGITS: state.tail.eval_step(act)})
-
-    return web.Response(body=await state.run(step), content_type=wire.CONTENT_TYPE)
+        body = await state.run(step)
+    state.metrics.eval_requests += 1
+    return _tensor_response(body)
 
 
 # ----------------------------------------------------------------------------- app
 
 
+async def _expire_sessions(state: ServerState) -> None:
+    period = min(30.0, state.config.session_idle_s / 4)
+    while True:
+        await asyncio.sleep(period)
+        gone = state.sessions.expire()
+        if gone:
+            await state.sessions.persist()
+            log.info("sessions expired", extra={"fields": {"count": len(gone), "open": len(state.sessions.sessions)}})
+
+
 def init_app(config: ServerConfig) -> web.Application:
-    """Build the application; raises ValueError for a missing/altered export."""
+    """Build the application; raises ValueError for a missing/altered export or token file."""
     manifest = load_manifest(config.artifacts, verify=("tail",))
     digest = manifest_sha256(config.artifacts)
+    tokens = TokenStore.load(config.tokens) if config.tokens is not None else None
     max_body = max_body_bytes(manifest, config.max_batch)
-    app = web.Application(client_max_size=max_body, middlewares=[_errors])
+    app = web.Application(client_max_size=max_body, middlewares=[_errors, _auth])
+    state_dir = config.resolved_state_dir
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tail")
         device = resolve_device(config.device)
-        tail = await asyncio.get_running_loop().run_in_executor(
-            executor, TailWorker, config.artifacts, manifest, device, config.resolved_state_dir
-        )
+        tail = await loop.run_in_executor(executor, TailWorker, config.artifacts, manifest, device, state_dir)
+        sessions = SessionTable(config, state_dir)
+        sessions.restore(tail.committed_sessions)
         slots = asyncio.Semaphore(config.max_inflight_steps)
-        app[STATE] = ServerState(config, manifest, digest, tail, executor, max_body, slots)
-        log.info("serving cut %s on %s, tail at step %d", manifest.cut, device.describe(), tail.global_step)
+        state = ServerState(config, manifest, digest, tail, executor, max_body, slots, sessions, tokens)
+        app[STATE] = state
+        expiry = asyncio.create_task(_expire_sessions(state))
+        fields = {"cut": manifest.cut, "device": device.describe(), "global_step": tail.global_step}
+        fields |= {"sessions": len(sessions.sessions), "auth": tokens is not None, "tls": config.tls_cert is not None}
+        log.info("server started", extra={"fields": fields})
         yield
-        if tail.dirty:
-            await asyncio.get_running_loop().run_in_executor(executor, tail.save)
+        expiry.cancel()
+        if state.tail_alive and tail.dirty:
+            await loop.run_in_executor(executor, tail.save, sessions.committed_steps())
+        # Close the pool from the thread that started it: the child dies with that thread (PDEATHSIG).
+        await loop.run_in_executor(executor, tail.close)
         executor.shutdown(wait=True)
-        tail.close()
+        log.info("server stopped", extra={"fields": {"global_step": tail.global_step}})
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get(f"{API_PREFIX}/health", health)
     app.router.add_get(f"{API_PREFIX}/status", status)
+    app.router.add_get("/metrics", metrics)
     app.router.add_post(f"{API_PREFIX}/sessions", open_session)
+    app.router.add_get(f"{API_PREFIX}/sessions/{{session_id}}", describe_session)
     app.router.add_delete(f"{API_PREFIX}/sessions/{{session_id}}", close_session)
     app.router.add_post(f"{API_PREFIX}/sessions/{{session_id}}/train", train)
+    app.router.add_get(f"{API_PREFIX}/sessions/{{session_id}}/steps/{{step}}", stored_reply)
     app.router.add_post(f"{API_PREFIX}/sessions/{{session_id}}/eval", evaluate)
     return app

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import ipaddress
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from dpa.devices import DeviceProfile
 
-__all__ = ["ServerConfig"]
+__all__ = ["ServerConfig", "is_loopback"]
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, "localhost")."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname or "0.0.0.0"-like wildcard: assume it is reachable from outside
 
 
 @dataclass(frozen=True)
@@ -17,11 +29,24 @@ class ServerConfig:
     port: int = 8080
     device: DeviceProfile = DeviceProfile.AUTO
     max_batch: int = 32  # examples per request; with the manifest it sets the body-size limit
-    checkpoint_every: int = 50  # train steps between tail checkpoints (also saved on shutdown)
+    # Train steps between tail checkpoints. 1 = every step is durable before it is answered: a
+    # SIGKILL loses nothing and a retried step is never applied twice. N > 1 is faster for large
+    # tails but a crash rolls the tail back up to N-1 steps (the devices are told; see protocol.md).
+    checkpoint_every: int = 1
     # Requests whose bodies are read and queued for the tail at once: one running, one ready. More
     # only piles up 100 MB bodies in memory and starves the event loop (health p99 5.8 s at 16 clients).
     max_inflight_steps: int = 2
-    state_dir: Path | None = None  # where the running tail checkpoint lives; None: <artifacts>/server-state
+    state_dir: Path | None = None  # checkpoint, session table, replies; None: <artifacts>/server-state
+    # Auth: a token file ("name token" per line, see runtime_server.auth). None: no auth, which is
+    # only allowed on loopback unless `insecure` (tests and `dpa demo` run that way).
+    tokens: Path | None = None
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the server speaks HTTPS
+    tls_key: Path | None = None
+    insecure: bool = False  # allow a non-loopback bind without auth or without TLS
+    max_sessions: int = 64  # open sessions at once (429 too_many_sessions beyond)
+    session_idle_s: float = 3600.0  # a session unused this long is closed (410 session_expired)
+    session_rate: float = 20.0  # train/eval requests per second per session, sustained (429 rate_limited)
+    session_burst: int = 40  # ... and in a burst
 
     def __post_init__(self) -> None:
         if isinstance(self.device, str) and not isinstance(self.device, DeviceProfile):
@@ -34,7 +59,29 @@ class ServerConfig:
             raise ValueError(f"max in-flight steps must be >= 1, got {self.max_inflight_steps}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint interval must be >= 1 step, got {self.checkpoint_every}")
+        if self.max_sessions < 1:
+            raise ValueError(f"max sessions must be >= 1, got {self.max_sessions}")
+        if not (math.isfinite(self.session_idle_s) and self.session_idle_s > 0):
+            raise ValueError(f"session idle timeout must be a positive number of seconds, got {self.session_idle_s}")
+        if not (math.isfinite(self.session_rate) and self.session_rate > 0) or self.session_burst < 1:
+            raise ValueError(
+                f"session rate must be > 0 requests/s with a burst >= 1, got {self.session_rate}/{self.session_burst}"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if not is_loopback(self.host) and not self.insecure:
+            missing = [what for what, off in (("auth", self.tokens is None), ("TLS", self.tls_cert is None)) if off]
+            if missing:
+                raise ValueError(
+                    f"binding to {self.host} (not loopback) without {' or '.join(missing)} exposes the training "
+                    f"{'to anyone on the network' if 'auth' in missing else 'tokens and activations in clear'}; "
+                    "configure it, or pass --insecure if this network is trusted"
+                )
 
     @property
     def resolved_state_dir(self) -> Path:
         return self.state_dir if self.state_dir is not None else self.artifacts / "server-state"
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert is not None else "http"

@@ -2,20 +2,42 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 __all__ = ["ApiError", "error_response"]
 
 
 class ApiError(Exception):
-    """Raised by handlers for a rejected request; the middleware turns it into JSON."""
+    """Raised by handlers for a rejected request; the middleware turns it into JSON.
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    ``extra`` adds machine-readable fields to the JSON (``expected_step``, ``retry_after_s``);
+    ``headers`` adds HTTP headers (``Retry-After``, ``WWW-Authenticate``).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.extra = extra or {}
+        self.headers = headers or {}
 
 
-def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    extra: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    return web.json_response({"error": code, "message": message, **(extra or {})}, status=status, headers=headers)

@@ -6,6 +6,7 @@ what applies updates one at a time with none lost.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "tail_checkpoint"  # inside the server's state dir
 _STEP = "global_step"  # checkpoint properties: counters travel with the weights, atomically
 _EXAMPLES = "examples_seen"
+_SESSIONS = "sessions"  # JSON {session id: [applied steps, examples]}: see runtime_server.sessions
 
 
 class NonFiniteStep(ValueError):
@@ -61,8 +63,11 @@ class TailModel:
         props = self.state.properties
         self.global_step = int(props[_STEP]) if _STEP in props else 0
         self.examples_seen = int(props[_EXAMPLES]) if _EXAMPLES in props else 0
+        self.committed_sessions: dict[str, list[int]] = json.loads(str(props[_SESSIONS])) if _SESSIONS in props else {}
+        for stale in state_dir.glob(f".{CHECKPOINT_NAME}.tmp*"):  # a save cut short by a crash
+            stale.unlink(missing_ok=True)
         if self.resumed:
-            log.info("resumed tail from %s at step %d", resume, self.global_step)
+            log.info("tail resumed", extra={"fields": {"global_step": self.global_step}})
 
     def train_step(self, activation: np.ndarray, labels: np.ndarray) -> TrainResult:
         """One SGD/AdamW step on a batch: returns the mean cross-entropy and d loss / d activation."""
@@ -86,17 +91,19 @@ class TailModel:
         """Copies of the current weights, by name (tests compare them against torch)."""
         return {name: np.array(p.data) for name, p in self.state.parameters}
 
-    def save(self) -> Path:
-        """Write weights, optimizer state and counters to one checkpoint file, atomically."""
+    def save(self, sessions: dict[str, list[int]] | None = None) -> Path:
+        """Write weights, optimizer state, counters and session steps to one file, atomically."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         path = self.state_dir / CHECKPOINT_NAME
         tmp = self.state_dir / f".{CHECKPOINT_NAME}.tmp"
         self.state.properties[_STEP] = self.global_step
         self.state.properties[_EXAMPLES] = self.examples_seen
+        if sessions is not None:
+            self.state.properties[_SESSIONS] = json.dumps(sessions, separators=(",", ":"))
         CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=True)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(self.state_dir)
-        log.info("saved tail checkpoint at step %d", self.global_step)
+        log.debug("tail checkpoint saved", extra={"fields": {"global_step": self.global_step}})
         return path

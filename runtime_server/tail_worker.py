@@ -7,13 +7,19 @@ one client. Here the tail lives in one spawned process and the server talks to i
 through a one-worker process pool; the calling thread waits with the GIL released.
 
 The child ignores SIGINT and SIGTERM: Ctrl-C reaches the whole process group, and the
-parent must still be able to ask the child to save the tail before both exit.
+parent must still be able to ask the child to save the tail before both exit. It asks the
+kernel to SIGKILL it when the parent dies (Linux ``PR_SET_PDEATHSIG``): a server killed
+with SIGKILL must not leave a child behind that finishes a checkpoint under the feet of
+the restarted server.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
 import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,8 +35,20 @@ __all__ = ["TailWorker"]
 _TAIL: TailModel | None = None  # the child's tail
 
 
-def _init(artifacts: Path, manifest: Manifest, device: ResolvedDevice, state_dir: Path) -> None:
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+def _init(artifacts: Path, manifest: Manifest, device: ResolvedDevice, state_dir: Path, parent: int) -> None:
     global _TAIL
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _TAIL = TailModel(artifacts, manifest, device, state_dir)
@@ -43,7 +61,12 @@ def _tail() -> TailModel:
 
 def _info() -> dict[str, Any]:
     t = _tail()
-    return {"resumed": t.resumed, "global_step": t.global_step, "examples_seen": t.examples_seen}
+    return {
+        "resumed": t.resumed,
+        "global_step": t.global_step,
+        "examples_seen": t.examples_seen,
+        "sessions": t.committed_sessions,
+    }
 
 
 def _train(activation: np.ndarray, labels: np.ndarray) -> tuple[TrainResult, int]:
@@ -59,8 +82,8 @@ def _parameters() -> dict[str, np.ndarray]:
     return _tail().parameters()
 
 
-def _save() -> Path:
-    return _tail().save()
+def _save(sessions: dict[str, list[int]] | None) -> Path:
+    return _tail().save(sessions)
 
 
 class TailWorker:
@@ -71,12 +94,13 @@ class TailWorker:
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),  # no inherited threads, sessions or sockets
             initializer=_init,
-            initargs=(artifacts, manifest, device, state_dir),
+            initargs=(artifacts, manifest, device, state_dir, os.getpid()),
         )
         info = self._pool.submit(_info).result()
         self.resumed: bool = info["resumed"]
         self.global_step: int = info["global_step"]
         self.examples_seen: int = info["examples_seen"]
+        self.committed_sessions: dict[str, list[int]] = info["sessions"]
         self._saved_step = self.global_step
 
     def train_step(self, activation: np.ndarray, labels: np.ndarray) -> TrainResult:
@@ -94,8 +118,8 @@ class TailWorker:
     def dirty(self) -> bool:
         return self.global_step != self._saved_step
 
-    def save(self) -> Path:
-        path = self._pool.submit(_save).result()
+    def save(self, sessions: dict[str, list[int]] | None = None) -> Path:
+        path = self._pool.submit(_save, sessions).result()
         self._saved_step = self.global_step
         return path
 

@@ -24,6 +24,14 @@ DeltaOpt = Annotated[float, typer.Option(help="delta of one release (gaussian)."
 ClipOpt = Annotated[float, typer.Option(help="Per-example activation norm bound C (sensitivity 2C).")]
 SeedOpt = Annotated[int | None, typer.Option(help="Reproducible noise and shuffling (experiments only).")]
 StateOpt = Annotated[Path, typer.Option(help="Head checkpoint and data cache folder.")]
+TokenFileOpt = Annotated[
+    Path | None,
+    typer.Option(help="File with this device's token (`dpa token add --out`); or set DPA_TOKEN."),
+]
+CaOpt = Annotated[Path | None, typer.Option(help="CA certificate (PEM) that signed an https server's certificate.")]
+RetryOpt = Annotated[
+    float, typer.Option(help="Keep retrying through network errors and server restarts this many seconds.")
+]
 
 
 def _epsilon(value: float) -> float:
@@ -42,16 +50,21 @@ def _run_client(
     clip: float,
     identities: int,
     per_identity: int,
+    token_file: Path | None,
     **fields: Any,
 ) -> dict[str, Any]:
     """Build the ClientConfig from CLI values and run ``run`` on it; user errors exit cleanly."""
-    from runtime_client.edge import EdgeError
+    import os
+
+    from runtime_client.edge import EdgeError, read_token_file
     from runtime_client.mechanism import DPConfig, Mechanism
     from runtime_client.synth import SynthConfig
     from runtime_client.trainer import ClientConfig
 
     with user_errors():
+        token = read_token_file(token_file) if token_file is not None else os.environ.get("DPA_TOKEN") or None
         cfg = ClientConfig(
+            token=token,
             device=DeviceProfile.parse(device),
             dp=DPConfig(mechanism=Mechanism.parse(mechanism), clip=clip, epsilon=epsilon, delta=delta),
             synth=SynthConfig(identities=identities, per_identity=per_identity),
@@ -93,6 +106,9 @@ def client_command(
     micro_batch: Annotated[
         int | None, typer.Option(help="Examples per head call (1: least memory, same update); default the batch.")
     ] = None,
+    token_file: TokenFileOpt = None,
+    ca: CaOpt = None,
+    retry_s: RetryOpt = 600.0,
 ) -> None:
     """Train privately: head on this device, DP-A activations to the edge server."""
     from runtime_client.head import ModelFormat
@@ -107,7 +123,7 @@ def client_command(
         server=server, artifacts=artifacts, data=data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
         min_faces_per_person=min_faces_per_person, state_dir=state_dir, resume=resume, report=report,
         model_format=model_format, max_steps_per_epoch=max_steps, total_epsilon=total_epsilon,
-        micro_batch=micro_batch,
+        micro_batch=micro_batch, token_file=token_file, ca=ca, retry_s=retry_s,
     )  # fmt: skip
     p = result["privacy"]
     console.print(
@@ -137,6 +153,9 @@ def eval_command(
     per_identity: Annotated[int, typer.Option(help="Synthetic images per identity.")] = 40,
     state_dir: StateOpt = Path("runs/client"),
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    token_file: TokenFileOpt = None,
+    ca: CaOpt = None,
+    retry_s: RetryOpt = 600.0,
 ) -> None:
     """Held-out accuracy through this device's head and the server's tail (test activations get DP-A too)."""
     from runtime_client.trainer import run_evaluation
@@ -147,6 +166,7 @@ def eval_command(
         identities=identities, per_identity=per_identity,
         server=server, artifacts=artifacts, data=data, batch_size=batch_size, seed=seed,
         min_faces_per_person=min_faces_per_person, state_dir=state_dir, progress=False,
+        token_file=token_file, ca=ca, retry_s=retry_s,
     )  # fmt: skip
     if json_out:
         print(json.dumps(result))

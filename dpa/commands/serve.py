@@ -1,4 +1,4 @@
-"""``dpa serve``: the edge server for the tail."""
+"""``dpa serve`` (the edge server for the tail) and ``dpa token add`` (device tokens)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,13 @@ import typer
 from dpa.cli_util import console, user_errors
 from dpa.devices import DeviceProfile
 
+token_app = typer.Typer(help="Device tokens for the edge server.", no_args_is_help=True)
+
+TokensOpt = Annotated[
+    Path | None,
+    typer.Option(help="Token file ('name token' per line). Default <state-dir>/tokens.txt, created if missing."),
+]
+
 
 def serve_command(
     artifacts: Annotated[Path, typer.Option(help="Export folder (manifest.json + tail/).")] = Path("artifacts"),
@@ -18,19 +25,39 @@ def serve_command(
     port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 8080,
     device: Annotated[str, typer.Option(help="auto, cpu, arm64 or cuda (falls back to cpu, saying why).")] = "auto",
     max_batch: Annotated[int, typer.Option(help="Largest batch per request; sets the body-size limit.")] = 32,
-    checkpoint_every: Annotated[int, typer.Option(help="Train steps between tail checkpoints.")] = 50,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Train steps between tail checkpoints (1: every step durable, exactly once).")
+    ] = 1,
     state_dir: Annotated[
-        Path | None, typer.Option(help="Running tail checkpoint folder (default <artifacts>/server-state).")
+        Path | None,
+        typer.Option(help="Checkpoint, session table and replies (default <artifacts>/server-state)."),
     ] = None,
+    tokens: TokensOpt = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Accept requests without a token (loopback).")] = False,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain: serve HTTPS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow a non-loopback bind without auth or TLS (trusted network).")
+    ] = False,
+    max_sessions: Annotated[int, typer.Option(help="Open sessions at once.")] = 64,
+    session_idle_s: Annotated[float, typer.Option(help="Close a session after this many idle seconds.")] = 3600.0,
+    session_rate: Annotated[float, typer.Option(help="Requests per second per session, sustained.")] = 20.0,
+    session_burst: Annotated[int, typer.Option(help="Requests per session in a burst.")] = 40,
+    log_format: Annotated[str, typer.Option(help="json (one object per line) or text.")] = "json",
 ) -> None:
     """Serve the tail: train it on DP activations from devices, return activation gradients."""
     from aiohttp import web
 
     from runtime_server.app import init_app
+    from runtime_server.auth import add_token
     from runtime_server.config import ServerConfig
+    from runtime_server.logs import configure
+    from runtime_server.tls import server_ssl_context
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with user_errors():
+        configure(log_format, logging.INFO)
+        resolved_state = state_dir if state_dir is not None else artifacts / "server-state"
+        token_file = None if no_auth else (tokens if tokens is not None else resolved_state / "tokens.txt")
         config = ServerConfig(
             artifacts=artifacts,
             host=host,
@@ -39,7 +66,49 @@ def serve_command(
             max_batch=max_batch,
             checkpoint_every=checkpoint_every,
             state_dir=state_dir,
+            tokens=token_file,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            insecure=insecure,
+            max_sessions=max_sessions,
+            session_idle_s=session_idle_s,
+            session_rate=session_rate,
+            session_burst=session_burst,
         )
+        ssl_context = server_ssl_context(config)
+        if token_file is not None and not token_file.exists():
+            add_token(token_file, "device-1")
+            console.print(
+                f"created token file {token_file} with a token for device-1; on the device: "
+                f"[bold]dpa client --token-file {token_file}[/] (or `dpa token add` for one file per device)"
+            )
         app = init_app(config)
-    console.print(f"dpa edge server for {artifacts}/ on http://{host}:{port}  (Ctrl-C saves and stops)")
-    web.run_app(app, host=host, port=port, print=None, access_log=None)
+    auth = "no auth" if token_file is None else f"tokens from {token_file}"
+    console.print(
+        f"dpa edge server for {artifacts}/ on {config.scheme}://{host}:{port} ({auth}; Ctrl-C saves and stops)"
+    )
+    web.run_app(app, host=host, port=port, print=None, access_log=None, ssl_context=ssl_context)
+
+
+@token_app.command("add")
+def token_add_command(
+    name: Annotated[str, typer.Argument(help="Device name (letters, digits, . _ -): shown in logs and metrics.")],
+    tokens: Annotated[Path, typer.Option(help="The server's token file (created if missing).")] = Path(
+        "artifacts/server-state/tokens.txt"
+    ),
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the token alone to this file, for the device's --token-file.")
+    ] = None,
+) -> None:
+    """Add a device token to the server's token file (restart the server to load it)."""
+    from dpa.atomic import atomic_write_bytes
+    from runtime_server.auth import add_token
+
+    with user_errors():
+        token = add_token(tokens, name)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out, (token + "\n").encode())  # mkstemp: mode 0600
+    console.print(f"added a token for {name} to {tokens}" + (f"; the device's copy is {out}" if out else ""))
+    if out is None:
+        print(token)

@@ -26,11 +26,12 @@ def test_bench_reports_every_figure():
     assert set(report["throughput"]) == {"1", "2"}
     assert all(t["steps_per_s"] > 0 and t["p99_ms"] >= t["p50_ms"] > 0 for t in report["throughput"].values())
     # Wire bytes per step by the protocol's arithmetic (docs/protocol.md), activation 8x16x64x64 float32:
-    # request = 16 header + (4 + 10 "activation" + 16 dims -> 32) + act + (4 + 6 "labels" + 4 -> 16) + 64;
-    # reply = 16 + 26 meta -> 48, "loss" 8 + 4 -> 64, "logits" 4 + 6 + 8 -> 88 + 320 = 408,
-    #         "activation_gradient" 4 + 19 + 16 -> 448, + act.
+    # request = 16 header + 19 meta {"step":1000000000} -> 40, (4 + 10 "activation" + 16 dims -> 32) + act,
+    #           (4 + 6 "labels" + 4 -> 16) + 64 = 152 + act;
+    # reply = 16 + 44 meta {"global_step":1000000000,"step":1000000000} -> 64, "loss" 8 + 4 -> 80,
+    #         "logits" 4 + 6 + 8 -> 104 + 320 = 424, "activation_gradient" 4 + 19 + 16 -> 464, + act.
     act = 8 * 16 * 64 * 64 * 4
-    assert report["wire_bytes_per_step"] == (128 + act) + (448 + act)
+    assert report["wire_bytes_per_step"] == (152 + act) + (464 + act)
     assert report["raw_tensor_bytes_per_step"] == 2 * act + 8 * 8 + 4 + 8 * 10 * 4
     assert report["wire_overhead_ratio"] < 1.0001
     assert report["torch_loaded"] is False  # the measured device client never imported torch

@@ -38,7 +38,7 @@ def test_two_clients_concurrently(small_export, start_server, tmp_path):
     assert len(a["epochs"]) == len(b["epochs"]) == 2
     assert server.state.tail.global_step == 2 * 2 * 3
     assert server.state.tail.examples_seen == 2 * 2 * 3 * 4
-    assert server.state.sessions == {}  # both closed their sessions
+    assert server.state.sessions.sessions == {}  # both closed their sessions
 
 
 def test_resume_continues_from_the_checkpoint(small_export, start_server, tmp_path):

@@ -105,6 +105,8 @@ def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
                 str(report),
                 "--device",
                 "arm64",
+                "--token-file",
+                str(state / "tokens.txt"),  # created by `dpa serve` with one token
             ),
             capture_output=True,
             text=True,
@@ -116,7 +118,11 @@ def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
         assert data["privacy"]["epsilon_per_release"] == 4.0
         assert data["epochs"][0]["train_loss"] > 0
         assert "labels are sent to the server in clear" in data["warnings"]
-        status = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/status"))
+        token = (state / "tokens.txt").read_text().split()[-1]
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/status", headers={"Authorization": f"Bearer {token}"}
+        )
+        status = json.load(urllib.request.urlopen(request))
         assert status["global_step"] == 2
         evaluation = subprocess.run(
             _dpa(
@@ -136,6 +142,8 @@ def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
                 "--state-dir",
                 str(tmp_path / "client"),
                 "--json",
+                "--token-file",
+                str(state / "tokens.txt"),
             ),
             capture_output=True,
             text=True,
@@ -152,4 +160,5 @@ def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
         log = server.communicate(timeout=60)[0]
     # SIGTERM saved the tail; the fallback from the unavailable CUDA provider was explained.
     assert (state / CHECKPOINT_NAME).is_file(), log
+    assert token not in log  # structured logs never carry the token
     assert "fell back from cuda" in log or "CUDAExecutionProvider is not in this onnxruntime build" in log, log

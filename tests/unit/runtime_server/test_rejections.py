@@ -35,13 +35,13 @@ async def _open(server, digest: str) -> tuple[int, dict]:  # type: ignore[no-unt
             return resp.status, await resp.json()
 
 
-def _batch(shape, n=2, **over):  # type: ignore[no-untyped-def]
+def _batch(shape, n=2, meta=None, **over):  # type: ignore[no-untyped-def]
     tensors = {
         "activation": np.ones((n, *shape), dtype=np.float32),
         "labels": np.zeros(n, dtype=np.int64),
     }
     tensors.update(over)
-    return bytes(wire.encode(tensors))
+    return bytes(wire.encode(tensors, {"step": 1} if meta is None else meta))
 
 
 def test_bad_requests(server, small_export):
@@ -69,9 +69,12 @@ def test_bad_requests(server, small_export):
             "labels dtype": (train, _batch(shape, labels=np.array([0, 1], np.int32)), wire.CONTENT_TYPE),
             "missing labels": (
                 train,
-                bytes(wire.encode({"activation": np.ones((2, *shape), np.float32)})),
+                bytes(wire.encode({"activation": np.ones((2, *shape), np.float32)}, {"step": 1})),
                 wire.CONTENT_TYPE,
             ),
+            "no step number": (train, _batch(shape, meta={}), wire.CONTENT_TYPE),
+            "step not an integer": (train, _batch(shape, meta={"step": "1"}), wire.CONTENT_TYPE),
+            "step out of order": (train, _batch(shape, meta={"step": 2}), wire.CONTENT_TYPE),
         }
         for name, (url, data, ctype) in cases.items():
             status, body = await _post(url, data, ctype)
@@ -81,7 +84,7 @@ def test_bad_requests(server, small_export):
     results = asyncio.run(run())
     expected = {
         "wrong manifest": (409, "manifest_mismatch", "both sides must use the same export"),
-        "unknown session": (404, "unknown_session", "no open session 'nope'"),
+        "unknown session": (404, "unknown_session", "no open session nope"),
         "wrong content type": (415, "unsupported_media_type", "send tensors as application/x-dpa-tensors"),
         "random bytes": (400, "malformed_body", "bad magic"),
         "truncated": (400, "malformed_body", "truncated"),
@@ -93,6 +96,9 @@ def test_bad_requests(server, small_export):
         "label range": (422, "label_out_of_range", "labels must be in 0..5"),
         "labels dtype": (422, "wrong_dtype", "labels must be int64, got int32"),
         "missing labels": (422, "wrong_tensors", "expected tensors ['activation', 'labels']"),
+        "no step number": (422, "missing_step", 'a train request needs meta {"step": n}'),
+        "step not an integer": (422, "missing_step", "its session step number"),
+        "step out of order": (409, "step_out_of_order", "this session's next step is 1, not 2"),
     }
     for name, status, body in results:
         want_status, want_code, want_text = expected[name]
@@ -147,7 +153,7 @@ def test_wire_header_of_reply_is_documented_format(server, small_export):
     raw = asyncio.run(run())
     magic, version, count, meta_len, reserved = struct.unpack_from("<4sHHII", raw)
     assert (magic, version, count, reserved) == (b"DPAW", 1, 3, 0)
-    assert json.loads(raw[16 : 16 + meta_len]) == {"global_step": 1}
+    assert json.loads(raw[16 : 16 + meta_len]) == {"global_step": 1, "step": 1}
     msg = wire.decode(raw)
     assert list(msg.tensors) == ["loss", "logits", "activation_gradient"]
     assert msg.tensors["activation_gradient"].shape == (2, *manifest.activation_shape)

@@ -18,12 +18,13 @@ async def _train_steps(url: str, digest: str, shape, steps: int, batch: int = 2)
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{url}/v1/sessions", json={"manifest_sha256": digest}) as resp:
             sid = (await resp.json())["session_id"]
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             body = wire.encode(
                 {
                     "activation": rng.standard_normal((batch, *shape), dtype=np.float32),
                     "labels": rng.integers(0, 6, batch),
-                }
+                },
+                {"step": step},
             )
             async with http.post(
                 f"{url}/v1/sessions/{sid}/train", data=bytes(body), headers={"Content-Type": wire.CONTENT_TYPE}
@@ -45,7 +46,7 @@ def test_checkpoint_every_n_steps_and_resume(small_export, start_server, tmp_pat
     assert second.state.tail.examples_seen == 8
     for name, value in weights.items():
         np.testing.assert_array_equal(second.state.tail.parameters()[name], value)
-    assert [p.name for p in state.iterdir()] == [CHECKPOINT_NAME]  # no temp file left
+    assert sorted(p.name for p in state.iterdir()) == sorted([CHECKPOINT_NAME, "replies", "sessions.json"])  # no temp
 
 
 def test_health_answers_while_a_step_is_in_flight(small_export, start_server):
@@ -64,7 +65,9 @@ def test_health_answers_while_a_step_is_in_flight(small_export, start_server):
             async with http.post(f"{server.url}/v1/sessions", json={"manifest_sha256": digest}) as resp:
                 sid = (await resp.json())["session_id"]
             body = bytes(
-                wire.encode({"activation": np.ones((64, *shape), np.float32), "labels": np.zeros(64, np.int64)})
+                wire.encode(
+                    {"activation": np.ones((64, *shape), np.float32), "labels": np.zeros(64, np.int64)}, {"step": 1}
+                )
             )
 
             async def step() -> None:

@@ -1,0 +1,73 @@
+"""Structured logs: one JSON object per line, with fields that cannot carry data or secrets.
+
+Handlers log an event name and a few fields (``extra={"fields": {...}}``). The formatter
+keeps only numbers, booleans and short strings: an array, bytes, a list of labels or any
+long string is replaced by a marker, so a tensor, a batch's labels or a token cannot end
+up in a log file by a slip in a handler. Tokens are never passed in (the auth module only
+hands out device names), and session ids are logged as their first 8 characters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+__all__ = ["JsonFormatter", "configure", "safe_fields", "MAX_FIELD_CHARS"]
+
+MAX_FIELD_CHARS = 200
+_REDACTED = "<redacted>"
+
+
+def safe_fields(fields: dict[Any, Any]) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
+    for key, value in fields.items():
+        if isinstance(value, bool | int | float) or value is None:
+            out[key] = value
+        elif isinstance(value, str) and len(value) <= MAX_FIELD_CHARS:
+            out[key] = value
+        else:
+            out[key] = _REDACTED
+    return out
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The message, with %-arguments filled in only when every one is a scalar or a short string."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    if args and all(v is not _REDACTED for v in safe_fields(dict(enumerate(args))).values()):
+        return record.getMessage()
+    return str(record.msg)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": _message(record),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(safe_fields(fields))
+        if record.exc_info and record.exc_info[0] is not None:
+            entry["exception"] = record.exc_info[0].__name__  # the type only: tracebacks can hold data
+        return json.dumps(entry, default=lambda _: _REDACTED)
+
+
+def configure(fmt: str = "json", level: int = logging.INFO) -> None:
+    """Route the server's logs to stderr, as JSON lines ("json") or for people ("text")."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    elif fmt == "text":
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s %(fields)s", defaults={"fields": ""})
+        )
+    else:
+        raise ValueError(f"log format must be json or text, got {fmt!r}")
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
