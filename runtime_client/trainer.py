@@ -356,15 +356,16 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
         noise_rng.bit_generator.state = json.loads(str(props["run.noise_rng"]))
     dp_cfg, accountant = _privacy_plan(cfg, dict(props) if cfg.resume else {})
     dp = DPActivations(dp_cfg, noise_rng)
-    history: list[dict[str, Any]] = []
-    if cfg.resume and cfg.report is not None and cfg.report.is_file():
-        history = json.loads(cfg.report.read_text()).get("epochs", [])[: run.epochs_done]
+    history: list[dict[str, Any]] = json.loads(str(props["run.history"])) if "run.history" in props else []
+    if not cfg.resume:
+        history = []
     steps_per_epoch = math.ceil(len(train_idx.paths) / cfg.batch_size)
     if cfg.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
 
     def save() -> None:
         run.store(props)
+        props["run.history"] = json.dumps(history)
         props["data_seed"] = data_seed
         props["run.noise_rng"] = json.dumps(noise_rng.bit_generator.state)
         for key, value in accountant.to_state().items():
@@ -396,6 +397,7 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
         async with EdgeClient(cfg.server, token=cfg.token, ca=cfg.ca, retry=retry, on_retry=on_retry) as edge:
             run.session_id, step, stored = await _attach(edge, digest, run, say)
             run.session_step = step
+            save()  # the session id, before any step of it: a device killed now resumes in this session
             trainer = SplitTrainer(head, edge, run.session_id, dp, micro_batch=cfg.micro_batch, step=step)
             for epoch in range(run.epochs_done, cfg.epochs):
                 if run.epoch_step == 0:
