@@ -384,6 +384,8 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
         f"{dp_cfg.mechanism.value} eps={dp_cfg.epsilon:.3g}/release clip={dp_cfg.clip:g} "
         f"noise={dp.noise_scale:.3g} clipped={{:.0%}} spent eps={{:.3g}}{budget}"
     )
+    if run.epochs_done < cfg.epochs and run.epoch_step == 0 and not accountant.can_release(1):
+        accountant.record(1)  # raises BudgetExceeded, before anything is sent or saved
     started = time.perf_counter()
     with Progress(*columns, disable=not cfg.progress, transient=False) as progress:
 
@@ -455,6 +457,8 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
                 )
             await edge.close_session(run.session_id)
             retries, rollbacks = edge.retries, trainer.rollbacks
+            run.session_id = ""  # a later --resume (more epochs) opens a new session
+            save()
 
     report = {
         "server": cfg.server,

@@ -36,9 +36,11 @@ class RunningServer:
 
         from dpa.local import free_port
         from runtime_server.app import STATE, init_app
+        from runtime_server.tls import server_ssl_context
 
         self.port = config.port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{config.scheme}://127.0.0.1:{self.port}"
+        ssl_context = server_ssl_context(config)
         self.app = init_app(config)
         self._state_key = STATE
         self.loop = asyncio.new_event_loop()
@@ -48,7 +50,8 @@ class RunningServer:
         def main() -> None:
             asyncio.set_event_loop(self.loop)
             self.loop.run_until_complete(self._runner.setup())
-            self.loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
+            site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=ssl_context)
+            self.loop.run_until_complete(site.start())
             ready.set()
             self.loop.run_forever()
 
@@ -79,7 +82,8 @@ def start_server(tmp_path: Path) -> Iterator:
     def start(artifacts: Path, **kw) -> RunningServer:  # type: ignore[no-untyped-def]
         kw.setdefault("state_dir", tmp_path / f"server-state-{len(servers)}")
         kw.setdefault("device", "cpu")
-        server = RunningServer(ServerConfig(artifacts=artifacts, port=0, **kw))
+        kw.setdefault("port", 0)
+        server = RunningServer(ServerConfig(artifacts=artifacts, **kw))
         servers.append(server)
         return server
 

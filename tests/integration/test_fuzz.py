@@ -225,4 +225,5 @@ def test_endpoints_answer_hostile_requests_with_4xx_and_keep_the_model(small_exp
     )
     assert status == 200 and server.state.tail.global_step == 1
     with capsys.disabled():
-        print(f"\n[fuzz endpoints] {sum(statuses.values())} hostile requests, statuses {dict(sorted(statuses.items()))}")
+        tried, by_status = sum(statuses.values()), dict(sorted(statuses.items()))
+        print(f"\n[fuzz endpoints] {tried} hostile requests, statuses {by_status}")
