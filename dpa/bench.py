@@ -281,8 +281,8 @@ def _server_process(artifacts: Path, state: Path) -> Iterator[str]:
 
     port = free_port()
     args = ["serve", "--artifacts", str(artifacts), "--port", str(port), "--device", "cpu"]
-    # Compute is compared with torch, so no per-step durable checkpoint (BENCHMARKS.md gives its cost).
-    args += ["--state-dir", str(state), "--checkpoint-every", str(10**9), "--no-auth"]
+    # Compute is compared with torch: no checkpoints or journal (BENCHMARKS.md gives their cost).
+    args += ["--state-dir", str(state), "--checkpoint-every", str(10**9), "--no-journal", "--no-auth"]
     server = subprocess.Popen(
         [sys.executable, "-m", "dpa.app", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

@@ -6,10 +6,11 @@ applied one at a time (none lost) and the event loop stays free: ``/v1/health`` 
 during a step. Every request is validated completely before the tail is touched, so a
 rejected request changes nothing.
 
-A train step is answered only after it is durable (with ``checkpoint_every = 1``): the
-reply is written to disk, then the tail checkpoint, which carries every session's step
-count. A SIGKILL at any moment therefore leaves either the step applied and its reply
-stored (a retry gets that reply) or neither (a retry applies it).
+A train step is answered only after it is durable: its reply is stored, then its request
+is appended to the journal (``journal.py``); every ``checkpoint_every`` steps the tail
+checkpoint, which carries every session's step count, replaces the journal. A SIGKILL at
+any moment therefore leaves either the step applied (after the restart's replay) with
+its reply stored, so a retry gets that reply, or neither, so a retry applies it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from runtime_server import metrics as prom
 from runtime_server.auth import TokenStore
 from runtime_server.config import ServerConfig
 from runtime_server.errors import ApiError, error_response
+from runtime_server.journal import Journal
 from runtime_server.sessions import Session, SessionTable
 from runtime_server.tail import NonFiniteStep
 from runtime_server.tail_worker import TailWorker
@@ -50,7 +52,7 @@ API_PREFIX = "/v1"
 _FRAMING_SLACK = 64 * 1024
 #: Requests answered without a token: load balancers and orchestrators probe this.
 _PUBLIC = frozenset({f"{API_PREFIX}/health"})
-_OWNER = "dpa_owner"  # request key: the token's device name (None without auth)
+_OWNER = web.RequestKey("owner", str)  # the token's device name; absent without auth
 
 
 @dataclass
@@ -64,6 +66,7 @@ class ServerState:
     slots: asyncio.Semaphore  # bounds bodies in memory: see ServerConfig.max_inflight_steps
     sessions: SessionTable
     tokens: TokenStore | None
+    journal: Journal | None  # None: checkpoint_every alone decides what a crash loses
     metrics: prom.Metrics = field(default_factory=prom.Metrics)
     tail_alive: bool = True
     started: float = field(default_factory=time.time)
@@ -151,7 +154,8 @@ def _session(request: web.Request) -> Session:
     return state.sessions.get(request.match_info["session_id"], request.get(_OWNER))
 
 
-async def _read_message(request: web.Request) -> wire.Message:
+async def _read_message(request: web.Request) -> tuple[bytearray, wire.Message]:
+    """The body as received (journalled for a train step) and its decoded message (views into it)."""
     state = request.app[STATE]
     if request.content_type != wire.CONTENT_TYPE:
         raise ApiError(
@@ -165,7 +169,7 @@ async def _read_message(request: web.Request) -> wire.Message:
     except ValueError as exc:
         raise ApiError(400, "malformed_body", str(exc)) from None
     try:
-        return wire.decode(body)
+        return body, wire.decode(body)
     except wire.WireError as exc:
         raise ApiError(400, "malformed_body", str(exc)) from None
 
@@ -293,7 +297,7 @@ async def train(request: web.Request) -> web.Response:
     state.sessions.admit(session)
     started = time.perf_counter()
     async with session.lock, state.slots:  # a retry waits for its original; few bodies in memory
-        message = await _read_message(request)
+        raw, message = await _read_message(request)
         step = step_number(message)
         if step == session.step:  # a retry of the last applied step: its answer, not a second update
             body = await state.run(_stored_reply, state, session, step)
@@ -309,7 +313,7 @@ async def train(request: web.Request) -> web.Response:
             )
         act, labels = await state.run(validate_train, state.manifest, state.config.max_batch, message)
         try:
-            body, saved_s = await state.run(_apply_step, state, session, step, act, labels)
+            body, saved_s = await state.run(_apply_step, state, session, step, raw, act, labels)
         except NonFiniteStep as exc:
             raise ApiError(422, "non_finite_step", str(exc)) from None
     m = state.metrics
@@ -323,9 +327,14 @@ async def train(request: web.Request) -> web.Response:
 
 
 def _apply_step(
-    state: ServerState, session: Session, step: int, act: np.ndarray, labels: np.ndarray
+    state: ServerState, session: Session, step: int, raw: bytearray, act: np.ndarray, labels: np.ndarray
 ) -> tuple[bytearray, float | None]:
-    """On the tail thread: update the tail, store the reply, commit; (reply, checkpoint seconds)."""
+    """On the tail thread: update the tail, store the reply, commit; (reply, checkpoint seconds).
+
+    The reply is stored before the journal entry, which is the commit point: a crash between
+    them leaves a stored reply for a step the restarted server does not have, which the
+    device's retry then applies (and overwrites).
+    """
     result = state.tail.train_step(act, labels)
     body = wire.encode(
         {
@@ -340,12 +349,41 @@ def _apply_step(
     session.examples += int(labels.shape[0])
     state.sessions.replies.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(state.sessions.reply_path(session), body)
+    if state.journal is not None:
+        state.journal.append(result.global_step, session.id, raw)
     saved_s = None
     if result.global_step % state.config.checkpoint_every == 0:
         t0 = time.perf_counter()
-        state.tail.save(state.sessions.committed_steps())
+        _checkpoint(state.tail, state.sessions, state.journal)
         saved_s = time.perf_counter() - t0
     return body, saved_s
+
+
+def _checkpoint(tail: TailWorker, sessions: SessionTable, journal: Journal | None) -> None:
+    tail.save(sessions.committed_steps())
+    if journal is not None:
+        journal.truncate(tail.global_step)
+
+
+def _replay(tail: TailWorker, sessions: SessionTable, journal: Journal) -> int:
+    """At start: apply the journalled steps after the checkpoint again, in order; how many."""
+    replayed = 0
+    for entry in journal.entries():
+        if entry.global_step <= tail.global_step:  # already in the checkpoint
+            entry.path.unlink(missing_ok=True)
+            continue
+        message = Journal.read(entry)
+        labels = message.tensors[GraphNames.LABELS]
+        try:
+            tail.train_step(message.tensors[GraphNames.ACTIVATION], labels)
+        except NonFiniteStep:  # only possible with dropout's new masks; the step still counts as done
+            log.warning("journalled step not finite on replay", extra={"fields": {"global_step": entry.global_step}})
+        session = sessions.sessions.get(entry.session_id)
+        if session is not None:
+            session.step = int(message.meta["step"])
+            session.examples += int(labels.shape[0])
+        replayed += 1
+    return replayed
 
 
 async def evaluate(request: web.Request) -> web.Response:
@@ -353,7 +391,7 @@ async def evaluate(request: web.Request) -> web.Response:
     session = _session(request)
     state.sessions.admit(session)
     async with state.slots:
-        message = await _read_message(request)
+        _, message = await _read_message(request)
         act = await state.run(validate_eval, state.manifest, state.config.max_batch, message)
 
         def step() -> bytearray:
@@ -393,17 +431,22 @@ def init_app(config: ServerConfig) -> web.Application:
         tail = await loop.run_in_executor(executor, TailWorker, config.artifacts, manifest, device, state_dir)
         sessions = SessionTable(config, state_dir)
         sessions.restore(tail.committed_sessions)
+        journal = Journal(state_dir) if config.journal else None
+        replayed = 0
+        if journal is not None:
+            replayed = await loop.run_in_executor(executor, _replay, tail, sessions, journal)
         slots = asyncio.Semaphore(config.max_inflight_steps)
-        state = ServerState(config, manifest, digest, tail, executor, max_body, slots, sessions, tokens)
+        state = ServerState(config, manifest, digest, tail, executor, max_body, slots, sessions, tokens, journal)
         app[STATE] = state
         expiry = asyncio.create_task(_expire_sessions(state))
         fields = {"cut": manifest.cut, "device": device.describe(), "global_step": tail.global_step}
+        fields["replayed_steps"] = replayed
         fields |= {"sessions": len(sessions.sessions), "auth": tokens is not None, "tls": config.tls_cert is not None}
         log.info("server started", extra={"fields": fields})
         yield
         expiry.cancel()
         if state.tail_alive and tail.dirty:
-            await loop.run_in_executor(executor, tail.save, sessions.committed_steps())
+            await loop.run_in_executor(executor, _checkpoint, tail, sessions, journal)
         # Close the pool from the thread that started it: the child dies with that thread (PDEATHSIG).
         await loop.run_in_executor(executor, tail.close)
         executor.shutdown(wait=True)

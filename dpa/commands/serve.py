@@ -26,8 +26,11 @@ def serve_command(
     device: Annotated[str, typer.Option(help="auto, cpu, arm64 or cuda (falls back to cpu, saying why).")] = "auto",
     max_batch: Annotated[int, typer.Option(help="Largest batch per request; sets the body-size limit.")] = 32,
     checkpoint_every: Annotated[
-        int, typer.Option(help="Train steps between tail checkpoints (1: every step durable, exactly once).")
-    ] = 1,
+        int, typer.Option(help="Train steps between full tail checkpoints (the journal covers the steps between).")
+    ] = 20,
+    no_journal: Annotated[
+        bool, typer.Option("--no-journal", help="No per-step journal: a crash loses the steps since the checkpoint.")
+    ] = False,
     state_dir: Annotated[
         Path | None,
         typer.Option(help="Checkpoint, session table and replies (default <artifacts>/server-state)."),
@@ -65,6 +68,7 @@ def serve_command(
             device=DeviceProfile.parse(device),
             max_batch=max_batch,
             checkpoint_every=checkpoint_every,
+            journal=not no_journal,
             state_dir=state_dir,
             tokens=token_file,
             tls_cert=tls_cert,

@@ -31,6 +31,13 @@ EPOCHS, BATCH, IDENTITIES, PER_IDENTITY = 3, 4, 6, 12  # 54 training images: 14 
 SCHEDULE = ("server", "client", "server", "server", "client", "server")  # what to kill, in order
 
 
+def _json_or_none(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
 def _dpa(*args: str) -> list[str]:
     return [sys.executable, "-m", "dpa.app", *args]
 
@@ -146,8 +153,15 @@ def test_sigkilled_server_and_device_end_with_the_uninterrupted_weights(small_ex
     run.finish()
     got = run.weights()
     report = json.loads((run.device / "report.json").read_text())
+    replayed = sum(
+        entry.get("replayed_steps", 0)
+        for log in run.logs.glob("server-*.log")
+        for entry in map(_json_or_none, log.read_text().splitlines())
+        if entry and entry.get("event") == "server started"
+    )
 
     assert kills["server"] >= 3 and kills["client"] >= 1, kills  # the run was long enough to be interrupted
+    assert replayed > 0  # restarts restored journalled steps (checkpoints come every 20 steps)
     assert report["resilience"]["session_steps"] == want_step
     assert set(got) == set(want)
     for name, value in want.items():
@@ -155,6 +169,7 @@ def test_sigkilled_server_and_device_end_with_the_uninterrupted_weights(small_ex
     with capsys.disabled():
         print(
             f"\n[kill test] server SIGKILLed and restarted {kills['server']}x, device {kills['client']}x; "
-            f"{report['resilience']['session_steps']} session steps (reference {want_step}); "
+            f"{report['resilience']['session_steps']} session steps (reference {want_step}), {replayed} replayed "
+            "from the journal on restart; "
             f"weights of {len(got)} tensors equal to the uninterrupted run"
         )

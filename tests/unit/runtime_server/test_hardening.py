@@ -160,7 +160,7 @@ def test_restart_restores_sessions_steps_and_the_last_reply(small_export, start_
 
 
 def test_metrics_in_prometheus_format(small_export, start_server):
-    server = start_server(small_export, max_batch=4)
+    server = start_server(small_export, max_batch=4, checkpoint_every=2)
     digest = manifest_sha256(small_export)
     shape = load_manifest(small_export).activation_shape
 
@@ -188,7 +188,7 @@ def test_metrics_in_prometheus_format(small_export, start_server):
     assert rejected == {"step_out_of_order": 1, "body_too_large": 1}
     hist = {(s.name, s.labels.get("le")): s.value for s in families["dpa_step_seconds"].samples}
     assert hist[("dpa_step_seconds_count", None)] == 2 and hist[("dpa_step_seconds_bucket", "+Inf")] == 2
-    assert families["dpa_checkpoints"].samples[0].value == 2  # checkpoint_every = 1: each step durable
+    assert families["dpa_checkpoints"].samples[0].value == 1  # at step 2 (checkpoint_every = 2)
     assert families["dpa_global_step"].samples[0].value == 2 and families["dpa_tail_up"].samples[0].value == 1
 
 

@@ -46,7 +46,8 @@ def test_checkpoint_every_n_steps_and_resume(small_export, start_server, tmp_pat
     assert second.state.tail.examples_seen == 8
     for name, value in weights.items():
         np.testing.assert_array_equal(second.state.tail.parameters()[name], value)
-    assert sorted(p.name for p in state.iterdir()) == sorted([CHECKPOINT_NAME, "replies", "sessions.json"])  # no temp
+    assert sorted(p.name for p in state.iterdir()) == sorted([CHECKPOINT_NAME, "journal", "replies", "sessions.json"])
+    assert list((state / "journal").iterdir()) == []  # the shutdown checkpoint holds every journalled step
 
 
 def test_health_answers_while_a_step_is_in_flight(small_export, start_server):
