@@ -131,7 +131,8 @@ def hostile_request(draw: st.DrawFn, ctx: dict) -> tuple[str, str, dict[str, str
     elif defect == "wrong_ctype":
         headers["Content-Type"] = draw(st.sampled_from(["application/json", "text/plain", "", "application/x-dpa"]))
     elif defect == "unknown_session":
-        path = path.replace(sid, draw(st.sampled_from(["nope", "x" * 200, "%2e%2e", "..", sid[:-1] + "A"])))
+        near = sid[:-1] + ("B" if sid.endswith("A") else "A")  # one character off
+        path = path.replace(sid, draw(st.sampled_from(["nope", "x" * 200, "%2e%2e", "..", near])))
     elif defect == "random_path":
         path = "/" + draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyz/_.-%0123456789", max_size=60))
         method = draw(st.sampled_from(["GET", "POST", "DELETE", "PUT"]))
