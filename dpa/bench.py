@@ -368,6 +368,37 @@ def _client_rss_and_load(cfg: BenchConfig, artifacts: Path, report: dict[str, An
     )
 
 
+def _durability(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> None:
+    """What the server writes per step to be crash-safe: journal entry, stored reply, checkpoint."""
+    from dpa import wire
+    from dpa.atomic import atomic_write_bytes
+    from dpa.devices import resolve_device
+    from dpa.manifest import load_manifest
+    from runtime_server.journal import Journal
+    from runtime_server.tail import CHECKPOINT_NAME, TailModel
+
+    manifest = load_manifest(artifacts)
+    act = np.zeros((cfg.batch, *manifest.activation_shape), np.float32)
+    request = wire.encode({"activation": act, "labels": np.zeros(cfg.batch, np.int64)}, {"step": 1})
+    reply = wire.encode(
+        {
+            "loss": np.float32(0),
+            "logits": np.zeros((cfg.batch, manifest.num_classes), np.float32),
+            "activation_gradient": act,
+        },
+        {"global_step": 1, "step": 1},
+    )
+    state = artifacts.parent / "durability"
+    journal = Journal(state)
+    counter = iter(range(1, 10**6))
+    report["journal_append_s"] = _median_time(lambda: journal.append(next(counter), "bench", request), cfg.repeats)
+    state.mkdir(parents=True, exist_ok=True)
+    report["reply_write_s"] = _median_time(lambda: atomic_write_bytes(state / "reply.dpaw", reply), cfg.repeats)
+    tail = TailModel(artifacts, manifest, resolve_device("cpu"), state)
+    report["checkpoint_s"] = _median_time(lambda: tail.save({"bench": [1, cfg.batch]}), cfg.repeats)
+    report["checkpoint_mb"] = (state / CHECKPOINT_NAME).stat().st_size / 1e6
+
+
 def run_bench(cfg: BenchConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
     import os
 
@@ -384,4 +415,6 @@ def run_bench(cfg: BenchConfig, *, say: Callable[[str], None] = print) -> dict[s
         asyncio.run(_split_and_throughput(cfg, artifacts, report))
         say("device client peak RSS (own process) and batch loading")
         _client_rss_and_load(cfg, artifacts, report)
+        say("crash safety: journal entry, stored reply and tail checkpoint writes")
+        _durability(cfg, artifacts, report)
     return report

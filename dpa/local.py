@@ -30,9 +30,9 @@ async def serve_and_train(artifacts: Path, state: Path, client_cfg: Any) -> dict
     from runtime_server.config import ServerConfig
 
     port = free_port()
-    # Server and client share this process, so a crash takes both: per-step durable commits would
-    # buy nothing here (the tail is still saved at the end).
-    config = ServerConfig(artifacts=artifacts, port=port, device="cpu", state_dir=state, checkpoint_every=50)  # type: ignore[arg-type]
+    # Server and client share this process, so a crash takes both: a journal would buy nothing
+    # here (the tail is still saved at the end).
+    config = ServerConfig(artifacts=artifacts, port=port, device="cpu", state_dir=state, journal=False)  # type: ignore[arg-type]
     app = init_app(config)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

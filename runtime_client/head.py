@@ -79,6 +79,7 @@ class HeadModel:
         self.optimizer = Optimizer(str(optimizer), self.module)
         self.activation_shape = manifest.activation_shape
         self.lr = manifest.optimizer.lr if lr is None else lr
+        self._optimizer_state = manifest.optimizer.name != "sgd"
         self.optimizer.set_learning_rate(self.lr)
 
     def forward(self, images: np.ndarray) -> np.ndarray:
@@ -117,7 +118,8 @@ class HeadModel:
         """Weights, optimizer state and properties to ``path``, atomically (temp file, fsync, rename)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.tmp"
-        CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=True)
+        # As the tail (runtime_server/tail.py): SGD's parameter-sized optimizer state is not needed to resume.
+        CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=self._optimizer_state)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -297,6 +297,8 @@ async def train(request: web.Request) -> web.Response:
     state.sessions.admit(session)
     started = time.perf_counter()
     async with session.lock, state.slots:  # a retry waits for its original; few bodies in memory
+        if state.sessions.sessions.get(session.id) is not session:  # closed while this request waited
+            raise ApiError(404, "unknown_session", f"session {session.id[:8]}... was closed")
         raw, message = await _read_message(request)
         step = step_number(message)
         if step == session.step:  # a retry of the last applied step: its answer, not a second update
@@ -322,7 +324,10 @@ async def train(request: web.Request) -> web.Response:
     if saved_s is not None:
         m.checkpoints += 1
         m.checkpoint_seconds.observe(saved_s)
-    m.step_seconds.observe(time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    m.step_seconds.observe(elapsed)
+    fields = {"session": session.id[:8], "step": step, "batch": int(labels.shape[0]), "ms": round(elapsed * 1e3, 1)}
+    log.debug("step applied", extra={"fields": fields})
     return _tensor_response(body)
 
 

@@ -50,6 +50,11 @@ def bench_command(
                 "grows",
             )
         )
+    rows += [
+        ("crash safety: journal entry per step (s)", f"{report['journal_append_s']:.3f}", ""),
+        ("crash safety: stored reply per step (s)", f"{report['reply_write_s']:.3f}", ""),
+        (f"crash safety: tail checkpoint, {report['checkpoint_mb']:.0f} MB (s)", f"{report['checkpoint_s']:.2f}", ""),
+    ]
     for row in rows:
         table.add_row(*row)
     console.print(table)

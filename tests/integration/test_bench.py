@@ -21,9 +21,13 @@ def test_bench_reports_every_figure():
         "batch_load_s",
         "throughput",
         "config",
+        "journal_append_s",
+        "reply_write_s",
+        "checkpoint_s",
     ):
         assert key in report, key
     assert set(report["throughput"]) == {"1", "2"}
+    assert report["checkpoint_mb"] > 1 and report["journal_append_s"] > 0
     assert all(t["steps_per_s"] > 0 and t["p99_ms"] >= t["p50_ms"] > 0 for t in report["throughput"].values())
     # Wire bytes per step by the protocol's arithmetic (docs/protocol.md), activation 8x16x64x64 float32:
     # request = 16 header + 19 meta {"step":1000000000} -> 40, (4 + 10 "activation" + 16 dims -> 32) + act,
