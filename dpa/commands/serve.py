@@ -51,6 +51,7 @@ def serve_command(
     """Serve the tail: train it on DP activations from devices, return activation gradients."""
     from aiohttp import web
 
+    from dpa.manifest import load_manifest
     from runtime_server.app import init_app
     from runtime_server.auth import add_token
     from runtime_server.config import ServerConfig
@@ -80,6 +81,7 @@ def serve_command(
             session_burst=session_burst,
         )
         ssl_context = server_ssl_context(config)
+        load_manifest(artifacts)  # a wrong --artifacts fails here, before a token file is created
         if token_file is not None and not token_file.exists():
             add_token(token_file, "device-1")
             console.print(

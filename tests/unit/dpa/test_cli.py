@@ -30,6 +30,37 @@ def test_bad_client_parameters_fail_before_any_work(tmp_path):
     assert result.exit_code == 2 and "no manifest.json" in result.output
     result = runner.invoke(app, ["serve", "--artifacts", str(tmp_path / "none")])
     assert result.exit_code == 2 and "no manifest.json" in result.output
+    assert not (tmp_path / "none").exists()  # no token file (or folder) was created for it
+
+
+def test_serve_refuses_an_exposed_bind_without_auth_or_tls(tmp_path):
+    result = runner.invoke(app, ["serve", "--artifacts", str(tmp_path), "--host", "0.0.0.0", "--no-auth"])
+    assert result.exit_code == 2 and "without auth or TLS" in result.output and "--insecure" in result.output
+    result = runner.invoke(app, ["serve", "--artifacts", str(tmp_path), "--host", "0.0.0.0"])
+    assert result.exit_code == 2 and "without TLS exposes" in result.output
+    result = runner.invoke(app, ["serve", "--artifacts", str(tmp_path), "--tls-cert", str(tmp_path / "c.pem")])
+    assert result.exit_code == 2 and "TLS needs both --tls-cert and --tls-key" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_token_add_writes_the_server_file_and_the_device_copy(tmp_path):
+    from runtime_client.edge import read_token_file
+    from runtime_server.auth import TokenStore
+
+    server_file, device_file = tmp_path / "state" / "tokens.txt", tmp_path / "phone.token"
+    result = runner.invoke(app, ["token", "add", "phone-1", "--tokens", str(server_file), "--out", str(device_file)])
+    assert result.exit_code == 0, result.output
+    token = read_token_file(device_file)
+    assert token not in result.output  # written to the device's file, not shown
+    assert TokenStore.load(server_file).authenticate(f"Bearer {token}") == "phone-1"
+    assert oct(device_file.stat().st_mode & 0o777) == "0o600"
+    result = runner.invoke(app, ["token", "add", "phone-1", "--tokens", str(server_file)])
+    assert result.exit_code == 2 and "already has a token for 'phone-1'" in result.output
+    result = runner.invoke(app, ["token", "add", "phone-2", "--tokens", str(server_file)])
+    assert (
+        result.exit_code == 0
+        and TokenStore.load(server_file).authenticate("Bearer " + result.output.strip().splitlines()[-1]) == "phone-2"
+    )  # without --out the token is printed, last line, for piping
 
 
 def test_help_lists_every_command():
