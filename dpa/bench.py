@@ -275,9 +275,8 @@ async def _throughput(
 @contextlib.contextmanager
 def _server_process(artifacts: Path, state: Path) -> Iterator[str]:
     """`dpa serve` in its own process, as deployed: it shares no event loop or GIL with the clients."""
-    import urllib.request
 
-    from dpa.local import free_port
+    from dpa.local import free_port, wait_until_healthy
 
     port = free_port()
     args = ["serve", "--artifacts", str(artifacts), "--port", str(port), "--device", "cpu"]
@@ -287,15 +286,7 @@ def _server_process(artifacts: Path, state: Path) -> Iterator[str]:
         [sys.executable, "-m", "dpa.app", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=1)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("bench server did not start") from None
-                time.sleep(0.3)
+        wait_until_healthy(f"http://127.0.0.1:{port}", server)
         yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()

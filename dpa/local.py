@@ -8,17 +8,35 @@ The demo and the sweep train this way: the server is the real aiohttp app on a f
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["free_port", "serve_and_train"]
+__all__ = ["free_port", "serve_and_train", "wait_until_healthy"]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_until_healthy(url: str, server: subprocess.Popen, timeout_s: float = 120.0) -> None:  # type: ignore[type-arg]
+    """Block until the server process at ``url`` answers /v1/health; RuntimeError if it exits or times out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/v1/health", timeout=1)
+            return
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError(f"the server at {url} exited with status {server.returncode}") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server at {url} did not answer within {timeout_s:g} s") from None
+            time.sleep(0.1)
 
 
 async def serve_and_train(artifacts: Path, state: Path, client_cfg: Any) -> dict[str, Any]:

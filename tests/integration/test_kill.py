@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpa.local import free_port
+from dpa.local import free_port, wait_until_healthy
 from dpa.ort_training import CheckpointState
 from runtime_client.head import HEAD_CHECKPOINT
 from runtime_server.tail import CHECKPOINT_NAME
@@ -64,15 +64,10 @@ class Run:
         args += ["--state-dir", str(self.state)]
         log = open(self.logs / f"server-{self.starts}.log", "wb")  # noqa: SIM115 - closed with the process
         self.server = subprocess.Popen(_dpa(*args), stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/v1/health", timeout=1)
-                return
-            except OSError:
-                assert self.server.poll() is None, (self.logs / f"server-{self.starts}.log").read_text()
-                assert time.time() < deadline, "server did not come up"
-                time.sleep(0.1)
+        try:
+            wait_until_healthy(self.url, self.server, timeout_s=60)
+        except RuntimeError as exc:
+            raise AssertionError((self.logs / f"server-{self.starts}.log").read_text()) from exc
 
     def start_client(self) -> None:
         resume = (self.device / HEAD_CHECKPOINT).is_file()

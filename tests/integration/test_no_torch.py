@@ -12,10 +12,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
-from dpa.local import free_port
+from dpa.local import free_port, wait_until_healthy
 from runtime_server.tail import CHECKPOINT_NAME
 
 BLOCK = """
@@ -70,15 +69,10 @@ def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
         env=env,
     )
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=1)
-                break
-            except OSError:
-                assert server.poll() is None, server.communicate()[0]
-                assert time.time() < deadline, "server did not come up"
-                time.sleep(0.2)
+        try:
+            wait_until_healthy(f"http://127.0.0.1:{port}", server, timeout_s=60)
+        except RuntimeError as exc:
+            raise AssertionError(server.communicate(timeout=10)[0]) from exc
         report = tmp_path / "report.json"
         client = subprocess.run(
             _dpa(
