@@ -34,8 +34,9 @@ class DemoConfig:
     epochs: int = 16
     batch_size: int = 8  # the seed's batch size
     # No noise, then DP-A. At conv1_1 a release has d = 65,536 elements at 64x64: the tail learns from
-    # scratch only once the noise per element is below the signal (see README), i.e. epsilon ~ 1e6.
-    epsilons: tuple[float, ...] = (float("inf"), 1e6)
+    # scratch only once the noise per element is well below the signal (see README). At 1e6 (SNR 2.75)
+    # 2 of 4 seeds learned in 12 epochs; at 3e6 (SNR 4.8) 3 of 3 did.
+    epsilons: tuple[float, ...] = (float("inf"), 3e6)
     clip: float = 100.0  # below the median activation norm at initialisation (~170): most examples are clipped
     delta: float = 1e-5
     seed: int = 0  # reproducible demo (the client warns that fixed seeds are for experiments)

@@ -159,13 +159,16 @@ def clip_l2(x: np.ndarray, *, clip: float) -> tuple[np.ndarray, np.ndarray]:
     return scale_examples(x, factors), factors
 
 
-def clip_l2_vjp(x: np.ndarray, grad: np.ndarray, *, clip: float, norms: np.ndarray | None = None) -> np.ndarray:
-    """Vector-Jacobian product g^T dy/dx of :func:`clip_l2` at ``x``.
+def clip_l2_vjp(
+    x: np.ndarray, grad: np.ndarray, *, clip: float, norms: np.ndarray | None = None, grad_scale: float = 1.0
+) -> np.ndarray:
+    """Vector-Jacobian product g^T dy/dx of :func:`clip_l2` at ``x``, for g = grad_scale * grad.
 
     With n = ||x_i||_2 per example:
         n <= C:  g                                   (y = x)
         n >  C:  (C/n) * (g - x (x . g) / n^2)       (y = C x / n)
-    ``norms`` may pass ``l2_norms(x)`` when already known (saves a pass).
+    ``norms`` may pass ``l2_norms(x)`` when already known (saves a pass); ``grad_scale``
+    is folded into the first pass instead of costing one of its own.
     """
     c = _clip_value(clip)
     x, grad = np.asarray(x), np.asarray(grad)
@@ -177,14 +180,22 @@ def clip_l2_vjp(x: np.ndarray, grad: np.ndarray, *, clip: float, norms: np.ndarr
         raise ValueError(f"norms must have shape ({xr.shape[0]},), got {n.shape}")
     _check_finite(n, "the L2 norm")
     dt = _out_dtype(x, grad)
-    out = np.array(gr, dtype=dt, copy=True)
+    out = _scaled_copy(gr, dt, grad_scale)
+    row = None
     for i in np.flatnonzero(n > c):
-        xg = float(_row_dots(xr[i : i + 1], gr[i : i + 1])[0])
+        xg = grad_scale * float(_row_dots(xr[i : i + 1], gr[i : i + 1])[0])
         ni = float(n[i])
         scale = c / ni
         out[i] *= dt.type(scale)
-        out[i] -= dt.type(scale * xg / ni**2) * xr[i].astype(dt, copy=False)
+        row = np.multiply(xr[i], dt.type(scale * xg / ni**2), out=row, dtype=dt)  # one scratch row, reused
+        out[i] -= row
     return out.reshape(x.shape)
+
+
+def _scaled_copy(rows: np.ndarray, dt: np.dtype, factor: float) -> np.ndarray:
+    if factor == 1.0:
+        return np.array(rows, dtype=dt, copy=True)
+    return np.multiply(rows, dt.type(factor), dtype=dt)
 
 
 # --------------------------------------------------------------------------- L1
@@ -203,8 +214,10 @@ def clip_l1(x: np.ndarray, *, clip: float) -> tuple[np.ndarray, np.ndarray]:
     return scale_examples(x, factors), factors
 
 
-def clip_l1_vjp(x: np.ndarray, grad: np.ndarray, *, clip: float, norms: np.ndarray | None = None) -> np.ndarray:
-    """Vector-Jacobian product g^T dy/dx of :func:`clip_l1` at ``x``.
+def clip_l1_vjp(
+    x: np.ndarray, grad: np.ndarray, *, clip: float, norms: np.ndarray | None = None, grad_scale: float = 1.0
+) -> np.ndarray:
+    """Vector-Jacobian product g^T dy/dx of :func:`clip_l1` at ``x``, for g = grad_scale * grad.
 
     With s = ||x_i||_1 per example:
         s <= C:  g                                        (y = x)
@@ -222,9 +235,9 @@ def clip_l1_vjp(x: np.ndarray, grad: np.ndarray, *, clip: float, norms: np.ndarr
         raise ValueError(f"norms must have shape ({xr.shape[0]},), got {s.shape}")
     _check_finite(s, "the L1 norm")
     dt = _out_dtype(x, grad)
-    out = np.array(gr, dtype=dt, copy=True)
+    out = _scaled_copy(gr, dt, grad_scale)
     for i in np.flatnonzero(s > c):
-        xg = float(_row_dots(xr[i : i + 1], gr[i : i + 1])[0])
+        xg = grad_scale * float(_row_dots(xr[i : i + 1], gr[i : i + 1])[0])
         si = float(s[i])
         scale = c / si
         out[i] *= dt.type(scale)

@@ -25,7 +25,9 @@ attacks on the sampler (Mironov, CCS 2012).
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
@@ -48,11 +50,36 @@ __all__ = [
     "ReleaseContext",
     "ReleaseStats",
     "DPActivations",
+    "NOISE_STREAMS",
+    "noise_stream_bounds",
 ]
 
-#: Noise is drawn in blocks of whole examples of at least this many elements
-#: (one float32 scratch buffer, never a full-batch noise array).
-_NOISE_BLOCK = 1 << 16
+#: A release's noise comes from this many independent streams, each filling one contiguous
+#: part of the flattened release. Fixed, so a seeded run draws the same noise on any machine;
+#: the streams run on up to this many threads (numpy's generators release the GIL): 0.24 s
+#: -> 0.11 s for the 25.7 M elements of a 224x224 conv1_1 batch on 2 cores.
+NOISE_STREAMS = 8
+#: Each stream draws in blocks of this many elements (a small float32 scratch buffer per
+#: stream, never a full-batch noise array).
+_NOISE_BLOCK = 1 << 18
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor | None:
+    """Threads for the noise streams; None on a single core (the streams then run in turn)."""
+    global _POOL
+    workers = min(NOISE_STREAMS, os.cpu_count() or 1)
+    if workers < 2:
+        return None
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dpa-noise")
+    return _POOL
+
+
+def noise_stream_bounds(size: int) -> list[tuple[int, int]]:
+    """[start, end) of each stream's part of a flattened release of ``size`` elements."""
+    edges = [size * k // NOISE_STREAMS for k in range(NOISE_STREAMS + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 class Mechanism(StrEnum):
@@ -240,11 +267,13 @@ class DPActivations:
         z ~ N(0, sigma^2) (gaussian) or the L1 norm and z ~ Laplace(0, b)
         (laplace). Returns (y as a new float32 array, context for backward).
 
-        Noise is drawn in float32 from the injected generator in blocks of
-        whole examples, in C order: for gaussian, z equals
-        ``sigma * rng.standard_normal(a.shape, dtype=np.float32)`` drawn in one
-        go; for laplace each block is b * (E1 - E2) with E1, E2 two successive
-        float32 ``standard_exponential`` draws of the block's size.
+        Noise is drawn in float32. The injected generator draws one seed per
+        stream, ``rng.integers(0, 2**63, size=NOISE_STREAMS)``; stream k is
+        ``np.random.default_rng(seed_k)`` and fills part k of the flattened
+        release (``noise_stream_bounds``), in C order: for gaussian its part of z is
+        ``sigma * standard_normal(part size, dtype=float32)`` drawn in one go; for
+        laplace each block of ``_NOISE_BLOCK`` elements is b * (E1 - E2), with
+        E1, E2 two successive float32 ``standard_exponential`` draws of the block's size.
         """
         ctx = self.context(activation)
         a = ctx.activation
@@ -252,8 +281,8 @@ class DPActivations:
         if noisy.dtype != np.float32:
             noisy = noisy.astype(np.float32)
         if self._scale > 0 and noisy.size:
-            self._add_noise(noisy.reshape(a.shape[0], -1), self.config.mechanism is Mechanism.GAUSSIAN)
-        if ctx.scale != 1.0:
+            self._add_noise(noisy.reshape(-1), self.config.mechanism is Mechanism.GAUSSIAN, ctx.scale)
+        elif ctx.scale != 1.0:
             noisy *= np.float32(ctx.scale)
         return noisy, ctx
 
@@ -279,25 +308,39 @@ class DPActivations:
             scale=cfg.release_scale(int(np.prod(a.shape[1:]))),
         )
 
-    def _add_noise(self, rows: np.ndarray, gaussian: bool) -> None:
-        """rows += noise, in place, one block of whole examples at a time."""
-        batch, width = rows.shape
-        per_block = max(1, _NOISE_BLOCK // max(width, 1))
-        scale = np.float32(self._scale)
-        buf = np.empty(min(per_block, batch) * width, dtype=np.float32)
-        buf2 = None if gaussian else np.empty_like(buf)
-        for start in range(0, batch, per_block):
-            block = rows[start : start + per_block]
-            z = buf[: block.size].reshape(block.shape)
-            if gaussian:
-                self._rng.standard_normal(dtype=np.float32, out=z)
-            else:
-                e2 = buf2[: block.size].reshape(block.shape)
-                self._rng.standard_exponential(dtype=np.float32, out=z)
-                self._rng.standard_exponential(dtype=np.float32, out=e2)
-                z -= e2
-            z *= scale
-            block += z
+    def _add_noise(self, flat: np.ndarray, gaussian: bool, rescale: float) -> None:
+        """flat = (flat + noise) * rescale, in place, one stream per part, parts in parallel."""
+        seeds = self._rng.integers(0, 2**63, size=NOISE_STREAMS)
+        sigma, s = np.float32(self._scale), np.float32(rescale)
+
+        def fill(k: int, start: int, end: int) -> None:
+            gen = np.random.default_rng(int(seeds[k]))
+            buf = np.empty(min(_NOISE_BLOCK, end - start), dtype=np.float32)
+            buf2 = None if gaussian else np.empty_like(buf)
+            for lo in range(start, end, _NOISE_BLOCK):
+                hi = min(lo + _NOISE_BLOCK, end)
+                z = buf[: hi - lo]
+                if gaussian:
+                    gen.standard_normal(dtype=np.float32, out=z)
+                else:
+                    e2 = buf2[: hi - lo]  # type: ignore[index]
+                    gen.standard_exponential(dtype=np.float32, out=z)
+                    gen.standard_exponential(dtype=np.float32, out=e2)
+                    z -= e2
+                z *= sigma
+                part = flat[lo:hi]
+                part += z
+                if rescale != 1.0:
+                    part *= s
+
+        parts = noise_stream_bounds(flat.size)
+        pool = _pool()
+        if pool is None or flat.size < 2 * _NOISE_BLOCK:
+            for k, (start, end) in enumerate(parts):
+                fill(k, start, end)
+        else:
+            for future in [pool.submit(fill, k, start, end) for k, (start, end) in enumerate(parts)]:
+                future.result()
 
     def backward(self, ctx: ReleaseContext, grad_noisy: np.ndarray) -> np.ndarray:
         """d loss / d pre-clip activation from d loss / d released activation.
@@ -314,10 +357,9 @@ class DPActivations:
             raise ValueError(
                 f"grad_noisy shape {g.shape} differs from the released activation's {ctx.activation.shape}"
             )
-        if ctx.scale != 1.0:
-            g = g * np.float32(ctx.scale)  # d (s * y) / d y = s
         vjp = clip_l2_vjp if ctx.mechanism is Mechanism.GAUSSIAN else clip_l1_vjp
-        return vjp(ctx.activation, g, clip=ctx.clip, norms=ctx.norms)
+        # d (s * y) / d y = s: the public rescale is folded into the VJP's first pass.
+        return vjp(ctx.activation, g, clip=ctx.clip, norms=ctx.norms, grad_scale=float(np.float32(ctx.scale)))
 
     @staticmethod
     def stats(ctx: ReleaseContext) -> ReleaseStats:

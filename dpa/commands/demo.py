@@ -15,7 +15,7 @@ from dpa.cli_util import console, user_errors
 def demo_command(
     workdir: Annotated[Path, typer.Option(help="Folder for the export, data and reports.")] = Path("runs/demo"),
     epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 16,
-    epsilon: Annotated[float, typer.Option(help="Per-release epsilon of the noisy run.")] = 1e6,
+    epsilon: Annotated[float, typer.Option(help="Per-release epsilon of the noisy run.")] = 3e6,
 ) -> None:
     """The whole pipeline in minutes: held-out accuracy with and without DP-A noise."""
     from dpa.demo import DemoConfig, run_demo

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from runtime_client.calibration import gaussian_sigma, laplace_scale
-from runtime_client.mechanism import DPActivations, DPConfig, Mechanism, ReleaseContext
+from runtime_client.mechanism import NOISE_STREAMS, DPActivations, DPConfig, Mechanism, ReleaseContext
 
 N_NOISE = (16, 4, 128, 128)  # 1,048,576 noise samples per release
 
@@ -123,14 +123,21 @@ def test_noise_std_and_mean(mechanism, epsilon, expected_std) -> None:
         assert (np.abs(z) > expected_std).mean() == pytest.approx(0.3173, abs=0.003)
 
 
-def test_released_minus_clipped_is_the_gaussian_noise() -> None:
-    x = _activation((8, 3, 16, 16))
+@pytest.mark.parametrize("shape", [(8, 3, 16, 16), (4, 4, 256, 256)])  # streams in turn / on threads
+def test_released_minus_clipped_is_the_gaussian_noise(shape) -> None:
+    x = _activation(shape)
     cfg = DPConfig(clip=1.0, epsilon=2.0, normalize=False)
     noisy, ctx = DPActivations(cfg, np.random.default_rng(7)).release(x)
     # Independent reference: clip with torch, draw the documented noise stream.
     xt = torch.tensor(x, dtype=torch.float64)
     clipped = xt * torch.clamp(1.0 / xt.flatten(1).norm(dim=1), max=1.0).reshape(-1, 1, 1, 1)
-    noise = np.float32(cfg.noise_scale) * np.random.default_rng(7).standard_normal(x.shape, dtype=np.float32)
+    seeds = np.random.default_rng(7).integers(0, 2**63, size=NOISE_STREAMS)
+    edges = np.linspace(0, x.size, NOISE_STREAMS + 1).astype(int)  # equal parts, as documented
+    streams = [
+        np.random.default_rng(int(seed)).standard_normal(int(hi - lo), dtype=np.float32)
+        for seed, lo, hi in zip(seeds, edges[:-1], edges[1:], strict=True)
+    ]
+    noise = np.float32(cfg.noise_scale) * np.concatenate(streams).reshape(x.shape)
     np.testing.assert_allclose(noisy - clipped.numpy(), noise, rtol=0, atol=1e-5 * cfg.noise_scale)
     assert 0 < ctx.fraction_clipped < 1
 
