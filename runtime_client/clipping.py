@@ -160,7 +160,13 @@ def clip_l2(x: np.ndarray, *, clip: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def clip_l2_vjp(
-    x: np.ndarray, grad: np.ndarray, *, clip: float, norms: np.ndarray | None = None, grad_scale: float = 1.0
+    x: np.ndarray,
+    grad: np.ndarray,
+    *,
+    clip: float,
+    norms: np.ndarray | None = None,
+    grad_scale: float = 1.0,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Vector-Jacobian product g^T dy/dx of :func:`clip_l2` at ``x``, for g = grad_scale * grad.
 
@@ -168,7 +174,8 @@ def clip_l2_vjp(
         n <= C:  g                                   (y = x)
         n >  C:  (C/n) * (g - x (x . g) / n^2)       (y = C x / n)
     ``norms`` may pass ``l2_norms(x)`` when already known (saves a pass); ``grad_scale``
-    is folded into the first pass instead of costing one of its own.
+    is folded into the first pass instead of costing one of its own; ``out`` (x's shape,
+    the result dtype) receives the result, so threads can each fill a slice of one array.
     """
     c = _clip_value(clip)
     x, grad = np.asarray(x), np.asarray(grad)
@@ -180,7 +187,7 @@ def clip_l2_vjp(
         raise ValueError(f"norms must have shape ({xr.shape[0]},), got {n.shape}")
     _check_finite(n, "the L2 norm")
     dt = _out_dtype(x, grad)
-    out = _scaled_copy(gr, dt, grad_scale)
+    out = _scaled_copy(gr, dt, grad_scale, out)
     row = None
     for i in np.flatnonzero(n > c):
         xg = grad_scale * float(_row_dots(xr[i : i + 1], gr[i : i + 1])[0])
@@ -192,7 +199,17 @@ def clip_l2_vjp(
     return out.reshape(x.shape)
 
 
-def _scaled_copy(rows: np.ndarray, dt: np.dtype, factor: float) -> np.ndarray:
+def _scaled_copy(rows: np.ndarray, dt: np.dtype, factor: float, out: np.ndarray | None = None) -> np.ndarray:
+    """factor * rows as a new (B, N) array of dtype dt, or written into ``out``."""
+    if out is not None:
+        if out.shape[0] != rows.shape[0] or out.size != rows.size or out.dtype != dt:
+            raise ValueError(f"out must be a {dt} array of {rows.size} elements, got {out.dtype} {out.shape}")
+        target = out.reshape(rows.shape)
+        if factor == 1.0:
+            np.copyto(target, rows)
+        else:
+            np.multiply(rows, dt.type(factor), out=target)
+        return target
     if factor == 1.0:
         return np.array(rows, dtype=dt, copy=True)
     return np.multiply(rows, dt.type(factor), dtype=dt)
@@ -215,7 +232,13 @@ def clip_l1(x: np.ndarray, *, clip: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def clip_l1_vjp(
-    x: np.ndarray, grad: np.ndarray, *, clip: float, norms: np.ndarray | None = None, grad_scale: float = 1.0
+    x: np.ndarray,
+    grad: np.ndarray,
+    *,
+    clip: float,
+    norms: np.ndarray | None = None,
+    grad_scale: float = 1.0,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Vector-Jacobian product g^T dy/dx of :func:`clip_l1` at ``x``, for g = grad_scale * grad.
 
@@ -235,7 +258,7 @@ def clip_l1_vjp(
         raise ValueError(f"norms must have shape ({xr.shape[0]},), got {s.shape}")
     _check_finite(s, "the L1 norm")
     dt = _out_dtype(x, grad)
-    out = _scaled_copy(gr, dt, grad_scale)
+    out = _scaled_copy(gr, dt, grad_scale, out)
     for i in np.flatnonzero(s > c):
         xg = grad_scale * float(_row_dots(xr[i : i + 1], gr[i : i + 1])[0])
         si = float(s[i])

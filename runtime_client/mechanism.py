@@ -65,14 +65,16 @@ _NOISE_BLOCK = 1 << 18
 _POOL: ThreadPoolExecutor | None = None
 
 
+_WORKERS = min(NOISE_STREAMS, os.cpu_count() or 1)
+
+
 def _pool() -> ThreadPoolExecutor | None:
-    """Threads for the noise streams; None on a single core (the streams then run in turn)."""
+    """Threads for the noise streams and the VJP; None on a single core (work then runs in turn)."""
     global _POOL
-    workers = min(NOISE_STREAMS, os.cpu_count() or 1)
-    if workers < 2:
+    if _WORKERS < 2:
         return None
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dpa-noise")
+        _POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="dpa-noise")
     return _POOL
 
 
@@ -359,7 +361,21 @@ class DPActivations:
             )
         vjp = clip_l2_vjp if ctx.mechanism is Mechanism.GAUSSIAN else clip_l1_vjp
         # d (s * y) / d y = s: the public rescale is folded into the VJP's first pass.
-        return vjp(ctx.activation, g, clip=ctx.clip, norms=ctx.norms, grad_scale=float(np.float32(ctx.scale)))
+        scale = float(np.float32(ctx.scale))
+        a, batch, pool = ctx.activation, g.shape[0], _pool()
+        if pool is None or batch < 2 or g.size < 2 * _NOISE_BLOCK:
+            return vjp(a, g, clip=ctx.clip, norms=ctx.norms, grad_scale=scale)
+        # Examples are independent: groups of them on the noise threads, each into its slice of one array.
+        out = np.empty(g.shape, dtype=np.result_type(a.dtype, g.dtype, np.float32))
+        groups = min(batch, _WORKERS)
+        edges = [batch * k // groups for k in range(groups + 1)]
+
+        def part(lo: int, hi: int) -> None:
+            vjp(a[lo:hi], g[lo:hi], clip=ctx.clip, norms=ctx.norms[lo:hi], grad_scale=scale, out=out[lo:hi])
+
+        for future in [pool.submit(part, lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]:
+            future.result()
+        return out
 
     @staticmethod
     def stats(ctx: ReleaseContext) -> ReleaseStats:

@@ -214,10 +214,17 @@ def test_finite_epsilon_does_not_warn() -> None:
 # --------------------------------------------------------------------------- backward
 
 
-@pytest.mark.parametrize(("mechanism", "ord_"), [("gaussian", 2), ("laplace", 1)])
-def test_backward_matches_torch_autograd(mechanism, ord_) -> None:
-    x = _activation((10, 3, 6, 6), seed=4)
-    dp = DPActivations(DPConfig(mechanism=mechanism, clip=1.0, epsilon=1.0), np.random.default_rng(0))
+@pytest.mark.parametrize(
+    ("mechanism", "ord_", "shape", "clip"),
+    [
+        ("gaussian", 2, (10, 3, 6, 6), 1.0),
+        ("laplace", 1, (10, 3, 6, 6), 1.0),
+        ("gaussian", 2, (4, 4, 256, 256), 1.0),  # large enough for the threaded VJP (groups of examples)
+    ],
+)
+def test_backward_matches_torch_autograd(mechanism, ord_, shape, clip) -> None:
+    x = _activation(shape, seed=4)
+    dp = DPActivations(DPConfig(mechanism=mechanism, clip=clip, epsilon=1.0), np.random.default_rng(0))
     noisy, ctx = dp.release(x)
     g = np.random.default_rng(9).standard_normal(x.shape).astype(np.float32)
 
@@ -225,8 +232,8 @@ def test_backward_matches_torch_autograd(mechanism, ord_) -> None:
     scale = 1.0 / math.sqrt(dp.config.noise_std**2 + dp.config.clip**2 / x[0].size)
     assert ctx.scale == pytest.approx(scale)
     xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    z = torch.tensor(noisy, dtype=torch.float64) / scale - _clip_torch(xt, ord_).detach()
-    released = scale * (_clip_torch(xt, ord_) + z)
+    z = torch.tensor(noisy, dtype=torch.float64) / scale - _clip_torch(xt, ord_, clip).detach()
+    released = scale * (_clip_torch(xt, ord_, clip) + z)
     (released * torch.tensor(g, dtype=torch.float64)).sum().backward()
 
     grad = dp.backward(ctx, g)
@@ -235,8 +242,8 @@ def test_backward_matches_torch_autograd(mechanism, ord_) -> None:
     assert 0 < ctx.fraction_clipped < 1
 
 
-def _clip_torch(x: torch.Tensor, ord_: int) -> torch.Tensor:
-    factor = torch.clamp(1.0 / x.flatten(1).norm(p=ord_, dim=1), max=1.0)
+def _clip_torch(x: torch.Tensor, ord_: int, clip: float = 1.0) -> torch.Tensor:
+    factor = torch.clamp(clip / x.flatten(1).norm(p=ord_, dim=1), max=1.0)
     return x * factor.reshape((-1,) + (1,) * (x.dim() - 1))
 
 
