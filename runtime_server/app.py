@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,7 @@ from runtime_server.tail import NonFiniteStep
 from runtime_server.tail_worker import TailWorker
 from runtime_server.validation import step_number, validate_eval, validate_train
 
-__all__ = ["init_app", "STATE", "API_PREFIX", "max_body_bytes"]
+__all__ = ["init_app", "reload_tokens", "STATE", "API_PREFIX", "max_body_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -410,6 +411,24 @@ async def evaluate(request: web.Request) -> web.Response:
 # ----------------------------------------------------------------------------- app
 
 
+def reload_tokens(app: web.Application) -> bool:
+    """Read the token file again (``kill -HUP``): revoke a lost phone's token without a restart.
+
+    A file that no longer loads leaves the current tokens in force. Sessions stay with their
+    device name; a revoked token's requests get 401 from now on.
+    """
+    state = app[STATE]
+    if state.config.tokens is None:
+        return False
+    try:
+        state.tokens = TokenStore.load(state.config.tokens)
+    except (OSError, ValueError) as exc:
+        log.error("token reload failed, keeping the old tokens", extra={"fields": {"error": str(exc)[:200]}})
+        return False
+    log.info("tokens reloaded", extra={"fields": {"devices": len(state.tokens.digests)}})
+    return True
+
+
 async def _expire_sessions(state: ServerState) -> None:
     period = min(30.0, state.config.session_idle_s / 4)
     while True:
@@ -444,6 +463,11 @@ def init_app(config: ServerConfig) -> web.Application:
         state = ServerState(config, manifest, digest, tail, executor, max_body, slots, sessions, tokens, journal)
         app[STATE] = state
         expiry = asyncio.create_task(_expire_sessions(state))
+        if tokens is not None:
+            try:
+                loop.add_signal_handler(signal.SIGHUP, reload_tokens, app)
+            except (NotImplementedError, RuntimeError, AttributeError):
+                pass  # no SIGHUP (Windows) or not the main thread (the tests' servers): reload_tokens() still works
         fields = {"cut": manifest.cut, "device": device.describe(), "global_step": tail.global_step}
         fields["replayed_steps"] = replayed
         fields |= {"sessions": len(sessions.sessions), "auth": tokens is not None, "tls": config.tls_cert is not None}

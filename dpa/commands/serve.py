@@ -106,7 +106,7 @@ def token_add_command(
         Path | None, typer.Option(help="Also write the token alone to this file, for the device's --token-file.")
     ] = None,
 ) -> None:
-    """Add a device token to the server's token file (restart the server to load it)."""
+    """Add a device token to the server's token file (`kill -HUP` the server, or restart it, to load it)."""
     from dpa.atomic import atomic_write_bytes
     from runtime_server.auth import add_token
 

@@ -12,9 +12,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 
 from dpa.local import free_port, wait_until_healthy
+from runtime_server.auth import add_token
 from runtime_server.tail import CHECKPOINT_NAME
 
 BLOCK = """
@@ -118,6 +121,23 @@ def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
         )
         status = json.load(urllib.request.urlopen(request))
         assert status["global_step"] == 2
+        # kill -HUP reloads the token file: a token added now is accepted without a restart.
+        added = add_token(state / "tokens.txt", "device-2")
+        device_2 = tmp_path / "device-2.token"
+        device_2.write_text(added + "\n")
+        server.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                urllib.request.urlopen(
+                    urllib.request.Request(
+                        f"http://127.0.0.1:{port}/v1/status", headers={"Authorization": f"Bearer {added}"}
+                    )
+                )
+                break
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 401 and time.monotonic() < deadline
+                time.sleep(0.1)
         evaluation = subprocess.run(
             _dpa(
                 "eval",
@@ -137,7 +157,7 @@ def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
                 str(tmp_path / "client"),
                 "--json",
                 "--token-file",
-                str(state / "tokens.txt"),
+                str(device_2),  # the token added after the start, loaded by SIGHUP
             ),
             capture_output=True,
             text=True,

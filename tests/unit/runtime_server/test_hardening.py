@@ -310,3 +310,26 @@ def test_client_retries_until_the_server_comes_up(small_export, start_server, tm
     t0 = time.monotonic()
     err = asyncio.run(give_up())
     assert err.code == "unreachable" and time.monotonic() - t0 < 5
+
+
+def test_token_file_reload_revokes_and_adds_without_a_restart(small_export, start_server, tokens):
+    from runtime_server.app import reload_tokens
+
+    path, a, b = tokens
+    server = start_server(small_export, tokens=path)
+    path.write_text(f"phone-b {b}\nphone-c {'c' * 43}\n")  # phone-a revoked, phone-c added
+
+    async def status(token: str) -> int:
+        async with EdgeClient(server.url, token=token, retry=NO_RETRY) as edge:
+            try:
+                await edge.status()
+                return 200
+            except EdgeError as exc:
+                return exc.status
+
+    assert asyncio.run(status(a)) == 200
+    assert reload_tokens(server.app)
+    assert [asyncio.run(status(t)) for t in (a, b, "c" * 43)] == [401, 200, 200]
+    path.write_text("garbage\n")
+    assert not reload_tokens(server.app)  # a broken file keeps the tokens in force
+    assert asyncio.run(status(b)) == 200
