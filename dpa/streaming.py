@@ -7,9 +7,16 @@ buffer once and copy each chunk into it as it arrives.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from aiohttp import StreamReader
 
-__all__ = ["read_body"]
+__all__ = ["read_body", "write_chunks", "CHUNK"]
+
+#: Bodies are written in slices of this size. Handing asyncio one 103 MB buffer makes its
+#: transport copy what the socket does not take at once (most of it) into a buffer of its
+#: own; slices written as the socket drains cost no copy (0.52 -> 0.28 s per request, loopback).
+CHUNK = 1 << 20
 
 
 async def read_body(stream: StreamReader, length: int | None) -> bytearray:
@@ -28,3 +35,13 @@ async def read_body(stream: StreamReader, length: int | None) -> bytearray:
     if pos != length:
         raise ValueError(f"body ended after {pos} of {length} bytes")
     return buf
+
+
+async def write_chunks(body: bytes | bytearray | memoryview) -> AsyncIterator[memoryview]:
+    """The body as memoryview slices (no copies), for aiohttp to send one by one.
+
+    Send with an explicit Content-Length, so the receiver can still read into one buffer.
+    """
+    view = memoryview(body).cast("B")
+    for start in range(0, len(view), CHUNK):
+        yield view[start : start + CHUNK]

@@ -22,7 +22,7 @@ import numpy as np
 
 from dpa import wire
 from dpa.manifest import GraphNames
-from dpa.streaming import read_body
+from dpa.streaming import read_body, write_chunks
 from runtime_client.retry import RETRYABLE_STATUS, RetryPolicy
 
 __all__ = ["EdgeClient", "EdgeError", "SessionInfo", "TrainReply", "read_token_file"]
@@ -115,8 +115,12 @@ class EdgeClient:
         if self._http is not None:
             await self._http.close()
 
-    async def _once(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytearray, str]:
+    async def _once(
+        self, method: str, path: str, body: bytearray | None = None, **kwargs: Any
+    ) -> tuple[int, bytearray, str]:
         assert self._http is not None, "use EdgeClient as an async context manager"
+        if body is not None:
+            kwargs["data"] = write_chunks(body)  # a fresh generator for every attempt
         try:
             async with self._http.request(method, self.url + API_PREFIX + path, **kwargs) as resp:
                 if resp.status >= 400:
@@ -192,7 +196,8 @@ class EdgeClient:
                 raise
 
     async def _post_message(self, path: str, body: bytearray) -> wire.Message:
-        _, reply, ctype = await self._request("POST", path, data=body, headers={"Content-Type": wire.CONTENT_TYPE})
+        headers = {"Content-Type": wire.CONTENT_TYPE, "Content-Length": str(len(body))}
+        _, reply, ctype = await self._request("POST", path, body=body, headers=headers)
         return _decode_reply(reply, ctype)
 
     async def train(self, session_id: str, step: int, activation: np.ndarray, labels: np.ndarray) -> TrainReply:

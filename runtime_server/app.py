@@ -33,7 +33,7 @@ from dpa import wire
 from dpa.atomic import atomic_write_bytes
 from dpa.devices import resolve_device
 from dpa.manifest import GraphNames, Manifest, load_manifest, manifest_sha256
-from dpa.streaming import read_body
+from dpa.streaming import read_body, write_chunks
 from runtime_server import metrics as prom
 from runtime_server.auth import TokenStore
 from runtime_server.config import ServerConfig
@@ -175,8 +175,15 @@ async def _read_message(request: web.Request) -> tuple[bytearray, wire.Message]:
         raise ApiError(400, "malformed_body", str(exc)) from None
 
 
-def _tensor_response(body: bytes | bytearray) -> web.Response:
-    return web.Response(body=body, content_type=wire.CONTENT_TYPE)
+async def _tensor_response(request: web.Request, body: bytes | bytearray) -> web.StreamResponse:
+    """Send a wire message in slices as the socket drains (see ``dpa.streaming.CHUNK``)."""
+    response = web.StreamResponse(headers={"Content-Type": wire.CONTENT_TYPE})
+    response.content_length = len(body)
+    await response.prepare(request)
+    async for chunk in write_chunks(body):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
 
 
 def _stored_reply(state: ServerState, session: Session, step: int) -> bytearray:
@@ -289,7 +296,8 @@ async def stored_reply(request: web.Request) -> web.Response:
             raise ApiError(
                 404, "no_stored_reply", f"only the last applied step ({session.step}) has a stored reply, not {step}"
             )
-        return _tensor_response(await state.run(_stored_reply, state, session, step))
+        stored = await state.run(_stored_reply, state, session, step)
+    return await _tensor_response(request, stored)
 
 
 async def train(request: web.Request) -> web.Response:
@@ -303,22 +311,26 @@ async def train(request: web.Request) -> web.Response:
         raw, message = await _read_message(request)
         step = step_number(message)
         if step == session.step:  # a retry of the last applied step: its answer, not a second update
-            body = await state.run(_stored_reply, state, session, step)
-            state.metrics.replayed_steps += 1
-            log.info("step replayed", extra={"fields": {"session": session.id[:8], "step": step}})
-            return _tensor_response(body)
-        if step != session.step + 1:
+            stored = await state.run(_stored_reply, state, session, step)
+        elif step != session.step + 1:
             raise ApiError(
                 409,
                 "step_out_of_order",
                 f"this session's next step is {session.step + 1}, not {step}",
                 extra={"expected_step": session.step + 1},
             )
-        act, labels = await state.run(validate_train, state.manifest, state.config.max_batch, message)
-        try:
-            body, saved_s = await state.run(_apply_step, state, session, step, raw, act, labels)
-        except NonFiniteStep as exc:
-            raise ApiError(422, "non_finite_step", str(exc)) from None
+        else:
+            stored = None
+            act, labels = await state.run(validate_train, state.manifest, state.config.max_batch, message)
+            try:
+                body, saved_s = await state.run(_apply_step, state, session, step, raw, act, labels)
+            except NonFiniteStep as exc:
+                raise ApiError(422, "non_finite_step", str(exc)) from None
+    # The reply is sent after the lock and the slot are released: a slow link holds neither.
+    if stored is not None:
+        state.metrics.replayed_steps += 1
+        log.info("step replayed", extra={"fields": {"session": session.id[:8], "step": step}})
+        return await _tensor_response(request, stored)
     m = state.metrics
     m.steps += 1
     m.examples += int(labels.shape[0])
@@ -329,7 +341,7 @@ async def train(request: web.Request) -> web.Response:
     m.step_seconds.observe(elapsed)
     fields = {"session": session.id[:8], "step": step, "batch": int(labels.shape[0]), "ms": round(elapsed * 1e3, 1)}
     log.debug("step applied", extra={"fields": fields})
-    return _tensor_response(body)
+    return await _tensor_response(request, body)
 
 
 def _apply_step(
@@ -405,7 +417,7 @@ async def evaluate(request: web.Request) -> web.Response:
 
         body = await state.run(step)
     state.metrics.eval_requests += 1
-    return _tensor_response(body)
+    return await _tensor_response(request, body)
 
 
 # ----------------------------------------------------------------------------- app
