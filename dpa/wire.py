@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,8 @@ __all__ = [
     "allocate",
     "decode",
     "encoded_size",
+    "pieces",
+    "read_streamed",
 ]
 
 MAGIC = b"DPAW"
@@ -153,6 +155,92 @@ def allocate(
         pos += nbytes
         pos += _pad(pos)
     return out, slots
+
+
+def pieces(specs: Mapping[str, Spec], meta: Mapping[str, Any] | None = None) -> tuple[int, list[bytes | str]]:
+    """The message as a sequence to send in order: framing bytes, and tensor names where a
+    tensor's data (exactly its C-order bytes) goes; and the total size.
+
+    Lets a sender stream a message whose tensors it produces piece by piece (the device
+    releases one example at a time while the request uploads) with the Content-Length known.
+    """
+    if len(specs) > MAX_TENSORS:
+        raise WireError(f"{len(specs)} tensors in one message; the limit is {MAX_TENSORS}")
+    meta_b = _meta_bytes(meta)
+    out: list[bytes | str] = []
+    head = _HEADER.pack(MAGIC, VERSION, len(specs), len(meta_b), 0) + meta_b
+    head += bytes(_pad(len(head)))
+    size = len(head)
+    for name, (shape, dtype) in specs.items():
+        tensor_head, nbytes, _ = _tensor_layout(name, tuple(shape), dtype)
+        head += tensor_head + bytes(_pad(size + len(tensor_head)))
+        size += len(tensor_head) + _pad(size + len(tensor_head))
+        out += [head, name]
+        size += nbytes
+        head = bytes(_pad(size))
+        size += len(head)
+    out.append(head)
+    return size, [piece for piece in out if piece != b""]
+
+
+async def read_streamed(
+    read: Callable[[int], Awaitable[bytes]],
+    length: int,
+    split: Mapping[str, int],
+    on_part: Callable[[str, int, np.ndarray], None],
+) -> Message:
+    """Parse a message from ``read(n)`` (exactly n bytes) without holding it whole.
+
+    A tensor named in ``split`` is read in that many equal parts along its first axis,
+    each handed to ``on_part(name, index, part)`` and then dropped; it is absent from the
+    returned message. The rest is decoded as by ``decode``.
+    """
+    pos = 0
+
+    async def take(n: int) -> bytes:
+        nonlocal pos
+        if pos + n > length:
+            raise WireError(f"message truncated: {n} bytes wanted at offset {pos} of {length}")
+        data = await read(n)
+        pos += n
+        return data
+
+    header = await take(_HEADER.size)
+    magic, version, count, meta_len, reserved = _HEADER.unpack(header)
+    if magic != MAGIC or version != VERSION or reserved != 0 or count > MAX_TENSORS or meta_len > MAX_META:
+        raise WireError("not a dpa tensor message of this version (header)")
+    meta_raw = await take(meta_len)
+    await take(_pad(pos))
+    meta: dict[str, Any] = {}
+    if meta_len:
+        try:
+            meta = json.loads(meta_raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise WireError("metadata is not UTF-8 JSON") from None
+        if not isinstance(meta, dict):
+            raise WireError("metadata must be a JSON object")
+    tensors: dict[str, np.ndarray] = {}
+    for index in range(count):
+        name_len, code, ndim = _TENSOR_HEADER.unpack(await take(_TENSOR_HEADER.size))
+        if not 1 <= name_len <= MAX_NAME or ndim > MAX_NDIM or code not in DTYPE_CODES:
+            raise WireError(f"tensor {index}: bad header")
+        rest = await take(name_len + 4 * ndim)
+        name = rest[:name_len].decode("ascii", errors="replace")
+        dims = struct.unpack_from(f"<{ndim}I", rest, name_len)
+        await take(_pad(pos))
+        dtype = DTYPE_CODES[code]
+        nbytes = math.prod(dims) * dtype.itemsize
+        parts = split.get(name)
+        if parts and dims and dims[0] == parts:
+            step = nbytes // parts
+            for i in range(parts):
+                on_part(name, i, np.frombuffer(await take(step), dtype=dtype).reshape(dims[1:]))
+        else:
+            tensors[name] = np.frombuffer(await take(nbytes), dtype=dtype).reshape(dims)
+        await take(_pad(pos))
+    if pos != length:
+        raise WireError(f"{length - pos} unexpected bytes after the last tensor")
+    return Message(tensors=tensors, meta=meta)
 
 
 def encode(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> bytearray:

@@ -12,7 +12,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,9 @@ class SessionInfo:
     max_batch: int
     global_step: int
     step: int = 0  # the session's last applied step (0 for a new session)
+
+
+BodyFactory = Callable[[], AsyncIterator[bytes | memoryview]]
 
 
 @dataclass(frozen=True)
@@ -116,10 +119,18 @@ class EdgeClient:
             await self._http.close()
 
     async def _once(
-        self, method: str, path: str, body: bytearray | None = None, **kwargs: Any
-    ) -> tuple[int, bytearray, str]:
+        self,
+        method: str,
+        path: str,
+        body: bytearray | BodyFactory | None = None,
+        reader: Callable[[aiohttp.ClientResponse], Awaitable[Any]] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """One attempt: (status, body, content type), or what ``reader`` makes of a 2xx response."""
         assert self._http is not None, "use EdgeClient as an async context manager"
-        if body is not None:
+        if callable(body):
+            kwargs["data"] = body()  # produced afresh for every attempt (same bytes: see SplitTrainer)
+        elif body is not None:
             kwargs["data"] = write_chunks(body)  # a fresh generator for every attempt
         try:
             async with self._http.request(method, self.url + API_PREFIX + path, **kwargs) as resp:
@@ -137,6 +148,8 @@ class EdgeClient:
                         except ValueError:
                             pass
                     raise error
+                if reader is not None:
+                    return await reader(resp)
                 return resp.status, await read_body(resp.content, resp.content_length), resp.content_type
         except aiohttp.ClientConnectorCertificateError as exc:
             raise EdgeError(
@@ -149,10 +162,12 @@ class EdgeClient:
             raise EdgeError(0, "tls", f"TLS with {self.url} failed: {exc}") from None
         except aiohttp.ClientError as exc:
             raise EdgeError(0, "unreachable", f"cannot reach {self.url}: {exc}") from None
+        except asyncio.IncompleteReadError:
+            raise EdgeError(0, "unreachable", f"{self.url} closed the connection mid-reply") from None
         except TimeoutError:
             raise EdgeError(0, "timeout", f"{self.url} did not answer in time") from None
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytearray, str]:
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         """One request, retried while the error is transient and the policy's time lasts."""
         deadline = time.monotonic() + self.retry.total_s
         waits = self.retry.waits()
@@ -214,6 +229,41 @@ class EdgeClient:
         """
         return _train_reply(await self._post_message(f"/sessions/{session_id}/train", body))
 
+    async def train_streamed(
+        self,
+        session_id: str,
+        length: int,
+        produce: BodyFactory,
+        batch: int,
+        on_start: Callable[[], None],
+        on_example: Callable[[int, np.ndarray], None],
+    ) -> TrainReply:
+        """A train step whose request is produced while it uploads and whose reply is consumed
+        example by example: neither is ever whole in the device's memory.
+
+        ``produce()`` must yield the same ``length`` bytes on every attempt. ``on_start`` runs
+        before a reply is read (a retried attempt starts over), then ``on_example(i, gradient)``
+        for each example's d loss / d activation, in order. The reply's ``activation_gradient``
+        is None.
+        """
+
+        async def reader(resp: aiohttp.ClientResponse) -> TrainReply:
+            if resp.content_type != wire.CONTENT_TYPE or resp.content_length is None:
+                raise EdgeError(0, "bad_reply", f"expected a sized {wire.CONTENT_TYPE} reply, got {resp.content_type}")
+            on_start()
+            msg = await wire.read_streamed(
+                resp.content.readexactly,
+                resp.content_length,
+                {GraphNames.ACTIVATION_GRADIENT: batch},
+                lambda _name, i, part: on_example(i, part),
+            )
+            return _train_reply(msg)
+
+        headers = {"Content-Type": wire.CONTENT_TYPE, "Content-Length": str(length)}
+        return await self._request(
+            "POST", f"/sessions/{session_id}/train", body=produce, reader=reader, headers=headers
+        )
+
     async def stored_reply(self, session_id: str, step: int) -> TrainReply:
         """The server's reply to ``step``, the session's last applied one (after the device crashed)."""
         _, reply, ctype = await self._request("GET", f"/sessions/{session_id}/steps/{step}")
@@ -235,7 +285,7 @@ def _train_reply(msg: wire.Message) -> TrainReply:
     return TrainReply(
         loss=float(t["loss"]),
         logits=t[GraphNames.LOGITS],
-        activation_gradient=t[GraphNames.ACTIVATION_GRADIENT],
+        activation_gradient=t.get(GraphNames.ACTIVATION_GRADIENT),  # type: ignore[arg-type]
         global_step=int(msg.meta.get("global_step", -1)),
         step=int(msg.meta.get("step", -1)),
     )

@@ -101,6 +101,10 @@ class HeadModel:
         self.module.train()
         self.module(images, upstream_gradient)
 
+    def reset_gradients(self) -> None:
+        """Drop gradients accumulated since the last step (a retried step starts over)."""
+        self.module.lazy_reset_grad()
+
     def step(self) -> None:
         """Apply the accumulated gradients, then clear them."""
         self.optimizer.step()

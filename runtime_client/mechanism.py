@@ -258,6 +258,19 @@ class DPActivations:
             )
 
     @property
+    def rng_state(self) -> dict:
+        """The noise generator's state: restoring it makes the next releases draw the same noise.
+
+        A device that must send a release again (a retried upload it produces on the fly)
+        restores it so that the bytes, and so the privacy cost, are those of the first try.
+        """
+        return self._rng.bit_generator.state
+
+    @rng_state.setter
+    def rng_state(self, state: dict) -> None:
+        self._rng.bit_generator.state = state
+
+    @property
     def noise_scale(self) -> float:
         """sigma (gaussian) or b (laplace) added to every element; 0 for epsilon = inf."""
         return self._scale

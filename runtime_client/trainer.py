@@ -13,6 +13,7 @@ import math
 import secrets
 import time
 import warnings
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,8 @@ class SplitTrainer:
         """One private step. With ``stored`` (the server's reply to this very step, fetched after
         the device crashed) nothing is sent: the release is recomputed only to advance the noise
         generator exactly as the first time, and the stored gradient is applied."""
+        if self.micro_batch is not None and stored is None:
+            return await self._streamed_step(images, labels, self.micro_batch)
         size = self.micro_batch if self.micro_batch is not None else len(labels)
         batch = len(labels)
         body, slots = wire.allocate(
@@ -167,6 +170,51 @@ class SplitTrainer:
         self.step_number = reply.step if reply.step > 0 else self.step_number + 1
         correct = int((reply.logits.argmax(axis=1) == labels).sum())
         return StepResult(reply.loss, correct, batch, clipped / max(batch, 1), reply.global_step)
+
+    async def _streamed_step(self, images: np.ndarray, labels: np.ndarray, size: int) -> StepResult:
+        """The micro-batch step with neither the request nor the reply ever whole in memory.
+
+        The request is produced while it uploads: ``size`` examples at a time are run through
+        the head and released. A retried upload restores the noise generator first, so it
+        sends the same bytes. The reply's gradient is consumed example by example: each
+        example's activation is recomputed and its gradient accumulated, then one step.
+        """
+        batch = len(labels)
+        specs = {
+            GraphNames.ACTIVATION: ((batch, *self.head.activation_shape), np.float32),
+            GraphNames.LABELS: ((batch,), np.int64),
+        }
+        length, pieces = wire.pieces(specs, {"step": self.step_number + 1})
+        start_state = self.dp.rng_state
+        clipped = [0]
+
+        async def produce() -> AsyncIterator[bytes | memoryview]:
+            self.dp.rng_state = start_state
+            clipped[0] = 0
+            for piece in pieces:
+                if isinstance(piece, bytes):
+                    yield piece
+                elif piece == GraphNames.LABELS:
+                    yield labels.astype("<i8").tobytes()
+                else:
+                    for start in range(0, batch, size):
+                        noisy, ctx = self.dp.release(self.head.forward(images[start : start + size]))
+                        clipped[0] += int(ctx.clipped.sum())
+                        yield memoryview(np.ascontiguousarray(noisy, dtype="<f4")).cast("B")
+
+        def on_start() -> None:
+            self.head.reset_gradients()  # a retried attempt accumulates from zero again
+
+        def on_example(i: int, gradient: np.ndarray) -> None:
+            ctx = self.dp.context(self.head.forward(images[i : i + 1]))  # recomputed, not kept
+            upstream = self.dp.backward(ctx, gradient[None])
+            self.head.accumulate(images[i : i + 1], upstream.astype(np.float32, copy=False))
+
+        reply = await self.edge.train_streamed(self.session_id, length, produce, batch, on_start, on_example)
+        self.head.step()
+        self.step_number = reply.step if reply.step > 0 else self.step_number + 1
+        correct = int((reply.logits.argmax(axis=1) == labels).sum())
+        return StepResult(reply.loss, correct, batch, clipped[0] / max(batch, 1), reply.global_step)
 
     async def _send(self, body: bytearray) -> TrainReply:
         """Send a step. If the server lost steps (it ran with checkpoint_every > 1 and crashed),

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dpa.local import free_port, wait_until_healthy
 from dpa.ort_training import CheckpointState
@@ -45,8 +46,9 @@ def _dpa(*args: str) -> list[str]:
 class Run:
     """One server state dir + one device state dir, with processes started and killed at will."""
 
-    def __init__(self, artifacts: Path, root: Path) -> None:
+    def __init__(self, artifacts: Path, root: Path, micro_batch: int | None = None) -> None:
         self.artifacts = artifacts
+        self.micro_batch = micro_batch
         self.state = root / "server"
         self.device = root / "device"
         self.port = free_port()
@@ -77,6 +79,7 @@ class Run:
         args += ["--state-dir", str(self.device), "--report", str(self.device / "report.json")]
         args += ["--token-file", str(self.state / "tokens.txt"), "--retry-s", "120"]
         args += ["--resume"] if resume else []
+        args += ["--micro-batch", str(self.micro_batch)] if self.micro_batch else []
         log = open(self.logs / f"client-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
         self.client = subprocess.Popen(_dpa(*args), stdout=log, stderr=subprocess.STDOUT, env=self.env)
 
@@ -114,8 +117,10 @@ class Run:
         return out
 
 
-def test_sigkilled_server_and_device_end_with_the_uninterrupted_weights(small_export, tmp_path, capsys):
-    reference = Run(small_export, tmp_path / "reference")
+@pytest.mark.parametrize("micro_batch", [None, 1], ids=["whole-batch", "streamed-micro-batch"])
+def test_sigkilled_server_and_device_end_with_the_uninterrupted_weights(small_export, tmp_path, capsys, micro_batch):
+    """With --micro-batch the request is produced while it uploads and the reply consumed per example."""
+    reference = Run(small_export, tmp_path / "reference", micro_batch)
     reference.start_server()
     reference.start_client()
     reference.finish()
@@ -123,7 +128,7 @@ def test_sigkilled_server_and_device_end_with_the_uninterrupted_weights(small_ex
     want_step = json.loads((reference.device / "report.json").read_text())["resilience"]["session_steps"]
     assert want_step == EPOCHS * 14
 
-    run = Run(small_export, tmp_path / "killed")
+    run = Run(small_export, tmp_path / "killed", micro_batch)
     run.start_server()
     run.start_client()
     rng = random.Random(0)
@@ -161,9 +166,10 @@ def test_sigkilled_server_and_device_end_with_the_uninterrupted_weights(small_ex
     assert set(got) == set(want)
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
+    mode = f"micro-batch {micro_batch}, streamed" if micro_batch else "whole batch"
     with capsys.disabled():
         print(
-            f"\n[kill test] server SIGKILLed and restarted {kills['server']}x, device {kills['client']}x; "
+            f"\n[kill test, {mode}] server SIGKILLed and restarted {kills['server']}x, device {kills['client']}x; "
             f"{report['resilience']['session_steps']} session steps (reference {want_step}), {replayed} replayed "
             "from the journal on restart; "
             f"weights of {len(got)} tensors equal to the uninterrupted run"
