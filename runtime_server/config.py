@@ -46,6 +46,8 @@ class ServerConfig:
     tls_key: Path | None = None
     insecure: bool = False  # allow a non-loopback bind without auth or without TLS
     max_sessions: int = 64  # open sessions at once (429 too_many_sessions beyond)
+    # Open sessions per device token: one device (or a leaked token) cannot take every slot.
+    max_sessions_per_device: int = 4
     session_idle_s: float = 3600.0  # a session unused this long is closed (410 session_expired)
     session_rate: float = 20.0  # train/eval requests per second per session, sustained (429 rate_limited)
     session_burst: int = 40  # ... and in a burst
@@ -63,6 +65,8 @@ class ServerConfig:
             raise ValueError(f"checkpoint interval must be >= 1 step, got {self.checkpoint_every}")
         if self.max_sessions < 1:
             raise ValueError(f"max sessions must be >= 1, got {self.max_sessions}")
+        if self.max_sessions_per_device < 1:
+            raise ValueError(f"max sessions per device must be >= 1, got {self.max_sessions_per_device}")
         if not (math.isfinite(self.session_idle_s) and self.session_idle_s > 0):
             raise ValueError(f"session idle timeout must be a positive number of seconds, got {self.session_idle_s}")
         if not (math.isfinite(self.session_rate) and self.session_rate > 0) or self.session_burst < 1:

@@ -155,6 +155,15 @@ class SessionTable:
                 "close unused sessions or try again later",
                 headers={"Retry-After": "30"},
             )
+        mine = sum(1 for s in self.sessions.values() if s.owner == owner)
+        if owner is not None and mine >= self.config.max_sessions_per_device:
+            raise ApiError(
+                429,
+                "too_many_device_sessions",
+                f"this device has {mine} open sessions, the limit per device (max_sessions_per_device); "
+                "close one (DELETE /v1/sessions/{id}) or wait for it to expire",
+                headers={"Retry-After": "30"},
+            )
         session = Session(
             id=secrets.token_urlsafe(16), owner=owner, client=client, created=time.time(), bucket=self._bucket()
         )

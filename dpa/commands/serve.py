@@ -43,6 +43,7 @@ def serve_command(
         bool, typer.Option("--insecure", help="Allow a non-loopback bind without auth or TLS (trusted network).")
     ] = False,
     max_sessions: Annotated[int, typer.Option(help="Open sessions at once.")] = 64,
+    max_sessions_per_device: Annotated[int, typer.Option(help="Open sessions per device token.")] = 4,
     session_idle_s: Annotated[float, typer.Option(help="Close a session after this many idle seconds.")] = 3600.0,
     session_rate: Annotated[float, typer.Option(help="Requests per second per session, sustained.")] = 20.0,
     session_burst: Annotated[int, typer.Option(help="Requests per session in a burst.")] = 40,
@@ -76,6 +77,7 @@ def serve_command(
             tls_key=tls_key,
             insecure=insecure,
             max_sessions=max_sessions,
+            max_sessions_per_device=max_sessions_per_device,
             session_idle_s=session_idle_s,
             session_rate=session_rate,
             session_burst=session_burst,

@@ -333,3 +333,23 @@ def test_token_file_reload_revokes_and_adds_without_a_restart(small_export, star
     path.write_text("garbage\n")
     assert not reload_tokens(server.app)  # a broken file keeps the tokens in force
     assert asyncio.run(status(b)) == 200
+
+
+def test_one_device_cannot_take_every_session(small_export, start_server, tokens):
+    path, a, b = tokens
+    server = start_server(small_export, tokens=path, max_sessions=8, max_sessions_per_device=2)
+    digest = manifest_sha256(small_export)
+
+    async def run() -> None:
+        async with EdgeClient(server.url, token=a, retry=NO_RETRY) as dev_a:
+            first = await dev_a.open_session(digest)
+            await dev_a.open_session(digest)
+            err = await _error(dev_a.open_session(digest))
+            assert (err.status, err.code) == (429, "too_many_device_sessions")
+            async with EdgeClient(server.url, token=b, retry=NO_RETRY) as dev_b:
+                await dev_b.open_session(digest)  # another device still gets in
+            await dev_a.close_session(first.session_id)
+            await dev_a.open_session(digest)  # room again after closing one
+
+    asyncio.run(run())
+    assert len(server.state.sessions.sessions) == 3
