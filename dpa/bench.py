@@ -201,17 +201,11 @@ async def _split_and_throughput(cfg: BenchConfig, artifacts: Path, report: dict[
         report["split_step_s"] = split
         report["split_step_ratio"] = split / report["monolithic_torch_step_s"]
 
-        act = np.zeros((cfg.batch, *manifest.activation_shape), np.float32)
-        request = wire.encoded_size({"activation": act, "labels": labels}, {"step": 10**9})
-        reply = wire.encoded_size(
-            {
-                "loss": np.float32(0),
-                "logits": np.zeros((cfg.batch, manifest.num_classes), np.float32),
-                "activation_gradient": act,
-            },
-            {"global_step": 10**9, "step": 10**9},
-        )
-        raw = 2 * act.nbytes + labels.nbytes + 4 + cfg.batch * manifest.num_classes * 4
+        request_tensors, reply_tensors = _step_tensors(manifest, cfg.batch)
+        act = request_tensors["activation"]
+        request = wire.encoded_size(request_tensors, {"step": 10**9})
+        reply = wire.encoded_size(reply_tensors, {"global_step": 10**9, "step": 10**9})
+        raw = sum(np.asarray(t).nbytes for t in (*request_tensors.values(), *reply_tensors.values()))
         report["wire_bytes_per_step"] = request + reply
         report["raw_tensor_bytes_per_step"] = raw
         report["wire_overhead_ratio"] = (request + reply) / raw
@@ -359,6 +353,18 @@ def _client_rss_and_load(cfg: BenchConfig, artifacts: Path, report: dict[str, An
     )
 
 
+def _step_tensors(manifest: Any, batch: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Zero-filled tensors of one train request and its reply, at the export's shapes."""
+    act = np.zeros((batch, *manifest.activation_shape), np.float32)
+    request = {"activation": act, "labels": np.zeros(batch, np.int64)}
+    reply = {
+        "loss": np.float32(0),
+        "logits": np.zeros((batch, manifest.num_classes), np.float32),
+        "activation_gradient": act,
+    }
+    return request, reply
+
+
 def _durability(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> None:
     """What the server writes per step to be crash-safe: journal entry, stored reply, checkpoint."""
     from dpa import wire
@@ -369,16 +375,9 @@ def _durability(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> No
     from runtime_server.tail import CHECKPOINT_NAME, TailModel
 
     manifest = load_manifest(artifacts)
-    act = np.zeros((cfg.batch, *manifest.activation_shape), np.float32)
-    request = wire.encode({"activation": act, "labels": np.zeros(cfg.batch, np.int64)}, {"step": 1})
-    reply = wire.encode(
-        {
-            "loss": np.float32(0),
-            "logits": np.zeros((cfg.batch, manifest.num_classes), np.float32),
-            "activation_gradient": act,
-        },
-        {"global_step": 1, "step": 1},
-    )
+    request_tensors, reply_tensors = _step_tensors(manifest, cfg.batch)
+    request = wire.encode(request_tensors, {"step": 1})
+    reply = wire.encode(reply_tensors, {"global_step": 1, "step": 1})
     state = artifacts.parent / "durability"
     journal = Journal(state)
     counter = iter(range(1, 10**6))

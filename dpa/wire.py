@@ -205,27 +205,16 @@ async def read_streamed(
         pos += n
         return data
 
-    header = await take(_HEADER.size)
-    magic, version, count, meta_len, reserved = _HEADER.unpack(header)
-    if magic != MAGIC or version != VERSION or reserved != 0 or count > MAX_TENSORS or meta_len > MAX_META:
-        raise WireError("not a dpa tensor message of this version (header)")
-    meta_raw = await take(meta_len)
+    magic, version, count, meta_len, reserved = _HEADER.unpack(await take(_HEADER.size))
+    _check_header(magic, version, count, meta_len, reserved)
+    meta = _parse_meta(await take(meta_len))
     await take(_pad(pos))
-    meta: dict[str, Any] = {}
-    if meta_len:
-        try:
-            meta = json.loads(meta_raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise WireError("metadata is not UTF-8 JSON") from None
-        if not isinstance(meta, dict):
-            raise WireError("metadata must be a JSON object")
     tensors: dict[str, np.ndarray] = {}
     for index in range(count):
         name_len, code, ndim = _TENSOR_HEADER.unpack(await take(_TENSOR_HEADER.size))
-        if not 1 <= name_len <= MAX_NAME or ndim > MAX_NDIM or code not in DTYPE_CODES:
-            raise WireError(f"tensor {index}: bad header")
+        _check_tensor_header(index, name_len, code, ndim)
         rest = await take(name_len + 4 * ndim)
-        name = rest[:name_len].decode("ascii", errors="replace")
+        name = _tensor_name(index, rest[:name_len])
         dims = struct.unpack_from(f"<{ndim}I", rest, name_len)
         await take(_pad(pos))
         dtype = DTYPE_CODES[code]
@@ -252,6 +241,49 @@ def encode(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = N
     return out
 
 
+def _check_header(magic: bytes, version: int, count: int, meta_len: int, reserved: int) -> None:
+    if magic != MAGIC:
+        raise WireError(f"bad magic {bytes(magic)!r}; expected {MAGIC!r} (is this a dpa tensor message?)")
+    if version != VERSION:
+        raise WireError(f"wire version {version} is not supported (this side speaks {VERSION})")
+    if reserved != 0:
+        raise WireError("reserved header field must be 0")
+    if count > MAX_TENSORS:
+        raise WireError(f"{count} tensors in one message; the limit is {MAX_TENSORS}")
+    if meta_len > MAX_META:
+        raise WireError(f"metadata length {meta_len} exceeds the limit {MAX_META}")
+
+
+def _parse_meta(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"metadata is not UTF-8 JSON: {exc}") from None
+    except RecursionError:  # "[[[[..." 64 KiB deep: found by the fuzz test
+        raise WireError("metadata is nested too deeply") from None
+    if not isinstance(meta, dict):
+        raise WireError("metadata must be a JSON object")
+    return meta
+
+
+def _check_tensor_header(index: int, name_len: int, code: int, ndim: int) -> None:
+    if not 1 <= name_len <= MAX_NAME:
+        raise WireError(f"tensor {index}: name length {name_len} outside 1..{MAX_NAME}")
+    if ndim > MAX_NDIM:
+        raise WireError(f"tensor {index}: {ndim} dimensions; the limit is {MAX_NDIM}")
+    if code not in DTYPE_CODES:
+        raise WireError(f"tensor {index}: unknown dtype code {code}; valid: {sorted(DTYPE_CODES)}")
+
+
+def _tensor_name(index: int, raw: bytes) -> str:
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise WireError(f"tensor {index}: name is not ASCII") from None
+
+
 def decode(buffer: bytes | bytearray | memoryview) -> Message:
     """Parse a message. Arrays are read-only views into ``buffer`` (no copy).
 
@@ -263,29 +295,11 @@ def decode(buffer: bytes | bytearray | memoryview) -> Message:
     if total < _HEADER.size:
         raise WireError(f"message is {total} bytes; a header alone is {_HEADER.size}")
     magic, version, count, meta_len, reserved = _HEADER.unpack_from(view, 0)
-    if magic != MAGIC:
-        raise WireError(f"bad magic {bytes(magic)!r}; expected {MAGIC!r} (is this a dpa tensor message?)")
-    if version != VERSION:
-        raise WireError(f"wire version {version} is not supported (this side speaks {VERSION})")
-    if reserved != 0:
-        raise WireError("reserved header field must be 0")
-    if count > MAX_TENSORS:
-        raise WireError(f"{count} tensors in one message; the limit is {MAX_TENSORS}")
-    if meta_len > MAX_META:
-        raise WireError(f"metadata length {meta_len} exceeds the limit {MAX_META}")
+    _check_header(magic, version, count, meta_len, reserved)
     pos = _HEADER.size
     if pos + meta_len > total:
         raise WireError("message truncated inside the metadata")
-    meta: dict[str, Any] = {}
-    if meta_len:
-        try:
-            meta = json.loads(bytes(view[pos : pos + meta_len]).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise WireError(f"metadata is not UTF-8 JSON: {exc}") from None
-        except RecursionError:  # "[[[[..." 64 KiB deep: found by the fuzz test
-            raise WireError("metadata is nested too deeply") from None
-        if not isinstance(meta, dict):
-            raise WireError("metadata must be a JSON object")
+    meta = _parse_meta(bytes(view[pos : pos + meta_len]))
     pos += meta_len
     pos += _pad(pos)
     tensors: dict[str, np.ndarray] = {}
@@ -294,19 +308,11 @@ def decode(buffer: bytes | bytearray | memoryview) -> Message:
             raise WireError(f"message truncated in the header of tensor {index}")
         name_len, code, ndim = _TENSOR_HEADER.unpack_from(view, pos)
         pos += _TENSOR_HEADER.size
-        if not 1 <= name_len <= MAX_NAME:
-            raise WireError(f"tensor {index}: name length {name_len} outside 1..{MAX_NAME}")
-        if ndim > MAX_NDIM:
-            raise WireError(f"tensor {index}: {ndim} dimensions; the limit is {MAX_NDIM}")
-        if code not in DTYPE_CODES:
-            raise WireError(f"tensor {index}: unknown dtype code {code}; valid: {sorted(DTYPE_CODES)}")
+        _check_tensor_header(index, name_len, code, ndim)
         end_of_header = pos + name_len + 4 * ndim
         if end_of_header > total:
             raise WireError(f"message truncated in the header of tensor {index}")
-        try:
-            name = bytes(view[pos : pos + name_len]).decode("ascii")
-        except UnicodeDecodeError:
-            raise WireError(f"tensor {index}: name is not ASCII") from None
+        name = _tensor_name(index, bytes(view[pos : pos + name_len]))
         if name in tensors:
             raise WireError(f"tensor {name!r} appears twice")
         dims = struct.unpack_from(f"<{ndim}I", view, pos + name_len)

@@ -62,6 +62,8 @@ NOISE_STREAMS = 8
 #: Each stream draws in blocks of this many elements (a small float32 scratch buffer per
 #: stream, never a full-batch noise array).
 _NOISE_BLOCK = 1 << 18
+#: Releases and VJPs smaller than this (elements) run on the calling thread: handing them out costs more.
+_PARALLEL_MIN = 2 * _NOISE_BLOCK
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -350,7 +352,7 @@ class DPActivations:
 
         parts = noise_stream_bounds(flat.size)
         pool = _pool()
-        if pool is None or flat.size < 2 * _NOISE_BLOCK:
+        if pool is None or flat.size < _PARALLEL_MIN:
             for k, (start, end) in enumerate(parts):
                 fill(k, start, end)
         else:
@@ -376,7 +378,7 @@ class DPActivations:
         # d (s * y) / d y = s: the public rescale is folded into the VJP's first pass.
         scale = float(np.float32(ctx.scale))
         a, batch, pool = ctx.activation, g.shape[0], _pool()
-        if pool is None or batch < 2 or g.size < 2 * _NOISE_BLOCK:
+        if pool is None or batch < 2 or g.size < _PARALLEL_MIN:
             return vjp(a, g, clip=ctx.clip, norms=ctx.norms, grad_scale=scale)
         # Examples are independent: groups of them on the noise threads, each into its slice of one array.
         out = np.empty(g.shape, dtype=np.result_type(a.dtype, g.dtype, np.float32))

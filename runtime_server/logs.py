@@ -21,22 +21,21 @@ MAX_FIELD_CHARS = 200
 _REDACTED = "<redacted>"
 
 
-def safe_fields(fields: dict[Any, Any]) -> dict[Any, Any]:
-    out: dict[Any, Any] = {}
-    for key, value in fields.items():
-        if isinstance(value, bool | int | float) or value is None:
-            out[key] = value
-        elif isinstance(value, str) and len(value) <= MAX_FIELD_CHARS:
-            out[key] = value
-        else:
-            out[key] = _REDACTED
-    return out
+def _is_safe(value: Any) -> bool:
+    """A scalar or a short string: nothing that can hold a tensor, a label list or a token file."""
+    if isinstance(value, bool | int | float) or value is None:
+        return True
+    return isinstance(value, str) and len(value) <= MAX_FIELD_CHARS
+
+
+def safe_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    return {key: value if _is_safe(value) else _REDACTED for key, value in fields.items()}
 
 
 def _message(record: logging.LogRecord) -> str:
     """The message, with %-arguments filled in only when every one is a scalar or a short string."""
     args = record.args if isinstance(record.args, tuple) else ()
-    if args and all(v is not _REDACTED for v in safe_fields(dict(enumerate(args))).values()):
+    if args and all(_is_safe(arg) for arg in args):
         return record.getMessage()
     return str(record.msg)
 

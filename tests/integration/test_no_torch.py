@@ -35,6 +35,11 @@ def _dpa(*args: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+def _status(port: int, token: str):  # type: ignore[no-untyped-def]
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/status", headers={"Authorization": f"Bearer {token}"})
+    return urllib.request.urlopen(request)
+
+
 def test_importing_the_runtimes_pulls_in_no_torch():
     code = (
         "import importlib, pkgutil, sys\n"
@@ -77,50 +82,21 @@ def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
         except RuntimeError as exc:
             raise AssertionError(server.communicate(timeout=10)[0]) from exc
         report = tmp_path / "report.json"
+        device = ("--server", f"http://127.0.0.1:{port}", "--artifacts", str(small_export), "--identities", "6")
+        device += ("--per-identity", "8", "--epsilon", "4", "--clip", "50", "--state-dir", str(tmp_path / "client"))
+        token_file = str(state / "tokens.txt")  # created by `dpa serve` with one token
         client = subprocess.run(
-            _dpa(
-                "client",
-                "--server",
-                f"http://127.0.0.1:{port}",
-                "--artifacts",
-                str(small_export),
-                "--identities",
-                "6",
-                "--per-identity",
-                "8",
-                "--epochs",
-                "1",
-                "--max-steps",
-                "2",
-                "--epsilon",
-                "4",
-                "--clip",
-                "50",
-                "--state-dir",
-                str(tmp_path / "client"),
-                "--report",
-                str(report),
-                "--device",
-                "arm64",
-                "--token-file",
-                str(state / "tokens.txt"),  # created by `dpa serve` with one token
-            ),
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-        )
+            _dpa("client", *device, "--epochs", "1", "--max-steps", "2", "--report", str(report), "--device", "arm64",
+                 "--token-file", token_file),
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
         assert client.returncode == 0, client.stdout + client.stderr
         data = json.loads(report.read_text())
         assert data["privacy"]["epsilon_per_release"] == 4.0
         assert data["epochs"][0]["train_loss"] > 0
         assert "labels are sent to the server in clear" in data["warnings"]
         token = (state / "tokens.txt").read_text().split()[-1]
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/status", headers={"Authorization": f"Bearer {token}"}
-        )
-        status = json.load(urllib.request.urlopen(request))
-        assert status["global_step"] == 2
+        assert json.load(_status(port, token))["global_step"] == 2
         # kill -HUP reloads the token file: a token added now is accepted without a restart.
         added = add_token(state / "tokens.txt", "device-2")
         device_2 = tmp_path / "device-2.token"
@@ -129,41 +105,15 @@ def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
         deadline = time.monotonic() + 10
         while True:
             try:
-                urllib.request.urlopen(
-                    urllib.request.Request(
-                        f"http://127.0.0.1:{port}/v1/status", headers={"Authorization": f"Bearer {added}"}
-                    )
-                )
+                _status(port, added)
                 break
             except urllib.error.HTTPError as exc:
                 assert exc.code == 401 and time.monotonic() < deadline
                 time.sleep(0.1)
         evaluation = subprocess.run(
-            _dpa(
-                "eval",
-                "--server",
-                f"http://127.0.0.1:{port}",
-                "--artifacts",
-                str(small_export),
-                "--identities",
-                "6",
-                "--per-identity",
-                "8",
-                "--epsilon",
-                "4",
-                "--clip",
-                "50",
-                "--state-dir",
-                str(tmp_path / "client"),
-                "--json",
-                "--token-file",
-                str(device_2),  # the token added after the start, loaded by SIGHUP
-            ),
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-        )
+            _dpa("eval", *device, "--json", "--token-file", str(device_2)),  # the token loaded by SIGHUP
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
         assert evaluation.returncode == 0, evaluation.stdout + evaluation.stderr
         result = json.loads(evaluation.stdout.strip().splitlines()[-1])
         assert result["test_images"] == 6 * 2 and 0 <= result["test_accuracy"] <= 1  # 8 images: 6 train, 2 test
