@@ -15,6 +15,7 @@ import time
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -140,13 +141,7 @@ class SplitTrainer:
             return await self._streamed_step(images, labels, self.micro_batch)
         size = self.micro_batch if self.micro_batch is not None else len(labels)
         batch = len(labels)
-        body, slots = wire.allocate(
-            {
-                GraphNames.ACTIVATION: ((batch, *self.head.activation_shape), np.float32),
-                GraphNames.LABELS: ((batch,), np.int64),
-            },
-            {"step": self.step_number + 1},
-        )
+        body, slots = wire.allocate(self._request_specs(batch), {"step": self.step_number + 1})
         slots[GraphNames.LABELS][...] = labels
         clipped = 0
         kept: list[ReleaseContext] = []
@@ -166,9 +161,21 @@ class SplitTrainer:
             ctx = kept[index] if kept else self.dp.context(self.head.forward(images[part]))
             upstream = self.dp.backward(ctx, reply.activation_gradient[part])
             self.head.accumulate(images[part], upstream.astype(np.float32, copy=False))
+        return self._finish(reply, labels, clipped)
+
+    def _request_specs(self, batch: int) -> dict[str, wire.Spec]:
+        """Shapes and dtypes of a train request's tensors (``docs/protocol.md``)."""
+        return {
+            GraphNames.ACTIVATION: ((batch, *self.head.activation_shape), np.float32),
+            GraphNames.LABELS: ((batch,), np.int64),
+        }
+
+    def _finish(self, reply: TrainReply, labels: np.ndarray, clipped: int) -> StepResult:
+        """The optimizer step on the accumulated gradients, and the step's figures."""
         self.head.step()
         self.step_number = reply.step if reply.step > 0 else self.step_number + 1
         correct = int((reply.logits.argmax(axis=1) == labels).sum())
+        batch = len(labels)
         return StepResult(reply.loss, correct, batch, clipped / max(batch, 1), reply.global_step)
 
     async def _streamed_step(self, images: np.ndarray, labels: np.ndarray, size: int) -> StepResult:
@@ -180,15 +187,11 @@ class SplitTrainer:
         example's activation is recomputed and its gradient accumulated, then one step.
         """
         batch = len(labels)
-        specs = {
-            GraphNames.ACTIVATION: ((batch, *self.head.activation_shape), np.float32),
-            GraphNames.LABELS: ((batch,), np.int64),
-        }
-        length, pieces = wire.pieces(specs, {"step": self.step_number + 1})
+        specs = self._request_specs(batch)
         start_state = self.dp.rng_state
         clipped = [0]
 
-        async def produce() -> AsyncIterator[bytes | memoryview]:
+        async def produce(pieces: list[bytes | str]) -> AsyncIterator[bytes | memoryview]:
             self.dp.rng_state = start_state
             clipped[0] = 0
             for piece in pieces:
@@ -210,26 +213,39 @@ class SplitTrainer:
             upstream = self.dp.backward(ctx, gradient[None])
             self.head.accumulate(images[i : i + 1], upstream.astype(np.float32, copy=False))
 
-        reply = await self.edge.train_streamed(self.session_id, length, produce, batch, on_start, on_example)
-        self.head.step()
-        self.step_number = reply.step if reply.step > 0 else self.step_number + 1
-        correct = int((reply.logits.argmax(axis=1) == labels).sum())
-        return StepResult(reply.loss, correct, batch, clipped[0] / max(batch, 1), reply.global_step)
+        for first_try in (True, False):
+            length, pieces = wire.pieces(specs, {"step": self.step_number + 1})
+            try:
+                reply = await self.edge.train_streamed(
+                    self.session_id, length, partial(produce, pieces), batch, on_start, on_example
+                )
+                break
+            except EdgeError as exc:
+                if not (first_try and self._rolled_back(exc)):
+                    raise
+        return self._finish(reply, labels, clipped[0])
 
     async def _send(self, body: bytearray) -> TrainReply:
-        """Send a step. If the server lost steps (it ran with checkpoint_every > 1 and crashed),
-        it asks for an earlier step number: the same release is renumbered and sent again."""
+        """Send a step; after a rollback (``_rolled_back``) the same release goes again, renumbered."""
         try:
             return await self.edge.train_message(self.session_id, body)
         except EdgeError as exc:
-            expected = exc.detail.get("expected_step")
-            if exc.code != "step_out_of_order" or not isinstance(expected, int) or expected > self.step_number:
+            if not self._rolled_back(exc):
                 raise
-            log.warning("server rolled back", extra={"fields": {"lost_steps": self.step_number + 1 - expected}})
-            self.rollbacks += 1
-            self.step_number = expected - 1
             message = wire.decode(body)
-            return await self.edge.train_message(self.session_id, wire.encode(message.tensors, {"step": expected}))
+            renumbered = wire.encode(message.tensors, {"step": self.step_number + 1})
+            return await self.edge.train_message(self.session_id, renumbered)
+
+    def _rolled_back(self, exc: EdgeError) -> bool:
+        """Whether ``exc`` says the server lost steps (it ran without a journal and crashed) and
+        asks for an earlier step number; if so, take that number for the pending release."""
+        expected = exc.detail.get("expected_step")
+        if exc.code != "step_out_of_order" or not isinstance(expected, int) or expected > self.step_number:
+            return False
+        log.warning("server rolled back", extra={"fields": {"lost_steps": self.step_number + 1 - expected}})
+        self.rollbacks += 1
+        self.step_number = expected - 1
+        return True
 
     async def predict(self, images: np.ndarray) -> np.ndarray:
         """Class predictions; the test activations are released with the same DP-A mechanism."""

@@ -82,7 +82,8 @@ def test_device_killed_between_server_step_and_its_own_save(small_export, start_
         np.testing.assert_array_equal(got_head[name], value, err_msg=name)
 
 
-def test_device_renumbers_its_release_when_the_server_rolled_back(small_export, start_server):
+@pytest.mark.parametrize("micro_batch", [None, 1], ids=["whole-batch", "streamed-micro-batch"])
+def test_device_renumbers_its_release_when_the_server_rolled_back(small_export, start_server, micro_batch):
     server = start_server(small_export)
     manifest = load_manifest(small_export)
     rng = np.random.default_rng(0)
@@ -96,7 +97,7 @@ def test_device_renumbers_its_release_when_the_server_rolled_back(small_export, 
             dp = DPActivations(DPConfig(clip=50.0, epsilon=4.0), np.random.default_rng(1))
         async with EdgeClient(server.url) as edge:
             session = await edge.open_session(manifest_sha256(small_export))
-            trainer = SplitTrainer(head, edge, session.session_id, dp)
+            trainer = SplitTrainer(head, edge, session.session_id, dp, micro_batch=micro_batch)
             for _ in range(3):
                 await trainer.step(images, labels)
             server.state.sessions.sessions[session.session_id].step = 1  # as if it restarted from step 1
