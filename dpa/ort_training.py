@@ -17,8 +17,20 @@ import importlib
 import importlib.util
 import sys
 import types
+from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["CheckpointState", "Module", "Optimizer", "OrtValue", "SessionOptions", "available_providers"]
+import numpy as np
+
+__all__ = [
+    "CheckpointState",
+    "Module",
+    "Optimizer",
+    "OrtValue",
+    "SessionOptions",
+    "available_providers",
+    "train_step_into",
+]
 
 
 def _import_api() -> types.ModuleType:
@@ -40,6 +52,7 @@ def _import_api() -> types.ModuleType:
 _api = _import_api()
 
 import onnxruntime  # noqa: E402
+from onnxruntime.capi._pybind_state import OrtValueVector  # noqa: E402
 
 # onnxruntime warns on every optimizer step that its own update flag's shape is {1}, not {}.
 onnxruntime.set_default_logger_severity(3)
@@ -53,3 +66,21 @@ SessionOptions = onnxruntime.SessionOptions
 
 def available_providers() -> list[str]:
     return list(onnxruntime.get_available_providers())
+
+
+def train_step_into(module: Any, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:
+    """One training step (forward + backward, gradients accumulated) whose outputs are
+    written straight into ``outputs``: preallocated, C-contiguous arrays of the graph's
+    output shapes and dtypes, in the graph's output order.
+
+    ``Module.__call__`` returns fresh numpy copies of its outputs; binding ours instead
+    lets the edge server's tail write a 103 MB activation gradient directly into shared
+    memory (``runtime_server.tail_worker``). The inputs are wrapped without a copy too.
+    """
+    feeds = OrtValueVector()
+    fetches = OrtValueVector()
+    for array in inputs:
+        feeds.push_back(OrtValue.ortvalue_from_numpy(array)._ortvalue)
+    for array in outputs:
+        fetches.push_back(OrtValue.ortvalue_from_numpy(array)._ortvalue)
+    module._model.train_step_with_ort_values(feeds, fetches)

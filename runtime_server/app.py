@@ -464,7 +464,9 @@ def init_app(config: ServerConfig) -> web.Application:
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tail")
         device = resolve_device(config.device)
-        tail = await loop.run_in_executor(executor, TailWorker, config.artifacts, manifest, device, state_dir)
+        tail = await loop.run_in_executor(
+            executor, TailWorker, config.artifacts, manifest, device, state_dir, config.max_batch
+        )
         sessions = SessionTable(config, state_dir)
         sessions.restore(tail.committed_sessions)
         journal = Journal(state_dir) if config.journal else None

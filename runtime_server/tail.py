@@ -17,9 +17,9 @@ import numpy as np
 from dpa.atomic import fsync_dir
 from dpa.devices import ResolvedDevice
 from dpa.manifest import ARTIFACT_FILES, Manifest
-from dpa.ort_training import CheckpointState, Module, Optimizer, SessionOptions
+from dpa.ort_training import CheckpointState, Module, Optimizer, SessionOptions, train_step_into
 
-__all__ = ["TailModel", "TrainResult", "NonFiniteStep", "CHECKPOINT_NAME"]
+__all__ = ["TailModel", "TrainResult", "StepOutputs", "NonFiniteStep", "CHECKPOINT_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,15 @@ class TrainResult:
     logits: np.ndarray  # (B, num_classes), float32, training mode (dropout on)
     activation_gradient: np.ndarray  # (B, *activation_shape), float32
     global_step: int
+
+
+@dataclass(frozen=True)
+class StepOutputs:
+    """Preallocated arrays a train step writes its outputs into (batch-sized views)."""
+
+    loss: np.ndarray  # shape (), float32
+    logits: np.ndarray  # (B, num_classes), float32
+    activation_gradient: np.ndarray  # (B, *activation_shape), float32
 
 
 class TailModel:
@@ -69,10 +78,18 @@ class TailModel:
         if self.resumed:
             log.info("tail resumed", extra={"fields": {"global_step": self.global_step}})
 
-    def train_step(self, activation: np.ndarray, labels: np.ndarray) -> TrainResult:
-        """One SGD/AdamW step on a batch: returns the mean cross-entropy and d loss / d activation."""
+    def train_step(self, activation: np.ndarray, labels: np.ndarray, out: StepOutputs | None = None) -> TrainResult:
+        """One SGD/AdamW step on a batch: returns the mean cross-entropy and d loss / d activation.
+
+        With ``out`` the graph writes its outputs into those arrays (shared memory, in the
+        tail worker) and the result's arrays are views of them.
+        """
         self.module.train()
-        loss, logits, grad = self.module(activation, labels)
+        if out is None:
+            loss, logits, grad = self.module(activation, labels)
+        else:
+            train_step_into(self.module, (activation, labels), (out.loss, out.logits, out.activation_gradient))
+            loss, logits, grad = out.loss[()], out.logits, out.activation_gradient
         if not (np.isfinite(loss) and np.isfinite(np.sum(grad, dtype=np.float64))):
             # Applying it would poison the shared tail for every device: drop the gradients instead.
             self.module.lazy_reset_grad()

@@ -5,6 +5,7 @@ thread running a tail step starves the main thread for the step's duration). On 
 worker thread that froze the event loop: at 224x224 ``/v1/health`` p99 was 3.5 s with
 one client. Here the tail lives in one spawned process and the server talks to it
 through a one-worker process pool; the calling thread waits with the GIL released.
+A step's tensors cross in shared memory (``shared_arrays``), not through the pipe.
 
 The child ignores SIGINT and SIGTERM: Ctrl-C reaches the whole process group, and the
 parent must still be able to ask the child to save the tail before both exit. It asks the
@@ -28,11 +29,13 @@ import numpy as np
 
 from dpa.devices import ResolvedDevice
 from dpa.manifest import Manifest
-from runtime_server.tail import TailModel, TrainResult
+from runtime_server.shared_arrays import SharedStep, StepLayout
+from runtime_server.tail import StepOutputs, TailModel, TrainResult
 
 __all__ = ["TailWorker"]
 
 _TAIL: TailModel | None = None  # the child's tail
+_SHARED: SharedStep | None = None  # the child's view of the step segment, if the server made one
 
 
 _PR_SET_PDEATHSIG = 1
@@ -46,11 +49,20 @@ def _die_with_parent(parent: int) -> None:
             os._exit(1)
 
 
-def _init(artifacts: Path, manifest: Manifest, device: ResolvedDevice, state_dir: Path, parent: int) -> None:
-    global _TAIL
+def _init(
+    artifacts: Path,
+    manifest: Manifest,
+    device: ResolvedDevice,
+    state_dir: Path,
+    parent: int,
+    shared: tuple[str, StepLayout] | None,
+) -> None:
+    global _TAIL, _SHARED
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if shared is not None:
+        _SHARED = SharedStep(shared[1], name=shared[0])
     _TAIL = TailModel(artifacts, manifest, device, state_dir)
 
 
@@ -74,8 +86,22 @@ def _train(activation: np.ndarray, labels: np.ndarray) -> tuple[TrainResult, int
     return t.train_step(activation, labels), t.examples_seen
 
 
+def _train_shared(batch: int) -> tuple[float, int, int]:
+    """A step on the first ``batch`` rows of the shared arrays; its outputs land there too."""
+    assert _SHARED is not None
+    a = _SHARED.arrays
+    out = StepOutputs(a["loss"], a["logits"][:batch], a["activation_gradient"][:batch])
+    result = _tail().train_step(a["activation"][:batch], a["labels"][:batch], out)
+    return result.loss, result.global_step, _tail().examples_seen
+
+
 def _eval(activation: np.ndarray) -> np.ndarray:
     return _tail().eval_step(activation)
+
+
+def _eval_shared(batch: int) -> np.ndarray:
+    assert _SHARED is not None
+    return _tail().eval_step(_SHARED.arrays["activation"][:batch])
 
 
 def _parameters() -> dict[str, np.ndarray]:
@@ -89,12 +115,18 @@ def _save(sessions: dict[str, list[int]] | None) -> Path:
 class TailWorker:
     """TailModel's interface, run in a child process. Calls block the calling thread only."""
 
-    def __init__(self, artifacts: Path, manifest: Manifest, device: ResolvedDevice, state_dir: Path) -> None:
+    def __init__(
+        self, artifacts: Path, manifest: Manifest, device: ResolvedDevice, state_dir: Path, max_batch: int
+    ) -> None:
+        # Outputs are bound to host memory, so a GPU tail keeps to pickling (its copies are the device's anyway).
+        layout = StepLayout(max_batch, tuple(manifest.activation_shape), manifest.num_classes)
+        self._shared = SharedStep.create(layout) if device.ort_device == "cpu" else None
+        shared = None if self._shared is None else (self._shared.name, layout)
         self._pool = ProcessPoolExecutor(
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),  # no inherited threads, sessions or sockets
             initializer=_init,
-            initargs=(artifacts, manifest, device, state_dir, os.getpid()),
+            initargs=(artifacts, manifest, device, state_dir, os.getpid(), shared),
         )
         info = self._pool.submit(_info).result()
         self.resumed: bool = info["resumed"]
@@ -103,13 +135,31 @@ class TailWorker:
         self.committed_sessions: dict[str, list[int]] = info["sessions"]
         self._saved_step = self.global_step
 
+    def _fits(self, activation: np.ndarray) -> bool:
+        # A journal written under a larger --max-batch replays through the pipe.
+        return self._shared is not None and activation.shape[0] <= self._shared.layout.max_batch
+
     def train_step(self, activation: np.ndarray, labels: np.ndarray) -> TrainResult:
-        result, examples = self._pool.submit(_train, activation, labels).result()
+        """As ``TailModel.train_step``. With shared memory the result's arrays are views of it:
+        valid until the next call (the app encodes them on the same thread at once)."""
+        if not self._fits(activation):
+            result, examples = self._pool.submit(_train, activation, labels).result()
+        else:
+            assert self._shared is not None
+            a, batch = self._shared.arrays, activation.shape[0]
+            np.copyto(a["activation"][:batch], activation)
+            np.copyto(a["labels"][:batch], labels)
+            loss, step, examples = self._pool.submit(_train_shared, batch).result()
+            result = TrainResult(loss, a["logits"][:batch], a["activation_gradient"][:batch], step)
         self.global_step, self.examples_seen = result.global_step, examples
         return result
 
     def eval_step(self, activation: np.ndarray) -> np.ndarray:
-        return self._pool.submit(_eval, activation).result()
+        if not self._fits(activation):
+            return self._pool.submit(_eval, activation).result()
+        assert self._shared is not None
+        np.copyto(self._shared.arrays["activation"][: activation.shape[0]], activation)
+        return self._pool.submit(_eval_shared, activation.shape[0]).result()
 
     def parameters(self) -> dict[str, np.ndarray]:
         return self._pool.submit(_parameters).result()
@@ -125,3 +175,5 @@ class TailWorker:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._shared is not None:
+            self._shared.close()
