@@ -38,6 +38,7 @@ from onnxruntime.training.onnxblock import _graph_utils, _training_graph_utils
 from onnxruntime.training.onnxblock import model_accessor as accessor
 
 from dpa.manifest import ARTIFACT_FILES, GraphNames, OptimizerConfig, OptimizerName
+from exporter.conv_grad import conv_input_gradients_as_convs
 
 __all__ = ["write_part_artifacts", "export_onnx", "OPSET"]
 
@@ -191,6 +192,8 @@ def write_part_artifacts(
         training, eval_model = block.to_model_proto()
         parameters = block.parameters()
     eval_model = _prune_eval(eval_model, [N.IMAGES if part == "head" else N.ACTIVATION], out_info)
+    rewritten = conv_input_gradients_as_convs(training)
+    log.debug("%s: %d conv input gradients as forward convs", part, rewritten)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = ARTIFACT_FILES
     onnx.save(training, out_dir / files.training)

@@ -1,18 +1,20 @@
 """The split is exact: training through the real server equals monolithic torch training.
 
-With epsilon = inf (no noise), SGD, no dropout, fixed seeds and the same initial
-weights, several steps of head (ORT, device) + tail (ORT, server over loopback HTTP)
-must leave both halves' weights equal to one torch model trained on the same batches,
-including the per-example clipping between the halves (its VJP is part of the check).
+With epsilon = inf (no noise), SGD, no dropout and fixed seeds, every step of head
+(ORT, device) + tail (ORT, server over loopback HTTP) must move both halves' weights
+exactly as one torch model's step moves the same weights on the same batch, including
+the per-example clipping between the halves (its VJP is part of the check).
 
-Why these cuts: max-pooling routes each gradient to the window's maximum, a
-discontinuous choice. ORT and torch compute activations that differ at float32
-rounding (~1e-6); where two values in a window are that close, the two sides route
-the gradient differently and their trajectories separate after a step or two (seen
-with cut pool2: one flipped window at step 2, 0.5% gradient difference, growing).
-That is chaos in the network, not an error in the split: every cut's single step is
-checked exactly by the exporter's verification tests. The cuts here (the seed's
-conv1_1, pool5 and fc7) have no near-tie in these batches, so several steps stay equal.
+Why each step starts torch from our weights, not from its own: ReLU and max-pooling
+make discontinuous choices. ORT and torch compute activations that differ at float32
+rounding (~1e-6); where a pre-activation is that close to zero, or two values in a
+pooling window are that close, the two sides route a gradient differently, and from
+then on their trajectories separate (measured: ORT against itself, with the first
+batch perturbed by 1e-6, agrees to 1e-6 for five steps, then 2%, then 15%). That is
+chaos in the network, not an error in the split, and whether it shows within a few
+steps depends on rounding details: a comparison of whole trajectories would test luck.
+Within one step a near-tie between ORT's and torch's activations can still route one
+window differently, so updates are compared in norm, at 1%.
 """
 
 from __future__ import annotations
@@ -36,28 +38,28 @@ from tests.conftest import SMALL, export_small
 STEPS = 4
 BATCH = 8
 LR = 0.01
-#: float32 on both sides with different kernels; after 4 steps differences stay at rounding level.
-RTOL = 2e-4
+#: Each step's update agrees to this fraction of its norm. Measured: 1e-5 typically, 1.6e-3 where a
+#: max-pool window in fc7's step 2 is a near-tie (the layers below it only). A wrong gradient is O(1).
+RTOL = 1e-2
 
 
-def _torch_reference(cut: str, clip: float, batches):  # type: ignore[no-untyped-def]
+def _torch_step(cut: str, clip: float, weights: dict[str, np.ndarray], images, labels) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+    """One monolithic torch SGD step from ``weights``: the weights after it."""
     head, tail = build_parts(SMALL, cut)
-    init_weights((head, tail), 0)
+    for part in (head, tail):
+        part.load_state_dict({n: torch.from_numpy(weights[n].copy()) for n in part.state_dict()})
     params = list(head.parameters()) + list(tail.parameters())
-    for images, labels in batches:
-        a = head(torch.from_numpy(images))
-        norms = a.flatten(1).norm(dim=1)
-        factor = torch.clamp(clip / norms, max=1.0).view(-1, *([1] * (a.dim() - 1)))
-        # DP-A's public rescaling with no noise: s = 1 / sqrt(C^2 / d) = sqrt(d) / C.
-        scale = np.sqrt(a[0].numel()) / clip
-        loss = torch.nn.functional.cross_entropy(tail(a * factor * scale), torch.from_numpy(labels))
+    a = head(torch.from_numpy(images))
+    norms = a.flatten(1).norm(dim=1)
+    factor = torch.clamp(clip / norms, max=1.0).view(-1, *([1] * (a.dim() - 1)))
+    # DP-A's public rescaling with no noise: s = 1 / sqrt(C^2 / d) = sqrt(d) / C.
+    scale = np.sqrt(a[0].numel()) / clip
+    loss = torch.nn.functional.cross_entropy(tail(a * factor * scale), torch.from_numpy(labels))
+    loss.backward()
+    with torch.no_grad():
         for p in params:
-            p.grad = None
-        loss.backward()
-        with torch.no_grad():
-            for p in params:
-                p -= LR * p.grad
-    return head, tail
+            p -= LR * p.grad
+    return {n: p.detach().numpy() for part in (head, tail) for n, p in part.named_parameters()}
 
 
 @pytest.mark.parametrize("cut", ["conv1_1", "pool5", "fc7"])
@@ -82,28 +84,35 @@ def test_split_training_equals_monolithic_torch(cut, tmp_path, start_server):
         warnings.simplefilter("ignore")  # epsilon = inf warns by design
         dp = DPActivations(DPConfig(clip=clip, epsilon=float("inf")), np.random.default_rng(0))
 
+    def weights() -> dict[str, np.ndarray]:
+        return {**head.parameters(), **server.state.tail.parameters()}
+
+    initial_head, initial_tail = build_parts(SMALL, cut)
+    init_weights((initial_head, initial_tail), 0)
+    trajectory = [{n: p.detach().numpy() for part in (initial_head, initial_tail) for n, p in part.named_parameters()}]
+
     async def train() -> list[float]:
         async with EdgeClient(server.url) as edge:
             session = await edge.open_session(manifest_sha256(artifacts))
             trainer = SplitTrainer(head, edge, session.session_id, dp)
-            results = [await trainer.step(images, labels) for images, labels in batches]
+            results = []
+            for images, labels in batches:
+                results.append(await trainer.step(images, labels))
+                trajectory.append(weights())
             assert 0 < np.mean([r.fraction_clipped for r in results]) < 1, "the clip must bite on some examples"
             return [r.loss for r in results]
 
     losses = asyncio.run(train())
     assert all(np.isfinite(losses))
-    head_ref, tail_ref = _torch_reference(cut, clip, batches)
-    ours = {**head.parameters(), **server.state.tail.parameters()}
-    reference = {n: p.detach().numpy() for part in (head_ref, tail_ref) for n, p in part.named_parameters()}
-    assert set(ours) == set(reference)
-    initial_head, initial_tail = build_parts(SMALL, cut)
-    init_weights((initial_head, initial_tail), 0)
-    initial = {n: p.detach().numpy() for part in (initial_head, initial_tail) for n, p in part.named_parameters()}
-    for name, ref in reference.items():
-        moved = np.abs(ref - initial[name]).max()
-        err = np.abs(ours[name] - ref).max()
-        assert moved > 0, f"{name} did not train"
-        assert err <= RTOL * max(np.abs(ref).max(), 1e-6), f"{name}: max error {err:.3g}, moved {moved:.3g}"
+    assert set(trajectory[0]) == set(trajectory[-1])
+    for step, (images, labels) in enumerate(batches):
+        before, ours = trajectory[step], trajectory[step + 1]
+        reference = _torch_step(cut, clip, before, images, labels)
+        for name, ref in reference.items():
+            update = np.linalg.norm(ref - before[name])
+            err = np.linalg.norm(ours[name] - ref)
+            assert update > 0, f"step {step + 1}: {name} did not train"
+            assert err <= RTOL * update, f"step {step + 1}: {name}: update differs by {err / update:.3g} of its norm"
     assert server.state.tail.global_step == STEPS
 
 
