@@ -300,7 +300,7 @@ async def stored_reply(request: web.Request) -> web.Response:
     return await _tensor_response(request, stored)
 
 
-async def train(request: web.Request) -> web.Response:
+async def train(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     session = _session(request)
     state.sessions.admit(session)
@@ -323,14 +323,16 @@ async def train(request: web.Request) -> web.Response:
             stored = None
             act, labels = await state.run(validate_train, state.manifest, state.config.max_batch, message)
             try:
-                body, saved_s = await state.run(_apply_step, state, session, step, raw, act, labels)
-            except NonFiniteStep as exc:
-                raise ApiError(422, "non_finite_step", str(exc)) from None
-    # The reply is sent after the lock and the slot are released: a slow link holds neither.
+                reply = await _apply_step(request, state, session, step, raw, act, labels)
+            except _ReplyCut as cut:
+                return cut.response
+    # The rest of the reply is sent after the lock and the slot are released: a slow link holds neither.
     if stored is not None:
         state.metrics.replayed_steps += 1
         log.info("step replayed", extra={"fields": {"session": session.id[:8], "step": step}})
         return await _tensor_response(request, stored)
+    response, sending, saved_s = reply
+    await sending
     m = state.metrics
     m.steps += 1
     m.examples += int(labels.shape[0])
@@ -341,18 +343,92 @@ async def train(request: web.Request) -> web.Response:
     m.step_seconds.observe(elapsed)
     fields = {"session": session.id[:8], "step": step, "batch": int(labels.shape[0]), "ms": round(elapsed * 1e3, 1)}
     log.debug("step applied", extra={"fields": fields})
-    return await _tensor_response(request, body)
+    return response
 
 
-def _apply_step(
-    state: ServerState, session: Session, step: int, raw: bytearray, act: np.ndarray, labels: np.ndarray
-) -> tuple[bytearray, float | None]:
-    """On the tail thread: update the tail, store the reply, commit; (reply, checkpoint seconds).
+#: Bytes of a train reply held back until its step is committed (see ``_apply_step``).
+_HELD_BACK = 8
 
-    The reply is stored before the journal entry, which is the commit point: a crash between
-    them leaves a stored reply for a step the restarted server does not have, which the
-    device's retry then applies (and overwrites).
+
+class _ReplyCut(Exception):
+    """The commit failed after the reply had started: the connection was cut instead of an error reply."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("reply cut")
+        self.response = response
+
+
+async def _apply_step(
+    request: web.Request,
+    state: ServerState,
+    session: Session,
+    step: int,
+    raw: bytearray,
+    act: np.ndarray,
+    labels: np.ndarray,
+) -> tuple[web.StreamResponse, asyncio.Task[None], float | None]:
+    """Update the tail, then commit the step while its reply is already on its way.
+
+    One job on the tail thread updates the tail, encodes the reply and hands it to the
+    event loop, then stores the reply and appends the journal entry (the commit point);
+    being one job, no other step reaches the tail in between. Meanwhile the reply goes
+    out except its last bytes, which follow only once the commit returns: a device
+    never holds a whole reply to a step a crash could lose, and the disk writes
+    (0.1-0.5 s per step at paper size) overlap the transfer instead of adding to it.
+    If the commit fails the connection is cut; the device retries the step.
+    Returns the response, the task sending the rest, and the checkpoint seconds if any.
     """
+    loop = asyncio.get_running_loop()
+    encoded: asyncio.Future[bytearray] = loop.create_future()
+
+    def job() -> float | None:
+        body, global_step = _tail_step(state, session, step, act, labels)
+        loop.call_soon_threadsafe(lambda: encoded.done() or encoded.set_result(body))
+        return _commit_step(state, session, global_step, raw, body)
+
+    commit = asyncio.ensure_future(state.run(job))
+    try:
+        await asyncio.wait([encoded, commit], return_when=asyncio.FIRST_COMPLETED)
+        if not encoded.done():  # the tail step failed: nothing was applied, nothing sent yet
+            await commit
+            raise AssertionError("unreachable: the job returned without a reply")  # pragma: no cover
+    except NonFiniteStep as exc:
+        raise ApiError(422, "non_finite_step", str(exc)) from None
+    body = encoded.result()
+    response = web.StreamResponse(headers={"Content-Type": wire.CONTENT_TYPE})
+    response.content_length = len(body)
+    await response.prepare(request)
+    view = memoryview(body)
+    sent = asyncio.create_task(_write_view(response, view[:-_HELD_BACK]))
+    try:
+        saved_s = await commit
+    except BaseException as exc:
+        sent.cancel()
+        if request.transport is not None:
+            request.transport.close()  # a cut reply: the device retries (docs/protocol.md section 6)
+        if isinstance(exc, ApiError):
+            state.metrics.reject(exc.code)
+            log.warning("reply cut", extra={"fields": {"session": session.id[:8], "step": step, "code": exc.code}})
+            raise _ReplyCut(response) from exc
+        raise
+
+    async def rest() -> None:
+        await sent
+        await response.write(view[-_HELD_BACK:])
+        await response.write_eof()
+
+    return response, asyncio.create_task(rest()), saved_s
+
+
+async def _write_view(response: web.StreamResponse, view: memoryview) -> None:
+    async for chunk in write_chunks(view):
+        await response.write(chunk)
+
+
+def _tail_step(
+    state: ServerState, session: Session, step: int, act: np.ndarray, labels: np.ndarray
+) -> tuple[bytearray, int]:
+    """On the tail thread: update the tail and encode the reply; (reply, global step). The step counts from here."""
     result = state.tail.train_step(act, labels)
     body = wire.encode(
         {
@@ -365,16 +441,27 @@ def _apply_step(
     # Recorded here, on the tail thread, so the checkpoint below (and any later one) counts it.
     session.step = step
     session.examples += int(labels.shape[0])
+    return body, result.global_step
+
+
+def _commit_step(
+    state: ServerState, session: Session, global_step: int, raw: bytearray, body: bytearray
+) -> float | None:
+    """On the tail thread: store the reply, append the journal (the commit point); checkpoint seconds.
+
+    The reply is stored before the journal entry: a crash between them leaves a stored
+    reply for a step the restarted server does not have, which the device's retry then
+    applies (and overwrites).
+    """
     state.sessions.replies.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(state.sessions.reply_path(session), body)
     if state.journal is not None:
-        state.journal.append(result.global_step, session.id, raw)
-    saved_s = None
-    if result.global_step % state.config.checkpoint_every == 0:
+        state.journal.append(global_step, session.id, raw)
+    if global_step % state.config.checkpoint_every == 0:
         t0 = time.perf_counter()
         _checkpoint(state.tail, state.sessions, state.journal)
-        saved_s = time.perf_counter() - t0
-    return body, saved_s
+        return time.perf_counter() - t0
+    return None
 
 
 def _checkpoint(tail: TailWorker, sessions: SessionTable, journal: Journal | None) -> None:

@@ -353,3 +353,47 @@ def test_one_device_cannot_take_every_session(small_export, start_server, tokens
 
     asyncio.run(run())
     assert len(server.state.sessions.sessions) == 3
+
+
+def test_reply_is_withheld_until_commit_and_cut_when_it_fails(small_export, start_server, monkeypatch):
+    """The reply streams while the step is committed, but its last bytes wait for the commit;
+    a commit that fails cuts the connection, so no device holds a reply to an uncommitted step."""
+    import runtime_server.app as server_app
+
+    server = start_server(small_export)
+    digest = manifest_sha256(small_export)
+    act, labels = _tensors(load_manifest(small_export).activation_shape)
+    written = threading.Event()
+    real_write = server_app.atomic_write_bytes
+
+    def failing_write(path, data):  # type: ignore[no-untyped-def]
+        time.sleep(0.5)  # time for the reply to go out, all but its held-back bytes
+        written.set()
+        raise OSError(28, "No space left on device")
+
+    async def run() -> None:
+        async with EdgeClient(server.url) as edge:
+            sid = (await edge.open_session(digest)).session_id
+        body = bytes(wire.encode({"activation": act, "labels": labels}, {"step": 1}))
+        received = bytearray()
+        monkeypatch.setattr(server_app, "atomic_write_bytes", failing_write)
+        async with aiohttp.ClientSession() as http:
+            url = f"{server.url}/v1/sessions/{sid}/train"
+            headers = {"Content-Type": wire.CONTENT_TYPE}
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with http.post(url, data=body, headers=headers) as resp:
+                    assert resp.status == 200  # headers go out before the commit
+                    async for chunk in resp.content.iter_any():
+                        received += chunk
+            assert written.is_set()
+            assert 0 < len(received) < resp.content_length  # streamed, but never whole
+            assert len(received) >= resp.content_length - 8 - (1 << 20)  # all but the held-back bytes
+            monkeypatch.setattr(server_app, "atomic_write_bytes", real_write)
+            # The tail was updated but the step's reply is lost: the retry is told so and moves on.
+            async with http.post(url, data=body, headers=headers) as resp:
+                assert resp.status == 409
+                assert (await resp.json())["error"] == "reply_unavailable"
+            async with http.get(f"{server.url}/metrics") as resp:
+                assert 'dpa_rejected_requests_total{reason="storage_error"} 1\n' in await resp.text()
+
+    asyncio.run(run())
