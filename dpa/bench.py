@@ -188,18 +188,19 @@ async def _split_and_throughput(cfg: BenchConfig, artifacts: Path, report: dict[
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dp = DPActivations(DPConfig(clip=100.0, epsilon=8.0), np.random.default_rng(1))
-        async with EdgeClient(url) as edge:
-            session = await edge.open_session(digest)
-            trainer = SplitTrainer(head, edge, session.session_id, dp)
-            await trainer.step(images, labels)  # warm-up
-            times = []
-            for _ in range(cfg.repeats):
-                t0 = time.perf_counter()
-                await trainer.step(images, labels)
-                times.append(time.perf_counter() - t0)
-        split = statistics.median(times)
-        report["split_step_s"] = split
-        report["split_step_ratio"] = split / report["monolithic_torch_step_s"]
+        # The whole batch at once (the default), then streamed one example at a time (--micro-batch 1).
+        for key, micro in (("split_step", None), ("split_step_streamed", 1)):
+            async with EdgeClient(url) as edge:
+                session = await edge.open_session(digest)
+                trainer = SplitTrainer(head, edge, session.session_id, dp, micro_batch=micro)
+                await trainer.step(images, labels)  # warm-up
+                times = []
+                for _ in range(cfg.repeats):
+                    t0 = time.perf_counter()
+                    await trainer.step(images, labels)
+                    times.append(time.perf_counter() - t0)
+            report[f"{key}_s"] = statistics.median(times)
+            report[f"{key}_ratio"] = report[f"{key}_s"] / report["monolithic_torch_step_s"]
 
         request_tensors, reply_tensors = _step_tensors(manifest, cfg.batch)
         act = request_tensors["activation"]

@@ -7,7 +7,8 @@ during a step. Every request is validated completely before the tail is touched,
 rejected request changes nothing.
 
 A train step is answered only after it is durable: its reply is stored, then its request
-is appended to the journal (``journal.py``); every ``checkpoint_every`` steps the tail
+is appended to the journal (``journal.py``; the reply streams meanwhile, all but its last
+bytes: ``_apply_step``); every ``checkpoint_every`` steps the tail
 checkpoint, which carries every session's step count, replaces the journal. A SIGKILL at
 any moment therefore leaves either the step applied (after the restart's replay) with
 its reply stored, so a retry gets that reply, or neither, so a retry applies it.

@@ -16,6 +16,7 @@ def test_bench_reports_every_figure():
         "head_step_ratio",
         "tail_step_ratio",
         "split_step_ratio",
+        "split_step_streamed_ratio",
         "wire_overhead_ratio",
         "client_peak_rss_mb",
         "batch_load_s",
