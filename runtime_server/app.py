@@ -181,8 +181,7 @@ async def _tensor_response(request: web.Request, body: bytes | bytearray) -> web
     response = web.StreamResponse(headers={"Content-Type": wire.CONTENT_TYPE})
     response.content_length = len(body)
     await response.prepare(request)
-    async for chunk in write_chunks(body):
-        await response.write(chunk)
+    await _write_view(response, memoryview(body))
     await response.write_eof()
     return response
 
@@ -390,9 +389,8 @@ async def _apply_step(
     commit = asyncio.ensure_future(state.run(job))
     try:
         await asyncio.wait([encoded, commit], return_when=asyncio.FIRST_COMPLETED)
-        if not encoded.done():  # the tail step failed: nothing was applied, nothing sent yet
+        if not encoded.done():  # the tail step failed (this raises): nothing was applied, nothing sent yet
             await commit
-            raise AssertionError("unreachable: the job returned without a reply")  # pragma: no cover
     except NonFiniteStep as exc:
         raise ApiError(422, "non_finite_step", str(exc)) from None
     body = encoded.result()
