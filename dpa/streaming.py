@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 
 from aiohttp import StreamReader
 
+from dpa.buffers import BufferPool
+
 __all__ = ["read_body", "write_chunks", "CHUNK"]
 
 #: Bodies are written in slices of this size. Handing asyncio one 103 MB buffer makes its
@@ -19,11 +21,14 @@ __all__ = ["read_body", "write_chunks", "CHUNK"]
 CHUNK = 1 << 20
 
 
-async def read_body(stream: StreamReader, length: int | None) -> bytearray:
-    """The whole body; ``length`` is the Content-Length (None: chunked, read the usual way)."""
+async def read_body(stream: StreamReader, length: int | None, pool: BufferPool | None = None) -> bytearray:
+    """The whole body; ``length`` is the Content-Length (None: chunked, read the usual way).
+
+    With ``pool`` the buffer may be a reused one (``dpa.buffers``): every byte is written or this raises.
+    """
     if length is None:
         return bytearray(await stream.read())
-    buf = bytearray(length)
+    buf = pool.take(length) if pool is not None else bytearray(length)
     view = memoryview(buf)
     pos = 0
     async for chunk in stream.iter_any():

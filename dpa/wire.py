@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from dpa.buffers import BufferPool
+
 __all__ = [
     "MAGIC",
     "VERSION",
@@ -128,32 +130,36 @@ def encoded_size(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | No
 
 
 def allocate(
-    specs: Mapping[str, Spec], meta: Mapping[str, Any] | None = None
+    specs: Mapping[str, Spec], meta: Mapping[str, Any] | None = None, pool: BufferPool | None = None
 ) -> tuple[bytearray, dict[str, np.ndarray]]:
-    """A message buffer with every header written, and writable arrays over its tensor slots.
+    """A message buffer with every header and padding byte written, and writable arrays over its tensor slots.
 
     Lets a sender produce tensors straight into the message (the device writes each
     example's DP-A release into it) instead of building them and copying them in.
+    With ``pool`` the buffer may be a reused one: the slots then hold stale bytes until
+    the caller writes them, which it must, all of them.
     """
     if len(specs) > MAX_TENSORS:
         raise WireError(f"{len(specs)} tensors in one message; the limit is {MAX_TENSORS}")
     meta_b = _meta_bytes(meta)
-    out = bytearray(_size(specs, meta_b))
-    _HEADER.pack_into(out, 0, MAGIC, VERSION, len(specs), len(meta_b), 0)
-    pos = _HEADER.size
-    out[pos : pos + len(meta_b)] = meta_b
-    pos += len(meta_b)
-    pos += _pad(pos)
+    size = _size(specs, meta_b)
+    out = pool.take(size) if pool is not None else bytearray(size)
     view = memoryview(out)
+
+    def framing(pos: int, data: bytes) -> int:
+        """Write ``data`` and zero padding to the next 8-byte boundary at ``pos``; the new position."""
+        end = pos + len(data)
+        view[pos:end] = data
+        view[end : end + _pad(end)] = bytes(_pad(end))
+        return end + _pad(end)
+
+    pos = framing(0, _HEADER.pack(MAGIC, VERSION, len(specs), len(meta_b), 0) + meta_b)
     slots: dict[str, np.ndarray] = {}
     for name, (shape, dtype) in specs.items():
         head, nbytes, le_dtype = _tensor_layout(name, tuple(shape), dtype)
-        view[pos : pos + len(head)] = head
-        pos += len(head)
-        pos += _pad(pos)
+        pos = framing(pos, head)
         slots[name] = np.frombuffer(view[pos : pos + nbytes], dtype=le_dtype).reshape(shape)
-        pos += nbytes
-        pos += _pad(pos)
+        pos = framing(pos + nbytes, b"")
     return out, slots
 
 
@@ -232,10 +238,12 @@ async def read_streamed(
     return Message(tensors=tensors, meta=meta)
 
 
-def encode(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> bytearray:
-    """One buffer holding the message; each tensor's bytes are copied exactly once."""
+def encode(
+    tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None, pool: BufferPool | None = None
+) -> bytearray:
+    """One buffer holding the message (from ``pool`` if given); each tensor's bytes are copied exactly once."""
     arrays = {name: np.asarray(a) for name, a in tensors.items()}
-    out, slots = allocate(_specs(arrays), meta)
+    out, slots = allocate(_specs(arrays), meta, pool)
     for name, array in arrays.items():
         slots[name][...] = array
     return out

@@ -21,6 +21,7 @@ import aiohttp
 import numpy as np
 
 from dpa import wire
+from dpa.buffers import BufferPool
 from dpa.manifest import GraphNames
 from dpa.streaming import read_body, write_chunks
 from runtime_client.retry import RETRYABLE_STATUS, RetryPolicy
@@ -107,6 +108,7 @@ class EdgeClient:
         self.retry = retry if retry is not None else RetryPolicy()
         self.on_retry = on_retry
         self.retries = 0  # requests sent again, over this client's life
+        self.buffers = BufferPool(keep=2)  # one train request and its reply, reused step to step
         self._http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> EdgeClient:
@@ -150,7 +152,8 @@ class EdgeClient:
                     raise error
                 if reader is not None:
                     return await reader(resp)
-                return resp.status, await read_body(resp.content, resp.content_length), resp.content_type
+                received = await read_body(resp.content, resp.content_length, self.buffers)
+                return resp.status, received, resp.content_type
         except aiohttp.ClientConnectorCertificateError as exc:
             raise EdgeError(
                 0,

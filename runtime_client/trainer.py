@@ -141,7 +141,7 @@ class SplitTrainer:
             return await self._streamed_step(images, labels, self.micro_batch)
         size = self.micro_batch if self.micro_batch is not None else len(labels)
         batch = len(labels)
-        body, slots = wire.allocate(self._request_specs(batch), {"step": self.step_number + 1})
+        body, slots = wire.allocate(self._request_specs(batch), {"step": self.step_number + 1}, self.edge.buffers)
         slots[GraphNames.LABELS][...] = labels
         clipped = 0
         kept: list[ReleaseContext] = []

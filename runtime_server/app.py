@@ -32,6 +32,7 @@ from aiohttp import web
 
 from dpa import wire
 from dpa.atomic import atomic_write_bytes
+from dpa.buffers import BufferPool
 from dpa.devices import resolve_device
 from dpa.manifest import GraphNames, Manifest, load_manifest, manifest_sha256
 from dpa.streaming import read_body, write_chunks
@@ -69,6 +70,7 @@ class ServerState:
     sessions: SessionTable
     tokens: TokenStore | None
     journal: Journal | None  # None: checkpoint_every alone decides what a crash loses
+    buffers: BufferPool  # request and reply bodies, reused (dpa.buffers)
     metrics: prom.Metrics = field(default_factory=prom.Metrics)
     tail_alive: bool = True
     started: float = field(default_factory=time.time)
@@ -167,7 +169,7 @@ async def _read_message(request: web.Request) -> tuple[bytearray, wire.Message]:
     if length is not None and length > state.max_body:
         raise ApiError(413, "body_too_large", f"body of {length} bytes exceeds the limit of {state.max_body}")
     try:
-        body = await read_body(request.content, length)
+        body = await read_body(request.content, length, state.buffers)
     except ValueError as exc:
         raise ApiError(400, "malformed_body", str(exc)) from None
     try:
@@ -436,6 +438,7 @@ def _tail_step(
             GraphNames.ACTIVATION_GRADIENT: result.activation_gradient,
         },
         {"global_step": result.global_step, "step": step},
+        state.buffers,
     )
     # Recorded here, on the tail thread, so the checkpoint below (and any later one) counts it.
     session.step = step
@@ -560,7 +563,11 @@ def init_app(config: ServerConfig) -> web.Application:
         if journal is not None:
             replayed = await loop.run_in_executor(executor, _replay, tail, sessions, journal)
         slots = asyncio.Semaphore(config.max_inflight_steps)
-        state = ServerState(config, manifest, digest, tail, executor, max_body, slots, sessions, tokens, journal)
+        # A request and a reply per step in flight (more only while slow links drain their replies).
+        buffers = BufferPool(keep=2 * config.max_inflight_steps)
+        state = ServerState(
+            config, manifest, digest, tail, executor, max_body, slots, sessions, tokens, journal, buffers
+        )
         app[STATE] = state
         expiry = asyncio.create_task(_expire_sessions(state))
         if tokens is not None:

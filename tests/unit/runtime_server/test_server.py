@@ -108,3 +108,46 @@ def test_status_counts(small_export, start_server):
     data = asyncio.run(status())
     assert (data["global_step"], data["examples_seen"], data["sessions"]) == (2, 4, 1)
     assert data["manifest_sha256"] == manifest_sha256(small_export) and data["cut"] == "conv1_1"
+
+
+def test_message_buffers_are_reused_and_change_nothing(small_export, start_server):
+    """Both sides reuse their request and reply buffers (dpa.buffers) from the second step on, and
+    training with reuse gives the very bits of training without it."""
+    from dpa.buffers import BufferPool
+    from dpa.devices import resolve_device
+    from runtime_client.edge import EdgeClient
+    from runtime_client.head import HeadModel
+    from runtime_client.mechanism import DPActivations, DPConfig
+    from runtime_client.trainer import SplitTrainer
+
+    manifest = load_manifest(small_export)
+    rng = np.random.default_rng(3)
+    batches = [
+        (rng.standard_normal((8, *manifest.input_shape), dtype=np.float32), rng.integers(0, 6, 8)) for _ in range(3)
+    ]
+
+    async def train(pooled: bool) -> tuple[list[np.ndarray], dict[str, np.ndarray], int, int]:
+        server = start_server(small_export)
+        if not pooled:
+            server.state.buffers = BufferPool(keep=0)
+        head = HeadModel(small_export, manifest, resolve_device("cpu"))
+        dp = DPActivations(DPConfig(clip=1.0, epsilon=8.0), np.random.default_rng(1))
+        async with EdgeClient(server.url) as edge:
+            if not pooled:
+                edge.buffers = BufferPool(keep=0)
+            session = await edge.open_session(manifest_sha256(small_export))
+            trainer = SplitTrainer(head, edge, session.session_id, dp)
+            logits = []
+            for images, labels in batches:
+                await trainer.step(images, labels)
+                probe = np.ones((1, *manifest.activation_shape), np.float32)
+                logits.append(np.array(server.state.tail.eval_step(probe)))
+            return logits, head.parameters(), edge.buffers.reused, server.state.buffers.reused
+
+    plain_logits, plain_head, *_ = asyncio.run(train(pooled=False))
+    logits, head, client_reused, server_reused = asyncio.run(train(pooled=True))
+    assert client_reused >= 4 and server_reused >= 4  # request and reply, steps 2 and 3
+    for ours, theirs in zip(logits, plain_logits, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    for name, value in plain_head.items():
+        np.testing.assert_array_equal(head[name], value)
