@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from dpa import wire
 from dpa.atomic import atomic_write_bytes
 from dpa.devices import DeviceProfile, resolve_device
+from dpa.finite import all_finite
 from dpa.manifest import GraphNames, Manifest, load_manifest, manifest_sha256
 from runtime_client.accountant import PrivacyAccountant, calibrate_noise_multiplier, epsilon_spent
 from runtime_client.edge import EdgeClient, EdgeError, TrainReply
@@ -155,13 +156,26 @@ class SplitTrainer:
         del slots, noisy, ctx
         reply = stored if stored is not None else await self._send(body)
         del body
+        gradient = self._checked(reply.activation_gradient, (batch, *self.head.activation_shape))
         for index, start in enumerate(range(0, batch, size)):
             part = slice(start, start + size)
             # Micro-batches recompute the activations instead of keeping them.
             ctx = kept[index] if kept else self.dp.context(self.head.forward(images[part]))
-            upstream = self.dp.backward(ctx, reply.activation_gradient[part])
+            upstream = self.dp.backward(ctx, gradient[part])
             self.head.accumulate(images[part], upstream.astype(np.float32, copy=False))
         return self._finish(reply, labels, clipped)
+
+    @staticmethod
+    def _checked(gradient: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+        """The server's d loss / d activation, refused before it reaches the head unless it has
+        ``shape`` and holds only numbers: the server is not trusted, and one NaN would make
+        every head weight NaN."""
+        if gradient is None or gradient.shape != shape or gradient.dtype != np.float32:
+            got = "none" if gradient is None else f"{gradient.dtype} {gradient.shape}"
+            raise EdgeError(0, "bad_reply", f"the server's activation gradient is {got}, expected float32 {shape}")
+        if not all_finite(gradient):
+            raise EdgeError(0, "bad_reply", "the server's activation gradient contains NaN or infinity")
+        return gradient
 
     def _request_specs(self, batch: int) -> dict[str, wire.Spec]:
         """Shapes and dtypes of a train request's tensors (``docs/protocol.md``)."""
@@ -172,10 +186,14 @@ class SplitTrainer:
 
     def _finish(self, reply: TrainReply, labels: np.ndarray, clipped: int) -> StepResult:
         """The optimizer step on the accumulated gradients, and the step's figures."""
+        batch = len(labels)
+        if reply.logits.ndim != 2 or reply.logits.shape[0] != batch:
+            self.head.reset_gradients()
+            shape = reply.logits.shape
+            raise EdgeError(0, "bad_reply", f"the server's logits have shape {shape}, expected ({batch}, classes)")
         self.head.step()
         self.step_number = reply.step if reply.step > 0 else self.step_number + 1
         correct = int((reply.logits.argmax(axis=1) == labels).sum())
-        batch = len(labels)
         return StepResult(reply.loss, correct, batch, clipped / max(batch, 1), reply.global_step)
 
     async def _streamed_step(self, images: np.ndarray, labels: np.ndarray, size: int) -> StepResult:
@@ -205,24 +223,36 @@ class SplitTrainer:
                         clipped[0] += int(ctx.clipped.sum())
                         yield memoryview(np.ascontiguousarray(noisy, dtype="<f4")).cast("B")
 
+        received = [0]
+
         def on_start() -> None:
             self.head.reset_gradients()  # a retried attempt accumulates from zero again
+            received[0] = 0
 
         def on_example(i: int, gradient: np.ndarray) -> None:
+            gradient = self._checked(gradient[None], (1, *self.head.activation_shape))
             ctx = self.dp.context(self.head.forward(images[i : i + 1]))  # recomputed, not kept
-            upstream = self.dp.backward(ctx, gradient[None])
+            upstream = self.dp.backward(ctx, gradient)
             self.head.accumulate(images[i : i + 1], upstream.astype(np.float32, copy=False))
+            received[0] += 1
 
-        for first_try in (True, False):
-            length, pieces = wire.pieces(specs, {"step": self.step_number + 1})
-            try:
-                reply = await self.edge.train_streamed(
-                    self.session_id, length, partial(produce, pieces), batch, on_start, on_example
-                )
-                break
-            except EdgeError as exc:
-                if not (first_try and self._rolled_back(exc)):
-                    raise
+        try:
+            for first_try in (True, False):
+                length, pieces = wire.pieces(specs, {"step": self.step_number + 1})
+                try:
+                    reply = await self.edge.train_streamed(
+                        self.session_id, length, partial(produce, pieces), batch, on_start, on_example
+                    )
+                    break
+                except EdgeError as exc:
+                    if not (first_try and self._rolled_back(exc)):
+                        raise
+            if received[0] != batch:  # the gradient was missing or not split by example
+                got = f"gradients for {received[0]} of {batch} examples"
+                raise EdgeError(0, "bad_reply", f"the server's reply held {got}")
+        except BaseException:
+            self.head.reset_gradients()  # nothing half-accumulated reaches a later step
+            raise
         return self._finish(reply, labels, clipped[0])
 
     async def _send(self, body: bytearray) -> TrainReply:

@@ -16,6 +16,7 @@ import numpy as np
 
 from dpa.atomic import fsync_dir
 from dpa.devices import ResolvedDevice
+from dpa.finite import all_finite
 from dpa.manifest import ARTIFACT_FILES, Manifest
 from dpa.ort_training import CheckpointState, Module, Optimizer, SessionOptions, train_step_into
 
@@ -90,7 +91,7 @@ class TailModel:
         else:
             train_step_into(self.module, (activation, labels), (out.loss, out.logits, out.activation_gradient))
             loss, logits, grad = out.loss[()], out.logits, out.activation_gradient
-        if not (np.isfinite(loss) and np.isfinite(np.sum(grad, dtype=np.float64))):
+        if not (np.isfinite(loss) and all_finite(grad)):
             # Applying it would poison the shared tail for every device: drop the gradients instead.
             self.module.lazy_reset_grad()
             raise NonFiniteStep("this batch gives a non-finite loss or gradient (activations too large?); not applied")
