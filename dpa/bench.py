@@ -97,9 +97,13 @@ def _head_and_tail_ratios(cfg: BenchConfig, artifacts: Path, report: dict[str, A
     dp = DPActivations(dp_cfg, np.random.default_rng(1))
     upstream = rng.standard_normal((cfg.batch, *manifest.activation_shape), dtype=np.float32)
 
+    # As SplitTrainer: the release goes into the (reused) request buffer, the VJP into a reused array.
+    message_slot = np.empty_like(upstream)
+    vjp = np.empty_like(upstream)
+
     def ort_head() -> None:
-        noisy, ctx = dp.release(ours_head.forward(images))
-        ours_head.backward_step(images, dp.backward(ctx, upstream))
+        _, ctx = dp.release(ours_head.forward(images), out=message_slot)
+        ours_head.backward_step(images, dp.backward(ctx, upstream, out=vjp))
 
     opt = torch.optim.SGD(head.parameters(), lr=1e-3)
     x = torch.from_numpy(images)

@@ -37,6 +37,7 @@ __all__ = [
     "clip_l2_vjp",
     "clip_l1",
     "clip_l1_vjp",
+    "check_out",
 ]
 
 #: Elements per chunk of |x| when summing L1 norms (4 MiB of float32).
@@ -64,6 +65,13 @@ def _rows(x: np.ndarray, name: str = "x") -> np.ndarray:
     if x.ndim < 1:
         raise ValueError(f"{name} needs a batch axis (ndim >= 1), got a scalar")
     return x.reshape(x.shape[0], -1)
+
+
+def check_out(out: np.ndarray, size: int, dtype: np.dtype | type) -> None:
+    """An ``out`` array must take the result as it is: a reshape of anything else would be a copy."""
+    if out.size != size or out.dtype != dtype or not out.flags.c_contiguous:
+        got = f"{out.dtype} {out.shape}{'' if out.flags.c_contiguous else ' (not C-contiguous)'}"
+        raise ValueError(f"out must be a C-contiguous {np.dtype(dtype)} array of {size} elements, got {got}")
 
 
 def _out_dtype(*arrays: np.ndarray) -> np.dtype:
@@ -123,10 +131,11 @@ def clip_factors(norms: np.ndarray, *, clip: float) -> np.ndarray:
     return factors
 
 
-def scale_examples(x: np.ndarray, factors: np.ndarray) -> np.ndarray:
-    """y_i = x_i * f_i for each example i: a new array of ``x``'s shape and float dtype.
+def scale_examples(x: np.ndarray, factors: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """y_i = x_i * f_i for each example i: a new array of ``x``'s shape and float dtype, or ``out``.
 
-    Each factor is rounded toward zero when cast to the output dtype.
+    Each factor is rounded toward zero when cast to the output dtype. ``out`` (same size
+    and dtype, C-contiguous) lets the device write its release straight into the message.
     """
     x = np.asarray(x)
     r = _rows(x)
@@ -139,7 +148,10 @@ def scale_examples(x: np.ndarray, factors: np.ndarray) -> np.ndarray:
     # exceed C by the rounding of the products themselves (~1 ulp of dt).
     up = f_dt.astype(np.float64) > f
     f_dt[up] = np.nextafter(f_dt[up], dt.type(0))
-    out = np.multiply(r, f_dt[:, None], dtype=dt)
+    if out is None:
+        return np.multiply(r, f_dt[:, None], dtype=dt).reshape(x.shape)
+    check_out(out, r.size, dt)
+    np.multiply(r, f_dt[:, None], out=out.reshape(r.shape))
     return out.reshape(x.shape)
 
 
@@ -202,8 +214,7 @@ def clip_l2_vjp(
 def _scaled_copy(rows: np.ndarray, dt: np.dtype, factor: float, out: np.ndarray | None = None) -> np.ndarray:
     """factor * rows as a new (B, N) array of dtype dt, or written into ``out``."""
     if out is not None:
-        if out.shape[0] != rows.shape[0] or out.size != rows.size or out.dtype != dt:
-            raise ValueError(f"out must be a {dt} array of {rows.size} elements, got {out.dtype} {out.shape}")
+        check_out(out, rows.size, dt)
         target = out.reshape(rows.shape)
         if factor == 1.0:
             np.copyto(target, rows)

@@ -36,6 +36,7 @@ import numpy as np
 
 from runtime_client.calibration import gaussian_sigma, laplace_scale, real_number
 from runtime_client.clipping import (
+    check_out,
     clip_factors,
     clip_l1_vjp,
     clip_l2_vjp,
@@ -277,12 +278,13 @@ class DPActivations:
         """sigma (gaussian) or b (laplace) added to every element; 0 for epsilon = inf."""
         return self._scale
 
-    def release(self, activation: np.ndarray) -> tuple[np.ndarray, ReleaseContext]:
+    def release(self, activation: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, ReleaseContext]:
         """Clip each example (axis 0) and add i.i.d. noise to every element.
 
         y_i = s * (a_i * min(1, C / ||a_i||) + z_i), with the L2 norm and
         z ~ N(0, sigma^2) (gaussian) or the L1 norm and z ~ Laplace(0, b)
-        (laplace). Returns (y as a new float32 array, context for backward).
+        (laplace). Returns (y as a new float32 array, or written into ``out``, a
+        C-contiguous float32 array of the activation's size; context for backward).
 
         Noise is drawn in float32. The injected generator draws one seed per
         stream, ``rng.integers(0, 2**63, size=NOISE_STREAMS)``; stream k is
@@ -294,9 +296,16 @@ class DPActivations:
         """
         ctx = self.context(activation)
         a = ctx.activation
-        noisy = scale_examples(a, ctx.factors)
-        if noisy.dtype != np.float32:
-            noisy = noisy.astype(np.float32)
+        if out is None:
+            noisy = scale_examples(a, ctx.factors)
+            if noisy.dtype != np.float32:
+                noisy = noisy.astype(np.float32)
+        elif a.dtype == np.float32:
+            noisy = scale_examples(a, ctx.factors, out=out)
+        else:  # clipped in the activation's precision, rounded to float32 once
+            check_out(out, a.size, np.float32)
+            noisy = out.reshape(a.shape)
+            np.copyto(noisy, scale_examples(a, ctx.factors), casting="same_kind")
         if self._scale > 0 and noisy.size:
             self._add_noise(noisy.reshape(-1), self.config.mechanism is Mechanism.GAUSSIAN, ctx.scale)
         elif ctx.scale != 1.0:
@@ -359,11 +368,13 @@ class DPActivations:
             for future in [pool.submit(fill, k, start, end) for k, (start, end) in enumerate(parts)]:
                 future.result()
 
-    def backward(self, ctx: ReleaseContext, grad_noisy: np.ndarray) -> np.ndarray:
+    def backward(self, ctx: ReleaseContext, grad_noisy: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """d loss / d pre-clip activation from d loss / d released activation.
 
         The noise is additive, so d y / d clip(a) = I and the result is the
-        clipping VJP at a (see ``clip_l2_vjp`` / ``clip_l1_vjp``).
+        clipping VJP at a (see ``clip_l2_vjp`` / ``clip_l1_vjp``). ``out`` (a
+        C-contiguous array of the result's dtype and size) is reused instead of a new array:
+        at paper size a fresh one is 25,000 page faults per step.
         """
         if not isinstance(ctx, ReleaseContext):
             raise TypeError(f"ctx must be a ReleaseContext, got {type(ctx).__name__}")
@@ -379,9 +390,14 @@ class DPActivations:
         scale = float(np.float32(ctx.scale))
         a, batch, pool = ctx.activation, g.shape[0], _pool()
         if pool is None or batch < 2 or g.size < _PARALLEL_MIN:
-            return vjp(a, g, clip=ctx.clip, norms=ctx.norms, grad_scale=scale)
+            return vjp(a, g, clip=ctx.clip, norms=ctx.norms, grad_scale=scale, out=out).reshape(g.shape)
         # Examples are independent: groups of them on the noise threads, each into its slice of one array.
-        out = np.empty(g.shape, dtype=np.result_type(a.dtype, g.dtype, np.float32))
+        dtype = np.result_type(a.dtype, g.dtype, np.float32)
+        if out is None:
+            out = np.empty(g.shape, dtype=dtype)
+        else:
+            check_out(out, g.size, dtype)
+        out = out.reshape(g.shape)
         groups = min(batch, _WORKERS)
         edges = [batch * k // groups for k in range(groups + 1)]
 

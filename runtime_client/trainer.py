@@ -133,6 +133,7 @@ class SplitTrainer:
         self.micro_batch = micro_batch
         self.step_number = step  # the session's last step whose update this head holds
         self.rollbacks = 0  # times the server was found behind this device (see _send)
+        self._upstream_buffer: np.ndarray | None = None
 
     async def step(self, images: np.ndarray, labels: np.ndarray, stored: TrainReply | None = None) -> StepResult:
         """One private step. With ``stored`` (the server's reply to this very step, fetched after
@@ -148,8 +149,8 @@ class SplitTrainer:
         kept: list[ReleaseContext] = []
         for start in range(0, batch, size):
             part = slice(start, start + size)
-            noisy, ctx = self.dp.release(self.head.forward(images[part]))
-            slots[GraphNames.ACTIVATION][part] = noisy  # the release goes straight into the message
+            # The release is written straight into the message.
+            noisy, ctx = self.dp.release(self.head.forward(images[part]), out=slots[GraphNames.ACTIVATION][part])
             clipped += int(ctx.clipped.sum())
             if self.micro_batch is None:
                 kept.append(ctx)
@@ -157,13 +158,19 @@ class SplitTrainer:
         reply = stored if stored is not None else await self._send(body)
         del body
         gradient = self._checked(reply.activation_gradient, (batch, *self.head.activation_shape))
+        upstream = self._upstream(gradient.shape)
         for index, start in enumerate(range(0, batch, size)):
             part = slice(start, start + size)
             # Micro-batches recompute the activations instead of keeping them.
             ctx = kept[index] if kept else self.dp.context(self.head.forward(images[part]))
-            upstream = self.dp.backward(ctx, gradient[part])
-            self.head.accumulate(images[part], upstream.astype(np.float32, copy=False))
+            self.head.accumulate(images[part], self.dp.backward(ctx, gradient[part], out=upstream[part]))
         return self._finish(reply, labels, clipped)
+
+    def _upstream(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The buffer the clipping VJP writes into, kept from step to step (``dpa.buffers`` says why)."""
+        if self._upstream_buffer is None or self._upstream_buffer.shape != shape:
+            self._upstream_buffer = np.empty(shape, dtype=np.float32)
+        return self._upstream_buffer
 
     @staticmethod
     def _checked(gradient: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:

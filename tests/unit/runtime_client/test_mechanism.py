@@ -295,6 +295,40 @@ def test_float64_activation_released_as_float32() -> None:
     assert noisy.dtype == np.float32
 
 
+@pytest.mark.parametrize("mechanism", [Mechanism.GAUSSIAN, Mechanism.LAPLACE])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_release_and_backward_into_out_equal_new_arrays(mechanism, dtype) -> None:
+    """The device writes its release into the message and the VJP into a reused buffer: same bits."""
+    rng = np.random.default_rng(4)
+    a = (rng.standard_normal((6, 3, 40, 40)) * 3).astype(dtype)  # big enough for the parallel VJP
+    g = rng.standard_normal(a.shape).astype(np.float32)
+    results = []
+    for into in (False, True):
+        dp = DPActivations(DPConfig(mechanism=mechanism, clip=50.0, epsilon=4.0), np.random.default_rng(9))
+        out = np.full(a.shape, np.nan, np.float32) if into else None
+        noisy, ctx = dp.release(a, out=out)
+        assert np.shares_memory(noisy, out) if into else noisy.dtype == np.float32
+        up_out = np.full(a.shape, np.nan, np.result_type(a.dtype, np.float32)) if into else None
+        results.append((noisy.copy(), dp.backward(ctx, g, out=up_out).copy()))
+        if into:
+            np.testing.assert_array_equal(out, results[-1][0])
+            np.testing.assert_array_equal(up_out, results[-1][1])
+    for new, reused in zip(results[0], results[1], strict=True):
+        np.testing.assert_array_equal(new, reused)
+
+
+def test_out_arrays_that_cannot_take_the_result_are_refused() -> None:
+    dp = DPActivations(DPConfig(clip=1.0, epsilon=4.0), np.random.default_rng(0))
+    a = np.ones((4, 8), np.float32)
+    with pytest.raises(ValueError, match="C-contiguous float32 array of 32 elements, got float64"):
+        dp.release(a, out=np.empty((4, 8)))
+    with pytest.raises(ValueError, match=r"not C-contiguous"):
+        dp.release(a, out=np.empty((8, 4), np.float32).T)
+    _, ctx = dp.release(a)
+    with pytest.raises(ValueError, match="array of 32 elements, got float32 \\(4, 7\\)"):
+        dp.backward(ctx, a, out=np.empty((4, 7), np.float32))
+
+
 def test_device_modules_do_not_import_torch() -> None:
     code = (
         "import sys\n"
