@@ -375,7 +375,8 @@ async def _apply_step(
     event loop, then stores the reply and appends the journal entry (the commit point);
     being one job, no other step reaches the tail in between. Meanwhile the reply goes
     out except its last bytes, which follow only once the commit returns: a device
-    never holds a whole reply to a step a crash could lose, and the disk writes
+    never holds a whole reply to a step a crash could lose (without a journal any step
+    since the last checkpoint can be lost, so nothing is held back), and the disk writes
     (0.1-0.5 s per step at paper size) overlap the transfer instead of adding to it.
     If the commit fails the connection is cut; the device retries the step.
     Returns the response, the task sending the rest, and the checkpoint seconds if any.
@@ -400,7 +401,9 @@ async def _apply_step(
     response.content_length = len(body)
     await response.prepare(request)
     view = memoryview(body)
-    sent = asyncio.create_task(_write_view(response, view[:-_HELD_BACK]))
+    # Without a journal no step is durable before the next checkpoint: holding bytes back protects nothing.
+    held = _HELD_BACK if state.journal is not None else 0
+    sent = asyncio.create_task(_write_view(response, view[: len(view) - held]))
     try:
         saved_s = await commit
     except BaseException as exc:
@@ -415,7 +418,8 @@ async def _apply_step(
 
     async def rest() -> None:
         await sent
-        await response.write(view[-_HELD_BACK:])
+        if held:
+            await response.write(view[len(view) - held :])
         await response.write_eof()
 
     return response, asyncio.create_task(rest()), saved_s

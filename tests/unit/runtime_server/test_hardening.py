@@ -397,3 +397,38 @@ def test_reply_is_withheld_until_commit_and_cut_when_it_fails(small_export, star
                 assert 'dpa_rejected_requests_total{reason="storage_error"} 1\n' in await resp.text()
 
     asyncio.run(run())
+
+
+def test_without_a_journal_the_reply_is_whole_before_the_commit(small_export, start_server, monkeypatch):
+    """With --no-journal a crash loses every step since the last checkpoint anyway: the reply
+    does not wait for the stored reply's disk write."""
+    import runtime_server.app as server_app
+
+    server = start_server(small_export, journal=False)
+    digest = manifest_sha256(small_export)
+    act, labels = _tensors(load_manifest(small_export).activation_shape)
+    written = threading.Event()
+    real_write = server_app.atomic_write_bytes
+
+    def slow_write(path, data):  # type: ignore[no-untyped-def]
+        time.sleep(1.0)
+        real_write(path, data)
+        written.set()
+
+    async def run() -> None:
+        async with EdgeClient(server.url) as edge:
+            sid = (await edge.open_session(digest)).session_id
+        body = bytes(wire.encode({"activation": act, "labels": labels}, {"step": 1}))
+        monkeypatch.setattr(server_app, "atomic_write_bytes", slow_write)
+        async with aiohttp.ClientSession() as http:
+            url = f"{server.url}/v1/sessions/{sid}/train"
+            async with http.post(url, data=body, headers={"Content-Type": wire.CONTENT_TYPE}) as resp:
+                reply = wire.decode(bytearray(await resp.read()))
+            assert not written.is_set()  # whole, and the reply's file is still being written
+            assert reply.meta["step"] == 1
+            # A retry waits for the commit, then gets the stored reply, byte for byte.
+            async with http.post(url, data=body, headers={"Content-Type": wire.CONTENT_TYPE}) as resp:
+                assert resp.status == 200 and written.is_set()
+                assert wire.decode(bytearray(await resp.read())).meta == reply.meta
+
+    asyncio.run(run())
