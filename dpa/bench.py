@@ -2,9 +2,9 @@
 
 Every ratio is ours / torch on the same machine, the same weights and the same batch,
 so a ratio below 1 means dpa is faster. Timings are medians over repeats after a
-warm-up. torch is a reference here (imported lazily); the measured paths are the
-deployed ones: onnxruntime artifacts, the DP-A mechanism, the wire format and the
-real aiohttp server on loopback.
+warm-up, ours and torch's taken in turns. torch is a reference here (imported
+lazily); the measured paths are the deployed ones: onnxruntime artifacts, the DP-A
+mechanism, the wire format and the real aiohttp server on loopback.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class BenchConfig:
 CONFIGS = {
     # The seed's configuration: VGG-Face as published, cut after conv1_1, batch 8.
     "paper": BenchConfig(
-        "paper", ArchConfig(image_size=224, width=1.0, num_classes=2622, dropout=0.0), repeats=3, steps_per_client=1
+        "paper", ArchConfig(image_size=224, width=1.0, num_classes=2622, dropout=0.0), repeats=5, steps_per_client=1
     ),
     # A CPU-sized network for quick comparisons.
     "small": BenchConfig(
@@ -55,12 +55,25 @@ CONFIGS = {
 
 def _median_time(fn: Callable[[], Any], repeats: int) -> float:
     fn()  # warm-up: allocations, kernel selection
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(_timed(fn) for _ in range(repeats))
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _paired_medians(ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Median seconds of ``ours`` and of ``theirs``, timed in turns after one warm-up each.
+
+    In turns, not one series after the other: this VM's speed drifts by 10-15% over a
+    minute (torch's tail step measured 3.4 s in one run and 4.05 s in another), and
+    alternating puts both sides of a ratio in the same drift.
+    """
+    ours(), theirs()  # warm-up: allocations, kernel selection
+    pairs = [(_timed(ours), _timed(theirs)) for _ in range(repeats)]
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
 def _export(cfg: BenchConfig, out: Path) -> Path:
@@ -71,7 +84,8 @@ def _export(cfg: BenchConfig, out: Path) -> Path:
     return out
 
 
-def _head_and_tail_ratios(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> None:
+def _head_and_tail_ratios(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> Callable[[], None]:
+    """1. and 2.; returns the monolithic torch train step, which the split step is timed against."""
     import torch
 
     from dpa.devices import resolve_device
@@ -118,7 +132,7 @@ def _head_and_tail_ratios(cfg: BenchConfig, artifacts: Path, report: dict[str, A
         released.backward(g)
         opt.step()
 
-    t_ours, t_torch = _median_time(ort_head, cfg.repeats), _median_time(torch_head, cfg.repeats)
+    t_ours, t_torch = _paired_medians(ort_head, torch_head, cfg.repeats)
     report["head_step_s"] = {"ours": t_ours, "torch": t_torch}
     report["head_step_ratio"] = t_ours / t_torch
 
@@ -153,7 +167,7 @@ def _head_and_tail_ratios(cfg: BenchConfig, artifacts: Path, report: dict[str, A
         loss.backward()  # parameter gradients and d loss / d activation, as the server returns
         topt.step()
 
-    t_ours, t_torch = _median_time(ort_tail, cfg.repeats), _median_time(torch_tail, cfg.repeats)
+    t_ours, t_torch = _paired_medians(ort_tail, torch_tail, cfg.repeats)
     report["tail_step_s"] = {"ours": t_ours, "torch": t_torch}
     report["tail_step_ratio"] = t_ours / t_torch
 
@@ -167,11 +181,14 @@ def _head_and_tail_ratios(cfg: BenchConfig, artifacts: Path, report: dict[str, A
         loss.backward()
         fopt.step()
 
-    report["monolithic_torch_step_s"] = _median_time(torch_full, cfg.repeats)
+    return torch_full
 
 
-async def _split_and_throughput(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> None:
-    """3. split step over loopback HTTP; 4. wire bytes; 6. server throughput with concurrent clients."""
+async def _split_and_throughput(
+    cfg: BenchConfig, artifacts: Path, report: dict[str, Any], torch_full: Callable[[], None]
+) -> None:
+    """3. split step over loopback HTTP, in turns with ``torch_full``; 4. wire bytes; 6. server
+    throughput with concurrent clients. The server is idle while torch runs."""
 
     from dpa import wire
     from dpa.devices import resolve_device
@@ -193,18 +210,23 @@ async def _split_and_throughput(cfg: BenchConfig, artifacts: Path, report: dict[
             warnings.simplefilter("ignore")
             dp = DPActivations(DPConfig(clip=100.0, epsilon=8.0), np.random.default_rng(1))
         # The whole batch at once (the default), then streamed one example at a time (--micro-batch 1).
+        monolithic: list[float] = []
         for key, micro in (("split_step", None), ("split_step_streamed", 1)):
             async with EdgeClient(url) as edge:
                 session = await edge.open_session(digest)
                 trainer = SplitTrainer(head, edge, session.session_id, dp, micro_batch=micro)
                 await trainer.step(images, labels)  # warm-up
-                times = []
-                for _ in range(cfg.repeats):
+                torch_full()
+                times, torch_times = [], []
+                for _ in range(cfg.repeats):  # in turns, as _paired_medians
                     t0 = time.perf_counter()
                     await trainer.step(images, labels)
                     times.append(time.perf_counter() - t0)
+                    torch_times.append(_timed(torch_full))
             report[f"{key}_s"] = statistics.median(times)
-            report[f"{key}_ratio"] = report[f"{key}_s"] / report["monolithic_torch_step_s"]
+            report[f"{key}_ratio"] = report[f"{key}_s"] / statistics.median(torch_times)
+            monolithic += torch_times
+        report["monolithic_torch_step_s"] = statistics.median(monolithic)
 
         request_tensors, reply_tensors = _step_tensors(manifest, cfg.batch)
         act = request_tensors["activation"]
@@ -405,9 +427,10 @@ def run_bench(cfg: BenchConfig, *, say: Callable[[str], None] = print) -> dict[s
         say(f"exporting the {cfg.name} configuration")
         artifacts = _export(cfg, Path(tmp) / "artifacts")
         say("head and tail steps: onnxruntime vs torch eager")
-        _head_and_tail_ratios(cfg, artifacts, report)
+        torch_full = _head_and_tail_ratios(cfg, artifacts, report)
         say("split step over loopback HTTP, wire bytes, server throughput")
-        asyncio.run(_split_and_throughput(cfg, artifacts, report))
+        asyncio.run(_split_and_throughput(cfg, artifacts, report, torch_full))
+        del torch_full
         say("device client peak RSS (own process) and batch loading")
         _client_rss_and_load(cfg, artifacts, report)
         say("crash safety: journal entry, stored reply and tail checkpoint writes")
