@@ -21,7 +21,8 @@ def all_finite(array: np.ndarray) -> bool:
     """True when no element is NaN or infinite."""
     a = np.asarray(array)
     if a.dtype in (np.float32, np.float16):
-        return math.isfinite(float(np.sum(a, dtype=np.float64)))
+        with np.errstate(invalid="ignore"):  # inf + -inf is NaN: an answer here, not a warning
+            return math.isfinite(float(np.sum(a, dtype=np.float64)))
     if not np.issubdtype(a.dtype, np.inexact):
         return True  # integers are always numbers
     return bool(np.isfinite(a).all())
