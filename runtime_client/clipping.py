@@ -38,6 +38,7 @@ __all__ = [
     "clip_l1",
     "clip_l1_vjp",
     "check_out",
+    "row_dots",
 ]
 
 #: Elements per chunk of |x| when summing L1 norms (4 MiB of float32).
@@ -78,7 +79,7 @@ def _out_dtype(*arrays: np.ndarray) -> np.dtype:
     return np.result_type(*(a.dtype for a in arrays), np.float32)
 
 
-def _row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-row dot products of two (B, N) arrays, accumulated in float64.
 
     ``einsum`` with ``dtype=float64`` casts through small buffers: no float64
@@ -101,7 +102,7 @@ def _check_finite(norms: np.ndarray, what: str) -> None:
 def l2_norms(x: np.ndarray) -> np.ndarray:
     """Per-example L2 norms ||x_i||_2 = sqrt(sum_j x_ij^2), shape (B,), float64."""
     r = _rows(np.asarray(x))
-    return np.sqrt(_row_dots(r, r))
+    return np.sqrt(row_dots(r, r))
 
 
 def l1_norms(x: np.ndarray) -> np.ndarray:
@@ -179,6 +180,7 @@ def clip_l2_vjp(
     norms: np.ndarray | None = None,
     grad_scale: float = 1.0,
     out: np.ndarray | None = None,
+    dots: np.ndarray | None = None,
 ) -> np.ndarray:
     """Vector-Jacobian product g^T dy/dx of :func:`clip_l2` at ``x``, for g = grad_scale * grad.
 
@@ -188,6 +190,8 @@ def clip_l2_vjp(
     ``norms`` may pass ``l2_norms(x)`` when already known (saves a pass); ``grad_scale``
     is folded into the first pass instead of costing one of its own; ``out`` (x's shape,
     the result dtype) receives the result, so threads can each fill a slice of one array.
+    ``dots`` may pass the per-example x . grad (float64) when known: then ``x``, ``grad``
+    and ``out`` can be a slice of one example's elements, and threads split one example.
     """
     c = _clip_value(clip)
     x, grad = np.asarray(x), np.asarray(grad)
@@ -202,7 +206,7 @@ def clip_l2_vjp(
     out = _scaled_copy(gr, dt, grad_scale, out)
     row = None
     for i in np.flatnonzero(n > c):
-        xg = grad_scale * float(_row_dots(xr[i : i + 1], gr[i : i + 1])[0])
+        xg = grad_scale * float(row_dots(xr[i : i + 1], gr[i : i + 1])[0] if dots is None else dots[i])
         ni = float(n[i])
         scale = c / ni
         out[i] *= dt.type(scale)
@@ -250,6 +254,7 @@ def clip_l1_vjp(
     norms: np.ndarray | None = None,
     grad_scale: float = 1.0,
     out: np.ndarray | None = None,
+    dots: np.ndarray | None = None,
 ) -> np.ndarray:
     """Vector-Jacobian product g^T dy/dx of :func:`clip_l1` at ``x``, for g = grad_scale * grad.
 
@@ -257,7 +262,7 @@ def clip_l1_vjp(
         s <= C:  g                                        (y = x)
         s >  C:  (C/s) * (g - sign(x) (x . g) / s)        (y = C x / s)
     (d s / d x = sign(x), taking sign(0) = 0 as torch and numpy do).
-    ``norms`` may pass ``l1_norms(x)`` when already known (saves a pass).
+    ``norms``, ``grad_scale``, ``out`` and ``dots`` as for :func:`clip_l2_vjp`.
     """
     c = _clip_value(clip)
     x, grad = np.asarray(x), np.asarray(grad)
@@ -271,7 +276,7 @@ def clip_l1_vjp(
     dt = _out_dtype(x, grad)
     out = _scaled_copy(gr, dt, grad_scale, out)
     for i in np.flatnonzero(s > c):
-        xg = grad_scale * float(_row_dots(xr[i : i + 1], gr[i : i + 1])[0])
+        xg = grad_scale * float(row_dots(xr[i : i + 1], gr[i : i + 1])[0] if dots is None else dots[i])
         si = float(s[i])
         scale = c / si
         out[i] *= dt.type(scale)

@@ -42,6 +42,7 @@ from runtime_client.clipping import (
     clip_l2_vjp,
     l1_norms,
     l2_norms,
+    row_dots,
     scale_examples,
 )
 
@@ -69,6 +70,11 @@ _POOL: ThreadPoolExecutor | None = None
 
 
 _WORKERS = min(NOISE_STREAMS, os.cpu_count() or 1)
+
+
+def _dot(x: np.ndarray, g: np.ndarray, lo: int, hi: int) -> float:
+    """x . g over columns lo:hi of one example's (1, N) rows, in float64."""
+    return float(row_dots(x[:, lo:hi], g[:, lo:hi])[0])
 
 
 def _pool() -> ThreadPoolExecutor | None:
@@ -389,15 +395,32 @@ class DPActivations:
         # d (s * y) / d y = s: the public rescale is folded into the VJP's first pass.
         scale = float(np.float32(ctx.scale))
         a, batch, pool = ctx.activation, g.shape[0], _pool()
-        if pool is None or batch < 2 or g.size < _PARALLEL_MIN:
+        if pool is None or g.size < _PARALLEL_MIN or batch == 0:
             return vjp(a, g, clip=ctx.clip, norms=ctx.norms, grad_scale=scale, out=out).reshape(g.shape)
-        # Examples are independent: groups of them on the noise threads, each into its slice of one array.
         dtype = np.result_type(a.dtype, g.dtype, np.float32)
         if out is None:
             out = np.empty(g.shape, dtype=dtype)
         else:
             check_out(out, g.size, dtype)
         out = out.reshape(g.shape)
+        if batch == 1:
+            # One example (the streamed device's case): its elements split across the threads. The
+            # clipped VJP needs the whole example's x . g first: partial dots in parallel, then the sum.
+            xs, gs, outs = a.reshape(1, -1), g.reshape(1, -1), out.reshape(1, -1)
+            edges = [xs.shape[1] * k // _WORKERS for k in range(_WORKERS + 1)]
+            spans = list(zip(edges[:-1], edges[1:], strict=True))
+            dots = np.zeros(1)
+            if ctx.norms[0] > ctx.clip:
+                dots[0] = sum(f.result() for f in [pool.submit(_dot, xs, gs, lo, hi) for lo, hi in spans])
+
+            def span(lo: int, hi: int) -> None:
+                x_part, g_part, out_part = xs[:, lo:hi], gs[:, lo:hi], outs[:, lo:hi]
+                vjp(x_part, g_part, clip=ctx.clip, norms=ctx.norms, grad_scale=scale, out=out_part, dots=dots)
+
+            for future in [pool.submit(span, lo, hi) for lo, hi in spans]:
+                future.result()
+            return out
+        # Examples are independent: groups of them on the noise threads, each into its slice of one array.
         groups = min(batch, _WORKERS)
         edges = [batch * k // groups for k in range(groups + 1)]
 

@@ -239,8 +239,7 @@ class SplitTrainer:
         def on_example(i: int, gradient: np.ndarray) -> None:
             gradient = self._checked(gradient[None], (1, *self.head.activation_shape))
             ctx = self.dp.context(self.head.forward(images[i : i + 1]))  # recomputed, not kept
-            upstream = self.dp.backward(ctx, gradient)
-            self.head.accumulate(images[i : i + 1], upstream.astype(np.float32, copy=False))
+            self.head.accumulate(images[i : i + 1], self.dp.backward(ctx, gradient, out=self._upstream(gradient.shape)))
             received[0] += 1
 
         try:
