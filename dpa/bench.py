@@ -243,6 +243,10 @@ async def _split_and_throughput(
         report["wire_bytes_per_step"] = request + reply
         report["raw_tensor_bytes_per_step"] = raw
         report["wire_overhead_ratio"] = (request + reply) / raw
+        # --wire-dtype float16: the release travels as float16, the reply stays float32.
+        half = wire.encoded_size({**request_tensors, "activation": act.astype(np.float16)}, {"step": 10**9})
+        report["wire_bytes_per_step_float16"] = half + reply
+        report["float16_wire_bytes_ratio"] = (half + reply) / (request + reply)
 
         report["throughput"] = {}
         for clients in cfg.clients:

@@ -21,6 +21,7 @@ import math
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ __all__ = [
     "CONTENT_TYPE",
     "DTYPE_CODES",
     "WireError",
+    "ReleaseDtype",
     "Message",
     "encode",
     "allocate",
@@ -63,6 +65,34 @@ DTYPE_CODES: dict[int, np.dtype] = {
     5: np.dtype("u1"),
 }
 _CODE_OF = {dt: code for code, dt in DTYPE_CODES.items()}
+
+
+class ReleaseDtype(StrEnum):
+    """How a device's DP-A release (the ``activation`` tensor) travels.
+
+    float16 halves the upload. The noise is added in float32 and the noisy release is then
+    rounded: post-processing of a DP output, so it costs no privacy. A normalized release
+    has RMS <= 1, far inside float16's range (65504); the device refuses to send one that
+    would overflow. Replies stay float32: gradients per element are far smaller than
+    float16's smallest normal number (6e-5).
+    """
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+    @classmethod
+    def parse(cls, name: str) -> ReleaseDtype:
+        if isinstance(name, cls):
+            return name
+        valid = ", ".join(d.value for d in cls)
+        try:
+            return cls(str(name).strip().lower())
+        except ValueError:
+            raise ValueError(f"unknown release dtype {name!r}; valid: {valid}") from None
+
+    @property
+    def numpy(self) -> np.dtype:
+        return np.dtype("<f4") if self is ReleaseDtype.FLOAT32 else np.dtype("<f2")
 
 
 class WireError(ValueError):

@@ -74,6 +74,8 @@ class ClientConfig:
     # Examples per head call on the device; None: the whole batch. 1 keeps one example's
     # activations in memory instead of the batch's (a phone's setting; same update).
     micro_batch: int | None = None
+    # How the release travels: float16 halves the upload (rounded after the noise: no privacy cost).
+    release_dtype: wire.ReleaseDtype = wire.ReleaseDtype.FLOAT32
     progress: bool = True  # rich progress bar
     token: str | None = field(default=None, repr=False)  # bearer token for the server (never printed)
     ca: Path | None = None  # CA certificate (PEM) to trust for an https server, besides the system's
@@ -123,6 +125,7 @@ class SplitTrainer:
         dp: DPActivations,
         micro_batch: int | None = None,
         step: int = 0,
+        release_dtype: wire.ReleaseDtype = wire.ReleaseDtype.FLOAT32,
     ) -> None:
         if micro_batch is not None and micro_batch < 1:
             raise ValueError(f"micro batch must be >= 1, got {micro_batch}")
@@ -131,9 +134,10 @@ class SplitTrainer:
         self.session_id = session_id
         self.dp = dp
         self.micro_batch = micro_batch
+        self.release_dtype = wire.ReleaseDtype.parse(release_dtype)
         self.step_number = step  # the session's last step whose update this head holds
         self.rollbacks = 0  # times the server was found behind this device (see _send)
-        self._upstream_buffer: np.ndarray | None = None
+        self._scratches: dict[str, np.ndarray] = {}
 
     async def step(self, images: np.ndarray, labels: np.ndarray, stored: TrainReply | None = None) -> StepResult:
         """One private step. With ``stored`` (the server's reply to this very step, fetched after
@@ -149,8 +153,12 @@ class SplitTrainer:
         kept: list[ReleaseContext] = []
         for start in range(0, batch, size):
             part = slice(start, start + size)
-            # The release is written straight into the message.
-            noisy, ctx = self.dp.release(self.head.forward(images[part]), out=slots[GraphNames.ACTIVATION][part])
+            slot = slots[GraphNames.ACTIVATION][part]
+            if slot.dtype == np.float32:  # the release is written straight into the message
+                noisy, ctx = self.dp.release(self.head.forward(images[part]), out=slot)
+            else:
+                noisy, ctx = self.dp.release(self.head.forward(images[part]), out=self._scratch("release", slot.shape))
+                self._on_wire(noisy, out=slot)
             clipped += int(ctx.clipped.sum())
             if self.micro_batch is None:
                 kept.append(ctx)
@@ -158,7 +166,7 @@ class SplitTrainer:
         reply = stored if stored is not None else await self._send(body)
         del body
         gradient = self._checked(reply.activation_gradient, (batch, *self.head.activation_shape))
-        upstream = self._upstream(gradient.shape)
+        upstream = self._scratch("upstream", gradient.shape)
         for index, start in enumerate(range(0, batch, size)):
             part = slice(start, start + size)
             # Micro-batches recompute the activations instead of keeping them.
@@ -166,11 +174,30 @@ class SplitTrainer:
             self.head.accumulate(images[part], self.dp.backward(ctx, gradient[part], out=upstream[part]))
         return self._finish(reply, labels, clipped)
 
-    def _upstream(self, shape: tuple[int, ...]) -> np.ndarray:
-        """The buffer the clipping VJP writes into, kept from step to step (``dpa.buffers`` says why)."""
-        if self._upstream_buffer is None or self._upstream_buffer.shape != shape:
-            self._upstream_buffer = np.empty(shape, dtype=np.float32)
-        return self._upstream_buffer
+    def _scratch(self, use: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 array kept from step to step, one per use: the clipping VJP's output, and the
+        release before it is rounded to float16 (``dpa.buffers`` says why fresh ones cost)."""
+        kept = self._scratches.get(use)
+        if kept is None or kept.shape != shape:
+            kept = self._scratches[use] = np.empty(shape, dtype=np.float32)
+        return kept
+
+    def _on_wire(self, noisy: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The release in the dtype it travels in (into ``out`` if given); float16 only where it fits."""
+        wire_dtype = self.release_dtype.numpy
+        if noisy.dtype == wire_dtype and out is None:
+            return noisy
+        with np.errstate(over="ignore"):
+            if out is None:
+                out = noisy.astype(wire_dtype)
+            else:
+                np.copyto(out, noisy, casting="same_kind")
+        if not all_finite(out):
+            raise ValueError(
+                f"this release exceeds {wire_dtype.name}'s range (largest |value| {float(np.abs(noisy).max()):.3g}); "
+                "send it as float32 (--wire-dtype float32)"
+            )
+        return out
 
     @staticmethod
     def _checked(gradient: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
@@ -187,7 +214,7 @@ class SplitTrainer:
     def _request_specs(self, batch: int) -> dict[str, wire.Spec]:
         """Shapes and dtypes of a train request's tensors (``docs/protocol.md``)."""
         return {
-            GraphNames.ACTIVATION: ((batch, *self.head.activation_shape), np.float32),
+            GraphNames.ACTIVATION: ((batch, *self.head.activation_shape), self.release_dtype.numpy),
             GraphNames.LABELS: ((batch,), np.int64),
         }
 
@@ -228,7 +255,7 @@ class SplitTrainer:
                     for start in range(0, batch, size):
                         noisy, ctx = self.dp.release(self.head.forward(images[start : start + size]))
                         clipped[0] += int(ctx.clipped.sum())
-                        yield memoryview(np.ascontiguousarray(noisy, dtype="<f4")).cast("B")
+                        yield memoryview(np.ascontiguousarray(self._on_wire(noisy))).cast("B")
 
         received = [0]
 
@@ -239,7 +266,8 @@ class SplitTrainer:
         def on_example(i: int, gradient: np.ndarray) -> None:
             gradient = self._checked(gradient[None], (1, *self.head.activation_shape))
             ctx = self.dp.context(self.head.forward(images[i : i + 1]))  # recomputed, not kept
-            self.head.accumulate(images[i : i + 1], self.dp.backward(ctx, gradient, out=self._upstream(gradient.shape)))
+            upstream = self.dp.backward(ctx, gradient, out=self._scratch("upstream", gradient.shape))
+            self.head.accumulate(images[i : i + 1], upstream)
             received[0] += 1
 
         try:
@@ -286,7 +314,7 @@ class SplitTrainer:
     async def predict(self, images: np.ndarray) -> np.ndarray:
         """Class predictions; the test activations are released with the same DP-A mechanism."""
         noisy, _ = self.dp.release(self.head.forward(images))
-        return (await self.edge.evaluate(self.session_id, noisy)).argmax(axis=1)
+        return (await self.edge.evaluate(self.session_id, self._on_wire(noisy))).argmax(axis=1)
 
 
 def prepare_data(cfg: ClientConfig, manifest: Manifest) -> tuple[FaceIndex, FaceIndex]:
@@ -500,7 +528,9 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
             run.session_id, step, stored = await _attach(edge, digest, run, say)
             run.session_step = step
             save()  # the session id, before any step of it: a device killed now resumes in this session
-            trainer = SplitTrainer(head, edge, run.session_id, dp, micro_batch=cfg.micro_batch, step=step)
+            trainer = SplitTrainer(
+                head, edge, run.session_id, dp, micro_batch=cfg.micro_batch, step=step, release_dtype=cfg.release_dtype
+            )
             for epoch in range(run.epochs_done, cfg.epochs):
                 if run.epoch_step == 0:
                     # One epoch releases every example once (training ones here, held-out ones in the
@@ -572,7 +602,13 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
             "train_images": len(train_idx.paths),
             "test_images": len(test_idx.paths),
         },
-        "training": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": head.lr, "seed": cfg.seed},
+        "training": {
+            "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size,
+            "lr": head.lr,
+            "seed": cfg.seed,
+            "release_dtype": cfg.release_dtype.value,
+        },
         "privacy": {
             **_privacy_summary(dp_cfg, releases=cfg.epochs, elements=manifest.activation_numel),
             "total": accountant.summary(),
@@ -648,7 +684,8 @@ async def run_evaluation(cfg: ClientConfig) -> dict[str, Any]:
     dp = DPActivations(cfg.dp, noise_rng)
     async with EdgeClient(cfg.server, token=cfg.token, ca=cfg.ca, retry=RetryPolicy(total_s=cfg.retry_s)) as edge:
         session = await edge.open_session(digest, client="dpa-eval")
-        acc = await _evaluate(SplitTrainer(head, edge, session.session_id, dp), test_idx, manifest, cfg.batch_size)
+        trainer = SplitTrainer(head, edge, session.session_id, dp, release_dtype=cfg.release_dtype)
+        acc = await _evaluate(trainer, test_idx, manifest, cfg.batch_size)
         await edge.close_session(session.session_id)
     return {
         "test_accuracy": acc,

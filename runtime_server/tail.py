@@ -86,6 +86,7 @@ class TailModel:
         tail worker) and the result's arrays are views of them.
         """
         self.module.train()
+        activation = np.asarray(activation, dtype=np.float32)  # a float16 release, widened: the graph takes float32
         if out is None:
             loss, logits, grad = self.module(activation, labels)
         else:
@@ -103,7 +104,7 @@ class TailModel:
 
     def eval_step(self, activation: np.ndarray) -> np.ndarray:
         self.module.eval()
-        return self.module(activation)
+        return self.module(np.asarray(activation, dtype=np.float32))
 
     def parameters(self) -> dict[str, np.ndarray]:
         """Copies of the current weights, by name (tests compare them against torch)."""

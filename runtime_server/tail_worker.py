@@ -147,7 +147,7 @@ class TailWorker:
         else:
             assert self._shared is not None
             a, batch = self._shared.arrays, activation.shape[0]
-            np.copyto(a["activation"][:batch], activation)
+            np.copyto(a["activation"][:batch], activation)  # widens a float16 release
             np.copyto(a["labels"][:batch], labels)
             loss, step, examples = self._pool.submit(_train_shared, batch).result()
             result = TrainResult(loss, a["logits"][:batch], a["activation_gradient"][:batch], step)

@@ -15,6 +15,8 @@ from runtime_server.errors import ApiError
 
 __all__ = ["validate_train", "validate_eval", "step_number"]
 
+_RELEASE_DTYPES = {d.numpy for d in wire.ReleaseDtype}  # the tail widens float16 to float32
+
 
 def step_number(message: wire.Message) -> int:
     """The session step number a train request carries in its metadata (``{"step": n}``, n >= 1)."""
@@ -31,8 +33,8 @@ def _check_activation(manifest: Manifest, max_batch: int, message: wire.Message,
     if names != expected:
         raise ApiError(422, "wrong_tensors", f"expected tensors {sorted(expected)}, got {sorted(names)}")
     act = message.tensors[GraphNames.ACTIVATION]
-    if act.dtype != np.float32:
-        raise ApiError(422, "wrong_dtype", f"activation must be float32, got {act.dtype}")
+    if act.dtype not in _RELEASE_DTYPES:
+        raise ApiError(422, "wrong_dtype", f"activation must be float32 or float16, got {act.dtype}")
     want = tuple(manifest.activation_shape)
     if act.ndim != 1 + len(want) or tuple(act.shape[1:]) != want:
         raise ApiError(

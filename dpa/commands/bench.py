@@ -39,6 +39,7 @@ def bench_command(
         ("3. split step ratio (loopback HTTP)", f"{report['split_step_ratio']:.2f}", "<= 1.25"),
         ("3. the same, streamed (--micro-batch 1)", f"{report['split_step_streamed_ratio']:.2f}", "<= 1.25"),
         ("4. wire bytes / raw tensor bytes", f"{report['wire_overhead_ratio']:.6f}", "<= 1.01"),
+        ("4. --wire-dtype float16: bytes / float32's", f"{report['float16_wire_bytes_ratio']:.3f}", ""),
         ("5. client peak RSS, --micro-batch 1 (MB)", f"{report['client_peak_rss_mb']:.0f}", "<= 300"),
         ("5. client peak RSS, whole batch (MB)", f"{report['client_peak_rss_mb_whole_batch']:.0f}", ""),
         ("5. batch load, 8 images (s)", f"{report['batch_load_s']:.3f}", "< 0.1"),

@@ -29,6 +29,9 @@ TokenFileOpt = Annotated[
     typer.Option(help="File with this device's token (`dpa token add --out`); or set DPA_TOKEN."),
 ]
 CaOpt = Annotated[Path | None, typer.Option(help="CA certificate (PEM) that signed an https server's certificate.")]
+WireDtypeOpt = Annotated[
+    str, typer.Option(help="float32, or float16: half the upload (rounded after the noise; no privacy cost).")
+]
 RetryOpt = Annotated[
     float, typer.Option(help="Keep retrying through network errors and server restarts this many seconds.")
 ]
@@ -106,16 +109,19 @@ def client_command(
     micro_batch: Annotated[
         int | None, typer.Option(help="Examples per head call (1: least memory, same update); default the batch.")
     ] = None,
+    wire_dtype: WireDtypeOpt = "float32",
     token_file: TokenFileOpt = None,
     ca: CaOpt = None,
     retry_s: RetryOpt = 600.0,
 ) -> None:
     """Train privately: head on this device, DP-A activations to the edge server."""
+    from dpa.wire import ReleaseDtype
     from runtime_client.head import ModelFormat
     from runtime_client.trainer import run_training
 
     with user_errors():
         model_format = ModelFormat.parse(format)
+        release_dtype = ReleaseDtype.parse(wire_dtype)
     result = _run_client(
         run_training,
         device=device, mechanism=mechanism, epsilon=epsilon, delta=delta, clip=clip,
@@ -123,7 +129,7 @@ def client_command(
         server=server, artifacts=artifacts, data=data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
         min_faces_per_person=min_faces_per_person, state_dir=state_dir, resume=resume, report=report,
         model_format=model_format, max_steps_per_epoch=max_steps, total_epsilon=total_epsilon,
-        micro_batch=micro_batch, token_file=token_file, ca=ca, retry_s=retry_s,
+        micro_batch=micro_batch, release_dtype=release_dtype, token_file=token_file, ca=ca, retry_s=retry_s,
     )  # fmt: skip
     p = result["privacy"]
     console.print(
@@ -153,12 +159,17 @@ def eval_command(
     per_identity: Annotated[int, typer.Option(help="Synthetic images per identity.")] = 40,
     state_dir: StateOpt = Path("runs/client"),
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    wire_dtype: WireDtypeOpt = "float32",
     token_file: TokenFileOpt = None,
     ca: CaOpt = None,
     retry_s: RetryOpt = 600.0,
 ) -> None:
     """Held-out accuracy through this device's head and the server's tail (test activations get DP-A too)."""
+    from dpa.wire import ReleaseDtype
     from runtime_client.trainer import run_evaluation
+
+    with user_errors():
+        release_dtype = ReleaseDtype.parse(wire_dtype)
 
     result = _run_client(
         run_evaluation,
@@ -166,7 +177,7 @@ def eval_command(
         identities=identities, per_identity=per_identity,
         server=server, artifacts=artifacts, data=data, batch_size=batch_size, seed=seed,
         min_faces_per_person=min_faces_per_person, state_dir=state_dir, progress=False,
-        token_file=token_file, ca=ca, retry_s=retry_s,
+        release_dtype=release_dtype, token_file=token_file, ca=ca, retry_s=retry_s,
     )  # fmt: skip
     if json_out:
         print(json.dumps(result))

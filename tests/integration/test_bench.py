@@ -39,5 +39,7 @@ def test_bench_reports_every_figure():
     assert report["wire_bytes_per_step"] == (152 + act) + (464 + act)
     assert report["raw_tensor_bytes_per_step"] == 2 * act + 8 * 8 + 4 + 8 * 10 * 4
     assert report["wire_overhead_ratio"] < 1.0001
+    # float16 release: the request's activation at 2 bytes per element; the header is the same.
+    assert report["wire_bytes_per_step_float16"] == (152 + act // 2) + (464 + act)
     assert report["torch_loaded"] is False  # the measured device client never imported torch
     assert 0 < report["client_peak_rss_mb"] < 2000 and np.isfinite(report["head_step_ratio"])

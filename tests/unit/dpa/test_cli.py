@@ -26,6 +26,8 @@ def test_bad_client_parameters_fail_before_any_work(tmp_path):
     assert result.exit_code == 2 and "epsilon must be > 0" in result.output
     result = runner.invoke(app, ["client", "--mechanism", "exponential", "--artifacts", str(tmp_path)])
     assert result.exit_code == 2 and "unknown mechanism 'exponential'" in result.output
+    result = runner.invoke(app, ["client", "--wire-dtype", "float8", "--artifacts", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown release dtype 'float8'; valid: float32, float16" in result.output
     result = runner.invoke(app, ["client", "--artifacts", str(tmp_path / "none")])
     assert result.exit_code == 2 and "no manifest.json" in result.output
     result = runner.invoke(app, ["serve", "--artifacts", str(tmp_path / "none")])

@@ -60,7 +60,7 @@ def test_bad_requests(server, small_export):
             "wrong content type": (train, _batch(shape), "application/json"),
             "random bytes": (train, b"\x00garbage" * 10, wire.CONTENT_TYPE),
             "truncated": (train, _batch(shape)[:-100], wire.CONTENT_TYPE),
-            "wrong dtype": (train, _batch(shape, activation=np.ones((2, *shape), np.float16)), wire.CONTENT_TYPE),
+            "wrong dtype": (train, _batch(shape, activation=np.ones((2, *shape), np.int32)), wire.CONTENT_TYPE),
             "wrong shape": (train, _batch(shape, activation=np.ones((2, 3, 8, 8), np.float32)), wire.CONTENT_TYPE),
             "too big batch": (train, _batch(shape, n=5), wire.CONTENT_TYPE),
             "empty batch": (train, _batch(shape, n=0), wire.CONTENT_TYPE),
@@ -88,7 +88,7 @@ def test_bad_requests(server, small_export):
         "wrong content type": (415, "unsupported_media_type", "send tensors as application/x-dpa-tensors"),
         "random bytes": (400, "malformed_body", "bad magic"),
         "truncated": (400, "malformed_body", "truncated"),
-        "wrong dtype": (422, "wrong_dtype", "activation must be float32, got float16"),
+        "wrong dtype": (422, "wrong_dtype", "activation must be float32 or float16, got int32"),
         "wrong shape": (422, "wrong_shape", f"activation must have shape (batch, {', '.join(map(str, shape))})"),
         "too big batch": (413, "body_too_large", "exceeds the limit"),  # the size limit is one batch of 4
         "empty batch": (422, "wrong_batch", "batch size must be 1..4, got 0"),
