@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 
 import numpy as np
 
@@ -194,25 +195,44 @@ def clip_l2_vjp(
     and ``out`` can be a slice of one example's elements, and threads split one example.
     """
     c = _clip_value(clip)
-    x, grad = np.asarray(x), np.asarray(grad)
-    if grad.shape != x.shape:
-        raise ValueError(f"grad shape {grad.shape} differs from x shape {x.shape}")
-    xr, gr = _rows(x), _rows(grad, "grad")
-    n = l2_norms(x) if norms is None else np.asarray(norms, dtype=np.float64)
-    if n.shape != (xr.shape[0],):
-        raise ValueError(f"norms must have shape ({xr.shape[0]},), got {n.shape}")
-    _check_finite(n, "the L2 norm")
-    dt = _out_dtype(x, grad)
-    out = _scaled_copy(gr, dt, grad_scale, out)
+    xr, gr, n, dt, out = _vjp_start(x, grad, norms, l2_norms, "L2", grad_scale, out)
     row = None
     for i in np.flatnonzero(n > c):
-        xg = grad_scale * float(row_dots(xr[i : i + 1], gr[i : i + 1])[0] if dots is None else dots[i])
+        xg = _scaled_dot(xr, gr, i, grad_scale, dots)
         ni = float(n[i])
         scale = c / ni
         out[i] *= dt.type(scale)
         row = np.multiply(xr[i], dt.type(scale * xg / ni**2), out=row, dtype=dt)  # one scratch row, reused
         out[i] -= row
-    return out.reshape(x.shape)
+    return out.reshape(np.shape(x))
+
+
+def _vjp_start(
+    x: np.ndarray,
+    grad: np.ndarray,
+    norms: np.ndarray | None,
+    norm_of: Callable[[np.ndarray], np.ndarray],
+    name: str,
+    grad_scale: float,
+    out: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.dtype, np.ndarray]:
+    """What both clipping VJPs start with: the checked (B, N) rows of x and grad, the norms,
+    the result dtype, and the result's first pass, grad_scale * grad (into ``out`` if given)."""
+    x, grad = np.asarray(x), np.asarray(grad)
+    if grad.shape != x.shape:
+        raise ValueError(f"grad shape {grad.shape} differs from x shape {x.shape}")
+    xr, gr = _rows(x), _rows(grad, "grad")
+    n = norm_of(x) if norms is None else np.asarray(norms, dtype=np.float64)
+    if n.shape != (xr.shape[0],):
+        raise ValueError(f"norms must have shape ({xr.shape[0]},), got {n.shape}")
+    _check_finite(n, f"the {name} norm")
+    dt = _out_dtype(x, grad)
+    return xr, gr, n, dt, _scaled_copy(gr, dt, grad_scale, out)
+
+
+def _scaled_dot(xr: np.ndarray, gr: np.ndarray, i: int, grad_scale: float, dots: np.ndarray | None) -> float:
+    """grad_scale * (x_i . grad_i), or from ``dots`` when the caller computed it (one example split in parts)."""
+    return grad_scale * float(row_dots(xr[i : i + 1], gr[i : i + 1])[0] if dots is None else dots[i])
 
 
 def _scaled_copy(rows: np.ndarray, dt: np.dtype, factor: float, out: np.ndarray | None = None) -> np.ndarray:
@@ -265,20 +285,11 @@ def clip_l1_vjp(
     ``norms``, ``grad_scale``, ``out`` and ``dots`` as for :func:`clip_l2_vjp`.
     """
     c = _clip_value(clip)
-    x, grad = np.asarray(x), np.asarray(grad)
-    if grad.shape != x.shape:
-        raise ValueError(f"grad shape {grad.shape} differs from x shape {x.shape}")
-    xr, gr = _rows(x), _rows(grad, "grad")
-    s = l1_norms(x) if norms is None else np.asarray(norms, dtype=np.float64)
-    if s.shape != (xr.shape[0],):
-        raise ValueError(f"norms must have shape ({xr.shape[0]},), got {s.shape}")
-    _check_finite(s, "the L1 norm")
-    dt = _out_dtype(x, grad)
-    out = _scaled_copy(gr, dt, grad_scale, out)
+    xr, gr, s, dt, out = _vjp_start(x, grad, norms, l1_norms, "L1", grad_scale, out)
     for i in np.flatnonzero(s > c):
-        xg = grad_scale * float(row_dots(xr[i : i + 1], gr[i : i + 1])[0] if dots is None else dots[i])
+        xg = _scaled_dot(xr, gr, i, grad_scale, dots)
         si = float(s[i])
         scale = c / si
         out[i] *= dt.type(scale)
         out[i] -= np.sign(xr[i]).astype(dt, copy=False) * dt.type(scale * xg / si)
-    return out.reshape(x.shape)
+    return out.reshape(np.shape(x))

@@ -27,10 +27,12 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
+from typing import TypeVar
 
 import numpy as np
 
@@ -67,14 +69,8 @@ _NOISE_BLOCK = 1 << 18
 #: Releases and VJPs smaller than this (elements) run on the calling thread: handing them out costs more.
 _PARALLEL_MIN = 2 * _NOISE_BLOCK
 _POOL: ThreadPoolExecutor | None = None
-
-
+T = TypeVar("T")
 _WORKERS = min(NOISE_STREAMS, os.cpu_count() or 1)
-
-
-def _dot(x: np.ndarray, g: np.ndarray, lo: int, hi: int) -> float:
-    """x . g over columns lo:hi of one example's (1, N) rows, in float64."""
-    return float(row_dots(x[:, lo:hi], g[:, lo:hi])[0])
 
 
 def _pool() -> ThreadPoolExecutor | None:
@@ -87,10 +83,20 @@ def _pool() -> ThreadPoolExecutor | None:
     return _POOL
 
 
+def _spans(size: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) of ``parts`` near-equal consecutive parts of range(size)."""
+    edges = [size * k // parts for k in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def _on_threads(pool: ThreadPoolExecutor, fn: Callable[..., T], calls: Iterable[tuple[int, ...]]) -> list[T]:
+    """fn(*args) for every args in ``calls``, in parallel; the results in call order."""
+    return [future.result() for future in [pool.submit(fn, *args) for args in calls]]
+
+
 def noise_stream_bounds(size: int) -> list[tuple[int, int]]:
     """[start, end) of each stream's part of a flattened release of ``size`` elements."""
-    edges = [size * k // NOISE_STREAMS for k in range(NOISE_STREAMS + 1)]
-    return list(zip(edges[:-1], edges[1:], strict=True))
+    return _spans(size, NOISE_STREAMS)
 
 
 class Mechanism(StrEnum):
@@ -365,14 +371,13 @@ class DPActivations:
                 if rescale != 1.0:
                     part *= s
 
-        parts = noise_stream_bounds(flat.size)
+        calls = [(k, start, end) for k, (start, end) in enumerate(noise_stream_bounds(flat.size))]
         pool = _pool()
         if pool is None or flat.size < _PARALLEL_MIN:
-            for k, (start, end) in enumerate(parts):
-                fill(k, start, end)
+            for call in calls:
+                fill(*call)
         else:
-            for future in [pool.submit(fill, k, start, end) for k, (start, end) in enumerate(parts)]:
-                future.result()
+            _on_threads(pool, fill, calls)
 
     def backward(self, ctx: ReleaseContext, grad_noisy: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """d loss / d pre-clip activation from d loss / d released activation.
@@ -407,28 +412,23 @@ class DPActivations:
             # One example (the streamed device's case): its elements split across the threads. The
             # clipped VJP needs the whole example's x . g first: partial dots in parallel, then the sum.
             xs, gs, outs = a.reshape(1, -1), g.reshape(1, -1), out.reshape(1, -1)
-            edges = [xs.shape[1] * k // _WORKERS for k in range(_WORKERS + 1)]
-            spans = list(zip(edges[:-1], edges[1:], strict=True))
+            spans = _spans(xs.shape[1], _WORKERS)
             dots = np.zeros(1)
             if ctx.norms[0] > ctx.clip:
-                dots[0] = sum(f.result() for f in [pool.submit(_dot, xs, gs, lo, hi) for lo, hi in spans])
+                dots[0] = sum(_on_threads(pool, lambda lo, hi: float(row_dots(xs[:, lo:hi], gs[:, lo:hi])[0]), spans))
 
             def span(lo: int, hi: int) -> None:
                 x_part, g_part, out_part = xs[:, lo:hi], gs[:, lo:hi], outs[:, lo:hi]
                 vjp(x_part, g_part, clip=ctx.clip, norms=ctx.norms, grad_scale=scale, out=out_part, dots=dots)
 
-            for future in [pool.submit(span, lo, hi) for lo, hi in spans]:
-                future.result()
+            _on_threads(pool, span, spans)
             return out
-        # Examples are independent: groups of them on the noise threads, each into its slice of one array.
-        groups = min(batch, _WORKERS)
-        edges = [batch * k // groups for k in range(groups + 1)]
 
+        # Examples are independent: groups of them on the noise threads, each into its slice of one array.
         def part(lo: int, hi: int) -> None:
             vjp(a[lo:hi], g[lo:hi], clip=ctx.clip, norms=ctx.norms[lo:hi], grad_scale=scale, out=out[lo:hi])
 
-        for future in [pool.submit(part, lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]:
-            future.result()
+        _on_threads(pool, part, _spans(batch, min(batch, _WORKERS)))
         return out
 
     @staticmethod
