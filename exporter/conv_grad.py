@@ -2,12 +2,12 @@
 
 onnxruntime's CPU ``ConvGrad`` computes d loss / d input with a GEMM into an
 im2col-sized buffer followed by a single-threaded col2im. For VGG-Face at 224x224 that
-was the larger half of every ConvGrad and the tail's ConvGrads were 2.6 of its 4.2 s
+was the larger half of every ConvGrad, and ConvGrads most of the tail step
 (``BENCHMARKS.md``). For a stride-1, undilated, ungrouped convolution the same
 gradient is a plain convolution of the output gradient with the kernel flipped in
 space and transposed in channels, padded by ``kernel - 1 - pad``; onnxruntime's
-forward Conv runs that at forward speed (conv1_2, batch 8: ConvGrad 0.53 s, of
-which its input gradient 0.27 s; as a Conv 0.11 s). ConvGrad keeps the weight and
+forward Conv runs that at forward speed, several times faster than ConvGrad's own input
+gradient (``BENCHMARKS.md``). ConvGrad keeps the weight and
 bias gradients, where it is the faster of the forms we measured.
 
 The rewrite uses standard ONNX ops only, so the ORT-format models for phones keep

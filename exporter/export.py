@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpa.architecture import ArchConfig, cut_info
-from dpa.manifest import GraphNames, Manifest, OptimizerConfig, sha256_file
+from dpa.contract.architecture import ArchConfig, cut_info
+from dpa.contract.errors import UserError
+from dpa.contract.manifest import GraphNames, Manifest, OptimizerConfig, sha256_file
 
 __all__ = ["ExportConfig", "export", "VGGFACE_MEAN"]
 
@@ -57,13 +58,13 @@ def _versions() -> dict[str, str]:
 def _check_out_dir(out: Path) -> None:
     parent = out.resolve().parent
     if out.exists() and not out.is_dir():
-        raise ValueError(f"output path {out} exists and is not a folder")
+        raise UserError(f"output path {out} exists and is not a folder")
     if not parent.is_dir():
-        raise ValueError(f"cannot write to {out}: parent folder {parent} does not exist")
+        raise UserError(f"cannot write to {out}: parent folder {parent} does not exist")
     try:
         probe = tempfile.TemporaryFile(dir=parent)
     except OSError as exc:
-        raise ValueError(f"cannot write to {out}: {exc.strerror}") from None
+        raise UserError(f"cannot write to {out}: {exc.strerror}") from None
     probe.close()
 
 
@@ -83,7 +84,7 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
     info = cut_info(cfg.arch, cfg.cut)
     _check_out_dir(cfg.out)
     if cfg.weights is not None and not Path(cfg.weights).is_file():
-        raise ValueError(f"weights file {cfg.weights} does not exist")
+        raise UserError(f"weights file {cfg.weights} does not exist")
 
     parts = build_parts(cfg.arch, cfg.cut)
     if cfg.weights is not None:
@@ -145,7 +146,7 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
             for name, (_abs, rel) in report.errors.items():
                 limit = cfg.tolerance if name.endswith("grad") or "d_activation" in name else cfg.forward_tolerance
                 if rel > limit:
-                    raise ValueError(
+                    raise UserError(
                         f"verification failed: relative error {rel:.3g} of {name} exceeds tolerance {limit:g}"
                     )
         _publish(staging, out)

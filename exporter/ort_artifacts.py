@@ -37,7 +37,7 @@ from onnxruntime.training import onnxblock
 from onnxruntime.training.onnxblock import _graph_utils, _training_graph_utils
 from onnxruntime.training.onnxblock import model_accessor as accessor
 
-from dpa.manifest import ARTIFACT_FILES, GraphNames, OptimizerConfig, OptimizerName
+from dpa.contract.manifest import ARTIFACT_FILES, GraphNames, OptimizerConfig, OptimizerName
 from exporter.conv_grad import conv_input_gradients_as_convs
 from exporter.relu_grad import relu_gradients_as_masks
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpa.manifest import ARTIFACT_FILES, GraphNames
-from dpa.ort_training import CheckpointState, Module
+from dpa.contract.manifest import ARTIFACT_FILES, GraphNames
+from dpa.contract.ort_training import CheckpointState, Module
 from exporter.vggface import VGGFacePart
 
 __all__ = ["VerifyReport", "verify_export"]
@@ -67,7 +67,7 @@ def _load(part_dir: Path) -> tuple[CheckpointState, Module]:
 
 
 def verify_export(directory: Path, head: VGGFacePart, tail: VGGFacePart, *, batch: int, seed: int) -> VerifyReport:
-    from dpa.manifest import load_manifest
+    from dpa.contract.manifest import load_manifest
 
     manifest = load_manifest(directory, verify=("head", "tail"))
     gen = torch.Generator().manual_seed(seed + 1)

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dpa.architecture import ArchConfig, LayerKind, cut_info, layers
+from dpa.contract.architecture import ArchConfig, LayerKind, cut_info, layers
+from dpa.contract.errors import UserError
 
 __all__ = ["VGGFacePart", "build_parts", "load_weights", "init_weights"]
 
@@ -99,11 +100,11 @@ def load_weights(parts: tuple[nn.Module, ...], path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a bad file
-        raise ValueError(f"cannot read weights file {path}: {exc}") from exc
+        raise UserError(f"cannot read weights file {path}: {exc}") from exc
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights file {path} is not a state dict of tensors")
+        raise UserError(f"weights file {path} is not a state dict of tensors")
     expected = {name: p for part in parts for name, p in part.state_dict().items()}
     problems = [f"missing {n} {tuple(p.shape)}" for n, p in expected.items() if n not in state]
     problems += [
@@ -113,6 +114,6 @@ def load_weights(parts: tuple[nn.Module, ...], path: Path) -> None:
     ]
     problems += [f"unexpected tensor {n}" for n in state if n not in expected]
     if problems:
-        raise ValueError(f"weights file {path} does not fit this network: " + "; ".join(problems))
+        raise UserError(f"weights file {path} does not fit this network: " + "; ".join(problems))
     for part in parts:
         part.load_state_dict({n: state[n].float() for n in part.state_dict()})

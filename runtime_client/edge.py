@@ -20,17 +20,18 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from dpa import wire
-from dpa.buffers import BufferPool
-from dpa.manifest import GraphNames
-from dpa.streaming import read_body, write_chunks
+from dpa.contract import messages, wire
+from dpa.contract.buffers import BufferPool
+from dpa.contract.errors import UserError
+from dpa.contract.manifest import GraphNames
+from dpa.contract.messages import API_PREFIX, Route, SessionField, TrainReply
+from dpa.contract.streaming import read_body, write_chunks
 from runtime_client.retry import RETRYABLE_STATUS, RetryPolicy
 
-__all__ = ["EdgeClient", "EdgeError", "SessionInfo", "TrainReply", "read_token_file"]
+__all__ = ["EdgeClient", "EdgeError", "SessionInfo", "read_token_file"]
 
 log = logging.getLogger(__name__)
 
-API_PREFIX = "/v1"
 #: A 224x224 conv1_1 batch is ~100 MB each way; allow slow links, but not forever.
 _TIMEOUT = aiohttp.ClientTimeout(total=600, sock_connect=10)
 
@@ -61,23 +62,14 @@ class SessionInfo:
 BodyFactory = Callable[[], AsyncIterator[bytes | memoryview]]
 
 
-@dataclass(frozen=True)
-class TrainReply:
-    loss: float
-    logits: np.ndarray
-    activation_gradient: np.ndarray
-    global_step: int
-    step: int  # the session step this answers
-
-
 def read_token_file(path: Path) -> str:
     """A device's token: a file holding the bare token, or a ``name token`` file with one entry."""
     if not path.is_file():
-        raise ValueError(f"token file {path} does not exist")
+        raise UserError(f"token file {path} does not exist")
     lines = [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines()]
     lines = [ln for ln in lines if ln]
     if len(lines) != 1 or len(lines[0].split()) > 2:
-        raise ValueError(f"{path} must hold exactly one token (or one 'name token' line); it has {len(lines)} lines")
+        raise UserError(f"{path} must hold exactly one token (or one 'name token' line); it has {len(lines)} lines")
     return lines[0].split()[-1]
 
 
@@ -85,11 +77,11 @@ def _ssl_context(ca: Path | None) -> ssl.SSLContext | None:
     if ca is None:
         return None
     if not ca.is_file():
-        raise ValueError(f"CA file {ca} does not exist")
+        raise UserError(f"CA file {ca} does not exist")
     try:
         return ssl.create_default_context(cafile=str(ca))
     except ssl.SSLError as exc:
-        raise ValueError(f"CA file {ca} is not a PEM certificate: {exc}") from None
+        raise UserError(f"CA file {ca} is not a PEM certificate: {exc}") from None
 
 
 class EdgeClient:
@@ -194,21 +186,27 @@ class EdgeClient:
         return json.loads(body) if body else {}
 
     async def health(self) -> dict[str, Any]:
-        return await self._json("GET", "/health")
+        return await self._json("GET", Route.HEALTH)
 
     async def status(self) -> dict[str, Any]:
-        return await self._json("GET", "/status")
+        return await self._json("GET", Route.STATUS)
 
     async def open_session(self, manifest_sha256: str, client: str = "dpa-client") -> SessionInfo:
-        data = await self._json("POST", "/sessions", json={"manifest_sha256": manifest_sha256, "client": client})
-        return SessionInfo(str(data["session_id"]), int(data["max_batch"]), int(data["global_step"]), int(data["step"]))
+        request = {SessionField.MANIFEST_SHA256: manifest_sha256, SessionField.CLIENT: client}
+        data = await self._json("POST", Route.SESSIONS, json=request)
+        return SessionInfo(
+            str(data[SessionField.SESSION_ID]),
+            int(data[SessionField.MAX_BATCH]),
+            int(data[SessionField.GLOBAL_STEP]),
+            int(data[SessionField.STEP]),
+        )
 
     async def describe_session(self, session_id: str) -> dict[str, Any]:
-        return await self._json("GET", f"/sessions/{session_id}")
+        return await self._json("GET", Route.SESSION.format(session_id=session_id))
 
     async def close_session(self, session_id: str) -> None:
         try:
-            await self._request("DELETE", f"/sessions/{session_id}")
+            await self._request("DELETE", Route.SESSION.format(session_id=session_id))
         except EdgeError as exc:
             if exc.status not in (404, 410):  # a retried close whose first try got through
                 raise
@@ -219,10 +217,7 @@ class EdgeClient:
         return _decode_reply(reply, ctype)
 
     async def train(self, session_id: str, step: int, activation: np.ndarray, labels: np.ndarray) -> TrainReply:
-        body = wire.encode(
-            {GraphNames.ACTIVATION: activation, GraphNames.LABELS: labels.astype(np.int64, copy=False)}, {"step": step}
-        )
-        return await self.train_message(session_id, body)
+        return await self.train_message(session_id, messages.encode_train_request(activation, labels, step))
 
     async def train_message(self, session_id: str, body: bytearray) -> TrainReply:
         """Send an already encoded train message (meta ``step``; see ``wire.allocate``); the reply.
@@ -230,7 +225,7 @@ class EdgeClient:
         A retry sends the same bytes: the same release, so no extra privacy cost, and the
         server answers it from its stored reply if the first try was applied.
         """
-        return _train_reply(await self._post_message(f"/sessions/{session_id}/train", body))
+        return messages.decode_train_reply(await self._post_message(Route.TRAIN.format(session_id=session_id), body))
 
     async def train_streamed(
         self,
@@ -260,20 +255,22 @@ class EdgeClient:
                 {GraphNames.ACTIVATION_GRADIENT: batch},
                 lambda _name, i, part: on_example(i, part),
             )
-            return _train_reply(msg)
+            return messages.decode_train_reply(msg)
 
         headers = {"Content-Type": wire.CONTENT_TYPE, "Content-Length": str(length)}
         return await self._request(
-            "POST", f"/sessions/{session_id}/train", body=produce, reader=reader, headers=headers
+            "POST", Route.TRAIN.format(session_id=session_id), body=produce, reader=reader, headers=headers
         )
 
     async def stored_reply(self, session_id: str, step: int) -> TrainReply:
         """The server's reply to ``step``, the session's last applied one (after the device crashed)."""
-        _, reply, ctype = await self._request("GET", f"/sessions/{session_id}/steps/{step}")
-        return _train_reply(_decode_reply(reply, ctype))
+        _, reply, ctype = await self._request("GET", Route.STORED_REPLY.format(session_id=session_id, step=step))
+        return messages.decode_train_reply(_decode_reply(reply, ctype))
 
     async def evaluate(self, session_id: str, activation: np.ndarray) -> np.ndarray:
-        msg = await self._post_message(f"/sessions/{session_id}/eval", wire.encode({GraphNames.ACTIVATION: activation}))
+        msg = await self._post_message(
+            Route.EVAL.format(session_id=session_id), messages.encode_eval_request(activation)
+        )
         return msg.tensors[GraphNames.LOGITS]
 
 
@@ -281,14 +278,3 @@ def _decode_reply(reply: bytearray, ctype: str) -> wire.Message:
     if ctype != wire.CONTENT_TYPE:
         raise EdgeError(0, "bad_reply", f"expected {wire.CONTENT_TYPE} from the server, got {ctype}")
     return wire.decode(reply)
-
-
-def _train_reply(msg: wire.Message) -> TrainReply:
-    t = msg.tensors
-    return TrainReply(
-        loss=float(t["loss"]),
-        logits=t[GraphNames.LOGITS],
-        activation_gradient=t.get(GraphNames.ACTIVATION_GRADIENT),  # type: ignore[arg-type]
-        global_step=int(msg.meta.get("global_step", -1)),
-        step=int(msg.meta.get("step", -1)),
-    )

@@ -10,16 +10,16 @@ For a conv1_1 head the repeated forward is one convolution.
 from __future__ import annotations
 
 import logging
-import os
-from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 
-from dpa.atomic import fsync_dir
-from dpa.devices import ResolvedDevice
-from dpa.manifest import ARTIFACT_FILES, Manifest
-from dpa.ort_training import CheckpointState, Module, Optimizer, SessionOptions
+from dpa.contract.atomic import atomic_write_with
+from dpa.contract.choices import Choice
+from dpa.contract.devices import ResolvedDevice
+from dpa.contract.errors import UserError
+from dpa.contract.manifest import ARTIFACT_FILES, Manifest
+from dpa.contract.ort_training import CheckpointState, Module, Optimizer, SessionOptions
 
 __all__ = ["HeadModel", "ModelFormat", "HEAD_CHECKPOINT"]
 
@@ -28,17 +28,10 @@ log = logging.getLogger(__name__)
 HEAD_CHECKPOINT = "head_checkpoint"
 
 
-class ModelFormat(StrEnum):
+class ModelFormat(Choice):
     AUTO = "auto"  # ORT format when the export has it, else ONNX
     ONNX = "onnx"
     ORT = "ort"  # the format ONNX Runtime Mobile loads (dpa export --ort-format)
-
-    @classmethod
-    def parse(cls, value: str) -> ModelFormat:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown model format {value!r}; valid: {', '.join(m.value for m in cls)}") from None
 
 
 def _model_paths(head_dir: Path, fmt: ModelFormat) -> tuple[Path, Path, Path, str]:
@@ -47,7 +40,7 @@ def _model_paths(head_dir: Path, fmt: ModelFormat) -> tuple[Path, Path, Path, st
     if fmt is ModelFormat.ORT or (fmt is ModelFormat.AUTO and all(p.is_file() for p in ort)):
         missing = [p.name for p in ort if not p.is_file()]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"no ORT-format head in {head_dir} (missing {', '.join(missing)}): export with --ort-format"
             )
         return ort[0], ort[1], ort[2], "ort"
@@ -121,10 +114,6 @@ class HeadModel:
     def save(self, path: Path) -> None:
         """Weights, optimizer state and properties to ``path``, atomically (temp file, fsync, rename)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp"
         # As the tail (runtime_server/tail.py): SGD's parameter-sized optimizer state is not needed to resume.
-        CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=self._optimizer_state)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        with_state = self._optimizer_state
+        atomic_write_with(path, lambda tmp: CheckpointState.save_checkpoint(self.state, str(tmp), with_state))

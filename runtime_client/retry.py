@@ -13,6 +13,8 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from dpa.contract.errors import UserError
+
 __all__ = ["RetryPolicy", "RETRYABLE_STATUS"]
 
 #: Overloaded or restarting server (429 rate_limited/too_many_sessions, 502-504 from a proxy or a dead tail).
@@ -28,9 +30,9 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.total_s) and self.total_s >= 0):
-            raise ValueError(f"retry time must be a number of seconds >= 0, got {self.total_s}")
+            raise UserError(f"retry time must be a number of seconds >= 0, got {self.total_s}")
         if not (0 < self.first_s <= self.max_s) or self.factor < 1:
-            raise ValueError("retry waits must satisfy 0 < first <= max and factor >= 1")
+            raise UserError("retry waits must satisfy 0 < first <= max and factor >= 1")
 
     def waits(self, rng: random.Random | None = None) -> Iterator[float]:
         """Waits before each retry: exponential, with +-25% jitter so clients do not retry in lockstep."""

@@ -16,7 +16,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpa.atomic import atomic_write_bytes
+from dpa.contract.atomic import atomic_write_bytes
+from dpa.contract.errors import UserError
 
 __all__ = ["TokenStore", "add_token", "new_token"]
 
@@ -41,7 +42,7 @@ def _parse(path: Path) -> list[tuple[str, str]]:
             continue
         parts = line.split()
         if len(parts) != 2 or not _NAME.match(parts[0]) or not _TOKEN.match(parts[1]):
-            raise ValueError(
+            raise UserError(
                 f"{path}:{number}: expected 'name token' (name: letters, digits, . _ -; token: 16+ characters)"
             )
         pairs.append((parts[0], parts[1]))
@@ -57,13 +58,13 @@ class TokenStore:
     @classmethod
     def load(cls, path: Path) -> TokenStore:
         if not path.is_file():
-            raise ValueError(f"token file {path} does not exist: create one with `dpa token add --tokens {path}`")
+            raise UserError(f"token file {path} does not exist: create one with `dpa token add --tokens {path}`")
         pairs = _parse(path)
         if not pairs:
-            raise ValueError(f"token file {path} lists no tokens: add one with `dpa token add --tokens {path}`")
+            raise UserError(f"token file {path} lists no tokens: add one with `dpa token add --tokens {path}`")
         names = [name for name, _ in pairs]
         if len(set(names)) != len(names):
-            raise ValueError(f"token file {path} lists a device name twice")
+            raise UserError(f"token file {path} lists a device name twice")
         return cls(tuple((_digest(token), name) for name, token in pairs))
 
     def authenticate(self, authorization: str | None) -> str | None:
@@ -88,10 +89,10 @@ class TokenStore:
 def add_token(path: Path, name: str) -> str:
     """Append a fresh token for ``name`` to the token file (created 0600 if missing); the token."""
     if not _NAME.match(name):
-        raise ValueError(f"device name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        raise UserError(f"device name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
     existing = _parse(path) if path.is_file() else []
     if any(n == name for n, _ in existing):
-        raise ValueError(f"{path} already has a token for {name!r}")
+        raise UserError(f"{path} already has a token for {name!r}")
     token = new_token()
     text = "" if not path.is_file() else path.read_text()
     if not text:

@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpa.devices import DeviceProfile
+from dpa.contract.devices import DeviceProfile
+from dpa.contract.errors import UserError
 
 __all__ = ["ServerConfig", "is_loopback"]
 
@@ -29,14 +30,14 @@ class ServerConfig:
     port: int = 8080
     device: DeviceProfile = DeviceProfile.AUTO
     max_batch: int = 32  # examples per request; with the manifest it sets the body-size limit
-    # Train steps between full tail checkpoints (1.2 GB and 5.7 s at paper size). Steps in between
+    # Train steps between full tail checkpoints (1.2 GB at paper size, seconds to write). Steps in between
     # are made durable by the journal: each step's request is written before it is answered.
     checkpoint_every: int = 20
     # False: no journal, so a crash rolls the tail back to its last checkpoint, up to
     # checkpoint_every - 1 steps (the devices notice and go on; see docs/protocol.md section 6).
     journal: bool = True
     # Requests whose bodies are read and queued for the tail at once: one running, one ready. More
-    # only piles up 100 MB bodies in memory and starves the event loop (health p99 5.8 s at 16 clients).
+    # only piles up 100 MB bodies in memory and starves the event loop.
     max_inflight_steps: int = 2
     state_dir: Path | None = None  # checkpoint, session table, replies; None: <artifacts>/server-state
     # Auth: a token file ("name token" per line, see runtime_server.auth). None: no auth, which is
@@ -56,29 +57,29 @@ class ServerConfig:
         if isinstance(self.device, str) and not isinstance(self.device, DeviceProfile):
             object.__setattr__(self, "device", DeviceProfile.parse(self.device))
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
+            raise UserError(f"port must be in 0..65535, got {self.port}")
         if self.max_batch < 1:
-            raise ValueError(f"max batch must be >= 1, got {self.max_batch}")
+            raise UserError(f"max batch must be >= 1, got {self.max_batch}")
         if self.max_inflight_steps < 1:
-            raise ValueError(f"max in-flight steps must be >= 1, got {self.max_inflight_steps}")
+            raise UserError(f"max in-flight steps must be >= 1, got {self.max_inflight_steps}")
         if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint interval must be >= 1 step, got {self.checkpoint_every}")
+            raise UserError(f"checkpoint interval must be >= 1 step, got {self.checkpoint_every}")
         if self.max_sessions < 1:
-            raise ValueError(f"max sessions must be >= 1, got {self.max_sessions}")
+            raise UserError(f"max sessions must be >= 1, got {self.max_sessions}")
         if self.max_sessions_per_device < 1:
-            raise ValueError(f"max sessions per device must be >= 1, got {self.max_sessions_per_device}")
+            raise UserError(f"max sessions per device must be >= 1, got {self.max_sessions_per_device}")
         if not (math.isfinite(self.session_idle_s) and self.session_idle_s > 0):
-            raise ValueError(f"session idle timeout must be a positive number of seconds, got {self.session_idle_s}")
+            raise UserError(f"session idle timeout must be a positive number of seconds, got {self.session_idle_s}")
         if not (math.isfinite(self.session_rate) and self.session_rate > 0) or self.session_burst < 1:
-            raise ValueError(
+            raise UserError(
                 f"session rate must be > 0 requests/s with a burst >= 1, got {self.session_rate}/{self.session_burst}"
             )
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("TLS needs both --tls-cert and --tls-key")
+            raise UserError("TLS needs both --tls-cert and --tls-key")
         if not is_loopback(self.host) and not self.insecure:
             missing = [what for what, off in (("auth", self.tokens is None), ("TLS", self.tls_cert is None)) if off]
             if missing:
-                raise ValueError(
+                raise UserError(
                     f"binding to {self.host} (not loopback) without {' or '.join(missing)} exposes the training "
                     f"{'to anyone on the network' if 'auth' in missing else 'tokens and activations in clear'}; "
                     "configure it, or pass --insecure if this network is trusted"

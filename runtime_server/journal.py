@@ -1,9 +1,9 @@
 """The write-ahead journal: each applied step's request, on disk before the step is answered.
 
-A full tail checkpoint is expensive at paper size (1.2 GB with optimizer state, 5.7 s to
-write and fsync on 2 cores, as long as the step itself), so it is written only every
+A full tail checkpoint is expensive at paper size (1.2 GB with optimizer state, as long to
+write and fsync as the step itself takes), so it is written only every
 ``checkpoint_every`` steps. In between, every applied step's request body (the device's
-release and labels, ~100 MB at 224x224 batch 8; 0.08 s) is written to the journal, and
+release and labels, ~100 MB at 224x224 batch 8) is written to the journal, and
 the step is answered only after that. On restart the server loads the last checkpoint
 and applies the journalled steps again, in order: the tail, every session's step count
 and the global step come back to where they were when the server died.
@@ -23,8 +23,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpa import wire
-from dpa.atomic import atomic_write_bytes
+from dpa.contract import wire
+from dpa.contract.atomic import atomic_write_bytes
+from dpa.contract.errors import UserError
 
 __all__ = ["Journal", "JournalEntry", "JOURNAL_DIR"]
 
@@ -74,7 +75,7 @@ class Journal:
         try:
             return wire.decode(bytearray(entry.path.read_bytes()))
         except (OSError, wire.WireError) as exc:
-            raise ValueError(
+            raise UserError(
                 f"journal entry {entry.path} is unreadable ({exc}); the steps after the last checkpoint "
                 "cannot be restored. Move the journal folder away to start from the checkpoint (those "
                 "steps are then lost and their devices are told so)."

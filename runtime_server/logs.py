@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any
 
+from dpa.contract.choices import Choice
+
 __all__ = ["JsonFormatter", "configure", "safe_fields", "MAX_FIELD_CHARS"]
 
 MAX_FIELD_CHARS = 200
@@ -56,17 +58,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=lambda _: _REDACTED)
 
 
-def configure(fmt: str = "json", level: int = logging.INFO) -> None:
+class LogFormat(Choice):
+    JSON = "json"  # one object per line, for log shippers
+    TEXT = "text"  # for people
+
+    @classmethod
+    def what(cls) -> str:
+        return "log format"
+
+
+def configure(fmt: LogFormat | str = LogFormat.JSON, level: int = logging.INFO) -> None:
     """Route the server's logs to stderr, as JSON lines ("json") or for people ("text")."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
+    if LogFormat.parse(fmt) is LogFormat.JSON:
         handler.setFormatter(JsonFormatter())
-    elif fmt == "text":
+    else:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s %(fields)s", defaults={"fields": ""})
         )
-    else:
-        raise ValueError(f"log format must be json or text, got {fmt!r}")
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpa.atomic import atomic_write_bytes
+from dpa.contract.atomic import atomic_write_bytes
+from dpa.contract.errors import UserError
 from runtime_server.config import ServerConfig
 from runtime_server.errors import ApiError
 
@@ -108,7 +109,7 @@ class SessionTable:
         try:
             saved = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{path} is unreadable ({exc}); move it away to start without the old sessions") from None
+            raise UserError(f"{path} is unreadable ({exc}); move it away to start without the old sessions") from None
         for sid, info in saved.get("sessions", {}).items():
             step, examples = committed.get(sid, [0, 0])
             self.sessions[sid] = Session(

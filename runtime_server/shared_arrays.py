@@ -1,10 +1,10 @@
 """Step tensors in shared memory between the server and its tail process.
 
 Sending a paper-size step through the process pool pickled 103 MB of activations into
-the child and 103 MB of gradient back: 1.1 s of a 5.3 s tail call (``BENCHMARKS.md``).
+the child and 103 MB of gradient back, a fifth of the tail call (``BENCHMARKS.md``).
 Instead both processes map one segment holding a batch's activations, labels, logits,
 gradient and loss at fixed offsets; the server copies the request in, the tail's graph
-writes its outputs straight into it (``dpa.ort_training.train_step_into``), and only
+writes its outputs straight into it (``dpa.contract.ort_training.train_step_into``), and only
 a few integers cross the pipe.
 
 The segment is sized for ``max_batch`` but the kernel only backs the pages a step
@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 import numpy as np
+
+from dpa.contract import messages
+from dpa.contract.manifest import GraphNames
 
 __all__ = ["StepLayout", "SharedStep", "shm_room"]
 
@@ -41,11 +44,11 @@ class StepLayout:
     def specs(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
         b = self.max_batch
         return [
-            ("activation", (b, *self.activation_shape), np.dtype(np.float32)),
-            ("labels", (b,), np.dtype(np.int64)),
-            ("loss", (), np.dtype(np.float32)),
-            ("logits", (b, self.num_classes), np.dtype(np.float32)),
-            ("activation_gradient", (b, *self.activation_shape), np.dtype(np.float32)),
+            (GraphNames.ACTIVATION, (b, *self.activation_shape), np.dtype(np.float32)),
+            (GraphNames.LABELS, (b,), np.dtype(np.int64)),
+            (messages.LOSS, (), np.dtype(np.float32)),
+            (GraphNames.LOGITS, (b, self.num_classes), np.dtype(np.float32)),
+            (GraphNames.ACTIVATION_GRADIENT, (b, *self.activation_shape), np.dtype(np.float32)),
         ]
 
     @property

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dpa.atomic import fsync_dir
-from dpa.devices import ResolvedDevice
-from dpa.finite import all_finite
-from dpa.manifest import ARTIFACT_FILES, Manifest
-from dpa.ort_training import CheckpointState, Module, Optimizer, SessionOptions, train_step_into
+from dpa.contract.atomic import TEMP_GLOB, atomic_write_with
+from dpa.contract.devices import ResolvedDevice
+from dpa.contract.finite import all_finite
+from dpa.contract.manifest import ARTIFACT_FILES, Manifest
+from dpa.contract.ort_training import CheckpointState, Module, Optimizer, SessionOptions, train_step_into
 
 __all__ = ["TailModel", "TrainResult", "StepOutputs", "NonFiniteStep", "CHECKPOINT_NAME"]
 
@@ -74,7 +73,7 @@ class TailModel:
         self.global_step = int(props[_STEP]) if _STEP in props else 0
         self.examples_seen = int(props[_EXAMPLES]) if _EXAMPLES in props else 0
         self.committed_sessions: dict[str, list[int]] = json.loads(str(props[_SESSIONS])) if _SESSIONS in props else {}
-        for stale in state_dir.glob(f".{CHECKPOINT_NAME}.tmp*"):  # a save cut short by a crash
+        for stale in state_dir.glob(TEMP_GLOB.format(name=CHECKPOINT_NAME)):  # a save cut short by a crash
             stale.unlink(missing_ok=True)
         if self.resumed:
             log.info("tail resumed", extra={"fields": {"global_step": self.global_step}})
@@ -114,18 +113,13 @@ class TailModel:
         """Write weights, optimizer state, counters and session steps to one file, atomically."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         path = self.state_dir / CHECKPOINT_NAME
-        tmp = self.state_dir / f".{CHECKPOINT_NAME}.tmp"
         self.state.properties[_STEP] = self.global_step
         self.state.properties[_EXAMPLES] = self.examples_seen
         if sessions is not None:
             self.state.properties[_SESSIONS] = json.dumps(sessions, separators=(",", ":"))
-        # onnxruntime's SGD has no momentum, yet its optimizer state is parameter-sized (1160 MB instead
-        # of 580 at paper size, 4.3 s to write). Resuming without it trains identically (kill test).
+        # onnxruntime's SGD has no momentum, yet its optimizer state is parameter-sized (it doubles the
+        # checkpoint). Resuming without it trains identically (kill test).
         with_state = self.manifest.optimizer.name != "sgd"
-        CheckpointState.save_checkpoint(self.state, str(tmp), include_optimizer_state=with_state)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(self.state_dir)
+        atomic_write_with(path, lambda tmp: CheckpointState.save_checkpoint(self.state, str(tmp), with_state))
         log.debug("tail checkpoint saved", extra={"fields": {"global_step": self.global_step}})
         return path

@@ -2,8 +2,8 @@
 
 onnxruntime-training's Python step holds the GIL for the whole step (measured: a
 thread running a tail step starves the main thread for the step's duration). On a
-worker thread that froze the event loop: at 224x224 ``/v1/health`` p99 was 3.5 s with
-one client. Here the tail lives in one spawned process and the server talks to it
+worker thread that froze the event loop: ``/v1/health`` waited for whole steps. Here the
+tail lives in one spawned process and the server talks to it
 through a one-worker process pool; the calling thread waits with the GIL released.
 A step's tensors cross in shared memory (``shared_arrays``), not through the pipe.
 
@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from dpa.devices import ResolvedDevice
-from dpa.manifest import Manifest
+from dpa.contract import messages
+from dpa.contract.devices import ResolvedDevice
+from dpa.contract.manifest import GraphNames, Manifest
 from runtime_server.shared_arrays import SharedStep, StepLayout
 from runtime_server.tail import StepOutputs, TailModel, TrainResult
 
@@ -90,8 +91,8 @@ def _train_shared(batch: int) -> tuple[float, int, int]:
     """A step on the first ``batch`` rows of the shared arrays; its outputs land there too."""
     assert _SHARED is not None
     a = _SHARED.arrays
-    out = StepOutputs(a["loss"], a["logits"][:batch], a["activation_gradient"][:batch])
-    result = _tail().train_step(a["activation"][:batch], a["labels"][:batch], out)
+    out = StepOutputs(a[messages.LOSS], a[GraphNames.LOGITS][:batch], a[GraphNames.ACTIVATION_GRADIENT][:batch])
+    result = _tail().train_step(a[GraphNames.ACTIVATION][:batch], a[GraphNames.LABELS][:batch], out)
     return result.loss, result.global_step, _tail().examples_seen
 
 
@@ -101,7 +102,7 @@ def _eval(activation: np.ndarray) -> np.ndarray:
 
 def _eval_shared(batch: int) -> np.ndarray:
     assert _SHARED is not None
-    return _tail().eval_step(_SHARED.arrays["activation"][:batch])
+    return _tail().eval_step(_SHARED.arrays[GraphNames.ACTIVATION][:batch])
 
 
 def _parameters() -> dict[str, np.ndarray]:
@@ -147,10 +148,10 @@ class TailWorker:
         else:
             assert self._shared is not None
             a, batch = self._shared.arrays, activation.shape[0]
-            np.copyto(a["activation"][:batch], activation)  # widens a float16 release
-            np.copyto(a["labels"][:batch], labels)
+            np.copyto(a[GraphNames.ACTIVATION][:batch], activation)  # widens a float16 release
+            np.copyto(a[GraphNames.LABELS][:batch], labels)
             loss, step, examples = self._pool.submit(_train_shared, batch).result()
-            result = TrainResult(loss, a["logits"][:batch], a["activation_gradient"][:batch], step)
+            result = TrainResult(loss, a[GraphNames.LOGITS][:batch], a[GraphNames.ACTIVATION_GRADIENT][:batch], step)
         self.global_step, self.examples_seen = result.global_step, examples
         return result
 
@@ -158,7 +159,7 @@ class TailWorker:
         if not self._fits(activation):
             return self._pool.submit(_eval, activation).result()
         assert self._shared is not None
-        np.copyto(self._shared.arrays["activation"][: activation.shape[0]], activation)
+        np.copyto(self._shared.arrays[GraphNames.ACTIVATION][: activation.shape[0]], activation)
         return self._pool.submit(_eval_shared, activation.shape[0]).result()
 
     def parameters(self) -> dict[str, np.ndarray]:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpa import wire
-from dpa.finite import all_finite
-from dpa.manifest import GraphNames, Manifest
+from dpa.contract import messages, wire
+from dpa.contract.finite import all_finite
+from dpa.contract.manifest import GraphNames, Manifest
 from runtime_server.errors import ApiError
 
 __all__ = ["validate_train", "validate_eval", "step_number"]
@@ -20,8 +20,8 @@ _RELEASE_DTYPES = {d.numpy for d in wire.ReleaseDtype}  # the tail widens float1
 
 def step_number(message: wire.Message) -> int:
     """The session step number a train request carries in its metadata (``{"step": n}``, n >= 1)."""
-    step = message.meta.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+    step = messages.step_of(message)
+    if step is None:
         raise ApiError(
             422, "missing_step", 'a train request needs meta {"step": n}: its session step number, 1 for the first'
         )
@@ -46,7 +46,7 @@ def _check_activation(manifest: Manifest, max_batch: int, message: wire.Message,
 
 
 def validate_train(manifest: Manifest, max_batch: int, message: wire.Message) -> tuple[np.ndarray, np.ndarray]:
-    act = _check_activation(manifest, max_batch, message, {GraphNames.ACTIVATION, GraphNames.LABELS})
+    act = _check_activation(manifest, max_batch, message, set(messages.TRAIN_REQUEST))
     labels = message.tensors[GraphNames.LABELS]
     if labels.dtype != np.int64:
         raise ApiError(422, "wrong_dtype", f"labels must be int64, got {labels.dtype}")
@@ -59,7 +59,7 @@ def validate_train(manifest: Manifest, max_batch: int, message: wire.Message) ->
 
 
 def validate_eval(manifest: Manifest, max_batch: int, message: wire.Message) -> np.ndarray:
-    act = _check_activation(manifest, max_batch, message, {GraphNames.ACTIVATION})
+    act = _check_activation(manifest, max_batch, message, set(messages.EVAL_REQUEST))
     _check_finite(act)
     return act
 

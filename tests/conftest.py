@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dpa.architecture import ArchConfig
-from dpa.manifest import OptimizerConfig
+from dpa.contract.architecture import ArchConfig
+from dpa.contract.manifest import OptimizerConfig
 
 SMALL = ArchConfig(image_size=64, width=0.25, num_classes=6, dropout=0.0)
 
@@ -34,7 +34,7 @@ class RunningServer:
     def __init__(self, config) -> None:  # type: ignore[no-untyped-def]
         from aiohttp import web
 
-        from dpa.local import free_port
+        from dpa.runs.loopback import free_port
         from runtime_server.app import STATE, init_app
         from runtime_server.tls import server_ssl_context
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from dpa.bench import CONFIGS, run_bench
+from dpa.runs.bench import CONFIGS, run_bench
 
 
 def test_bench_reports_every_figure():

@@ -8,9 +8,10 @@ from dataclasses import replace
 
 import pytest
 
-from runtime_client.mechanism import DPConfig
-from runtime_client.synth import SynthConfig
-from runtime_client.trainer import ClientConfig, run_training
+from dpa.faces.synth import SynthConfig
+from dpa.privacy.mechanism import DPConfig
+from runtime_client.config import ClientConfig
+from runtime_client.trainer import run_training
 
 
 def test_two_clients_concurrently(small_export, start_server, tmp_path):

@@ -16,14 +16,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from dpa.devices import resolve_device
-from dpa.manifest import load_manifest, manifest_sha256
-from dpa.ort_training import CheckpointState
+from dpa.contract.devices import resolve_device
+from dpa.contract.manifest import load_manifest, manifest_sha256
+from dpa.contract.ort_training import CheckpointState
+from dpa.faces.synth import SynthConfig
+from dpa.privacy.mechanism import DPActivations, DPConfig
+from runtime_client.config import ClientConfig
 from runtime_client.edge import EdgeClient
 from runtime_client.head import HEAD_CHECKPOINT, HeadModel
-from runtime_client.mechanism import DPActivations, DPConfig
-from runtime_client.synth import SynthConfig
-from runtime_client.trainer import ClientConfig, SplitTrainer, run_training
+from runtime_client.split_step import SplitTrainer
+from runtime_client.trainer import run_training
 
 
 class DeviceDied(BaseException):

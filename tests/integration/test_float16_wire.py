@@ -10,13 +10,13 @@ import aiohttp
 import numpy as np
 import pytest
 
-from dpa import wire
-from dpa.devices import resolve_device
-from dpa.manifest import load_manifest, manifest_sha256
+from dpa.contract import wire
+from dpa.contract.devices import resolve_device
+from dpa.contract.manifest import load_manifest, manifest_sha256
+from dpa.privacy.mechanism import DPActivations, DPConfig
 from runtime_client.edge import EdgeClient
 from runtime_client.head import HeadModel
-from runtime_client.mechanism import DPActivations, DPConfig
-from runtime_client.trainer import SplitTrainer
+from runtime_client.split_step import SplitTrainer
 from runtime_server.journal import Journal
 
 BATCH = 4

@@ -18,8 +18,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpa import wire
-from dpa.manifest import load_manifest, manifest_sha256
+from dpa.contract import wire
+from dpa.contract.manifest import load_manifest, manifest_sha256
 from runtime_server.auth import add_token
 
 WIRE_EXAMPLES = 1500

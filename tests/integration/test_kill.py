@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpa.local import free_port, wait_until_healthy
-from dpa.ort_training import CheckpointState
+from dpa.contract.ort_training import CheckpointState
+from dpa.runs.loopback import free_port, wait_until_healthy
 from runtime_client.head import HEAD_CHECKPOINT
 from runtime_server.tail import CHECKPOINT_NAME
 
@@ -40,7 +40,7 @@ def _json_or_none(line: str) -> dict | None:
 
 
 def _dpa(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dpa.app", *args]
+    return [sys.executable, "-m", "dpa.cli.app", *args]
 
 
 class Run:

@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 
-from dpa.demo import DemoConfig, run_demo
+from dpa.runs.demo import DemoConfig, run_demo
 
 EPOCHS = 12
 

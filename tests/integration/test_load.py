@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from dpa.manifest import load_manifest, manifest_sha256
+from dpa.contract.manifest import load_manifest, manifest_sha256
 from runtime_client.edge import EdgeClient
 from runtime_server.auth import add_token
 

@@ -1,7 +1,7 @@
 """The device client and the edge server run where torch cannot be imported.
 
 onnxruntime's training package imports torch from its ``__init__`` (upstream issue
-#22070); ``dpa.ort_training`` works around it. Here a real server and a real client
+#22070); ``dpa.contract.ort_training`` works around it. Here a real server and a real client
 train a round as separate processes with ``import torch`` blocked.
 """
 
@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 
-from dpa.local import free_port, wait_until_healthy
+from dpa.runs.loopback import free_port, wait_until_healthy
 from runtime_server.auth import add_token
 from runtime_server.tail import CHECKPOINT_NAME
 
@@ -31,7 +31,7 @@ sys.meta_path.insert(0, _NoTorch())
 
 
 def _dpa(*args: str) -> list[str]:
-    code = BLOCK + f"sys.argv = ['dpa', *{list(args)!r}]\nfrom dpa.app import main\nmain()\n"
+    code = BLOCK + f"sys.argv = ['dpa', *{list(args)!r}]\nfrom dpa.cli.app import main\nmain()\n"
     return [sys.executable, "-c", code]
 
 
@@ -43,8 +43,11 @@ def _status(port: int, token: str):  # type: ignore[no-untyped-def]
 def test_importing_the_runtimes_pulls_in_no_torch():
     code = (
         "import importlib, pkgutil, sys\n"
-        "import runtime_client, runtime_server, dpa\n"
-        "for pkg in (runtime_client, runtime_server, dpa):\n"
+        # Every layer but the torch side (exporter, dpa.audit, dpa.runs: the `export` extra). The CLI's
+        # commands import that side inside the function, so importing dpa.cli must not pull torch in.
+        "import runtime_client, runtime_server, dpa.contract, dpa.privacy, dpa.faces, dpa.cli\n"
+        "pkgs = (runtime_client, runtime_server, dpa.contract, dpa.privacy, dpa.faces, dpa.cli)\n"
+        "for pkg in pkgs:\n"
         "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
         "        importlib.import_module(m.name)\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"

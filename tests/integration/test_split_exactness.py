@@ -26,13 +26,13 @@ import numpy as np
 import pytest
 import torch
 
-from dpa.devices import resolve_device
-from dpa.manifest import load_manifest, manifest_sha256
+from dpa.contract.devices import resolve_device
+from dpa.contract.manifest import load_manifest, manifest_sha256
+from dpa.privacy.mechanism import DPActivations, DPConfig
 from exporter.vggface import build_parts, init_weights
 from runtime_client.edge import EdgeClient
 from runtime_client.head import HeadModel
-from runtime_client.mechanism import DPActivations, DPConfig
-from runtime_client.trainer import SplitTrainer
+from runtime_client.split_step import SplitTrainer
 from tests.conftest import SMALL, export_small
 
 STEPS = 4

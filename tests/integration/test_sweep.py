@@ -9,10 +9,10 @@ import math
 import numpy as np
 from PIL import Image
 
-from dpa.cli_util import parse_epsilons
-from dpa.sweep import SweepConfig, run_sweep
-from runtime_client.accountant import epsilon_spent
-from runtime_client.mechanism import DPConfig
+from dpa.cli.errors import parse_epsilons
+from dpa.privacy.accountant import epsilon_spent
+from dpa.privacy.mechanism import DPConfig
+from dpa.runs.sweep import SweepConfig, run_sweep
 
 
 def test_sweep_writes_results_and_plots(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-import dpa.ort_training  # noqa: F401  (registers onnxruntime.training without its torch-importing __init__)
+import dpa.contract.ort_training  # noqa: F401  (registers onnxruntime.training without its torch-importing __init__)
 from exporter.conv_grad import conv_input_gradients_as_convs
 
 

@@ -7,7 +7,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-import dpa.ort_training  # noqa: F401  (registers onnxruntime.training without its torch-importing __init__)
+import dpa.contract.ort_training  # noqa: F401  (registers onnxruntime.training without its torch-importing __init__)
 from exporter.relu_grad import relu_gradients_as_masks
 
 

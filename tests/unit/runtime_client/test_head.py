@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpa.devices import resolve_device
-from dpa.manifest import load_manifest
+from dpa.contract.devices import resolve_device
+from dpa.contract.manifest import load_manifest
 from exporter.vggface import build_parts, init_weights
 from runtime_client.head import HeadModel, ModelFormat
 from tests.conftest import SMALL, export_small

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from dpa import wire
-from dpa.devices import resolve_device
-from dpa.local import free_port
-from dpa.manifest import GraphNames, load_manifest
+from dpa.contract import wire
+from dpa.contract.devices import resolve_device
+from dpa.contract.manifest import GraphNames, load_manifest
+from dpa.privacy.mechanism import DPActivations, DPConfig
+from dpa.runs.loopback import free_port
 from runtime_client.edge import EdgeClient, EdgeError, TrainReply
 from runtime_client.head import HeadModel
-from runtime_client.mechanism import DPActivations, DPConfig
-from runtime_client.trainer import SplitTrainer
+from runtime_client.split_step import SplitTrainer
 
 BATCH = 4
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dpa import wire
-from dpa.manifest import load_manifest, manifest_sha256
+from dpa.contract import wire
+from dpa.contract.manifest import load_manifest, manifest_sha256
 from runtime_client.edge import EdgeClient, EdgeError
 from runtime_client.retry import RetryPolicy
 from runtime_server.auth import add_token
@@ -281,7 +281,7 @@ def test_tls_setup_errors_are_clear(small_export, tmp_path):
 
 
 def test_client_retries_until_the_server_comes_up(small_export, start_server, tmp_path):
-    from dpa.local import free_port
+    from dpa.runs.loopback import free_port
 
     port = free_port()
     retries: list[float] = []
@@ -358,7 +358,7 @@ def test_one_device_cannot_take_every_session(small_export, start_server, tokens
 def test_reply_is_withheld_until_commit_and_cut_when_it_fails(small_export, start_server, monkeypatch):
     """The reply streams while the step is committed, but its last bytes wait for the commit;
     a commit that fails cuts the connection, so no device holds a reply to an uncommitted step."""
-    import runtime_server.app as server_app
+    import runtime_server.step_commit as server_app  # where the step's commit writes
 
     server = start_server(small_export)
     digest = manifest_sha256(small_export)
@@ -394,7 +394,9 @@ def test_reply_is_withheld_until_commit_and_cut_when_it_fails(small_export, star
                 assert resp.status == 409
                 assert (await resp.json())["error"] == "reply_unavailable"
             async with http.get(f"{server.url}/metrics") as resp:
-                assert 'dpa_rejected_requests_total{reason="storage_error"} 1\n' in await resp.text()
+                families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
+                rejected = {s.labels["reason"]: s.value for s in families["dpa_rejected_requests"].samples}
+                assert rejected["storage_error"] == 1
 
     asyncio.run(run())
 
@@ -402,7 +404,7 @@ def test_reply_is_withheld_until_commit_and_cut_when_it_fails(small_export, star
 def test_without_a_journal_the_reply_is_whole_before_the_commit(small_export, start_server, monkeypatch):
     """With --no-journal a crash loses every step since the last checkpoint anyway: the reply
     does not wait for the stored reply's disk write."""
-    import runtime_server.app as server_app
+    import runtime_server.step_commit as server_app  # where the step's commit writes
 
     server = start_server(small_export, journal=False)
     digest = manifest_sha256(small_export)

@@ -7,8 +7,8 @@ import asyncio
 import aiohttp
 import numpy as np
 
-from dpa import wire
-from dpa.manifest import load_manifest, manifest_sha256
+from dpa.contract import wire
+from dpa.contract.manifest import load_manifest, manifest_sha256
 from runtime_client.edge import EdgeClient
 from runtime_server.journal import JOURNAL_DIR, Journal
 

@@ -10,8 +10,8 @@ import aiohttp
 import numpy as np
 import pytest
 
-from dpa import wire
-from dpa.manifest import load_manifest, manifest_sha256
+from dpa.contract import wire
+from dpa.contract.manifest import load_manifest, manifest_sha256
 
 
 @pytest.fixture

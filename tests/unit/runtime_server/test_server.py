@@ -8,8 +8,8 @@ import time
 import aiohttp
 import numpy as np
 
-from dpa import wire
-from dpa.manifest import load_manifest, manifest_sha256
+from dpa.contract import wire
+from dpa.contract.manifest import load_manifest, manifest_sha256
 from runtime_server.tail import CHECKPOINT_NAME
 
 
@@ -111,14 +111,14 @@ def test_status_counts(small_export, start_server):
 
 
 def test_message_buffers_are_reused_and_change_nothing(small_export, start_server):
-    """Both sides reuse their request and reply buffers (dpa.buffers) from the second step on, and
+    """Both sides reuse their request and reply buffers (dpa.contract.buffers) from the second step on, and
     training with reuse gives the very bits of training without it."""
-    from dpa.buffers import BufferPool
-    from dpa.devices import resolve_device
+    from dpa.contract.buffers import BufferPool
+    from dpa.contract.devices import resolve_device
+    from dpa.privacy.mechanism import DPActivations, DPConfig
     from runtime_client.edge import EdgeClient
     from runtime_client.head import HeadModel
-    from runtime_client.mechanism import DPActivations, DPConfig
-    from runtime_client.trainer import SplitTrainer
+    from runtime_client.split_step import SplitTrainer
 
     manifest = load_manifest(small_export)
     rng = np.random.default_rng(3)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpa.devices import resolve_device
-from dpa.manifest import load_manifest
+from dpa.contract.devices import resolve_device
+from dpa.contract.manifest import load_manifest
 from runtime_server import shared_arrays
 from runtime_server.shared_arrays import SharedStep, StepLayout
 from runtime_server.tail import NonFiniteStep, TailModel

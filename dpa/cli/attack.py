@@ -1,0 +1,215 @@
+"""``dpa attack inversion`` and ``dpa attack membership``: privacy audits (they import torch/onnxruntime)."""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import partial
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dpa.cli.errors import console, option_check, parse_epsilons, user_errors
+from dpa.privacy import checks
+
+attack_app = typer.Typer(
+    no_args_is_help=True, help="Privacy audits: what an honest-but-curious edge server can learn from DP-A releases."
+)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from dpa.contract.atomic import atomic_write_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+@attack_app.command("inversion")
+def inversion_command(
+    artifacts: Annotated[
+        Path | None, typer.Option(help="Export folder; default: an untrained head from --image-size/--width/--cut.")
+    ] = None,
+    head_checkpoint: Annotated[
+        Path | None, typer.Option(help="A trained head (client state dir or head_checkpoint file); needs --artifacts.")
+    ] = None,
+    epsilons: Annotated[
+        str, typer.Option(help="Comma-separated epsilons per release; inf = no noise.")
+    ] = "inf,1e5,1e3,8",
+    clip: Annotated[float, typer.Option(help="Clip C, as the client's --clip.")] = 10.0,
+    delta: Annotated[float, typer.Option(help="delta per release.")] = 1e-5,
+    epochs: Annotated[int, typer.Option(help="Decoder training epochs per epsilon.")] = 20,
+    data: Annotated[str, typer.Option(help="'synthetic' or an LFW-layout folder.")] = "synthetic",
+    aux_identities: Annotated[int, typer.Option(help="The attacker's identities (the first ones).")] = 16,
+    victim_identities: Annotated[int, typer.Option(help="Victim identities (the next ones).")] = 4,
+    per_identity: Annotated[int, typer.Option(help="Images per identity.")] = 16,
+    image_size: Annotated[int, typer.Option(help="Image side without --artifacts.")] = 64,
+    width: Annotated[float, typer.Option(help="Channel multiplier without --artifacts.")] = 0.25,
+    cut: Annotated[str, typer.Option(help="Cut without --artifacts.")] = "conv1_1",
+    batch_size: Annotated[int, typer.Option(help="Decoder batch size.")] = 16,
+    lr: Annotated[float, typer.Option(help="Decoder learning rate (Adam).")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed of the decoder, the shuffling and both sides' noise.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Keep the synthetic faces here.")] = None,
+    out: Annotated[Path, typer.Option(help="Writes inversion.json and inversion.png here.")] = Path("runs/attack"),
+) -> None:
+    """Train an inverse network on auxiliary faces, rebuild victims' faces from their DP-A releases."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from dpa.audit.config import InversionConfig
+    from dpa.audit.figures import write_grid
+    from dpa.audit.inversion import run_inversion
+    from dpa.audit.report import HE2019_NO_DEFENCE_PSNR_DB, HE2019_NO_DEFENCE_SSIM, HE2021_RECOGNISABLE_SSIM
+
+    with user_errors():
+        eps = parse_epsilons(epsilons)
+        cfg = InversionConfig(
+            artifacts=artifacts,
+            head_checkpoint=head_checkpoint,
+            image_size=image_size,
+            width=width,
+            cut=cut,
+            epsilons=eps,
+            clip=clip,
+            delta=delta,
+            data=data,
+            aux_identities=aux_identities,
+            victim_identities=victim_identities,
+            images_per_identity=per_identity,
+            cache_dir=cache_dir,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            threads=threads,
+        )
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("loading faces", total=len(eps) * epochs)
+            report = run_inversion(
+                cfg, progress=lambda text, done, total: progress.update(task, description=text, completed=done)
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "inversion.json", report.to_json())
+        write_grid(report, out / "inversion.png")
+
+    table = Table(title=f"inversion at {report.cut} (clip {clip:g}, delta {delta:g}; {report.victim_images} victims)")
+    for name in ("epsilon", "SNR/element", "PSNR dB", "SSIM", f"SSIM > {HE2021_RECOGNISABLE_SSIM:g}", "verdict"):
+        table.add_column(name, justify="left" if name == "verdict" else "right")
+    table.add_row(
+        "mean aux face",
+        "-",
+        f"{report.baseline_psnr_mean:.2f}",
+        f"{report.baseline_ssim_mean:.3f}",
+        f"{report.baseline_recognisable_fraction:.0%}",
+        "prior only: no activation used",
+    )
+    for r in report.results:
+        table.add_row(
+            f"{r.epsilon:g}",
+            f"{r.snr_per_element:.3g}",
+            f"{r.psnr_mean:.2f}",
+            f"{r.ssim_mean:.3f}",
+            f"{r.recognisable_fraction:.0%}",
+            r.verdict,
+        )
+    console.print(table)
+    console.print(
+        f"literature: no-defence first-layer inversion {HE2019_NO_DEFENCE_PSNR_DB:g} dB / SSIM "
+        f"{HE2019_NO_DEFENCE_SSIM:g} (He, Zhang and Lee, ACSAC 2019); SSIM > {HE2021_RECOGNISABLE_SSIM:g} "
+        f"recognisable (He et al., IEEE IoT-J 2021)"
+    )
+    console.print(f"wrote {out / 'inversion.json'} and {out / 'inversion.png'} ({report.seconds:.0f} s)")
+
+
+@attack_app.command("membership")
+def membership_command(
+    artifacts: Annotated[Path, typer.Option(help="Export folder (manifest.json, head/, tail/).")] = Path("artifacts"),
+    server_state: Annotated[
+        Path | None,
+        typer.Option(help="The server's state dir or tail_checkpoint file (default <artifacts>/server-state)."),
+    ] = None,
+    client_state: Annotated[
+        Path, typer.Option(help="The client's state dir (head_checkpoint and synthetic-data cache).")
+    ] = Path("runs/client"),
+    data: Annotated[
+        str, typer.Option(help="'synthetic' or the LFW-layout folder the client trained on.")
+    ] = "synthetic",
+    identities: Annotated[int, typer.Option(help="Synthetic identities (as the client's).")] = 10,
+    per_identity: Annotated[int, typer.Option(help="Synthetic images per identity (as the client's).")] = 40,
+    min_faces_per_person: Annotated[int, typer.Option(help="As the client's.")] = 2,
+    epsilon: Annotated[float, typer.Option(help="The client's --epsilon (sets the public scale and the noise).")] = 8.0,
+    clip: Annotated[float, typer.Option(help="The client's --clip.")] = 10.0,
+    delta: Annotated[float, typer.Option(help="The client's --delta.")] = 1e-5,
+    seed: Annotated[int | None, typer.Option(help="Seed of the noise of the deployed-pipeline row.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    out: Annotated[Path, typer.Option(help="Writes membership.json here.")] = Path("runs/attack"),
+) -> None:
+    """Loss-threshold membership inference (Yeom et al. 2018) on the client's train/test split."""
+    import numpy as np
+    from rich.table import Table
+
+    from dpa.audit.membership import membership_scores
+    from dpa.audit.victim import TrainedSplitModel
+    from dpa.contract.manifest import load_manifest
+    from dpa.faces.synth import SynthConfig
+    from dpa.privacy.mechanism import DPConfig
+    from runtime_client.config import ClientConfig
+    from runtime_client.dataset import prepare_data
+
+    option_check(partial(checks.epsilon, allow_inf=True))(epsilon)
+    with user_errors():
+        dp = DPConfig(clip=clip, epsilon=epsilon, delta=delta)
+        manifest = load_manifest(artifacts)
+        client = ClientConfig(
+            artifacts=artifacts,
+            data=data,
+            synth=SynthConfig(identities=identities, per_identity=per_identity),
+            state_dir=client_state,
+            min_faces_per_person=min_faces_per_person,
+        )
+        model = TrainedSplitModel(
+            artifacts,
+            tail_checkpoint=server_state if server_state is not None else artifacts / "server-state",
+            head_checkpoint=client_state,
+        )
+        train, test = prepare_data(client, manifest)  # the client's split (synthetic faces cached in its state)
+        rows = {}
+        for name, noisy in (("tail on clean activations", False), ("head+tail with DP-A release", True)):
+            rng = np.random.default_rng(None if seed is None else [seed, 7])
+            members = model.losses(train, dp, noisy=noisy, rng=rng, batch_size=batch_size)
+            nonmembers = model.losses(test, dp, noisy=noisy, rng=rng, batch_size=batch_size)
+            result = membership_scores(members, nonmembers)
+            rows[name] = {
+                **result.to_json(),
+                "member_loss_mean": float(members.mean()),
+                "nonmember_loss_mean": float(nonmembers.mean()),
+            }
+        report = {
+            "attack": "loss threshold (Yeom et al., CSF 2018): member iff loss <= t; best t in hindsight",
+            "artifacts": str(artifacts),
+            "head_checkpoint": str(model.head_source),
+            "tail_checkpoint": str(model.tail_source),
+            "data": data,
+            "privacy": {"clip": clip, "epsilon": epsilon if math.isfinite(epsilon) else "inf", "delta": delta},
+            "results": rows,
+        }
+        _write_json(out / "membership.json", report)
+
+    table = Table(title=f"membership inference: {len(train.paths)} members, {len(test.paths)} non-members")
+    for name in ("model", "AUC", "advantage", "threshold", "loss (members)", "loss (non-members)"):
+        table.add_column(name, justify="left" if name == "model" else "right")
+    for name, r in rows.items():
+        t = r["threshold"]
+        table.add_row(
+            name,
+            f"{r['auc']:.3f}",
+            f"{r['advantage']:.3f}",
+            t if isinstance(t, str) else f"{t:.4g}",
+            f"{r['member_loss_mean']:.4f}",
+            f"{r['nonmember_loss_mean']:.4f}",
+        )
+    console.print(table)
+    console.print("AUC 0.5 and advantage 0 are chance; the threshold is chosen in hindsight (an upper bound).")
+    console.print(f"wrote {out / 'membership.json'}")

@@ -1,0 +1,72 @@
+"""``dpa bench``: ours vs torch eager and the seed's phone figures, in one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from dpa.cli.errors import console, user_errors
+from dpa.contract.atomic import atomic_write_bytes
+from dpa.contract.errors import UserError
+
+#: The seed's phone (Nexus 6P, Snapdragon 810), batch 8 at conv1_1: load < 0.4 s, forward < 0.6 s,
+#: backward < 0.2 s per sample, memory < 500 MB.
+SEED_PHONE = {"batch_load_s": 0.4, "forward_s": 0.6, "backward_s_per_sample": 0.2, "memory_mb": 500}
+
+
+def bench_command(
+    config: Annotated[str, typer.Option(help="paper (224x224 VGG-Face, conv1_1, batch 8) or small.")] = "small",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
+) -> None:
+    """Measure head, tail and split steps against torch, wire bytes, client memory and server throughput."""
+    from dpa.runs.bench import CONFIGS, run_bench
+
+    with user_errors():
+        if config not in CONFIGS:
+            raise UserError(f"unknown config {config!r}; valid: {', '.join(CONFIGS)}")
+        report = run_bench(CONFIGS[config], say=lambda msg: console.print(f"[bold cyan]>[/] {msg}"))
+    report["seed_phone"] = SEED_PHONE
+    table = Table(title=f"dpa bench --config {config} (ratios: ours / torch eager, lower is faster)")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+    rows = [
+        ("1. head step ratio", f"{report['head_step_ratio']:.2f}", "<= 1.0"),
+        ("2. tail step ratio", f"{report['tail_step_ratio']:.2f}", "<= 1.0"),
+        ("3. split step ratio (loopback HTTP)", f"{report['split_step_ratio']:.2f}", "<= 1.25"),
+        ("3. the same, streamed (--micro-batch 1)", f"{report['split_step_streamed_ratio']:.2f}", "<= 1.25"),
+        ("4. wire bytes / raw tensor bytes", f"{report['wire_overhead_ratio']:.6f}", "<= 1.01"),
+        ("4. --wire-dtype float16: bytes / float32's", f"{report['float16_wire_bytes_ratio']:.3f}", ""),
+        ("5. client peak RSS, --micro-batch 1 (MB)", f"{report['client_peak_rss_mb']:.0f}", "<= 300"),
+        ("5. client peak RSS, whole batch (MB)", f"{report['client_peak_rss_mb_whole_batch']:.0f}", ""),
+        ("5. batch load, 8 images (s)", f"{report['batch_load_s']:.3f}", "< 0.1"),
+    ]
+    for clients, t in report["throughput"].items():
+        rows.append(
+            (
+                f"6. {clients} client(s): steps/s, p50/p99 ms",
+                f"{t['steps_per_s']:.2f}, {t['p50_ms']:.0f}/{t['p99_ms']:.0f}",
+                "grows",
+            )
+        )
+    rows += [
+        ("crash safety: journal entry per step (s)", f"{report['journal_append_s']:.3f}", ""),
+        ("crash safety: stored reply per step (s)", f"{report['reply_write_s']:.3f}", ""),
+        (f"crash safety: tail checkpoint, {report['checkpoint_mb']:.0f} MB (s)", f"{report['checkpoint_s']:.2f}", ""),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        f"head step {report['head_step_s']['ours']:.3f} s vs torch {report['head_step_s']['torch']:.3f} s; "
+        f"tail step {report['tail_step_s']['ours']:.3f} s vs {report['tail_step_s']['torch']:.3f} s; "
+        f"split {report['split_step_s']:.3f} s (streamed {report['split_step_streamed_s']:.3f} s) "
+        f"vs monolithic torch {report['monolithic_torch_step_s']:.3f} s"
+    )
+    if json_out is not None:
+        atomic_write_bytes(json_out, (json.dumps(report, indent=2) + "\n").encode())
+        console.print(f"figures: {json_out}")

@@ -1,0 +1,62 @@
+"""Shared CLI plumbing: a ``UserError`` from the library becomes one clean line and exit 2."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import typer
+from rich.console import Console
+
+from dpa.contract.errors import UserError
+from dpa.privacy import checks
+
+__all__ = ["console", "err_console", "user_errors", "option_check", "parse_epsilons"]
+
+T = TypeVar("T")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """A ``UserError`` is the user's to fix: print it, exit 2, no traceback. Anything else (a bug)
+    keeps its traceback, so it never looks like bad input."""
+    try:
+        yield
+    except UserError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+
+
+def option_check(check: Callable[[T], T]) -> Callable[[T | None], T | None]:
+    """A typer callback that runs a library check (``dpa.privacy.checks``) on an option's value:
+    the check's message becomes typer's BadParameter, and None (an option not given) passes."""
+
+    def callback(value: T | None) -> T | None:
+        if value is None:
+            return None
+        try:
+            return check(value)
+        except (TypeError, ValueError) as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    return callback
+
+
+def parse_epsilons(text: str) -> tuple[float, ...]:
+    """'0.5,1,inf' -> (0.5, 1.0, inf); each must be > 0 (inf: no noise)."""
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise UserError(f"epsilon {part!r} is not a number (use e.g. 0.5,1,8,inf)") from None
+        values.append(checks.epsilon(value, allow_inf=True))
+    if not values:
+        raise UserError("give at least one epsilon")
+    return tuple(values)

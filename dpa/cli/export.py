@@ -1,0 +1,93 @@
+"""``dpa export``: split VGG-Face at a cut and write ONNX Runtime training artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from dpa.cli.errors import console, user_errors
+from dpa.contract.architecture import ArchConfig, all_cuts, cut_names
+from dpa.contract.errors import UserError
+from dpa.contract.manifest import OptimizerConfig, OptimizerName
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    raise AssertionError
+
+
+def _print_cuts(arch: ArchConfig) -> None:
+    table = Table(title=f"VGG-Face cuts at {arch.image_size}x{arch.image_size}, width {arch.width}")
+    for col in ("cut", "activation (C,H,W)", "bytes/example", "head FLOPs", "head params"):
+        table.add_column(col, justify="right" if col != "cut" else "left")
+    for info in all_cuts(arch):
+        table.add_row(
+            info.cut,
+            "x".join(str(d) for d in info.activation_shape),
+            _human_bytes(info.bytes_per_example),
+            f"{100 * info.head_flops_share:.2f}%",
+            f"{100 * info.head_params_share:.3f}%",
+        )
+    console.print(table)
+
+
+def export_command(
+    cut: Annotated[str, typer.Option(help=f"Layer to cut after: {', '.join(cut_names())}.")] = "conv1_1",
+    arch: Annotated[str, typer.Option(help="Network architecture (only vggface).")] = "vggface",
+    image_size: Annotated[int, typer.Option(help="Input side in pixels, a multiple of 32.")] = 224,
+    width: Annotated[float, typer.Option(help="Channel multiplier (0.25 for CPU experiments).")] = 1.0,
+    classes: Annotated[int, typer.Option(help="Identities the classifier distinguishes.")] = 2622,
+    dropout: Annotated[float, typer.Option(help="Dropout after fc6/fc7 (0 makes training deterministic).")] = 0.5,
+    weights: Annotated[
+        Path | None, typer.Option(help="PyTorch state dict with layer names (conv1_1.weight ...).", dir_okay=False)
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Initialisation seed when no --weights.")] = 0,
+    optimizer: Annotated[OptimizerName, typer.Option(help="sgd or adamw.", case_sensitive=False)] = OptimizerName.SGD,
+    lr: Annotated[float, typer.Option(help="Learning rate, both halves.")] = 0.01,
+    weight_decay: Annotated[float, typer.Option(help="AdamW decoupled weight decay.")] = 0.0,
+    out: Annotated[Path, typer.Option(help="Output folder (replaced atomically).")] = Path("artifacts"),
+    verify: Annotated[bool, typer.Option(help="Check ORT against torch autograd before publishing.")] = True,
+    ort_format: Annotated[bool, typer.Option(help="Also write the head in ORT format (ONNX Runtime Mobile).")] = False,
+    list_cuts: Annotated[bool, typer.Option("--list-cuts", help="Print every cut's size and cost, then exit.")] = False,
+) -> None:
+    """Split VGG-Face at --cut and write head (device) and tail (edge) training artifacts."""
+    with user_errors():
+        if arch != "vggface":
+            raise UserError(f"unknown arch {arch!r}; valid: vggface")
+        arch_cfg = ArchConfig(image_size=image_size, width=width, num_classes=classes, dropout=dropout)
+        if list_cuts:
+            _print_cuts(arch_cfg)
+            return
+        from exporter.export import ExportConfig, export
+
+        cfg = ExportConfig(
+            arch=arch_cfg,
+            cut=cut,
+            optimizer=OptimizerConfig(name=optimizer, lr=lr, weight_decay=weight_decay),
+            out=out,
+            weights=weights,
+            seed=seed,
+            verify=verify,
+            ort_format=ort_format,
+        )
+        with console.status("exporting") as status:
+            manifest, report = export(cfg, progress=lambda msg: status.update(msg))
+    total = sum((out / rel).stat().st_size for rel in manifest.files)
+    console.print(
+        f"[green]exported[/] {manifest.arch} cut after [bold]{manifest.cut}[/] to {out}/ "
+        f"(activation {'x'.join(map(str, manifest.activation_shape))}, {_human_bytes(total)} of artifacts)"
+    )
+    if report is not None:
+        console.print(
+            f"verified against torch autograd: max abs error {report.max_abs_error:.2e}, "
+            f"max rel error {report.max_rel_error:.2e} (relative L2, worst: {report.worst}); "
+            f"{len(report.errors)} tensors compared"
+        )
+        for note in report.notes:
+            console.print(f"note: {note}")

@@ -1,0 +1,201 @@
+"""The manifest: what an export contains, and the contract between device and edge.
+
+``dpa export`` writes ``manifest.json`` next to ``head/`` and ``tail/``. Client and
+server both rebuild their configuration from it and nothing else, and a session is
+only opened when both sides hold byte-identical manifests (same sha256). The schema
+is documented field by field in ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpa.contract.atomic import atomic_write_bytes
+from dpa.contract.choices import Choice
+from dpa.contract.errors import UserError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "MANIFEST_FILE",
+    "ARTIFACT_FILES",
+    "GraphNames",
+    "OptimizerName",
+    "OptimizerConfig",
+    "Manifest",
+    "load_manifest",
+    "manifest_sha256",
+    "sha256_file",
+]
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+PARTS = ("head", "tail")
+
+
+@dataclass(frozen=True)
+class _ArtifactFiles:
+    """File names onnxruntime's training API uses, inside ``head/`` and ``tail/``."""
+
+    training: str = "training_model.onnx"
+    eval: str = "eval_model.onnx"
+    optimizer: str = "optimizer_model.onnx"
+    checkpoint: str = "checkpoint"
+
+    def onnx_models(self) -> tuple[str, str, str]:
+        return (self.training, self.eval, self.optimizer)
+
+
+ARTIFACT_FILES = _ArtifactFiles()
+
+
+class GraphNames:
+    """Input/output names of the exported graphs (a client in any language uses these)."""
+
+    IMAGES = "images"  # head input, float32 (B, 3, H, W), preprocessed as the manifest says
+    ACTIVATION = "activation"  # head eval output and tail input, float32 (B, *activation_shape)
+    # head training input: d loss / d activation, same shape (the training API hides names ending in _grad)
+    UPSTREAM_GRAD = "upstream_gradient"
+    HEAD_LOSS = "vjp_surrogate"  # head training output: sum(activation * upstream_grad), no meaning
+    LABELS = "labels"  # tail training input, int64 (B,)
+    LOGITS = "logits"  # tail eval output, float32 (B, num_classes)
+    ACTIVATION_GRADIENT = "activation_gradient"  # tail training output 3 (1: mean CE loss, 2: logits)
+
+
+class OptimizerName(Choice):
+    SGD = "sgd"  # plain SGD (onnxruntime's SGDOptimizerV2 has no momentum)
+    ADAMW = "adamw"  # AdamW, betas (0.9, 0.999), eps 1e-6, bias correction on
+
+    @classmethod
+    def what(cls) -> str:
+        return "optimizer"
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.SGD  # sgd keeps the split bit-comparable with torch
+    lr: float = 0.01  # initial learning rate on both sides
+    weight_decay: float = 0.0  # AdamW only; decoupled weight decay
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"learning rate must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"weight decay must be >= 0, got {self.weight_decay}")
+        if self.weight_decay and self.name is OptimizerName.SGD:
+            raise UserError("weight decay is only available with --optimizer adamw (onnxruntime's SGD has none)")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    arch: str
+    cut: str
+    image_size: int
+    width: float
+    num_classes: int
+    dropout: float
+    input_shape: tuple[int, ...]  # per example (C, H, W)
+    activation_shape: tuple[int, ...]  # per example: (C, H, W) for conv/pool cuts, (features,) for fc cuts
+    opset: int
+    optimizer: OptimizerConfig
+    pixel_mean: tuple[float, float, float]  # RGB, in 0..255 units, subtracted before dividing by pixel_std
+    pixel_std: tuple[float, float, float]
+    seed: int | None  # initialisation seed, or None when --weights gave the weights
+    weights_sha256: str | None  # sha256 of the --weights file, when one was used
+    files: dict[str, str] = field(default_factory=dict)  # "head/checkpoint" -> sha256
+    versions: dict[str, str] = field(default_factory=dict)  # torch / onnx / onnxruntime used to export
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def activation_numel(self) -> int:
+        return math.prod(self.activation_shape)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["optimizer"] = {**data["optimizer"], "name": self.optimizer.name.value}
+        return data
+
+    def write(self, directory: Path) -> Path:
+        text = json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
+        path = directory / MANIFEST_FILE
+        atomic_write_bytes(path, text.encode())
+        return path
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        if not isinstance(data, dict):
+            raise UserError("manifest must be a JSON object")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise UserError(f"manifest schema_version {version!r} is not supported (this dpa reads {SCHEMA_VERSION})")
+        try:
+            opt = data["optimizer"]
+            return cls(
+                arch=str(data["arch"]),
+                cut=str(data["cut"]),
+                image_size=int(data["image_size"]),
+                width=float(data["width"]),
+                num_classes=int(data["num_classes"]),
+                dropout=float(data["dropout"]),
+                input_shape=tuple(int(d) for d in data["input_shape"]),
+                activation_shape=tuple(int(d) for d in data["activation_shape"]),
+                opset=int(data["opset"]),
+                optimizer=OptimizerConfig(
+                    name=OptimizerName.parse(opt["name"]), lr=float(opt["lr"]), weight_decay=float(opt["weight_decay"])
+                ),
+                pixel_mean=tuple(float(v) for v in data["pixel_mean"]),  # type: ignore[arg-type]
+                pixel_std=tuple(float(v) for v in data["pixel_std"]),  # type: ignore[arg-type]
+                seed=None if data["seed"] is None else int(data["seed"]),
+                weights_sha256=data["weights_sha256"],
+                files={str(k): str(v) for k, v in data["files"].items()},
+                versions={str(k): str(v) for k, v in data["versions"].items()},
+            )
+        except KeyError as exc:
+            raise UserError(f"manifest is missing field {exc.args[0]!r}") from None
+        except (TypeError, AttributeError) as exc:
+            raise UserError(f"manifest has a field of the wrong type: {exc}") from None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest_sha256(directory: Path) -> str:
+    """The identity of an export: sha256 of the manifest file's bytes (which hold every artifact's hash)."""
+    return sha256_file(directory / MANIFEST_FILE)
+
+
+def load_manifest(directory: Path, *, verify: tuple[str, ...] = ()) -> Manifest:
+    """Read ``directory/manifest.json``; check the sha256 of every file of the parts in ``verify``.
+
+    Raises ValueError with the file at fault: a missing manifest, bad JSON, a missing or
+    altered artifact. A client needs only ``head/`` and a server only ``tail/``.
+    """
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise UserError(f"no {MANIFEST_FILE} in {directory}: run `dpa export --out {directory}` first")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
+    manifest = Manifest.from_json(data)
+    for part in verify:
+        if part not in PARTS:
+            raise UserError(f"unknown part {part!r}; valid: {', '.join(PARTS)}")
+        for rel, digest in manifest.files.items():
+            if not rel.startswith(part + "/"):
+                continue
+            file = Path(directory) / rel
+            if not file.is_file():
+                raise UserError(f"artifact {file} listed in the manifest is missing")
+            if sha256_file(file) != digest:
+                raise UserError(f"artifact {file} does not match its sha256 in the manifest (altered or re-exported?)")
+    return manifest

@@ -1,0 +1,175 @@
+"""The API's messages: routes, meta keys, which tensors each message holds, and their encode/decode.
+
+The one owner of a message's layout (``docs/protocol.md`` §3-§5). The device, the server, the bench
+and the tests build and read train and eval messages through these functions; nobody restates a
+tensor name, a meta key or the API prefix. The byte layout itself is ``wire``'s; the server's checks
+against the manifest (shapes, batch limits, label range) are ``runtime_server.validation``'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dpa.contract import wire
+from dpa.contract.buffers import BufferPool
+from dpa.contract.manifest import GraphNames
+
+__all__ = [
+    "API_PREFIX",
+    "Route",
+    "STEP",
+    "GLOBAL_STEP",
+    "LOSS",
+    "TRAIN_REQUEST",
+    "TRAIN_REPLY",
+    "EVAL_REQUEST",
+    "EVAL_REPLY",
+    "TrainReply",
+    "SessionField",
+    "CLIENT_NAME_MAX",
+    "route",
+    "train_request_specs",
+    "train_request_tensors",
+    "train_reply_tensors",
+    "train_request_meta",
+    "encode_train_request",
+    "encode_train_reply",
+    "train_reply_meta",
+    "decode_train_reply",
+    "encode_eval_request",
+    "encode_eval_reply",
+    "step_of",
+]
+
+API_PREFIX = "/v1"  # every route's prefix; a breaking change to the API gets a new one
+
+
+class Route:
+    """Path templates under ``API_PREFIX`` (aiohttp's ``{name}`` placeholders)."""
+
+    HEALTH = "/health"
+    STATUS = "/status"
+    SESSIONS = "/sessions"
+    SESSION = "/sessions/{session_id}"
+    TRAIN = "/sessions/{session_id}/train"
+    STORED_REPLY = "/sessions/{session_id}/steps/{step}"
+    EVAL = "/sessions/{session_id}/eval"
+
+
+def route(template: str, **parts: object) -> str:
+    """The full path of ``template`` with its placeholders filled: ``route(Route.TRAIN, session_id=s)``."""
+    return API_PREFIX + template.format(**parts)
+
+
+# Meta keys (the JSON object after a wire header).
+STEP = "step"  # train request and reply: the session's step number, 1 for the first
+GLOBAL_STEP = "global_step"  # train reply: the tail's update count after this step
+
+
+class SessionField:
+    """JSON field names of ``POST /sessions`` (request and 201 reply) and ``GET /sessions/{id}``."""
+
+    MANIFEST_SHA256 = "manifest_sha256"  # request, required: the export both sides must share
+    CLIENT = "client"  # request, optional: a free label for logs (see CLIENT_NAME_MAX)
+    SESSION_ID = "session_id"  # reply: the id every later path carries
+    STEP = "step"  # reply: the session's last applied step (0 for a new one)
+    MAX_BATCH = "max_batch"  # reply: the largest batch a train or eval request may carry
+    ACTIVATION_SHAPE = "activation_shape"  # reply: one example's activation shape
+    NUM_CLASSES = "num_classes"  # reply: the tail's classes (labels are 0..num_classes-1)
+    GLOBAL_STEP = "global_step"  # reply: the tail's update count
+
+
+CLIENT_NAME_MAX = 64  # characters of ``client`` kept (non-printable ones dropped first); the rest is cut
+
+
+LOSS = "loss"  # train reply: the batch's mean cross-entropy, float32 scalar
+
+# Which tensors each message holds, in the order a sender writes them.
+TRAIN_REQUEST = (GraphNames.ACTIVATION, GraphNames.LABELS)
+TRAIN_REPLY = (LOSS, GraphNames.LOGITS, GraphNames.ACTIVATION_GRADIENT)
+EVAL_REQUEST = (GraphNames.ACTIVATION,)
+EVAL_REPLY = (GraphNames.LOGITS,)
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A decoded train reply. ``activation_gradient`` is None when the reply was consumed example by
+    example as it streamed in (``wire.read_streamed``)."""
+
+    loss: float
+    logits: np.ndarray
+    activation_gradient: np.ndarray | None
+    global_step: int
+    step: int  # the session step this answers
+
+
+def train_request_meta(step: int) -> dict[str, int]:
+    return {STEP: step}
+
+
+def train_reply_meta(*, global_step: int, step: int) -> dict[str, int]:
+    return {GLOBAL_STEP: global_step, STEP: step}
+
+
+def train_request_specs(batch: int, activation_shape: tuple[int, ...], release_dtype: type) -> dict[str, wire.Spec]:
+    """Shapes and dtypes of a train request's tensors, for ``wire.allocate`` / ``wire.pieces``."""
+    return {
+        GraphNames.ACTIVATION: ((batch, *activation_shape), release_dtype),
+        GraphNames.LABELS: ((batch,), np.int64),
+    }
+
+
+def train_request_tensors(activation: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    return {GraphNames.ACTIVATION: activation, GraphNames.LABELS: labels.astype(np.int64, copy=False)}
+
+
+def train_reply_tensors(
+    *, loss: float, logits: np.ndarray, activation_gradient: np.ndarray
+) -> dict[str, np.ndarray | np.float32]:
+    return {LOSS: np.float32(loss), GraphNames.LOGITS: logits, GraphNames.ACTIVATION_GRADIENT: activation_gradient}
+
+
+def encode_train_request(activation: np.ndarray, labels: np.ndarray, step: int) -> bytearray:
+    return wire.encode(train_request_tensors(activation, labels), train_request_meta(step))
+
+
+def encode_train_reply(
+    *,
+    loss: float,
+    logits: np.ndarray,
+    activation_gradient: np.ndarray,
+    global_step: int,
+    step: int,
+    pool: BufferPool | None = None,
+) -> bytearray:
+    tensors = train_reply_tensors(loss=loss, logits=logits, activation_gradient=activation_gradient)
+    return wire.encode(tensors, train_reply_meta(global_step=global_step, step=step), pool)
+
+
+def decode_train_reply(message: wire.Message) -> TrainReply:
+    t = message.tensors
+    return TrainReply(
+        loss=float(t[LOSS]),
+        logits=t[GraphNames.LOGITS],
+        activation_gradient=t.get(GraphNames.ACTIVATION_GRADIENT),
+        global_step=int(message.meta.get(GLOBAL_STEP, -1)),
+        step=int(message.meta.get(STEP, -1)),
+    )
+
+
+def encode_eval_request(activation: np.ndarray) -> bytearray:
+    return wire.encode({GraphNames.ACTIVATION: activation})
+
+
+def encode_eval_reply(logits: np.ndarray) -> bytearray:
+    return wire.encode({GraphNames.LOGITS: logits})
+
+
+def step_of(message: wire.Message) -> int | None:
+    """The step number in a message's meta, or None where it is missing or not a positive integer."""
+    step = message.meta.get(STEP)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        return None
+    return step

@@ -1,0 +1,86 @@
+"""onnxruntime's training API without torch.
+
+``import onnxruntime.training.api`` runs ``onnxruntime/training/__init__.py``, which
+imports ``artifacts`` -> ``onnxblock`` -> torch, and fails where torch is not
+installed (upstream issue https://github.com/microsoft/onnxruntime/issues/22070).
+The API's classes are thin wrappers over ``onnxruntime.capi._pybind_state`` and need
+none of that. We register a bare ``onnxruntime.training`` package (no ``__init__``
+code run) before importing onnxruntime, so the device client and the edge server load
+on numpy + onnxruntime alone, and never import torch even where it is installed. If
+the real package was already imported (the exporter imports it, with torch), that one
+is used as is.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CheckpointState",
+    "Module",
+    "Optimizer",
+    "OrtValue",
+    "SessionOptions",
+    "available_providers",
+    "train_step_into",
+]
+
+
+def _import_api() -> types.ModuleType:
+    name = "onnxruntime.training"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec("onnxruntime")  # locates the package without importing it
+        if spec is None or spec.submodule_search_locations is None:
+            raise ImportError("onnxruntime is not installed: pip install onnxruntime-training-cpu==1.19.2")
+        bare = types.ModuleType(name)
+        bare.__path__ = [f"{loc}/training" for loc in spec.submodule_search_locations]  # __init__ never runs
+        sys.modules[name] = bare
+        # `import onnxruntime` probes `onnxruntime.training.ortmodule` (torch's ORTModule) to describe the
+        # build; where torch is installed that probe imports all of torch, which a device must not pay for.
+        # Marking it absent makes the probe's ImportError branch run: ORTModule is not used here.
+        sys.modules.setdefault(f"{name}.ortmodule", None)  # type: ignore[arg-type]
+    return importlib.import_module("onnxruntime.training.api")
+
+
+_api = _import_api()
+
+import onnxruntime  # noqa: E402
+from onnxruntime.capi._pybind_state import OrtValueVector  # noqa: E402
+
+# onnxruntime warns on every optimizer step that its own update flag's shape is {1}, not {}.
+onnxruntime.set_default_logger_severity(3)
+
+CheckpointState = _api.CheckpointState
+Module = _api.Module
+Optimizer = _api.Optimizer
+OrtValue = onnxruntime.OrtValue
+SessionOptions = onnxruntime.SessionOptions
+
+
+def available_providers() -> list[str]:
+    return list(onnxruntime.get_available_providers())
+
+
+def train_step_into(module: Any, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:
+    """One training step (forward + backward, gradients accumulated) whose outputs are
+    written straight into ``outputs``: preallocated, C-contiguous arrays of the graph's
+    output shapes and dtypes, in the graph's output order.
+
+    ``Module.__call__`` returns fresh numpy copies of its outputs; binding ours instead
+    lets the edge server's tail write a 103 MB activation gradient directly into shared
+    memory (``runtime_server.tail_worker``). The inputs are wrapped without a copy too.
+    """
+    feeds = OrtValueVector()
+    fetches = OrtValueVector()
+    for array in inputs:
+        feeds.push_back(OrtValue.ortvalue_from_numpy(array)._ortvalue)
+    for array in outputs:
+        fetches.push_back(OrtValue.ortvalue_from_numpy(array)._ortvalue)
+    module._model.train_step_with_ort_values(feeds, fetches)

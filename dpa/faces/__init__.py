@@ -1,0 +1,1 @@
+"""Face data: the LFW folder loader and the synthetic identities the tests and the demo use."""

@@ -1,0 +1,434 @@
+"""``dpa bench``: the device and edge figures against torch eager, measured in one run.
+
+Every ratio is ours / torch on the same machine, the same weights and the same batch,
+so a ratio below 1 means dpa is faster. Timings are medians over repeats after a
+warm-up, ours and torch's taken in turns. torch is a reference here (imported
+lazily); the measured paths are the deployed ones: onnxruntime artifacts, the DP-A
+mechanism, the wire format and the real aiohttp server on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import torch
+
+from dpa.contract import messages, wire
+from dpa.contract.architecture import ArchConfig
+from dpa.contract.atomic import atomic_write_bytes
+from dpa.contract.devices import resolve_device
+from dpa.contract.manifest import GraphNames, OptimizerConfig, load_manifest, manifest_sha256
+from dpa.contract.messages import Route, SessionField, route
+from dpa.contract.ort_training import CheckpointState, Module, Optimizer, SessionOptions
+from dpa.faces.lfw import load_batch
+from dpa.faces.synth import SynthConfig, write_synthetic_faces
+from dpa.privacy.mechanism import DPActivations, DPConfig
+from dpa.runs.loopback import free_port, wait_until_healthy
+from exporter.export import ExportConfig, export
+from exporter.vggface import build_parts, init_weights
+from runtime_client.edge import EdgeClient
+from runtime_client.head import HeadModel
+from runtime_client.split_step import SplitTrainer
+from runtime_server.journal import Journal
+from runtime_server.tail import CHECKPOINT_NAME, TailModel
+
+__all__ = ["BenchConfig", "CONFIGS", "run_bench"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    arch: ArchConfig
+    cut: str = "conv1_1"  # the seed's cut
+    batch: int = 8  # the seed's batch size
+    repeats: int = 5  # timed repeats per figure (median reported)
+    clients: tuple[int, ...] = (1, 4, 16)  # concurrency levels for server throughput
+    steps_per_client: int = 4  # train steps each concurrent client sends
+
+
+CONFIGS = {
+    # The seed's configuration: VGG-Face as published, cut after conv1_1, batch 8.
+    "paper": BenchConfig(
+        "paper", ArchConfig(image_size=224, width=1.0, num_classes=2622, dropout=0.0), repeats=5, steps_per_client=1
+    ),
+    # A CPU-sized network for quick comparisons.
+    "small": BenchConfig(
+        "small", ArchConfig(image_size=64, width=0.25, num_classes=10, dropout=0.0), repeats=7, steps_per_client=8
+    ),
+}
+
+
+#: Pause after a split step before torch is timed, so the server's disk writes are done (they take 0.1-0.3 s).
+_SETTLE_S = 1.0
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up: allocations, kernel selection
+    return statistics.median(_timed(fn) for _ in range(repeats))
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _paired_medians(ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Median seconds of ``ours`` and of ``theirs``, timed in turns after one warm-up each.
+
+    In turns, not one series after the other: this VM's speed drifts by 10-15% over a
+    minute (torch's tail step measured 3.4 s in one run and 4.05 s in another), and
+    alternating puts both sides of a ratio in the same drift.
+    """
+    ours(), theirs()  # warm-up: allocations, kernel selection
+    pairs = [(_timed(ours), _timed(theirs)) for _ in range(repeats)]
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+
+
+def _export(cfg: BenchConfig, out: Path) -> Path:
+
+    export(ExportConfig(arch=cfg.arch, cut=cfg.cut, optimizer=OptimizerConfig(lr=1e-3), out=out, verify=False))
+    return out
+
+
+def _head_and_tail_ratios(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> Callable[[], None]:
+    """1. and 2.; returns the monolithic torch train step, which the split step is timed against."""
+
+    manifest = load_manifest(artifacts)
+    device = resolve_device("cpu")
+    rng = np.random.default_rng(0)
+    size = cfg.arch.image_size
+    images = rng.standard_normal((cfg.batch, 3, size, size), dtype=np.float32)
+    labels = rng.integers(0, cfg.arch.num_classes, cfg.batch)
+    dp_cfg = DPConfig(clip=100.0, epsilon=8.0)
+    head, tail = build_parts(cfg.arch, cfg.cut)
+    init_weights((head, tail), 0)
+    torch.set_num_threads(device.threads)
+
+    # 1. Device head step: forward + clip + noise + backward + optimizer step.
+    ours_head = HeadModel(artifacts, manifest, device)
+    dp = DPActivations(dp_cfg, np.random.default_rng(1))
+    upstream = rng.standard_normal((cfg.batch, *manifest.activation_shape), dtype=np.float32)
+
+    # As SplitTrainer: the release goes into the (reused) request buffer, the VJP into a reused array.
+    message_slot = np.empty_like(upstream)
+    vjp = np.empty_like(upstream)
+
+    def ort_head() -> None:
+        _, ctx = dp.release(ours_head.forward(images), out=message_slot)
+        ours_head.backward_step(images, dp.backward(ctx, upstream, out=vjp))
+
+    opt = torch.optim.SGD(head.parameters(), lr=1e-3)
+    x = torch.from_numpy(images)
+    g = torch.from_numpy(upstream)
+    sigma, clip = dp.noise_scale, dp_cfg.clip
+
+    def torch_head() -> None:
+        a = head(x)
+        factor = torch.clamp(clip / a.flatten(1).norm(dim=1), max=1.0).view(-1, *([1] * (a.dim() - 1)))
+        released = a * factor + sigma * torch.randn_like(a)
+        opt.zero_grad()
+        released.backward(g)
+        opt.step()
+
+    t_ours, t_torch = _paired_medians(ort_head, torch_head, cfg.repeats)
+    report["head_step_s"] = {"ours": t_ours, "torch": t_torch}
+    report["head_step_ratio"] = t_ours / t_torch
+
+    # 2. Edge tail step (onnxruntime-training) vs torch eager on the same tail.
+    options = SessionOptions()
+    options.intra_op_num_threads = device.threads
+    state = CheckpointState.load_checkpoint(str(artifacts / "tail" / "checkpoint"))
+    module = Module(
+        str(artifacts / "tail" / "training_model.onnx"),
+        state,
+        str(artifacts / "tail" / "eval_model.onnx"),
+        device="cpu",
+        session_options=options,
+    )
+    optimizer = Optimizer(str(artifacts / "tail" / "optimizer_model.onnx"), module)
+    activation = np.ascontiguousarray(head(x).detach().numpy())
+
+    def ort_tail() -> None:
+        module.train()
+        module(activation, labels)
+        optimizer.step()
+        module.lazy_reset_grad()
+
+    topt = torch.optim.SGD(tail.parameters(), lr=1e-3)
+    ta = torch.from_numpy(activation)
+    tl = torch.from_numpy(labels)
+
+    def torch_tail() -> None:
+        a = ta.detach().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(tail(a), tl)
+        topt.zero_grad()
+        loss.backward()  # parameter gradients and d loss / d activation, as the server returns
+        topt.step()
+
+    t_ours, t_torch = _paired_medians(ort_tail, torch_tail, cfg.repeats)
+    report["tail_step_s"] = {"ours": t_ours, "torch": t_torch}
+    report["tail_step_ratio"] = t_ours / t_torch
+
+    # Monolithic torch train step of the whole network: the reference of the split step.
+    full_params = list(head.parameters()) + list(tail.parameters())
+    fopt = torch.optim.SGD(full_params, lr=1e-3)
+
+    def torch_full() -> None:
+        loss = torch.nn.functional.cross_entropy(tail(head(x)), tl)
+        fopt.zero_grad()
+        loss.backward()
+        fopt.step()
+
+    return torch_full
+
+
+async def _split_and_throughput(
+    cfg: BenchConfig, artifacts: Path, report: dict[str, Any], torch_full: Callable[[], None]
+) -> None:
+    """3. split step over loopback HTTP, in turns with ``torch_full``; 4. wire bytes; 6. server
+    throughput with concurrent clients. The server is idle while torch runs."""
+
+    manifest = load_manifest(artifacts)
+    digest = manifest_sha256(artifacts)
+    with _server_process(artifacts, artifacts.parent / "bench-server") as url:
+        rng = np.random.default_rng(0)
+        size = cfg.arch.image_size
+        images = rng.standard_normal((cfg.batch, 3, size, size), dtype=np.float32)
+        labels = rng.integers(0, cfg.arch.num_classes, cfg.batch).astype(np.int64)
+        head = HeadModel(artifacts, manifest, resolve_device("cpu"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dp = DPActivations(DPConfig(clip=100.0, epsilon=8.0), np.random.default_rng(1))
+        # The whole batch at once (the default), then streamed one example at a time (--micro-batch 1).
+        monolithic: list[float] = []
+        for key, micro in (("split_step", None), ("split_step_streamed", 1)):
+            async with EdgeClient(url) as edge:
+                session = await edge.open_session(digest)
+                trainer = SplitTrainer(head, edge, session.session_id, dp, micro_batch=micro)
+                await trainer.step(images, labels)  # warm-up
+                torch_full()
+                times, torch_times = [], []
+                for _ in range(cfg.repeats):  # in turns, as _paired_medians
+                    t0 = time.perf_counter()
+                    await trainer.step(images, labels)
+                    times.append(time.perf_counter() - t0)
+                    # The server may still be storing the reply (it is not held back without a journal):
+                    # torch gets the machine to itself, as the split step had.
+                    await asyncio.sleep(_SETTLE_S)
+                    torch_times.append(_timed(torch_full))
+            report[f"{key}_s"] = statistics.median(times)
+            report[f"{key}_ratio"] = report[f"{key}_s"] / statistics.median(torch_times)
+            monolithic += torch_times
+        report["monolithic_torch_step_s"] = statistics.median(monolithic)
+
+        request_tensors, reply_tensors = _step_tensors(manifest, cfg.batch)
+        act = request_tensors[GraphNames.ACTIVATION]
+        request = wire.encoded_size(request_tensors, messages.train_request_meta(10**9))
+        reply = wire.encoded_size(reply_tensors, messages.train_reply_meta(global_step=10**9, step=10**9))
+        raw = sum(np.asarray(t).nbytes for t in (*request_tensors.values(), *reply_tensors.values()))
+        report["wire_bytes_per_step"] = request + reply
+        report["raw_tensor_bytes_per_step"] = raw
+        report["wire_overhead_ratio"] = (request + reply) / raw
+        # --wire-dtype float16: the release travels as float16, the reply stays float32.
+        half_tensors = messages.train_request_tensors(act.astype(np.float16), request_tensors[GraphNames.LABELS])
+        half = wire.encoded_size(half_tensors, messages.train_request_meta(10**9))
+        report["wire_bytes_per_step_float16"] = half + reply
+        report["float16_wire_bytes_ratio"] = (half + reply) / (request + reply)
+
+        report["throughput"] = {}
+        for clients in cfg.clients:
+            report["throughput"][str(clients)] = await _throughput(
+                url, digest, messages.train_request_tensors(act, labels), clients, cfg.steps_per_client
+            )
+
+
+async def _throughput(
+    url: str, digest: str, tensors: dict[str, np.ndarray], clients: int, steps: int
+) -> dict[str, float]:
+
+    latencies: list[float] = []
+    health: list[float] = []
+    done = asyncio.Event()
+
+    async def one(http: aiohttp.ClientSession) -> None:
+        opening = {SessionField.MANIFEST_SHA256: digest}
+        async with http.post(url + route(Route.SESSIONS), json=opening) as resp:
+            sid = (await resp.json())[SessionField.SESSION_ID]
+        for step in range(1, steps + 1):
+            body = wire.encode(tensors, messages.train_request_meta(step))
+            t0 = time.perf_counter()
+            async with http.post(
+                url + route(Route.TRAIN, session_id=sid), data=body, headers={"Content-Type": wire.CONTENT_TYPE}
+            ) as resp:
+                await resp.read()
+                assert resp.status == 200, resp.status
+            latencies.append(time.perf_counter() - t0)
+
+    async def probe(http: aiohttp.ClientSession) -> None:
+        while not done.is_set():
+            t0 = time.perf_counter()
+            async with http.get(url + route(Route.HEALTH)) as resp:
+                await resp.read()
+            health.append(time.perf_counter() - t0)
+            await asyncio.sleep(0.05)
+
+    connector = aiohttp.TCPConnector(limit=clients + 2)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3600)) as http:
+        prober = asyncio.create_task(probe(http))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(http) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+        done.set()
+        await prober
+    lat = np.array(latencies) * 1000
+    return {
+        "steps_per_s": len(latencies) / wall,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "health_p99_ms": float(np.percentile(np.array(health) * 1000, 99)) if health else float("nan"),
+    }
+
+
+@contextlib.contextmanager
+def _server_process(artifacts: Path, state: Path) -> Iterator[str]:
+    """`dpa serve` in its own process, as deployed: it shares no event loop or GIL with the clients."""
+
+    port = free_port()
+    args = ["serve", "--artifacts", str(artifacts), "--port", str(port), "--device", "cpu"]
+    # Compute is compared with torch: no checkpoints or journal (BENCHMARKS.md gives their cost).
+    args += ["--state-dir", str(state), "--checkpoint-every", str(10**9), "--no-journal", "--no-auth"]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "dpa.cli.app", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", server)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+_RSS_SCRIPT = """
+import asyncio, json, resource, sys, warnings
+import numpy as np
+warnings.simplefilter("ignore")
+from pathlib import Path
+from dpa.contract.devices import resolve_device
+from dpa.contract.manifest import load_manifest, manifest_sha256
+from runtime_client.edge import EdgeClient
+from runtime_client.head import HeadModel
+from dpa.privacy.mechanism import DPActivations, DPConfig
+from runtime_client.split_step import SplitTrainer
+artifacts, url, batch, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+micro = None if sys.argv[5] == "none" else int(sys.argv[5])
+m = load_manifest(artifacts)
+head = HeadModel(artifacts, m, resolve_device("arm64"))
+dp = DPActivations(DPConfig(clip=100.0, epsilon=8.0), np.random.default_rng())
+rng = np.random.default_rng(0)
+images = rng.standard_normal((batch, *m.input_shape), dtype=np.float32)
+labels = rng.integers(0, m.num_classes, batch)
+async def main():
+    async with EdgeClient(url) as edge:
+        s = await edge.open_session(manifest_sha256(artifacts))
+        t = SplitTrainer(head, edge, s.session_id, dp, micro_batch=micro)
+        for _ in range(steps):
+            await t.step(images, labels)
+asyncio.run(main())
+def peak_mb():
+    # VmHWM is this process image's peak. ru_maxrss is not: Linux carries it across exec, so a
+    # child of a big parent (this benchmark, with torch loaded) would report the parent's size.
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"peak_rss_mb": peak_mb(), "torch_loaded": "torch" in sys.modules}))
+"""
+
+
+def _client_rss_and_load(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> None:
+    """5. The device client's peak RSS (a separate process, as on a phone) and batch loading time."""
+
+    # The device setting for phones (--micro-batch 1) and the whole-batch default.
+    with _server_process(artifacts, artifacts.parent / "rss-server") as url:
+        for micro, key in (("1", "client_peak_rss_mb"), ("none", "client_peak_rss_mb_whole_batch")):
+            script = [sys.executable, "-c", _RSS_SCRIPT, str(artifacts), url, str(cfg.batch), "3", micro]
+            out = subprocess.run(script, capture_output=True, text=True, check=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            report[key] = result["peak_rss_mb"]
+            report["torch_loaded"] = report.get("torch_loaded", False) or result["torch_loaded"]
+
+    manifest = load_manifest(artifacts)
+    faces = artifacts.parent / "faces"
+    # LFW's images are 250x250 JPEGs; the loader crops and resizes them to the model's input.
+    write_synthetic_faces(faces, SynthConfig(identities=2, per_identity=cfg.batch, size=250))
+    paths = sorted(faces.rglob("*.jpg"))[: cfg.batch]
+    report["batch_load_s"] = _median_time(
+        lambda: load_batch(paths, size=manifest.image_size, mean=manifest.pixel_mean, std=manifest.pixel_std),
+        cfg.repeats,
+    )
+
+
+def _step_tensors(manifest: Any, batch: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Zero-filled tensors of one train request and its reply, at the export's shapes."""
+    act = np.zeros((batch, *manifest.activation_shape), np.float32)
+    request = messages.train_request_tensors(act, np.zeros(batch, np.int64))
+    logits = np.zeros((batch, manifest.num_classes), np.float32)
+    return request, messages.train_reply_tensors(loss=0.0, logits=logits, activation_gradient=act)
+
+
+def _durability(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> None:
+    """What the server writes per step to be crash-safe: journal entry, stored reply, checkpoint."""
+
+    manifest = load_manifest(artifacts)
+    request_tensors, reply_tensors = _step_tensors(manifest, cfg.batch)
+    request = wire.encode(request_tensors, messages.train_request_meta(1))
+    reply = wire.encode(reply_tensors, messages.train_reply_meta(global_step=1, step=1))
+    state = artifacts.parent / "durability"
+    journal = Journal(state)
+    counter = iter(range(1, 10**6))
+    report["journal_append_s"] = _median_time(lambda: journal.append(next(counter), "bench", request), cfg.repeats)
+    state.mkdir(parents=True, exist_ok=True)
+    report["reply_write_s"] = _median_time(lambda: atomic_write_bytes(state / "reply.dpaw", reply), cfg.repeats)
+    tail = TailModel(artifacts, manifest, resolve_device("cpu"), state)
+    report["checkpoint_s"] = _median_time(lambda: tail.save({"bench": [1, cfg.batch]}), cfg.repeats)
+    report["checkpoint_mb"] = (state / CHECKPOINT_NAME).stat().st_size / 1e6
+
+
+def run_bench(cfg: BenchConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
+
+    report: dict[str, Any] = {
+        "config": {**asdict(cfg), "arch": asdict(cfg.arch)},
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        say(f"exporting the {cfg.name} configuration")
+        artifacts = _export(cfg, Path(tmp) / "artifacts")
+        say("head and tail steps: onnxruntime vs torch eager")
+        torch_full = _head_and_tail_ratios(cfg, artifacts, report)
+        say("split step over loopback HTTP, wire bytes, server throughput")
+        asyncio.run(_split_and_throughput(cfg, artifacts, report, torch_full))
+        del torch_full
+        say("device client peak RSS (own process) and batch loading")
+        _client_rss_and_load(cfg, artifacts, report)
+        say("crash safety: journal entry, stored reply and tail checkpoint writes")
+        _durability(cfg, artifacts, report)
+    return report

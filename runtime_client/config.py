@@ -1,0 +1,65 @@
+"""``ClientConfig``: everything a device run is told, validated once on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpa.contract import wire
+from dpa.contract.devices import DeviceProfile
+from dpa.contract.errors import UserError
+from dpa.faces.synth import SynthConfig
+from dpa.privacy import checks
+from dpa.privacy.mechanism import DPConfig
+from runtime_client.head import ModelFormat
+
+__all__ = ["ClientConfig"]
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    server: str = "http://127.0.0.1:8080"  # the edge server's base URL
+    artifacts: Path = Path("artifacts")  # export folder; only manifest.json and head/ are read
+    data: str = "synthetic"  # "synthetic" (built-in faces) or a folder in LFW layout
+    device: DeviceProfile = DeviceProfile.CPU
+    epochs: int = 5
+    batch_size: int = 8  # the seed's batch size
+    lr: float | None = None  # head learning rate; None: the manifest's
+    dp: DPConfig = field(default_factory=DPConfig)
+    seed: int | None = None  # None: unpredictable noise and shuffling (what deployments want)
+    min_faces_per_person: int = 2  # identities with fewer images are skipped (as scikit-learn's LFW loader)
+    test_fraction: float = 0.25  # held-out images per identity
+    split_seed: int = 0  # fixed so that `dpa eval` sees the same held-out images as training
+    synth: SynthConfig = field(default_factory=SynthConfig)  # the built-in data set (size follows the manifest)
+    state_dir: Path = Path("runs/client")  # head checkpoint and synthetic-data cache
+    resume: bool = False  # continue from state_dir's head checkpoint
+    report: Path | None = None  # JSON report path
+    model_format: ModelFormat = ModelFormat.AUTO
+    max_steps_per_epoch: int | None = None  # cap for quick runs; None: whole epoch
+    # Whole-run budget: calibrate the noise so that `epochs` releases of each example stay within
+    # this epsilon (dp-accounting's PLD accountant); None: `dp.epsilon` is per release, no budget.
+    total_epsilon: float | None = None
+    # Examples per head call on the device; None: the whole batch. 1 keeps one example's
+    # activations in memory instead of the batch's (a phone's setting; same update).
+    micro_batch: int | None = None
+    # How the release travels: float16 halves the upload (rounded after the noise: no privacy cost).
+    release_dtype: wire.ReleaseDtype = wire.ReleaseDtype.FLOAT32
+    progress: bool = True  # rich progress bar
+    token: str | None = field(default=None, repr=False)  # bearer token for the server (never printed)
+    ca: Path | None = None  # CA certificate (PEM) to trust for an https server, besides the system's
+    retry_s: float = 600.0  # keep retrying a request through network errors and server restarts this long
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise UserError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise UserError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"learning rate must be a positive number, got {self.lr}")
+        if not 0 < self.test_fraction < 1:
+            raise UserError(f"test fraction must be in (0, 1), got {self.test_fraction}")
+        if not (math.isfinite(self.retry_s) and self.retry_s >= 0):
+            raise UserError(f"retry time must be >= 0 seconds, got {self.retry_s}")
+        if self.total_epsilon is not None:
+            checks.epsilon(self.total_epsilon, allow_inf=False, name="total epsilon")

@@ -1,0 +1,68 @@
+"""The device's own examples: the train/test split, loading a batch, held-out accuracy."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from dpa.contract.errors import UserError
+from dpa.contract.manifest import Manifest
+from dpa.faces.lfw import FaceIndex, index_faces, load_batch, split_faces
+from dpa.faces.synth import SynthConfig, write_synthetic_faces
+from runtime_client.config import ClientConfig
+from runtime_client.split_step import SplitTrainer
+
+__all__ = ["prepare_data", "load_examples", "noise_generator", "evaluate"]
+
+
+def prepare_data(cfg: ClientConfig, manifest: Manifest) -> tuple[FaceIndex, FaceIndex]:
+    """Train/test split of the configured data; synthetic faces are generated once and cached."""
+    if cfg.data == "synthetic":
+        synth = SynthConfig(
+            identities=cfg.synth.identities,
+            per_identity=cfg.synth.per_identity,
+            size=manifest.image_size,
+            seed=cfg.synth.seed,
+        )
+        root = (
+            cfg.state_dir / "data" / f"synthetic-{synth.identities}x{synth.per_identity}-{synth.size}px-s{synth.seed}"
+        )
+        if not root.is_dir():
+            root.parent.mkdir(parents=True, exist_ok=True)
+            write_synthetic_faces(root, synth)
+    else:
+        root = Path(cfg.data)
+    index = index_faces(root, min_faces_per_person=cfg.min_faces_per_person)
+    if len(index.names) > manifest.num_classes:
+        raise UserError(
+            f"{root} has {len(index.names)} identities but the export classifies {manifest.num_classes}: "
+            f"export with --classes {len(index.names)} or raise --min-faces-per-person"
+        )
+    return split_faces(index, test_fraction=cfg.test_fraction, seed=cfg.split_seed)
+
+
+def load_examples(index: FaceIndex, rows: np.ndarray, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    images = load_batch(
+        [index.paths[i] for i in rows], size=manifest.image_size, mean=manifest.pixel_mean, std=manifest.pixel_std
+    )
+    return images, index.labels[rows].astype(np.int64)
+
+
+def noise_generator(cfg: ClientConfig, data_seed: int) -> tuple[np.random.Generator, int]:
+    if cfg.seed is not None:
+        warnings.warn(
+            f"--seed {cfg.seed}: DP noise is reproducible, which is for experiments only", UserWarning, stacklevel=3
+        )
+        return np.random.default_rng([cfg.seed, 1]), data_seed
+    return np.random.default_rng(), data_seed  # OS entropy: the server cannot predict the noise
+
+
+async def evaluate(trainer: SplitTrainer, test: FaceIndex, manifest: Manifest, batch: int) -> float:
+    correct = 0
+    for start in range(0, len(test.paths), batch):
+        rows = np.arange(start, min(start + batch, len(test.paths)))
+        images, labels = load_examples(test, rows, manifest)
+        correct += int((await trainer.predict(images) == labels).sum())
+    return correct / max(len(test.paths), 1)

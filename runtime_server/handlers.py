@@ -1,0 +1,249 @@
+"""The API's handlers (``docs/protocol.md``): health, status, metrics, sessions, train, stored replies, eval.
+
+Every request is validated completely before the tail is touched, so a rejected request changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiohttp import web
+
+from dpa.contract import messages, wire
+from dpa.contract.messages import SessionField
+from dpa.contract.streaming import read_body
+from runtime_server import metrics as prom
+from runtime_server.errors import ApiError
+from runtime_server.sessions import Session
+from runtime_server.state import OWNER, STATE, ServerState
+from runtime_server.step_commit import ReplyCut, apply_step, write_view
+from runtime_server.validation import step_number, validate_eval, validate_train
+
+__all__ = [
+    "health",
+    "status",
+    "metrics",
+    "open_session",
+    "describe_session",
+    "close_session",
+    "stored_reply",
+    "train",
+    "evaluate",
+]
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _session(request: web.Request) -> Session:
+    state = request.app[STATE]
+    return state.sessions.get(request.match_info["session_id"], request.get(OWNER))
+
+
+async def _read_message(request: web.Request) -> tuple[bytearray, wire.Message]:
+    """The body as received (journalled for a train step) and its decoded message (views into it)."""
+    state = request.app[STATE]
+    if request.content_type != wire.CONTENT_TYPE:
+        raise ApiError(
+            415, "unsupported_media_type", f"send tensors as {wire.CONTENT_TYPE}, got {request.content_type!r}"
+        )
+    length = request.content_length
+    if length is not None and length > state.max_body:
+        raise ApiError(413, "body_too_large", f"body of {length} bytes exceeds the limit of {state.max_body}")
+    try:
+        body = await read_body(request.content, length, state.buffers)
+    except ValueError as exc:
+        raise ApiError(400, "malformed_body", str(exc)) from None
+    try:
+        return body, wire.decode(body)
+    except wire.WireError as exc:
+        raise ApiError(400, "malformed_body", str(exc)) from None
+
+
+async def _tensor_response(request: web.Request, body: bytes | bytearray) -> web.StreamResponse:
+    """Send a wire message in slices as the socket drains (see ``dpa.contract.streaming.CHUNK``)."""
+    response = web.StreamResponse(headers={"Content-Type": wire.CONTENT_TYPE})
+    response.content_length = len(body)
+    await response.prepare(request)
+    await write_view(response, memoryview(body))
+    await response.write_eof()
+    return response
+
+
+def _stored_reply(state: ServerState, session: Session, step: int) -> bytearray:
+    """The reply to the session's last applied step, as first sent (read on the tail thread)."""
+    path = state.sessions.reply_path(session)
+    try:
+        data = bytearray(path.read_bytes())
+        if messages.step_of(wire.decode(data)) == step:
+            return data
+    except (OSError, wire.WireError):
+        pass
+    raise ApiError(
+        409, "reply_unavailable", f"step {step} was applied but its reply is no longer stored; continue with {step + 1}"
+    )
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+async def health(request: web.Request) -> web.Response:
+    if not request.app[STATE].tail_alive:
+        return web.json_response({"status": "tail_down"}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def status(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response(
+        {
+            "global_step": state.tail.global_step,
+            "examples_seen": state.tail.examples_seen,
+            "sessions": len(state.sessions.sessions),
+            "manifest_sha256": state.manifest_sha256,
+            "cut": state.manifest.cut,
+            "max_batch": state.config.max_batch,
+            "max_body_bytes": state.max_body,
+            "checkpoint_every": state.config.checkpoint_every,
+            "resumed": state.tail.resumed,
+            "uptime_s": round(time.time() - state.started, 3),
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    text = state.metrics.render(
+        active_sessions=len(state.sessions.sessions), global_step=state.tail.global_step, tail_alive=state.tail_alive
+    )
+    return web.Response(body=text, headers={"Content-Type": prom.CONTENT_TYPE})
+
+
+async def open_session(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    try:
+        body = await request.json()
+    except Exception:
+        raise ApiError(400, "malformed_body", 'send a JSON object {"manifest_sha256": ..., "client": ...}') from None
+    if not isinstance(body, dict) or not isinstance(body.get(SessionField.MANIFEST_SHA256), str):
+        raise ApiError(400, "malformed_body", "field manifest_sha256 (string) is required")
+    if body[SessionField.MANIFEST_SHA256] != state.manifest_sha256:
+        raise ApiError(
+            409,
+            "manifest_mismatch",
+            f"client manifest sha256 {body[SessionField.MANIFEST_SHA256][:12]}... differs from the server's "
+            f"{state.manifest_sha256[:12]}...: both sides must use the same export",
+        )
+    client = "".join(ch for ch in str(body.get(SessionField.CLIENT, "")) if ch.isprintable())[
+        : messages.CLIENT_NAME_MAX
+    ]
+    session = state.sessions.open(request.get(OWNER), client)
+    await state.sessions.persist()  # durable before the device learns the id
+    fields = {"session": session.id[:8], "device": session.owner, "open": len(state.sessions.sessions)}
+    log.info("session opened", extra={"fields": fields})
+    m = state.manifest
+    return web.json_response(
+        {
+            SessionField.SESSION_ID: session.id,
+            SessionField.STEP: session.step,
+            SessionField.MAX_BATCH: state.config.max_batch,
+            SessionField.ACTIVATION_SHAPE: list(m.activation_shape),
+            SessionField.NUM_CLASSES: m.num_classes,
+            SessionField.GLOBAL_STEP: state.tail.global_step,
+        },
+        status=201,
+    )
+
+
+async def describe_session(request: web.Request) -> web.Response:
+    return web.json_response(_session(request).describe())
+
+
+async def close_session(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    session = _session(request)
+    async with session.lock:  # not while one of its steps runs
+        state.sessions.close(session)
+        await state.sessions.persist()
+    log.info("session closed", extra={"fields": {"session": session.id[:8], "steps": session.step}})
+    return web.Response(status=204)
+
+
+async def stored_reply(request: web.Request) -> web.Response:
+    """GET .../steps/{n}: the reply to step n if it is the last applied one (a device resuming after a crash)."""
+    state = request.app[STATE]
+    session = _session(request)
+    try:
+        step = int(request.match_info["step"])
+    except ValueError:
+        raise ApiError(400, "malformed_step", "the step in the path must be an integer") from None
+    async with session.lock:
+        if step != session.step or step < 1:
+            raise ApiError(
+                404, "no_stored_reply", f"only the last applied step ({session.step}) has a stored reply, not {step}"
+            )
+        stored = await state.run(_stored_reply, state, session, step)
+    return await _tensor_response(request, stored)
+
+
+async def train(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    session = _session(request)
+    state.sessions.admit(session)
+    started = time.perf_counter()
+    async with session.lock, state.slots:  # a retry waits for its original; few bodies in memory
+        if state.sessions.sessions.get(session.id) is not session:  # closed while this request waited
+            raise ApiError(404, "unknown_session", f"session {session.id[:8]}... was closed")
+        raw, message = await _read_message(request)
+        step = step_number(message)
+        if step == session.step:  # a retry of the last applied step: its answer, not a second update
+            stored = await state.run(_stored_reply, state, session, step)
+        elif step != session.step + 1:
+            raise ApiError(
+                409,
+                "step_out_of_order",
+                f"this session's next step is {session.step + 1}, not {step}",
+                extra={"expected_step": session.step + 1},
+            )
+        else:
+            stored = None
+            act, labels = await state.run(validate_train, state.manifest, state.config.max_batch, message)
+            try:
+                reply = await apply_step(request, state, session, step, raw, act, labels)
+            except ReplyCut as cut:
+                return cut.response
+    # The rest of the reply is sent after the lock and the slot are released: a slow link holds neither.
+    if stored is not None:
+        state.metrics.retry_answered()
+        log.info(
+            "retried step answered from its stored reply", extra={"fields": {"session": session.id[:8], "step": step}}
+        )
+        return await _tensor_response(request, stored)
+    response, sending, saved_s = reply
+    await sending
+    if saved_s is not None:
+        state.metrics.checkpoint_written(saved_s)
+    elapsed = time.perf_counter() - started
+    state.metrics.step_applied(examples=int(labels.shape[0]), seconds=elapsed)
+    fields = {"session": session.id[:8], "step": step, "batch": int(labels.shape[0]), "ms": round(elapsed * 1e3, 1)}
+    log.debug("step applied", extra={"fields": fields})
+    return response
+
+
+async def evaluate(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    session = _session(request)
+    state.sessions.admit(session)
+    async with state.slots:
+        _, message = await _read_message(request)
+        act = await state.run(validate_eval, state.manifest, state.config.max_batch, message)
+
+        def step() -> bytearray:
+            return messages.encode_eval_reply(state.tail.eval_step(act))
+
+        body = await state.run(step)
+    state.metrics.eval_answered()
+    return await _tensor_response(request, body)

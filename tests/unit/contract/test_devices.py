@@ -1,0 +1,26 @@
+"""--device profiles and the fallback when a provider is missing."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dpa.contract.devices import DeviceProfile, resolve_device
+
+
+def test_cuda_falls_back_to_cpu_with_a_reason():
+    got = resolve_device("cuda", available=["CPUExecutionProvider"])
+    assert got.profile is DeviceProfile.CPU and got.ort_device == "cpu"
+    assert "CUDAExecutionProvider is not in this onnxruntime build" in got.fallback_reason
+    assert "fell back from cuda" in got.describe()
+
+
+def test_profiles():
+    cores = os.cpu_count() or 1
+    assert resolve_device("arm64", available=["CPUExecutionProvider"]).threads == min(4, cores)
+    assert resolve_device("cpu", available=["CPUExecutionProvider"]).threads == cores
+    auto = resolve_device("auto", available=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert auto.ort_device == "cuda" and auto.fallback_reason is None
+    with pytest.raises(ValueError, match="unknown device 'tpu'; valid: auto, cpu, arm64, cuda"):
+        resolve_device("tpu")
