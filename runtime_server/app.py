@@ -6,26 +6,32 @@ applied one at a time (none lost) and the event loop stays free: ``/v1/health`` 
 during a step. Every request is validated completely before the tail is touched, so a
 rejected request changes nothing.
 
-A train step is answered only after it is durable: its reply is stored, then its request
-is appended to the journal (``journal.py``; the reply streams meanwhile, all but its last
-bytes: ``_apply_step``); every ``checkpoint_every`` steps the tail
-checkpoint, which carries every session's step count, replaces the journal. A SIGKILL at
-any moment therefore leaves either the step applied (after the restart's replay) with
-its reply stored, so a retry gets that reply, or neither, so a retry applies it.
+A train step is answered only after it is durable (``step_commit``): the space for its
+journal entry and stored reply is reserved before the tail is touched (a full disk refuses
+the step, 503, with nothing applied); then the request is journalled (the commit point) and
+the reply stored, while the reply streams, all but its last bytes. Every ``checkpoint_every``
+steps the tail checkpoint, which carries every session's step count, replaces the journal. A
+SIGKILL at any moment therefore leaves either the step applied (after the restart's replay,
+which stores its reply again) so that a retry gets that reply, or neither, so a retry applies
+it. Every record is checksummed (``records``) and the state dir names its export.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from aiohttp import web
 
+from dpa.contract.atomic import atomic_write_bytes
 from dpa.contract.buffers import BufferPool
 from dpa.contract.devices import resolve_device
+from dpa.contract.errors import UserError
 from dpa.contract.manifest import load_manifest, manifest_sha256
 from dpa.contract.messages import API_PREFIX, Route
 from runtime_server.auth import TokenStore
@@ -43,9 +49,11 @@ from runtime_server.handlers import (
 )
 from runtime_server.journal import Journal
 from runtime_server.middlewares import auth, errors
+from runtime_server.records import verify_digest
 from runtime_server.sessions import SessionTable
 from runtime_server.state import STATE, ServerState, max_body_bytes
 from runtime_server.step_commit import checkpoint, replay
+from runtime_server.tail import CHECKPOINT_NAME
 from runtime_server.tail_worker import TailWorker
 
 __all__ = ["init_app", "reload_tokens", "STATE", "max_body_bytes"]
@@ -84,6 +92,32 @@ async def _expire_sessions(state: ServerState) -> None:
             log.info("sessions expired", extra={"fields": {"count": len(gone), "open": len(state.sessions.sessions)}})
 
 
+#: In the state dir: which export it belongs to (its tail checkpoint only fits that export's graphs).
+EXPORT_RECORD = "export.json"
+
+
+def open_state_dir(state_dir: Path, manifest_digest: str) -> None:
+    """Refuse a state dir written for another export, or whose checkpoint fails its checksum; record
+    the export in a new one. Runs before anything is loaded, so the message names the file."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    record = state_dir / EXPORT_RECORD
+    if record.is_file():
+        try:
+            owner = json.loads(record.read_text())["manifest_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{record} is unreadable; it should name the export this state dir belongs to") from None
+        if owner != manifest_digest:
+            raise UserError(
+                f"state dir {state_dir} belongs to another export (manifest {owner[:12]}..., not "
+                f"{manifest_digest[:12]}...): use that export, or another --state-dir for this one"
+            )
+    else:
+        atomic_write_bytes(record, (json.dumps({"manifest_sha256": manifest_digest}) + "\n").encode())
+    ckpt = state_dir / CHECKPOINT_NAME
+    if ckpt.is_file():
+        verify_digest(ckpt, what="tail checkpoint")
+
+
 def init_app(config: ServerConfig) -> web.Application:
     """Build the application; raises ValueError for a missing/altered export or token file."""
     manifest = load_manifest(config.artifacts, verify=("tail",))
@@ -92,6 +126,7 @@ def init_app(config: ServerConfig) -> web.Application:
     max_body = max_body_bytes(manifest, config.max_batch)
     app = web.Application(client_max_size=max_body, middlewares=[errors, auth])
     state_dir = config.resolved_state_dir
+    open_state_dir(state_dir, digest)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
@@ -105,7 +140,7 @@ def init_app(config: ServerConfig) -> web.Application:
         journal = Journal(state_dir) if config.journal else None
         replayed = 0
         if journal is not None:
-            replayed = await loop.run_in_executor(executor, replay, tail, sessions, journal)
+            replayed = await loop.run_in_executor(executor, replay, tail, sessions, journal, manifest, config.max_batch)
         slots = asyncio.Semaphore(config.max_inflight_steps)
         # A request and a reply per step in flight (more only while slow links drain their replies).
         buffers = BufferPool(keep=2 * config.max_inflight_steps)

@@ -52,6 +52,10 @@ class ServerConfig:
     session_idle_s: float = 3600.0  # a session unused this long is closed (410 session_expired)
     session_rate: float = 20.0  # train/eval requests per second per session, sustained (429 rate_limited)
     session_burst: int = 40  # ... and in a burst
+    # Free space the state dir keeps after a step's records (journal entry, stored reply) are reserved:
+    # below it a step is refused before it is applied (503 storage_error), instead of failing midway.
+    # It leaves room for the session table and, at paper size, for the writes a checkpoint needs first.
+    min_free_bytes: int = 16 * 2**20
 
     def __post_init__(self) -> None:
         if isinstance(self.device, str) and not isinstance(self.device, DeviceProfile):
@@ -74,6 +78,8 @@ class ServerConfig:
             raise UserError(
                 f"session rate must be > 0 requests/s with a burst >= 1, got {self.session_rate}/{self.session_burst}"
             )
+        if self.min_free_bytes < 0:
+            raise UserError(f"minimum free space must be >= 0 bytes, got {self.min_free_bytes}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise UserError("TLS needs both --tls-cert and --tls-key")
         if not is_loopback(self.host) and not self.insecure:

@@ -15,8 +15,9 @@ from dpa.contract.messages import SessionField
 from dpa.contract.streaming import read_body
 from runtime_server import metrics as prom
 from runtime_server.errors import ApiError
+from runtime_server.records import CorruptRecord, read_sealed
 from runtime_server.sessions import Session
-from runtime_server.state import OWNER, STATE, ServerState
+from runtime_server.state import OWNER, STATE, ServerState, storage_error
 from runtime_server.step_commit import ReplyCut, apply_step, write_view
 from runtime_server.validation import step_number, validate_eval, validate_train
 
@@ -77,9 +78,11 @@ def _stored_reply(state: ServerState, session: Session, step: int) -> bytearray:
     """The reply to the session's last applied step, as first sent (read on the tail thread)."""
     path = state.sessions.reply_path(session)
     try:
-        data = bytearray(path.read_bytes())
+        data = read_sealed(path, what="stored reply")
         if messages.step_of(wire.decode(data)) == step:
             return data
+    except CorruptRecord as exc:  # never served: the device is told, and goes on with the next step
+        log.error("stored reply corrupt", extra={"fields": {"session": session.id[:8], "error": str(exc)[:200]}})
     except (OSError, wire.WireError):
         pass
     raise ApiError(
@@ -141,7 +144,11 @@ async def open_session(request: web.Request) -> web.Response:
         : messages.CLIENT_NAME_MAX
     ]
     session = state.sessions.open(request.get(OWNER), client)
-    await state.sessions.persist()  # durable before the device learns the id
+    try:
+        await state.sessions.persist()  # durable before the device learns the id
+    except OSError as exc:
+        state.sessions.sessions.pop(session.id, None)  # a session nobody can resume is no session
+        raise storage_error(exc) from None
     fields = {"session": session.id[:8], "device": session.owner, "open": len(state.sessions.sessions)}
     log.info("session opened", extra={"fields": fields})
     m = state.manifest
@@ -166,8 +173,13 @@ async def close_session(request: web.Request) -> web.Response:
     state = request.app[STATE]
     session = _session(request)
     async with session.lock:  # not while one of its steps runs
+        state.sessions.sessions.pop(session.id, None)
+        try:
+            await state.sessions.persist()
+        except OSError as exc:
+            state.sessions.sessions[session.id] = session  # still open, on disk and here: the device may retry
+            raise storage_error(exc) from None
         state.sessions.close(session)
-        await state.sessions.persist()
     log.info("session closed", extra={"fields": {"session": session.id[:8], "steps": session.step}})
     return web.Response(status=204)
 

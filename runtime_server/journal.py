@@ -13,7 +13,8 @@ as in the kill test). With dropout, the replayed steps draw new dropout masks: e
 is still applied exactly once, but the replayed tail differs slightly from the lost one.
 
 Entry files are ``<global step, 12 digits>-<session id>.dpaw`` holding the request as
-received (wire format, meta ``{"step": n}``), written atomically.
+received (wire format, meta ``{"step": n}``) followed by its SHA-256 (``records``), written
+into space reserved before the step was applied and renamed into place: the write-ahead record.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpa.contract import wire
-from dpa.contract.atomic import atomic_write_bytes
 from dpa.contract.errors import UserError
+from runtime_server.records import CorruptRecord, Reservation, read_sealed
 
 __all__ = ["Journal", "JournalEntry", "JOURNAL_DIR"]
 
@@ -46,10 +47,14 @@ class Journal:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / JOURNAL_DIR
 
-    def append(self, global_step: int, session_id: str, body: bytes | bytearray) -> None:
-        """Record an applied step's request; durable when this returns."""
+    def reserve(self, global_step: int, session_id: str, size: int) -> Reservation:
+        """Space for the entry of step ``global_step`` (a request of ``size`` bytes), before it is applied."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.dir / f"{global_step:012d}-{session_id}.dpaw", body)
+        return Reservation(self.dir / f"{global_step:012d}-{session_id}.dpaw", size)
+
+    def append(self, global_step: int, session_id: str, body: bytes | bytearray) -> None:
+        """Record a step's request; durable when this returns."""
+        self.reserve(global_step, session_id, len(body)).commit(body)
 
     def entries(self) -> list[JournalEntry]:
         """Journalled steps in the order they were applied (temp files of a cut-short write are ignored)."""
@@ -73,8 +78,8 @@ class Journal:
     @staticmethod
     def read(entry: JournalEntry) -> wire.Message:
         try:
-            return wire.decode(bytearray(entry.path.read_bytes()))
-        except (OSError, wire.WireError) as exc:
+            return wire.decode(read_sealed(entry.path, what="journal entry"))
+        except (OSError, wire.WireError, CorruptRecord) as exc:
             raise UserError(
                 f"journal entry {entry.path} is unreadable ({exc}); the steps after the last checkpoint "
                 "cannot be restored. Move the journal folder away to start from the checkpoint (those "

@@ -16,6 +16,7 @@ and close, before the client hears of the change.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -87,6 +88,11 @@ class Session:
         }
 
 
+def _table_digest(sessions: object) -> str:
+    """SHA-256 of the table's canonical JSON (sorted keys, no spaces): what ``sessions.json`` is checked against."""
+    return hashlib.sha256(json.dumps(sessions, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 class SessionTable:
     def __init__(self, config: ServerConfig, state_dir: Path) -> None:
         self.config = config
@@ -110,6 +116,11 @@ class SessionTable:
             saved = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise UserError(f"{path} is unreadable ({exc}); move it away to start without the old sessions") from None
+        if not isinstance(saved, dict) or saved.get("sha256") != _table_digest(saved.get("sessions")):
+            raise UserError(
+                f"{path} is corrupt (its SHA-256 does not match its sessions); move it away to start without the "
+                "old sessions (their devices then open new ones)"
+            )
         for sid, info in saved.get("sessions", {}).items():
             step, examples = committed.get(sid, [0, 0])
             self.sessions[sid] = Session(
@@ -129,7 +140,7 @@ class SessionTable:
 
     def _snapshot(self) -> bytes:
         sessions = {s.id: {"owner": s.owner, "client": s.client, "created": s.created} for s in self.sessions.values()}
-        return (json.dumps({"sessions": sessions}, indent=1) + "\n").encode()
+        return (json.dumps({"sessions": sessions, "sha256": _table_digest(sessions)}, indent=1) + "\n").encode()
 
     async def persist(self) -> None:
         """Write the table (atomically, off the event loop); later calls never write older tables."""

@@ -24,7 +24,7 @@ from runtime_server.journal import Journal
 from runtime_server.sessions import SessionTable
 from runtime_server.tail_worker import TailWorker
 
-__all__ = ["ServerState", "STATE", "OWNER", "max_body_bytes", "tail_down"]
+__all__ = ["ServerState", "STATE", "OWNER", "max_body_bytes", "tail_down", "storage_error"]
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,32 @@ class ServerState:
             log.error("tail worker died", extra={"fields": {"action": "restart the server"}})
             raise tail_down() from None
         except OSError as exc:  # disk full, state dir gone: the device may retry once it is fixed
-            log.error("storage error", extra={"fields": {"error": type(exc).__name__, "errno": exc.errno}})
-            raise ApiError(503, "storage_error", f"the server could not write its state: {exc.strerror}") from None
+            raise storage_error(exc) from None
 
 
 def tail_down() -> ApiError:
-    return ApiError(503, "tail_unavailable", "the tail worker process died; the server must be restarted")
+    return ApiError(
+        503,
+        "tail_unavailable",
+        "the tail is unavailable (its process died, or a step it applied could not be made durable); "
+        "the server must be restarted",
+    )
+
+
+#: Seconds a device waits before retrying a step the server could not store (a full disk frees slowly).
+STORAGE_RETRY_AFTER_S = 5
+
+
+def storage_error(exc: OSError) -> ApiError:
+    """The answer to a write that failed (disk full, state dir gone): nothing was applied; retry later."""
+    log.error("storage error", extra={"fields": {"error": type(exc).__name__, "errno": exc.errno}})
+    reason = exc.strerror or str(exc)
+    return ApiError(
+        503,
+        "storage_error",
+        f"the server could not write its state ({reason}); nothing was applied, retry later",
+        headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)},
+    )
 
 
 STATE = web.AppKey("state", ServerState)

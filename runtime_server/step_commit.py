@@ -12,20 +12,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from aiohttp import web
 
 from dpa.contract import messages, wire
-from dpa.contract.atomic import atomic_write_bytes
-from dpa.contract.manifest import GraphNames
+from dpa.contract.errors import UserError
+from dpa.contract.manifest import Manifest
 from dpa.contract.streaming import write_chunks
 from runtime_server.errors import ApiError
 from runtime_server.journal import Journal
+from runtime_server.records import DIGEST_BYTES, Reservation, check_free_space
 from runtime_server.sessions import Session, SessionTable
-from runtime_server.state import ServerState
+from runtime_server.state import ServerState, storage_error
 from runtime_server.tail import NonFiniteStep
 from runtime_server.tail_worker import TailWorker
+from runtime_server.validation import step_number, validate_train
 
 __all__ = ["apply_step", "ReplyCut", "write_view", "checkpoint", "replay"]
 
@@ -69,9 +72,14 @@ async def apply_step(
     encoded: asyncio.Future[bytearray] = loop.create_future()
 
     def job() -> float | None:
-        body, global_step = _tail_step(state, session, step, act, labels)
+        reserved = _reserve(state, session, step, len(raw), int(act.shape[0]))  # a full disk stops us here
+        try:
+            body, global_step = _tail_step(state, session, step, act, labels)
+        except BaseException:
+            reserved.release()
+            raise
         loop.call_soon_threadsafe(lambda: encoded.done() or encoded.set_result(body))
-        return _commit_step(state, session, global_step, raw, body)
+        return _commit_step(state, session, global_step, raw, body, reserved)
 
     commit = asyncio.ensure_future(state.run(job))
     try:
@@ -133,22 +141,78 @@ def _tail_step(
     return body, result.global_step
 
 
-def _commit_step(
-    state: ServerState, session: Session, global_step: int, raw: bytearray, body: bytearray
-) -> float | None:
-    """On the tail thread: store the reply, append the journal (the commit point); checkpoint seconds.
+@dataclass
+class _Reserved:
+    """The space one step's records need, taken before the tail is touched."""
 
-    The reply is stored before the journal entry: a crash between them leaves a stored
-    reply for a step the restarted server does not have, which the device's retry then
-    applies (and overwrites).
-    """
+    reply: Reservation
+    journal: Reservation | None
+
+    def release(self) -> None:
+        self.reply.release()
+        if self.journal is not None:
+            self.journal.release()
+
+
+#: Bytes a reply's meta may take beyond the estimate (the numbers' digits are known; this is slack).
+_META_SLACK = 64
+
+
+def _reserve(state: ServerState, session: Session, step: int, request_bytes: int, batch: int) -> _Reserved:
+    """On the tail thread, before the step: room for its journal entry and stored reply, or OSError
+    (answered 503 storage_error) with nothing applied. Keeps ``min_free_bytes`` free besides."""
+    m = state.manifest
+    meta = messages.train_reply_meta(global_step=state.tail.global_step + 1, step=step)
+    reply_bytes = wire.pieces(messages.train_reply_specs(batch, m.activation_shape, m.num_classes), meta)[0]
+    reply_bytes += _META_SLACK
+    journal_bytes = request_bytes if state.journal is not None else 0
     state.sessions.replies.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(state.sessions.reply_path(session), body)
-    if state.journal is not None:
-        state.journal.append(global_step, session.id, raw)
+    check_free_space(
+        state.sessions.replies, reply_bytes + journal_bytes + 2 * DIGEST_BYTES, state.config.min_free_bytes
+    )
+    reply = Reservation(state.sessions.reply_path(session), reply_bytes)
+    if state.journal is None:
+        return _Reserved(reply, None)
+    try:
+        return _Reserved(reply, state.journal.reserve(state.tail.global_step + 1, session.id, request_bytes))
+    except BaseException:
+        reply.release()
+        raise
+
+
+def _commit_step(
+    state: ServerState, session: Session, global_step: int, raw: bytearray, body: bytearray, reserved: _Reserved
+) -> float | None:
+    """On the tail thread: journal the request (the commit point), store the reply; checkpoint seconds.
+
+    Both go into space reserved before the step, so a full disk cannot stop them. Should the journal
+    write fail anyway (an I/O error), the tail holds a step that is not durable: the server stops
+    taking steps (503 tail_unavailable) until it is restarted, which rolls the tail back to its
+    durable state; the reply was never whole on the wire, so nothing answered is lost. A stored reply
+    that cannot be written is logged: the step is durable and this reply still goes out whole.
+    A checkpoint that fails leaves the journal as it is; the next interval tries again.
+    """
+    if reserved.journal is not None:
+        try:
+            reserved.journal.commit(raw)
+        except OSError as exc:
+            reserved.release()  # both temp files go: a restart must find no trace of this step
+            state.tail_alive = False
+            log.critical(
+                "journal write failed after the step; restart the server", extra={"fields": {"step": global_step}}
+            )
+            raise storage_error(exc) from None
+    try:
+        reserved.reply.commit(body)
+    except OSError as exc:
+        log.error("stored reply not written", extra={"fields": {"session": session.id[:8], "errno": exc.errno}})
     if global_step % state.config.checkpoint_every == 0:
         t0 = time.perf_counter()
-        checkpoint(state.tail, state.sessions, state.journal)
+        try:
+            checkpoint(state.tail, state.sessions, state.journal)
+        except (OSError, RuntimeError) as exc:  # onnxruntime reports a failed save as a RuntimeError
+            log.error("checkpoint failed; the journal keeps the steps", extra={"fields": {"error": str(exc)[:200]}})
+            return None
         return time.perf_counter() - t0
     return None
 
@@ -159,22 +223,48 @@ def checkpoint(tail: TailWorker, sessions: SessionTable, journal: Journal | None
         journal.truncate(tail.global_step)
 
 
-def replay(tail: TailWorker, sessions: SessionTable, journal: Journal) -> int:
-    """At start: apply the journalled steps after the checkpoint again, in order; how many."""
+def replay(tail: TailWorker, sessions: SessionTable, journal: Journal, manifest: Manifest, max_batch: int) -> int:
+    """At start: apply the journalled steps after the checkpoint again, in order; how many.
+
+    Each entry is checked as the live path checks a request (its checksum, then ``validate_train``);
+    one that fails is refused with its file named, never applied. Each replayed step's reply is stored
+    again, so a device whose step was journalled but never answered gets it when it retries.
+    """
     replayed = 0
     for entry in journal.entries():
         if entry.global_step <= tail.global_step:  # already in the checkpoint
             entry.path.unlink(missing_ok=True)
             continue
         message = Journal.read(entry)
-        labels = message.tensors[GraphNames.LABELS]
         try:
-            tail.train_step(message.tensors[GraphNames.ACTIVATION], labels)
+            step = step_number(message)
+            act, labels = validate_train(manifest, max_batch, message)
+        except ApiError as exc:
+            raise UserError(
+                f"journal entry {entry.path} is not a valid train request ({exc.message}); {_MOVE}"
+            ) from None
+        if entry.global_step != tail.global_step + 1:
+            raise UserError(
+                f"journal entry {entry.path} follows step {tail.global_step}, not {entry.global_step - 1}; {_MOVE}"
+            )
+        try:
+            result = tail.train_step(act, labels)
         except NonFiniteStep:  # only possible with dropout's new masks; the step still counts as done
             log.warning("journalled step not finite on replay", extra={"fields": {"global_step": entry.global_step}})
+            result = None
         session = sessions.sessions.get(entry.session_id)
         if session is not None:
-            session.step = int(message.meta[messages.STEP])
+            session.step = step
             session.examples += int(labels.shape[0])
+            if result is not None:
+                reply = messages.encode_train_reply(
+                    loss=result.loss, logits=result.logits, activation_gradient=result.activation_gradient,
+                    global_step=result.global_step, step=step,
+                )  # fmt: skip
+                sessions.replies.mkdir(parents=True, exist_ok=True)
+                Reservation(sessions.reply_path(session), len(reply)).commit(reply)
         replayed += 1
     return replayed
+
+
+_MOVE = "move the journal folder away to start from the last checkpoint (the steps after it are then lost)"

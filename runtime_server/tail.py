@@ -18,6 +18,7 @@ from dpa.contract.devices import ResolvedDevice
 from dpa.contract.finite import all_finite
 from dpa.contract.manifest import ARTIFACT_FILES, Manifest
 from dpa.contract.ort_training import CheckpointState, Module, Optimizer, SessionOptions, train_step_into
+from runtime_server.records import write_digests
 
 __all__ = ["TailModel", "TrainResult", "StepOutputs", "NonFiniteStep", "CHECKPOINT_NAME"]
 
@@ -120,6 +121,11 @@ class TailModel:
         # onnxruntime's SGD has no momentum, yet its optimizer state is parameter-sized (it doubles the
         # checkpoint). Resuming without it trains identically (kill test).
         with_state = self.manifest.optimizer.name != "sgd"
-        atomic_write_with(path, lambda tmp: CheckpointState.save_checkpoint(self.state, str(tmp), with_state))
+
+        def write(tmp: Path) -> None:
+            CheckpointState.save_checkpoint(self.state, str(tmp), with_state)
+            write_digests(path, tmp)  # before the rename: a crash between them still leaves a checkpoint that verifies
+
+        atomic_write_with(path, write)
         log.debug("tail checkpoint saved", extra={"fields": {"global_step": self.global_step}})
         return path

@@ -51,6 +51,9 @@ def serve_command(
     session_idle_s: Annotated[float, typer.Option(help="Close a session after this many idle seconds.")] = 3600.0,
     session_rate: Annotated[float, typer.Option(help="Requests per second per session, sustained.")] = 20.0,
     session_burst: Annotated[int, typer.Option(help="Requests per session in a burst.")] = 40,
+    min_free_mb: Annotated[
+        float, typer.Option(help="Free space (MiB) the state dir keeps: below it steps are refused, not half-written.")
+    ] = 16.0,
     log_format: Annotated[
         LogFormat, typer.Option(help="json (one object per line) or text.", case_sensitive=False)
     ] = LogFormat.JSON,
@@ -86,6 +89,7 @@ def serve_command(
             session_idle_s=session_idle_s,
             session_rate=session_rate,
             session_burst=session_burst,
+            min_free_bytes=int(min_free_mb * 2**20),
         )
         ssl_context = server_ssl_context(config)
         load_manifest(artifacts)  # a wrong --artifacts fails here, before a token file is created
@@ -100,7 +104,8 @@ def serve_command(
     console.print(
         f"dpa edge server for {artifacts}/ on {config.scheme}://{host}:{port} ({auth}; Ctrl-C saves and stops)"
     )
-    web.run_app(app, host=host, port=port, print=None, access_log=None, ssl_context=ssl_context)
+    with user_errors():  # a state dir that fails its checks at start (corrupt, foreign) is the user's to fix
+        web.run_app(app, host=host, port=port, print=None, access_log=None, ssl_context=ssl_context)
 
 
 @token_app.command("add")

@@ -32,6 +32,7 @@ __all__ = [
     "route",
     "train_request_specs",
     "train_request_tensors",
+    "train_reply_specs",
     "train_reply_tensors",
     "train_request_meta",
     "encode_train_request",
@@ -118,6 +119,15 @@ def train_request_specs(batch: int, activation_shape: tuple[int, ...], release_d
     return {
         GraphNames.ACTIVATION: ((batch, *activation_shape), release_dtype),
         GraphNames.LABELS: ((batch,), np.int64),
+    }
+
+
+def train_reply_specs(batch: int, activation_shape: tuple[int, ...], num_classes: int) -> dict[str, wire.Spec]:
+    """Shapes and dtypes of a train reply's tensors: its size is known before the step is taken."""
+    return {
+        LOSS: ((), np.float32),
+        GraphNames.LOGITS: ((batch, num_classes), np.float32),
+        GraphNames.ACTIVATION_GRADIENT: ((batch, *activation_shape), np.float32),
     }
 
 

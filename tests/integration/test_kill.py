@@ -59,11 +59,12 @@ class Run:
         self.logs = root / "logs"
         self.logs.mkdir(parents=True)
         self.starts = 0
+        self.server_args: list[str] = []  # more `dpa serve` flags (the fault tests add theirs)
 
     def start_server(self) -> None:
         self.starts += 1
         args = ["serve", "--artifacts", str(self.artifacts), "--port", str(self.port), "--device", "cpu"]
-        args += ["--state-dir", str(self.state)]
+        args += ["--state-dir", str(self.state), *self.server_args]
         log = open(self.logs / f"server-{self.starts}.log", "wb")  # noqa: SIM115 - closed with the process
         self.server = subprocess.Popen(_dpa(*args), stdout=log, stderr=subprocess.STDOUT, env=self.env)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import threading
@@ -355,28 +356,62 @@ def test_one_device_cannot_take_every_session(small_export, start_server, tokens
     assert len(server.state.sessions.sessions) == 3
 
 
-def test_reply_is_withheld_until_commit_and_cut_when_it_fails(small_export, start_server, monkeypatch):
-    """The reply streams while the step is committed, but its last bytes wait for the commit;
-    a commit that fails cuts the connection, so no device holds a reply to an uncommitted step."""
-    import runtime_server.step_commit as server_app  # where the step's commit writes
+def test_a_step_refused_for_space_is_not_applied_and_its_retry_succeeds(small_export, start_server):
+    """Below the free-space margin a step is refused before the tail is touched (503 storage_error with
+    Retry-After), leaving no temp file; the device's retry of the same bytes succeeds once there is room."""
+    server = start_server(small_export, min_free_bytes=2**60)  # more than any disk has: every step refused
+    digest = manifest_sha256(small_export)
+    act, labels = _tensors(load_manifest(small_export).activation_shape)
+    state_dir = server.state.config.resolved_state_dir
+
+    async def run() -> None:
+        async with EdgeClient(server.url) as edge:
+            sid = (await edge.open_session(digest)).session_id
+        body = bytes(wire.encode({"activation": act, "labels": labels}, {"step": 1}))
+        async with aiohttp.ClientSession() as http:
+            url = f"{server.url}/v1/sessions/{sid}/train"
+            headers = {"Content-Type": wire.CONTENT_TYPE}
+            async with http.post(url, data=body, headers=headers) as resp:
+                assert resp.status == 503 and resp.headers["Retry-After"] == "5"
+                assert (await resp.json())["error"] == "storage_error"
+            assert server.state.tail.global_step == 0 and server.state.sessions.sessions[sid].step == 0
+            assert list(state_dir.rglob("*.tmp")) == [] and list(state_dir.rglob("*.dpaw")) == []
+            server.state.config = dataclasses.replace(server.state.config, min_free_bytes=0)  # space is back
+            async with http.post(url, data=body, headers=headers) as resp:
+                assert resp.status == 200
+                assert wire.decode(bytearray(await resp.read())).meta == {"global_step": 1, "step": 1}
+            assert server.state.tail.global_step == 1
+
+    asyncio.run(run())
+
+
+def test_reply_is_withheld_until_the_journal_commit_and_a_failed_commit_stops_the_server(
+    small_export, start_server, monkeypatch
+):
+    """The reply streams while the step is committed, but its last bytes wait for the journal entry. A
+    journal write that fails after the tail was updated (space was reserved, so this is an I/O error)
+    cuts the reply, and the server stops taking steps until a restart rolls the tail back."""
+    from runtime_server.records import Reservation
 
     server = start_server(small_export)
     digest = manifest_sha256(small_export)
     act, labels = _tensors(load_manifest(small_export).activation_shape)
-    written = threading.Event()
-    real_write = server_app.atomic_write_bytes
+    failed = threading.Event()
+    real_commit = Reservation.commit
 
-    def failing_write(path, data):  # type: ignore[no-untyped-def]
+    def failing_commit(self, data):  # type: ignore[no-untyped-def]
+        if self.path.parent.name != "journal":
+            return real_commit(self, data)
         time.sleep(0.5)  # time for the reply to go out, all but its held-back bytes
-        written.set()
-        raise OSError(28, "No space left on device")
+        failed.set()
+        raise OSError(5, "Input/output error")
 
     async def run() -> None:
         async with EdgeClient(server.url) as edge:
             sid = (await edge.open_session(digest)).session_id
         body = bytes(wire.encode({"activation": act, "labels": labels}, {"step": 1}))
         received = bytearray()
-        monkeypatch.setattr(server_app, "atomic_write_bytes", failing_write)
+        monkeypatch.setattr(Reservation, "commit", failing_commit)
         async with aiohttp.ClientSession() as http:
             url = f"{server.url}/v1/sessions/{sid}/train"
             headers = {"Content-Type": wire.CONTENT_TYPE}
@@ -385,18 +420,20 @@ def test_reply_is_withheld_until_commit_and_cut_when_it_fails(small_export, star
                     assert resp.status == 200  # headers go out before the commit
                     async for chunk in resp.content.iter_any():
                         received += chunk
-            assert written.is_set()
+            assert failed.is_set()
             assert 0 < len(received) < resp.content_length  # streamed, but never whole
             assert len(received) >= resp.content_length - 8 - (1 << 20)  # all but the held-back bytes
-            monkeypatch.setattr(server_app, "atomic_write_bytes", real_write)
-            # The tail was updated but the step's reply is lost: the retry is told so and moves on.
+            monkeypatch.setattr(Reservation, "commit", real_commit)
+            async with http.get(f"{server.url}/v1/health") as resp:
+                assert resp.status == 503  # the tail holds a step that is not durable: restart
             async with http.post(url, data=body, headers=headers) as resp:
-                assert resp.status == 409
-                assert (await resp.json())["error"] == "reply_unavailable"
+                assert resp.status == 503 and (await resp.json())["error"] == "tail_unavailable"
             async with http.get(f"{server.url}/metrics") as resp:
                 families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
                 rejected = {s.labels["reason"]: s.value for s in families["dpa_rejected_requests"].samples}
                 assert rejected["storage_error"] == 1
+        journal = server.state.config.resolved_state_dir / "journal"
+        assert list(journal.iterdir()) == []  # no entry, no temp file: after a restart the step never happened
 
     asyncio.run(run())
 
@@ -404,24 +441,24 @@ def test_reply_is_withheld_until_commit_and_cut_when_it_fails(small_export, star
 def test_without_a_journal_the_reply_is_whole_before_the_commit(small_export, start_server, monkeypatch):
     """With --no-journal a crash loses every step since the last checkpoint anyway: the reply
     does not wait for the stored reply's disk write."""
-    import runtime_server.step_commit as server_app  # where the step's commit writes
+    from runtime_server.records import Reservation
 
     server = start_server(small_export, journal=False)
     digest = manifest_sha256(small_export)
     act, labels = _tensors(load_manifest(small_export).activation_shape)
     written = threading.Event()
-    real_write = server_app.atomic_write_bytes
+    real_commit = Reservation.commit
 
-    def slow_write(path, data):  # type: ignore[no-untyped-def]
+    def slow_commit(self, data):  # type: ignore[no-untyped-def]
         time.sleep(1.0)
-        real_write(path, data)
+        real_commit(self, data)
         written.set()
 
     async def run() -> None:
         async with EdgeClient(server.url) as edge:
             sid = (await edge.open_session(digest)).session_id
         body = bytes(wire.encode({"activation": act, "labels": labels}, {"step": 1}))
-        monkeypatch.setattr(server_app, "atomic_write_bytes", slow_write)
+        monkeypatch.setattr(Reservation, "commit", slow_commit)
         async with aiohttp.ClientSession() as http:
             url = f"{server.url}/v1/sessions/{sid}/train"
             async with http.post(url, data=body, headers={"Content-Type": wire.CONTENT_TYPE}) as resp:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import aiohttp
 import numpy as np
@@ -20,7 +21,7 @@ def test_an_appended_entry_holds_the_whole_request(tmp_path):
     journal.append(7, "s1", bytearray(BODY))
     (entry,) = journal.entries()
     assert (entry.global_step, entry.session_id) == (7, "s1")
-    assert entry.path.read_bytes() == BODY
+    assert entry.path.read_bytes() == BODY + hashlib.sha256(BODY).digest()  # the request, then its checksum
     assert [p.name for p in (tmp_path / JOURNAL_DIR).iterdir()] == ["000000000007-s1.dpaw"]
 
 
