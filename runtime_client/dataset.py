@@ -11,6 +11,7 @@ from dpa.contract.errors import UserError
 from dpa.contract.manifest import Manifest
 from dpa.faces.lfw import FaceIndex, index_faces, load_batch, split_faces
 from dpa.faces.synth import SynthConfig, write_synthetic_faces
+from dpa.privacy.noise_source import secure_generator
 from runtime_client.config import ClientConfig
 from runtime_client.split_step import SplitTrainer
 
@@ -55,8 +56,8 @@ def noise_generator(cfg: ClientConfig, data_seed: int) -> tuple[np.random.Genera
         warnings.warn(
             f"--seed {cfg.seed}: DP noise is reproducible, which is for experiments only", UserWarning, stacklevel=3
         )
-        return np.random.default_rng([cfg.seed, 1]), data_seed
-    return np.random.default_rng(), data_seed  # OS entropy: the server cannot predict the noise
+        return secure_generator([cfg.seed, 1]), data_seed
+    return secure_generator(), data_seed  # AES-CTR from OS entropy: the server cannot predict the noise
 
 
 async def evaluate(trainer: SplitTrainer, test: FaceIndex, manifest: Manifest, batch: int) -> float:

@@ -27,6 +27,7 @@ from dpa.contract.messages import TrainReply
 from dpa.faces.lfw import FaceIndex, iter_batches
 from dpa.privacy.accountant import PrivacyAccountant
 from dpa.privacy.mechanism import DPActivations, DPConfig
+from dpa.privacy.noise_source import generator_state_json, restore_generator_state
 from runtime_client.config import ClientConfig
 from runtime_client.dataset import evaluate, load_examples, noise_generator, prepare_data
 from runtime_client.edge import EdgeClient, EdgeError
@@ -86,7 +87,7 @@ class _RunState:
             data_seed = cfg.seed if cfg.seed is not None else secrets.randbits(31)
         noise, data_seed = noise_generator(cfg, data_seed)
         if resume and "run.noise_rng" in props:  # continue the noise stream where the saved step left it
-            noise.bit_generator.state = json.loads(str(props["run.noise_rng"]))
+            restore_generator_state(noise, str(props["run.noise_rng"]))
         dp_cfg, accountant = privacy_plan(cfg, dict(props) if resume else {})
         history = json.loads(str(props["run.history"])) if resume and "run.history" in props else []
         progress = RunProgress.load(props) if resume else RunProgress()
@@ -97,7 +98,7 @@ class _RunState:
         self.progress.store(props)
         props["run.history"] = json.dumps(self.history)
         props["data_seed"] = self.data_seed
-        props["run.noise_rng"] = json.dumps(self.noise.bit_generator.state)
+        props["run.noise_rng"] = generator_state_json(self.noise)
         for key, value in self.accountant.to_state().items():
             props[key] = value
         head.save(ckpt)

@@ -35,6 +35,7 @@ from dpa.contract.errors import UserError
 from dpa.contract.manifest import load_manifest, manifest_sha256
 from dpa.contract.messages import API_PREFIX, Route
 from runtime_server.auth import TokenStore
+from runtime_server.budget import ByteBudget
 from runtime_server.config import ServerConfig
 from runtime_server.handlers import (
     close_session,
@@ -144,8 +145,9 @@ def init_app(config: ServerConfig) -> web.Application:
         slots = asyncio.Semaphore(config.max_inflight_steps)
         # A request and a reply per step in flight (more only while slow links drain their replies).
         buffers = BufferPool(keep=2 * config.max_inflight_steps)
+        bodies = ByteBudget(config.max_inflight_body_bytes or 4 * max_body)
         state = ServerState(
-            config, manifest, digest, tail, executor, max_body, slots, sessions, tokens, journal, buffers
+            config, manifest, digest, tail, executor, max_body, slots, sessions, tokens, journal, buffers, bodies
         )
         app[STATE] = state
         expiry = asyncio.create_task(_expire_sessions(state))

@@ -56,6 +56,13 @@ class ServerConfig:
     # below it a step is refused before it is applied (503 storage_error), instead of failing midway.
     # It leaves room for the session table and, at paper size, for the writes a checkpoint needs first.
     min_free_bytes: int = 16 * 2**20
+    # Slow and silent clients (runtime_server.budget): a body is read before its request takes a
+    # step slot, within transfer_base_s + its bytes at min_transfer_rate (else 408 body_timeout),
+    # and a reply must be taken within the same; 256 KiB/s is a slow phone link (2 Mbit/s).
+    transfer_base_s: float = 30.0
+    min_transfer_rate: float = 256 * 2**10  # bytes per second
+    # Bytes of request bodies held in memory at once; None: 4 full-batch bodies (max_body_bytes).
+    max_inflight_body_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.device, str) and not isinstance(self.device, DeviceProfile):
@@ -78,6 +85,12 @@ class ServerConfig:
             raise UserError(
                 f"session rate must be > 0 requests/s with a burst >= 1, got {self.session_rate}/{self.session_burst}"
             )
+        if not (math.isfinite(self.transfer_base_s) and self.transfer_base_s > 0):
+            raise UserError(f"transfer base time must be a positive number of seconds, got {self.transfer_base_s}")
+        if not (math.isfinite(self.min_transfer_rate) and self.min_transfer_rate > 0):
+            raise UserError(f"minimum transfer rate must be > 0 bytes/s, got {self.min_transfer_rate}")
+        if self.max_inflight_body_bytes is not None and self.max_inflight_body_bytes < 1:
+            raise UserError(f"in-flight body bytes must be >= 1, got {self.max_inflight_body_bytes}")
         if self.min_free_bytes < 0:
             raise UserError(f"minimum free space must be >= 0 bytes, got {self.min_free_bytes}")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -5,6 +5,7 @@ Every request is validated completely before the tail is touched, so a rejected 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -44,8 +45,8 @@ def _session(request: web.Request) -> Session:
     return state.sessions.get(request.match_info["session_id"], request.get(OWNER))
 
 
-async def _read_message(request: web.Request) -> tuple[bytearray, wire.Message]:
-    """The body as received (journalled for a train step) and its decoded message (views into it)."""
+def _body_size(request: web.Request) -> int:
+    """The bytes a tensor body will hold in memory (checked: media type, size); before it is read."""
     state = request.app[STATE]
     if request.content_type != wire.CONTENT_TYPE:
         raise ApiError(
@@ -54,8 +55,29 @@ async def _read_message(request: web.Request) -> tuple[bytearray, wire.Message]:
     length = request.content_length
     if length is not None and length > state.max_body:
         raise ApiError(413, "body_too_large", f"body of {length} bytes exceeds the limit of {state.max_body}")
+    return length if length is not None else state.max_body
+
+
+async def _read_message(request: web.Request) -> tuple[bytearray, wire.Message]:
+    """The body as received (journalled for a train step) and its decoded message (views into it).
+
+    Read within the body's deadline (``ServerState.deadline``): a client too slow is answered 408
+    and its connection closed, and it never held a step slot."""
+    state = request.app[STATE]
+    length = request.content_length
+    deadline = state.deadline(_body_size(request))
     try:
-        body = await read_body(request.content, length, state.buffers)
+        async with asyncio.timeout(deadline):
+            body = await read_body(request.content, length, state.buffers)
+    except TimeoutError:
+        state.metrics.reject("body_timeout")
+        raise ApiError(
+            408,
+            "body_timeout",
+            f"the body did not arrive within {deadline:.0f} s (at least {state.config.min_transfer_rate / 1024:.0f} "
+            "KiB/s is needed); send it again",
+            headers={"Connection": "close"},
+        ) from None
     except ValueError as exc:
         raise ApiError(400, "malformed_body", str(exc)) from None
     try:
@@ -69,8 +91,8 @@ async def _tensor_response(request: web.Request, body: bytes | bytearray) -> web
     response = web.StreamResponse(headers={"Content-Type": wire.CONTENT_TYPE})
     response.content_length = len(body)
     await response.prepare(request)
-    await write_view(response, memoryview(body))
-    await response.write_eof()
+    if await write_view(request, response, memoryview(body), request.app[STATE].deadline(len(body))):
+        await response.write_eof()
     return response
 
 
@@ -206,27 +228,31 @@ async def train(request: web.Request) -> web.StreamResponse:
     session = _session(request)
     state.sessions.admit(session)
     started = time.perf_counter()
-    async with session.lock, state.slots:  # a retry waits for its original; few bodies in memory
+    size = _body_size(request)
+    # A retry waits for its original. The body is read before a step slot is taken: a slow upload holds
+    # only its share of the body budget, for at most its deadline; the slot is for the tail's work.
+    async with session.lock, state.bodies.hold(size):
         if state.sessions.sessions.get(session.id) is not session:  # closed while this request waited
             raise ApiError(404, "unknown_session", f"session {session.id[:8]}... was closed")
         raw, message = await _read_message(request)
         step = step_number(message)
-        if step == session.step:  # a retry of the last applied step: its answer, not a second update
-            stored = await state.run(_stored_reply, state, session, step)
-        elif step != session.step + 1:
-            raise ApiError(
-                409,
-                "step_out_of_order",
-                f"this session's next step is {session.step + 1}, not {step}",
-                extra={"expected_step": session.step + 1},
-            )
-        else:
-            stored = None
-            act, labels = await state.run(validate_train, state.manifest, state.config.max_batch, message)
-            try:
-                reply = await apply_step(request, state, session, step, raw, act, labels)
-            except ReplyCut as cut:
-                return cut.response
+        async with state.slots:
+            if step == session.step:  # a retry of the last applied step: its answer, not a second update
+                stored = await state.run(_stored_reply, state, session, step)
+            elif step != session.step + 1:
+                raise ApiError(
+                    409,
+                    "step_out_of_order",
+                    f"this session's next step is {session.step + 1}, not {step}",
+                    extra={"expected_step": session.step + 1},
+                )
+            else:
+                stored = None
+                act, labels = await state.run(validate_train, state.manifest, state.config.max_batch, message)
+                try:
+                    reply = await apply_step(request, state, session, step, raw, act, labels)
+                except ReplyCut as cut:
+                    return cut.response
     # The rest of the reply is sent after the lock and the slot are released: a slow link holds neither.
     if stored is not None:
         state.metrics.retry_answered()
@@ -249,13 +275,14 @@ async def evaluate(request: web.Request) -> web.Response:
     state = request.app[STATE]
     session = _session(request)
     state.sessions.admit(session)
-    async with state.slots:
+    async with state.bodies.hold(_body_size(request)):
         _, message = await _read_message(request)
-        act = await state.run(validate_eval, state.manifest, state.config.max_batch, message)
+        async with state.slots:
+            act = await state.run(validate_eval, state.manifest, state.config.max_batch, message)
 
-        def step() -> bytearray:
-            return messages.encode_eval_reply(state.tail.eval_step(act))
+            def step() -> bytearray:
+                return messages.encode_eval_reply(state.tail.eval_step(act))
 
-        body = await state.run(step)
+            body = await state.run(step)
     state.metrics.eval_answered()
     return await _tensor_response(request, body)

@@ -18,6 +18,7 @@ from dpa.contract.buffers import BufferPool
 from dpa.contract.manifest import Manifest
 from runtime_server import metrics as prom
 from runtime_server.auth import TokenStore
+from runtime_server.budget import ByteBudget, transfer_deadline
 from runtime_server.config import ServerConfig
 from runtime_server.errors import ApiError
 from runtime_server.journal import Journal
@@ -46,9 +47,16 @@ class ServerState:
     tokens: TokenStore | None
     journal: Journal | None  # None: checkpoint_every alone decides what a crash loses
     buffers: BufferPool  # request and reply bodies, reused (dpa.contract.buffers)
+    bodies: ByteBudget  # bytes of request bodies being read or waiting for a slot (runtime_server.budget)
     metrics: prom.Metrics = field(default_factory=prom.Metrics)
     tail_alive: bool = True
     started: float = field(default_factory=time.time)
+
+    def deadline(self, nbytes: int) -> float:
+        """Seconds a body or reply of ``nbytes`` may take to cross (``ServerConfig.min_transfer_rate``)."""
+        return transfer_deadline(
+            nbytes, base_s=self.config.transfer_base_s, min_bytes_per_s=self.config.min_transfer_rate
+        )
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn`` on the tail thread; a dead tail process becomes 503 for this and every later call."""

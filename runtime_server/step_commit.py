@@ -95,7 +95,7 @@ async def apply_step(
     view = memoryview(body)
     # Without a journal no step is durable before the next checkpoint: holding bytes back protects nothing.
     held = _HELD_BACK if state.journal is not None else 0
-    sent = asyncio.create_task(write_view(response, view[: len(view) - held]))
+    sent = asyncio.create_task(write_view(request, response, view[: len(view) - held], state.deadline(len(view))))
     try:
         saved_s = await commit
     except BaseException as exc:
@@ -109,7 +109,8 @@ async def apply_step(
         raise
 
     async def rest() -> None:
-        await sent
+        if not await sent:  # not taken in time: the connection is closed, the buffer free
+            return
         if held:
             await response.write(view[len(view) - held :])
         await response.write_eof()
@@ -117,9 +118,19 @@ async def apply_step(
     return response, asyncio.create_task(rest()), saved_s
 
 
-async def write_view(response: web.StreamResponse, view: memoryview) -> None:
-    async for chunk in write_chunks(view):
-        await response.write(chunk)
+async def write_view(request: web.Request, response: web.StreamResponse, view: memoryview, deadline_s: float) -> bool:
+    """Send ``view`` in slices as the socket drains; False (and the connection closed) if the client
+    has not taken it within ``deadline_s``: a device that never reads its reply frees its buffer."""
+    try:
+        async with asyncio.timeout(deadline_s):
+            async for chunk in write_chunks(view):
+                await response.write(chunk)
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()  # not close(): that would wait to flush what the client never reads
+        log.warning("reply not taken in time; connection closed", extra={"fields": {"deadline_s": round(deadline_s)}})
+        return False
+    return True
 
 
 def _tail_step(

@@ -51,6 +51,15 @@ def serve_command(
     session_idle_s: Annotated[float, typer.Option(help="Close a session after this many idle seconds.")] = 3600.0,
     session_rate: Annotated[float, typer.Option(help="Requests per second per session, sustained.")] = 20.0,
     session_burst: Annotated[int, typer.Option(help="Requests per session in a burst.")] = 40,
+    transfer_base_s: Annotated[
+        float, typer.Option(help="Seconds any body or reply may take, plus its bytes at --min-transfer-kib-s.")
+    ] = 30.0,
+    min_transfer_kib_s: Annotated[
+        float, typer.Option(help="Slowest upload or download accepted (KiB/s); slower ones get 408 / are dropped.")
+    ] = 256.0,
+    max_inflight_body_mb: Annotated[
+        float | None, typer.Option(help="MiB of request bodies held at once (default: 4 full-batch bodies).")
+    ] = None,
     min_free_mb: Annotated[
         float, typer.Option(help="Free space (MiB) the state dir keeps: below it steps are refused, not half-written.")
     ] = 16.0,
@@ -90,6 +99,9 @@ def serve_command(
             session_rate=session_rate,
             session_burst=session_burst,
             min_free_bytes=int(min_free_mb * 2**20),
+            transfer_base_s=transfer_base_s,
+            min_transfer_rate=min_transfer_kib_s * 2**10,
+            max_inflight_body_bytes=None if max_inflight_body_mb is None else int(max_inflight_body_mb * 2**20),
         )
         ssl_context = server_ssl_context(config)
         load_manifest(artifacts)  # a wrong --artifacts fails here, before a token file is created

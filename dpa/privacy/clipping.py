@@ -158,9 +158,14 @@ def clip_l2(x: np.ndarray, *, clip: float) -> tuple[np.ndarray, np.ndarray]:
     (DP-A). Returns (y, factors) with factors of shape (B,), float64.
     Afterwards ||y_i||_2 <= C up to float rounding of y's dtype.
     """
+    return _clip(x, clip, l2_norms)
+
+
+def _clip(x: np.ndarray, clip: float, norm_of: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Both clippings: x_i * min(1, C / norm(x_i)), and the factors."""
     c = _clip_value(clip)
     x = np.asarray(x)
-    factors = clip_factors(l2_norms(x), clip=c)
+    factors = clip_factors(norm_of(x), clip=c)
     return scale_examples(x, factors), factors
 
 
@@ -273,10 +278,7 @@ def clip_l1(x: np.ndarray, *, clip: float) -> tuple[np.ndarray, np.ndarray]:
     (Dwork, McSherry, Nissim and Smith, TCC 2006) needs. Returns (y, factors)
     with factors of shape (B,), float64.
     """
-    c = _clip_value(clip)
-    x = np.asarray(x)
-    factors = clip_factors(l1_norms(x), clip=c)
-    return scale_examples(x, factors), factors
+    return _clip(x, clip, l1_norms)
 
 
 def clip_l1_vjp(

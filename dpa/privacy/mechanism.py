@@ -18,8 +18,11 @@ so with sensitivity D = 2C
 
 Each training step is one more release of each example in the batch: the
 total privacy loss over training is a composition, which is not tracked here.
-The noise is drawn in float32 and does not defend against floating-point
-attacks on the sampler (Mironov, CCS 2012).
+The noise comes from AES-128 in counter mode, a cryptographically secure
+generator (``noise_source``), and is drawn in float32; each noisy value is then rounded
+to a power-of-two grid far below the noise scale (``snap_step``), so the low
+bits a floating-point attack on the sampler reads (Mironov, CCS 2012) are
+gone. Rounding a DP output is post-processing: it costs no privacy.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from dpa.privacy.clipping import (
     row_dots,
     scale_examples,
 )
+from dpa.privacy.noise_source import secure_generator
 
 __all__ = [
     "Mechanism",
@@ -57,6 +61,7 @@ __all__ = [
     "ReleaseStats",
     "DPActivations",
     "noise_scale_for",
+    "snap_step",
     "NOISE_STREAMS",
     "noise_stream_bounds",
 ]
@@ -66,6 +71,11 @@ __all__ = [
 #: the streams run on up to this many threads (numpy's generators release the GIL), so the
 #: noise of a paper-size batch uses every core.
 NOISE_STREAMS = 8
+#: Noisy values are rounded to multiples of 2^(floor(log2(noise scale)) - this): a grid 2^12 to 2^13
+#: times finer than the noise (its rounding error is ~1e-4 of the noise's std, nothing for learning),
+#: and, for values within 2^10 noise scales of zero, coarser than float32's own spacing, so that no
+#: sub-grid bit of the sampler's arithmetic survives in the release.
+SNAP_BITS = 12
 #: Each stream draws in blocks of this many elements (a small float32 scratch buffer per
 #: stream, never a full-batch noise array).
 _NOISE_BLOCK = 1 << 18
@@ -95,6 +105,11 @@ def _spans(size: int, parts: int) -> list[tuple[int, int]]:
 def _on_threads(pool: ThreadPoolExecutor, fn: Callable[..., T], calls: Iterable[tuple[int, ...]]) -> list[T]:
     """fn(*args) for every args in ``calls``, in parallel; the results in call order."""
     return [future.result() for future in [pool.submit(fn, *args) for args in calls]]
+
+
+def snap_step(noise_scale: float) -> float:
+    """The grid a release is rounded to: the power of two 2^(floor(log2 noise_scale) - SNAP_BITS)."""
+    return math.ldexp(1.0, math.frexp(noise_scale)[1] - 1 - SNAP_BITS)
 
 
 def noise_stream_bounds(size: int) -> list[tuple[int, int]]:
@@ -294,11 +309,13 @@ class DPActivations:
 
         Noise is drawn in float32. The injected generator draws one seed per
         stream, ``rng.integers(0, 2**63, size=NOISE_STREAMS)``; stream k is
-        ``np.random.default_rng(seed_k)`` and fills part k of the flattened
-        release (``noise_stream_bounds``), in C order: for gaussian its part of z is
-        ``sigma * standard_normal(part size, dtype=float32)`` drawn in one go; for
+        ``noise_source.secure_generator(seed_k)`` (AESCounter) and fills part k of the
+        flattened release (``noise_stream_bounds``), in C order: for gaussian its part of
+        z is ``sigma * standard_normal(part size, dtype=float32)`` drawn in one go; for
         laplace each block of ``_NOISE_BLOCK`` elements is b * (E1 - E2), with
         E1, E2 two successive float32 ``standard_exponential`` draws of the block's size.
+        Then clip(a) + z is rounded to the nearest multiple of ``snap_step(noise_scale)``
+        (ties to even), and multiplied by the public scale s.
         """
         ctx = self.context(activation)
         a = ctx.activation
@@ -344,9 +361,11 @@ class DPActivations:
         """flat = (flat + noise) * rescale, in place, one stream per part, parts in parallel."""
         seeds = self._rng.integers(0, 2**63, size=NOISE_STREAMS)
         sigma, s = np.float32(self._scale), np.float32(rescale)
+        step = snap_step(self._scale)
+        grid, inv = np.float32(step), np.float32(1.0 / step)  # powers of two: the scalings are exact
 
         def fill(k: int, start: int, end: int) -> None:
-            gen = np.random.default_rng(int(seeds[k]))
+            gen = secure_generator(int(seeds[k]))
             buf = np.empty(min(_NOISE_BLOCK, end - start), dtype=np.float32)
             buf2 = None if gaussian else np.empty_like(buf)
             for lo in range(start, end, _NOISE_BLOCK):
@@ -362,6 +381,9 @@ class DPActivations:
                 z *= sigma
                 part = flat[lo:hi]
                 part += z
+                part *= inv  # snap to the grid: no low bit of the sampler's arithmetic is released
+                np.rint(part, out=part)
+                part *= grid
                 if rescale != 1.0:
                     part *= s
 

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -268,3 +269,114 @@ def test_a_state_dir_of_another_export_is_refused(small_export, used_state, tmp_
     shutil.copytree(used_state[0], state)
     text = _start_expecting_refusal(other, state, tmp_path)
     assert "belongs to another export" in text and str(state) in text
+
+
+# ----------------------------------------------------------------------------- slow and silent clients
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _raw_request(port: int, sid: str, body: bytes, *, send: int | None = None, rcvbuf: int = 0) -> socket.socket:
+    """A train request on a raw socket: headers, then the first ``send`` bytes of the body (all if None);
+    ``rcvbuf`` shrinks the socket's receive buffer first, so an unread reply stays in the server."""
+    conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    conn.settimeout(30)
+    conn.connect(("127.0.0.1", port))
+    head = (
+        f"POST /v1/sessions/{sid}/train HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: {wire.CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    conn.sendall(head.encode() + (body if send is None else body[:send]))
+    return conn
+
+
+def _train_body(artifacts: Path, step: int, batch: int = 2) -> bytes:
+    rng = np.random.default_rng(step)
+    act = rng.standard_normal((batch, *load_manifest(artifacts).activation_shape), dtype=np.float32)
+    return bytes(wire.encode({"activation": act, "labels": rng.integers(0, 6, batch)}, {"step": step}))
+
+
+@pytest.fixture
+def quick_server(small_export, tmp_path, request):  # type: ignore[no-untyped-def]
+    """`dpa serve` with short transfer deadlines: 2 s plus the bytes at the rate given (KiB/s; 256 default)."""
+    rate = getattr(request, "param", 256)
+    port = free_port()
+    args = ["serve", "--artifacts", str(small_export), "--port", str(port), "--device", "cpu", "--no-auth"]
+    args += ["--state-dir", str(tmp_path / "state"), "--transfer-base-s", "2", "--min-transfer-kib-s", str(rate)]
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed with the process
+    cmd = [sys.executable, "-m", "dpa.cli.app", *args]
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    wait_until_healthy(f"http://127.0.0.1:{port}", server, timeout_s=60)
+    yield port, server
+    server.send_signal(signal.SIGTERM)
+    server.wait(60)
+
+
+def _new_session(port: int, artifacts: Path) -> str:
+    async def run() -> str:
+        async with EdgeClient(f"http://127.0.0.1:{port}") as edge:
+            return (await edge.open_session(manifest_sha256(artifacts))).session_id
+
+    return asyncio.run(run())
+
+
+def test_two_slow_uploads_do_not_stop_a_normal_device(small_export, quick_server, capsys):
+    port, _ = quick_server
+    slow = [_raw_request(port, _new_session(port, small_export), _train_body(small_export, 1), send=64) for _ in "ab"]
+    sid = _new_session(port, small_export)
+    t0, steps = time.monotonic(), 0
+    while time.monotonic() - t0 < 4.0:  # the slow bodies are still "arriving", 64 bytes in
+        _steps(f"http://127.0.0.1:{port}", small_export, sid, steps + 1, 1)
+        steps += 1
+    assert steps >= 10  # before the fix: 0 (the slow bodies held both step slots)
+    answers = []
+    for conn in slow:  # past their deadline (2 s + 0.5 MB at 256 KiB/s) the server answers and closes
+        conn.settimeout(30)
+        answers.append(conn.recv(200).split(b"\r\n", 1)[0].decode())
+        conn.close()
+    assert answers == ["HTTP/1.1 408 Request Timeout"] * 2, answers
+    with capsys.disabled():
+        print(f"\n[slow uploads] 2 uploads stalled after 64 bytes; a normal device made {steps} steps in 4 s; "
+              f"the stalled ones were answered {answers[0][9:]} at their deadline")  # fmt: skip
+
+
+@pytest.mark.parametrize("quick_server", [8192], indirect=True)  # deadline: 2 s + 8.4 MB at 8 MiB/s
+def test_replies_nobody_reads_are_let_go(small_export, quick_server, capsys):
+    """Three rounds of 16 devices that send a full batch and never read the 8.4 MB reply, every device
+    staying connected. Were the replies pinned until the devices hang up, each round would add its
+    134 MB; let go of at their deadline, memory levels off (the allocator and the buffer pool keep
+    what the first rounds freed, so RSS after one round says little: the third round is the measure)."""
+    port, server = quick_server
+    base = _rss_mb(server.pid)
+    body = _train_body(small_export, 1, batch=32)
+    conns: list[socket.socket] = []
+
+    def silent_round() -> tuple[float, float]:
+        sids = [_new_session(port, small_export) for _ in range(16)]
+        conns.extend(_raw_request(port, sid, body, rcvbuf=4096) for sid in sids)
+        time.sleep(2.0)  # the steps are applied; their replies wait on sockets nobody reads
+        held = _rss_mb(server.pid)
+        time.sleep(4.0)  # past the reply deadline (3 s)
+        return held, _rss_mb(server.pid)
+
+    held1, after1 = silent_round()
+    held2, after2 = silent_round()
+    held3, after3 = silent_round()
+    health = urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=5).status
+    for conn in conns:
+        conn.close()
+    assert health == 200
+    assert held1 > base + 60  # the replies were held at first (else this test would prove nothing)
+    assert held3 < held2 + 100 and after3 < after2 + 100  # levelled off (pinned, each round adds ~260 MB)
+    with capsys.disabled():
+        print(f"\n[unread replies] 3 x 16 devices sent a full batch and never read the 8.4 MB reply: server RSS "
+              f"{base:.0f} MB before, {held1:.0f} / {after1:.0f} MB during / after the first round's deadline, "
+              f"{held2:.0f} / {after2:.0f} MB in the second, {held3:.0f} / {after3:.0f} MB in the third, "
+              "all 48 still connected")  # fmt: skip

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from randomgen import AESCounter
 
 from dpa.privacy.calibration import gaussian_sigma, laplace_scale
 from dpa.privacy.mechanism import NOISE_STREAMS, DPActivations, DPConfig, Mechanism, ReleaseContext
@@ -137,12 +138,17 @@ def test_released_minus_clipped_is_the_gaussian_noise(shape) -> None:
     clipped = xt * torch.clamp(1.0 / xt.flatten(1).norm(dim=1), max=1.0).reshape(-1, 1, 1, 1)
     seeds = np.random.default_rng(7).integers(0, 2**63, size=NOISE_STREAMS)
     edges = np.linspace(0, x.size, NOISE_STREAMS + 1).astype(int)  # equal parts, as documented
-    streams = [
-        np.random.default_rng(int(seed)).standard_normal(int(hi - lo), dtype=np.float32)
+    streams = [  # each stream is AES-128 counter mode (randomgen), seeded through numpy's SeedSequence
+        np.random.Generator(AESCounter(seed=np.random.SeedSequence(int(seed)))).standard_normal(
+            int(hi - lo), dtype=np.float32
+        )
         for seed, lo, hi in zip(seeds, edges[:-1], edges[1:], strict=True)
     ]
     noise = np.float32(cfg.noise_scale) * np.concatenate(streams).reshape(x.shape)
-    np.testing.assert_allclose(noisy - clipped.numpy(), noise, rtol=0, atol=1e-5 * cfg.noise_scale)
+    step = 2.0 ** (math.floor(math.log2(cfg.noise_scale)) - 12)  # the snapping grid, as documented
+    np.testing.assert_allclose(noisy - clipped.numpy(), noise, rtol=0, atol=1e-5 * cfg.noise_scale + step / 2)
+    multiples = noisy.astype(np.float64) / step  # every released value lies on the grid
+    np.testing.assert_array_equal(multiples, np.round(multiples))
     assert 0 < ctx.fraction_clipped < 1
 
 
