@@ -58,14 +58,14 @@ def _body_size(request: web.Request) -> int:
     return length if length is not None else state.max_body
 
 
-async def _read_message(request: web.Request) -> tuple[bytearray, wire.Message]:
+async def _read_message(request: web.Request, size: int) -> tuple[bytearray, wire.Message]:
     """The body as received (journalled for a train step) and its decoded message (views into it).
 
     Read within the body's deadline (``ServerState.deadline``): a client too slow is answered 408
     and its connection closed, and it never held a step slot."""
     state = request.app[STATE]
     length = request.content_length
-    deadline = state.deadline(_body_size(request))
+    deadline = state.deadline(size)  # size: _body_size(request), checked before the budget was taken
     try:
         async with asyncio.timeout(deadline):
             body = await read_body(request.content, length, state.buffers)
@@ -234,7 +234,7 @@ async def train(request: web.Request) -> web.StreamResponse:
     async with session.lock, state.bodies.hold(size):
         if state.sessions.sessions.get(session.id) is not session:  # closed while this request waited
             raise ApiError(404, "unknown_session", f"session {session.id[:8]}... was closed")
-        raw, message = await _read_message(request)
+        raw, message = await _read_message(request, size)
         step = step_number(message)
         async with state.slots:
             if step == session.step:  # a retry of the last applied step: its answer, not a second update
@@ -275,8 +275,9 @@ async def evaluate(request: web.Request) -> web.Response:
     state = request.app[STATE]
     session = _session(request)
     state.sessions.admit(session)
-    async with state.bodies.hold(_body_size(request)):
-        _, message = await _read_message(request)
+    size = _body_size(request)
+    async with state.bodies.hold(size):
+        _, message = await _read_message(request, size)
         async with state.slots:
             act = await state.run(validate_eval, state.manifest, state.config.max_batch, message)
 
