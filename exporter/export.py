@@ -15,14 +15,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from dpa.contract.architecture import ArchConfig, cut_info
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import GraphNames, Manifest, OptimizerConfig, sha256_file
+from dpa.faces.lfw import index_faces, load_batch
 
 __all__ = ["ExportConfig", "export", "VGGFACE_MEAN"]
 
 log = logging.getLogger(__name__)
 
+#: Where a centred export keeps its public release centre (``Manifest.release_centre``).
+RELEASE_CENTRE_FILE = "head/release_centre.npy"
 #: VGG-Face's training mean (RGB, 0..255), from the published model; images are centred on it.
 VGGFACE_MEAN = (129.186279296875, 104.76238250732422, 93.59396362304688)
 #: Scale for training from scratch: brings pixels to roughly unit variance for He initialisation.
@@ -45,6 +50,12 @@ class ExportConfig:
     tolerance: float = 2e-2  # gradients
     forward_tolerance: float = 1e-4  # activations, logits, loss
     ort_format: bool = False  # also write the head in ORT format for ONNX Runtime Mobile
+    # Pixel scale (images are (x - mean) / std); None: 1 with --weights (published VGG-Face), 64 without.
+    # `dpa pretrain` trains at 64: export its weights with 64.
+    pixel_std: float | None = None
+    # Centred releases: a folder of PUBLIC faces (LFW layout) whose mean head activation the device
+    # subtracts before clipping (head/release_centre.npy); None: not centred.
+    centre_faces: Path | None = None
 
 
 def _versions() -> dict[str, str]:
@@ -88,11 +99,11 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
 
     parts = build_parts(cfg.arch, cfg.cut)
     if cfg.weights is not None:
-        load_weights(parts, Path(cfg.weights))
-        std = 1.0
+        load_weights(parts, Path(cfg.weights), seed=cfg.seed)
+        std = 1.0 if cfg.pixel_std is None else cfg.pixel_std
     else:
         init_weights(parts, cfg.seed)
-        std = _FROM_SCRATCH_STD
+        std = _FROM_SCRATCH_STD if cfg.pixel_std is None else cfg.pixel_std
     head, tail = parts
 
     out = cfg.out.resolve()
@@ -102,6 +113,10 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
         example = torch.zeros(2, 3, size, size)
         with torch.no_grad():
             activation = head.eval()(example)  # (B, *activation_shape)
+        centre = None
+        if cfg.centre_faces is not None:
+            progress("computing the release centre on public faces")
+            centre = _public_centre(head, Path(cfg.centre_faces), size, std)
         progress("exporting head to ONNX")
         write_part_artifacts(
             export_onnx(head, example, GraphNames.IMAGES, GraphNames.ACTIVATION),
@@ -117,6 +132,8 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
             out_dir=staging / "tail",
             optimizer=cfg.optimizer,
         )
+        if centre is not None:
+            np.save(staging / RELEASE_CENTRE_FILE, centre)
         files = {p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         manifest = Manifest(
             arch="vggface",
@@ -135,6 +152,7 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
             weights_sha256=None if cfg.weights is None else sha256_file(Path(cfg.weights)),
             files=files,
             versions=_versions(),
+            release_centre=RELEASE_CENTRE_FILE if centre is not None else None,
         )
         manifest.write(staging)
         report = None
@@ -154,6 +172,23 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _public_centre(head: object, faces: Path, size: int, std: float) -> np.ndarray:
+    """The mean head activation over a folder of public faces (float32, one example's shape)."""
+    import torch
+
+    index = index_faces(faces, min_faces_per_person=1)
+    total, count = None, 0
+    for start in range(0, len(index.paths), 64):
+        batch = load_batch(list(index.paths[start : start + 64]), size=size, mean=VGGFACE_MEAN, std=(std,) * 3)
+        with torch.no_grad():
+            a = head.eval()(torch.from_numpy(batch)).double().sum(dim=0)  # type: ignore[operator]
+        total = a if total is None else total + a
+        count += len(batch)
+    if total is None:
+        raise UserError(f"no faces in {faces} to compute the release centre from")
+    return (total / count).float().numpy()
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -90,12 +90,12 @@ def init_weights(parts: tuple[nn.Module, ...], seed: int) -> None:
                     module.bias.zero_()
 
 
-def load_weights(parts: tuple[nn.Module, ...], path: Path) -> None:
+def load_weights(parts: tuple[nn.Module, ...], path: Path, seed: int = 0) -> None:
     """Load a state dict (layer-named, e.g. a converted VGG-Face checkpoint) into head and tail.
 
     Raises ValueError naming every missing or mis-shaped tensor; nothing is loaded then.
-    Extra tensors (fc8 of a different class count is *not* extra: it is mis-shaped) are an error too,
-    so a wrong file is never half-used silently.
+    Extra tensors are an error too, so a wrong file is never half-used silently. The one exception:
+    an fc8 of another class count (a classifier for other identities) is initialised from ``seed``.
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -113,7 +113,17 @@ def load_weights(parts: tuple[nn.Module, ...], path: Path) -> None:
         if n in state and tuple(state[n].shape) != tuple(p.shape)
     ]
     problems += [f"unexpected tensor {n}" for n in state if n not in expected]
+    # A classifier for other identities (pretrained on public faces) is no use here: an fc8 of
+    # another class count is initialised from ``seed`` instead, and only it.
+    fresh: set[str] = set()
+    if "fc8.weight" in expected and "fc8.weight" in state and "fc8.bias" in state:
+        w, b = tuple(state["fc8.weight"].shape), tuple(state["fc8.bias"].shape)
+        if len(w) == 2 and w[1] == expected["fc8.weight"].shape[1] and b == (w[0],):
+            fresh = {n for n in ("fc8.weight", "fc8.bias") if tuple(state[n].shape) != tuple(expected[n].shape)}
+    problems = [p for p in problems if not any(p.startswith(f"{n} has shape") for n in fresh)]
     if problems:
         raise UserError(f"weights file {path} does not fit this network: " + "; ".join(problems))
+    if fresh:
+        init_weights(parts, seed)
     for part in parts:
-        part.load_state_dict({n: state[n].float() for n in part.state_dict()})
+        part.load_state_dict({n: (p if n in fresh else state[n].float()) for n, p in part.state_dict().items()})

@@ -27,6 +27,12 @@ class ClientConfig:
     batch_size: int = 8  # the seed's batch size
     lr: float | None = None  # head learning rate; None: the manifest's
     dp: DPConfig = field(default_factory=DPConfig)
+    # Each release also sends the example's label randomised on the device at this epsilon (RRWithPrior,
+    # dpa.privacy.label_randomizer); the accountant composes it with the activation's. inf: labels in
+    # clear (warned). The prior is the softmax of the server's logits for the example's last release
+    # ("logits") or uniform ("uniform").
+    label_epsilon: float = 4.0
+    label_prior: str = "logits"
     seed: int | None = None  # None: unpredictable noise and shuffling (what deployments want)
     min_faces_per_person: int = 2  # identities with fewer images are skipped (as scikit-learn's LFW loader)
     test_fraction: float = 0.25  # held-out images per identity
@@ -49,6 +55,24 @@ class ClientConfig:
     token: str | None = field(default=None, repr=False)  # bearer token for the server (never printed)
     ca: Path | None = None  # CA certificate (PEM) to trust for an https server, besides the system's
     retry_s: float = 600.0  # keep retrying a request through network errors and server restarts this long
+    # Record the server's view here (docs/server_view.md): each training release as sent, its labels,
+    # the head that made it and the public parameters. None: record nothing.
+    record_view: Path | None = None
+    record_view_limit: int | None = None  # record at most this many releases (steps); None: all
+    # The head stays as exported (public weights): no head update, and each example is released
+    # `releases_per_example` times (default 1); later epochs re-send those same bytes (runtime_client.release_cache).
+    frozen_head: bool = False
+    releases_per_example: int | None = None  # only with frozen_head
+    # After training, fetch the server's class templates (GET /v1/templates) and measure the clean
+    # held-out accuracy of classifying on the device with them (runtime_client.on_device).
+    on_device_templates: bool = False
+
+    @property
+    def releases(self) -> int:
+        """How many times each training example is released over the run: what the accountant counts."""
+        if not self.frozen_head:
+            return self.epochs
+        return min(self.epochs, self.releases_per_example or 1)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -61,5 +85,15 @@ class ClientConfig:
             raise UserError(f"test fraction must be in (0, 1), got {self.test_fraction}")
         if not (math.isfinite(self.retry_s) and self.retry_s >= 0):
             raise UserError(f"retry time must be >= 0 seconds, got {self.retry_s}")
+        if self.record_view_limit is not None and self.record_view_limit < 1:
+            raise UserError(f"the recorded view's release limit must be >= 1, got {self.record_view_limit}")
+        checks.epsilon(self.label_epsilon, allow_inf=True, name="label epsilon")
+        if self.releases_per_example is not None:
+            if not self.frozen_head:
+                raise UserError("--releases-per-example needs --frozen-head (a trained head changes every release)")
+            if self.releases_per_example < 1:
+                raise UserError(f"releases per example must be >= 1, got {self.releases_per_example}")
+        if self.label_prior not in ("logits", "uniform"):
+            raise UserError(f"label prior must be 'logits' or 'uniform', got {self.label_prior!r}")
         if self.total_epsilon is not None:
             checks.epsilon(self.total_epsilon, allow_inf=False, name="total epsilon")

@@ -191,8 +191,13 @@ class EdgeClient:
     async def status(self) -> dict[str, Any]:
         return await self._json("GET", Route.STATUS)
 
-    async def open_session(self, manifest_sha256: str, client: str = "dpa-client") -> SessionInfo:
-        request = {SessionField.MANIFEST_SHA256: manifest_sha256, SessionField.CLIENT: client}
+    async def open_session(
+        self, manifest_sha256: str, client: str = "dpa-client", labels: dict[str, object] | None = None
+    ) -> SessionInfo:
+        """``labels``: ``messages.labels_field(epsilon)``, how this session's labels are sent (None: unstated)."""
+        request: dict[str, object] = {SessionField.MANIFEST_SHA256: manifest_sha256, SessionField.CLIENT: client}
+        if labels is not None:
+            request[SessionField.LABELS] = labels
         data = await self._json("POST", Route.SESSIONS, json=request)
         return SessionInfo(
             str(data[SessionField.SESSION_ID]),
@@ -266,6 +271,21 @@ class EdgeClient:
         """The server's reply to ``step``, the session's last applied one (after the device crashed)."""
         _, reply, ctype = await self._request("GET", Route.STORED_REPLY.format(session_id=session_id, step=step))
         return messages.decode_train_reply(_decode_reply(reply, ctype))
+
+    async def templates(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """The server's class templates: (means (classes, *activation_shape), counts (classes,), global step)."""
+        _, body, ctype = await self._request("GET", Route.TEMPLATES)
+        msg = _decode_reply(body, ctype)
+        try:
+            return (
+                msg.tensors[messages.TEMPLATES],
+                msg.tensors[messages.COUNTS],
+                int(msg.meta[messages.TEMPLATES_META_STEP]),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise EdgeError(
+                0, "bad_reply", "the server's templates reply lacks templates, counts or global_step"
+            ) from None
 
     async def evaluate(self, session_id: str, activation: np.ndarray) -> np.ndarray:
         msg = await self._post_message(

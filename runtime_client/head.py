@@ -18,7 +18,7 @@ from dpa.contract.atomic import atomic_write_with
 from dpa.contract.choices import Choice
 from dpa.contract.devices import ResolvedDevice
 from dpa.contract.errors import UserError
-from dpa.contract.manifest import ARTIFACT_FILES, Manifest
+from dpa.contract.manifest import ARTIFACT_FILES, Manifest, load_release_centre
 from dpa.contract.ort_training import CheckpointState, Module, Optimizer, SessionOptions
 
 __all__ = ["HeadModel", "ModelFormat", "HEAD_CHECKPOINT"]
@@ -71,14 +71,20 @@ class HeadModel:
         )
         self.optimizer = Optimizer(str(optimizer), self.module)
         self.activation_shape = manifest.activation_shape
+        # Centred releases: the public constant subtracted from every activation before clipping.
+        # d(a - c)/da = I, so the VJP the device applies is unchanged.
+        self.centre = load_release_centre(artifacts, manifest)
         self.lr = manifest.optimizer.lr if lr is None else lr
         self._optimizer_state = manifest.optimizer.name != "sgd"
         self.optimizer.set_learning_rate(self.lr)
 
     def forward(self, images: np.ndarray) -> np.ndarray:
-        """(B, 3, H, W) float32 -> activation (B, *activation_shape)."""
+        """(B, 3, H, W) float32 -> activation (B, *activation_shape), minus the release centre if any."""
         self.module.eval()
-        return self.module(images)
+        a = self.module(images)
+        if self.centre is not None:
+            a -= self.centre
+        return a
 
     def backward_step(self, images: np.ndarray, upstream_gradient: np.ndarray) -> None:
         """Accumulate d loss / d head parameters = J^T upstream_gradient, then take an optimizer step."""

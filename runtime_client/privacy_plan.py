@@ -15,10 +15,12 @@ __all__ = ["THREAT_MODEL", "privacy_plan", "privacy_summary", "run_warnings"]
 
 THREAT_MODEL = (
     "The edge server sees, per training step, each example's clipped activation plus noise calibrated to "
-    "(epsilon, delta) for ONE release, and the example's identity label IN CLEAR. It never sees images. "
-    "Each epoch releases every training example once more (and its evaluation every held-out example), so "
-    "the privacy loss composes over releases: privacy.total is that composition (dp-accounting PLD, no "
-    "amplification by sampling claimed). It covers the activations; labels are not protected."
+    "(epsilon, delta) for ONE release, and the example's identity label randomised on the device at "
+    "label_epsilon per release (RRWithPrior; in clear with --label-epsilon inf). It never sees images. "
+    "Each epoch releases every training example once more (and its evaluation every held-out image, "
+    "without a label), so the privacy loss composes over releases: privacy.total is that composition, of "
+    "both mechanisms (dp-accounting PLD, no amplification by sampling claimed); with labels in clear it "
+    "covers the activations only and the labels are not protected."
 )
 
 
@@ -58,12 +60,16 @@ def privacy_plan(cfg: ClientConfig, saved: dict[str, Any]) -> tuple[DPConfig, Pr
         budget = math.inf
         if cfg.total_epsilon is not None:
             z = calibrate_noise_multiplier(
-                mechanism=dp.mechanism, total_epsilon=cfg.total_epsilon, delta=dp.delta, releases=cfg.epochs
-            )
+                mechanism=dp.mechanism, total_epsilon=cfg.total_epsilon, delta=dp.delta, releases=cfg.releases,
+                label_epsilon=cfg.label_epsilon,
+            )  # fmt: skip
             dp = with_noise_multiplier(dp, z)
             budget = cfg.total_epsilon
         z = 0.0 if math.isinf(dp.epsilon) else dp.noise_multiplier
-        return dp, PrivacyAccountant(mechanism=dp.mechanism, noise_multiplier=z, delta=dp.delta, budget_epsilon=budget)
+        return dp, PrivacyAccountant(
+            mechanism=dp.mechanism, noise_multiplier=z, delta=dp.delta, budget_epsilon=budget,
+            label_epsilon=cfg.label_epsilon,
+        )  # fmt: skip
     saved_budget = float(saved.get("accountant.budget_epsilon", math.inf))
     asked_budget = math.inf if cfg.total_epsilon is None else cfg.total_epsilon
     if not math.isclose(saved_budget, asked_budget, rel_tol=1e-6) and saved_budget != asked_budget:
@@ -71,7 +77,9 @@ def privacy_plan(cfg: ClientConfig, saved: dict[str, Any]) -> tuple[DPConfig, Pr
     if cfg.total_epsilon is not None:
         dp = with_noise_multiplier(dp, float(saved["accountant.noise_multiplier"]))
     z = 0.0 if math.isinf(dp.epsilon) else dp.noise_multiplier
-    accountant = PrivacyAccountant.from_state(saved, mechanism=dp.mechanism, noise_multiplier=z, delta=dp.delta)
+    accountant = PrivacyAccountant.from_state(
+        saved, mechanism=dp.mechanism, noise_multiplier=z, delta=dp.delta, label_epsilon=cfg.label_epsilon
+    )
     return dp, accountant
 
 
@@ -81,7 +89,7 @@ def with_noise_multiplier(dp: DPConfig, z: float) -> DPConfig:
 
 
 def run_warnings(cfg: ClientConfig) -> list[str]:
-    out = ["labels are sent to the server in clear"]
+    out = ["labels are sent to the server in clear"] if math.isinf(cfg.label_epsilon) else []
     if math.isinf(cfg.dp.epsilon):
         out.append("epsilon = inf: activations were sent without noise")
     if cfg.seed is not None:

@@ -48,7 +48,7 @@ class RunProgress:
 
 
 async def attach_session(
-    edge: EdgeClient, digest: str, progress: RunProgress, say: Any
+    edge: EdgeClient, digest: str, progress: RunProgress, say: Any, labels: dict[str, object] | None = None
 ) -> tuple[str, int, TrainReply | None]:
     """The session to train in: (id, last applied step, stored reply to replay or None).
 
@@ -76,5 +76,5 @@ async def attach_session(
                 f"session {progress.session_id[:8]}... is at step {server_step} on the server but this device saved "
                 f"step {mine}: another device uses it, or the head checkpoint is older than the run"
             )
-    session = await edge.open_session(digest, client="dpa-client")
+    session = await edge.open_session(digest, client="dpa-client", labels=labels)
     return session.session_id, session.step, None

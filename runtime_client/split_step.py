@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,7 +22,10 @@ from dpa.privacy.mechanism import DPActivations, ReleaseContext
 from runtime_client.edge import EdgeClient, EdgeError
 from runtime_client.head import HeadModel
 
-__all__ = ["SplitTrainer", "StepResult"]
+__all__ = ["SplitTrainer", "StepResult", "SentRelease"]
+
+#: Told of every training release just before it goes: (session step, activation as sent, labels as sent).
+SentRelease = Callable[[int, np.ndarray, np.ndarray], None]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ class StepResult:
     batch: int
     fraction_clipped: float
     global_step: int
+    logits: np.ndarray | None = None  # the server's logits for the batch (computed from the release)
 
 
 class SplitTrainer:
@@ -57,6 +61,7 @@ class SplitTrainer:
         micro_batch: int | None = None,
         step: int = 0,
         release_dtype: wire.ReleaseDtype = wire.ReleaseDtype.FLOAT32,
+        on_sent: SentRelease | None = None,
     ) -> None:
         if micro_batch is not None and micro_batch < 1:
             raise UserError(f"micro batch must be >= 1, got {micro_batch}")
@@ -68,6 +73,7 @@ class SplitTrainer:
         self.release_dtype = wire.ReleaseDtype.parse(release_dtype)
         self.step_number = step  # the session's last step whose update this head holds
         self.rollbacks = 0  # times the server was found behind this device (see _send)
+        self.on_sent = on_sent  # e.g. the recorded view (``--record-view``)
         self._scratches: dict[str, np.ndarray] = {}
 
     async def step(self, images: np.ndarray, labels: np.ndarray, stored: TrainReply | None = None) -> StepResult:
@@ -95,6 +101,8 @@ class SplitTrainer:
             clipped += int(ctx.clipped.sum())
             if self.micro_batch is None:
                 kept.append(ctx)
+        if self.on_sent is not None and stored is None:  # the message's own bytes, as they will go
+            self.on_sent(self.step_number + 1, slots[GraphNames.ACTIVATION], slots[GraphNames.LABELS])
         del slots, noisy, ctx
         reply = stored if stored is not None else await self._send(body)
         del body
@@ -157,7 +165,7 @@ class SplitTrainer:
         self.head.step()
         self.step_number = reply.step if reply.step > 0 else self.step_number + 1
         correct = int((reply.logits.argmax(axis=1) == labels).sum())
-        return StepResult(reply.loss, correct, batch, clipped / max(batch, 1), reply.global_step)
+        return StepResult(reply.loss, correct, batch, clipped / max(batch, 1), reply.global_step, reply.logits)
 
     async def _streamed_step(self, images: np.ndarray, labels: np.ndarray, size: int) -> StepResult:
         """The micro-batch step with neither the request nor the reply ever whole in memory.
@@ -171,10 +179,12 @@ class SplitTrainer:
         specs = self._request_specs(batch)
         start_state = self.dp.rng_state
         clipped = [0]
+        sent: list[np.ndarray] = []  # for ``on_sent`` only: the streamed activations as they went
 
         async def produce(pieces: list[bytes | str]) -> AsyncIterator[bytes | memoryview]:
             self.dp.rng_state = start_state
             clipped[0] = 0
+            sent.clear()
             for piece in pieces:
                 if isinstance(piece, bytes):
                     yield piece
@@ -184,7 +194,10 @@ class SplitTrainer:
                     for start in range(0, batch, size):
                         noisy, ctx = self.dp.release(self.head.forward(images[start : start + size]))
                         clipped[0] += int(ctx.clipped.sum())
-                        yield memoryview(np.ascontiguousarray(self._on_wire(noisy))).cast("B")
+                        on_wire = np.ascontiguousarray(self._on_wire(noisy))
+                        if self.on_sent is not None:
+                            sent.append(on_wire.copy())
+                        yield memoryview(on_wire).cast("B")
 
         received = [0]
 
@@ -213,6 +226,8 @@ class SplitTrainer:
             if received[0] != batch:  # the gradient was missing or not split by example
                 got = f"gradients for {received[0]} of {batch} examples"
                 raise EdgeError(0, "bad_reply", f"the server's reply held {got}")
+            if self.on_sent is not None:  # recorded once the upload is whole (a retry re-sends the same bytes)
+                self.on_sent(self.step_number + 1, np.concatenate(sent), labels.astype("<i8"))
         except BaseException:
             self.head.reset_gradients()  # nothing half-accumulated reaches a later step
             raise
@@ -239,6 +254,32 @@ class SplitTrainer:
         self.rollbacks += 1
         self.step_number = expected - 1
         return True
+
+    def release(self, images: np.ndarray) -> tuple[np.ndarray, int]:
+        """The DP-A release of ``images`` as it travels (a fresh array in the wire dtype), and how many
+        examples were clipped. For a frozen head, whose releases are kept and sent again."""
+        noisy, ctx = self.dp.release(self.head.forward(images))
+        return np.array(self._on_wire(noisy), copy=True), int(ctx.clipped.sum())
+
+    async def send_release(
+        self, activation: np.ndarray, labels: np.ndarray, *, clipped: int = 0, stored: TrainReply | None = None,
+        record: bool = True,
+    ) -> StepResult:  # fmt: skip
+        """A step with a release made beforehand (``release``) and no head update: the frozen head.
+        ``record``: tell ``on_sent`` (False when the same bytes were recorded already)."""
+        if stored is None:
+            if record and self.on_sent is not None:
+                self.on_sent(self.step_number + 1, activation, labels)
+            tensors = {GraphNames.ACTIVATION: activation, GraphNames.LABELS: labels.astype("<i8")}
+            reply = await self._send(wire.encode(tensors, messages.train_request_meta(self.step_number + 1)))
+        else:
+            reply = stored
+        if reply.logits.ndim != 2 or reply.logits.shape[0] != len(labels):
+            raise EdgeError(0, "bad_reply", f"the server's logits have shape {reply.logits.shape}")
+        self.step_number = reply.step if reply.step > 0 else self.step_number + 1
+        correct = int((reply.logits.argmax(axis=1) == labels).sum())
+        return StepResult(reply.loss, correct, len(labels), clipped / max(len(labels), 1), reply.global_step,
+                          reply.logits)  # fmt: skip
 
     async def predict(self, images: np.ndarray) -> np.ndarray:
         """Class predictions; the test activations are released with the same DP-A mechanism."""

@@ -11,6 +11,7 @@ import logging
 import math
 import secrets
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,20 +20,26 @@ from typing import Any
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from dpa.contract import messages
 from dpa.contract.atomic import atomic_write_bytes
 from dpa.contract.devices import ResolvedDevice, resolve_device
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import Manifest, load_manifest, manifest_sha256
 from dpa.contract.messages import TrainReply
+from dpa.contract.server_view import ViewRecorder
 from dpa.faces.lfw import FaceIndex, iter_batches
 from dpa.privacy.accountant import PrivacyAccountant
 from dpa.privacy.mechanism import DPActivations, DPConfig
 from dpa.privacy.noise_source import generator_state_json, restore_generator_state
+from dpa.privacy.public_parameters import release_parameters
 from runtime_client.config import ClientConfig
 from runtime_client.dataset import evaluate, load_examples, noise_generator, prepare_data
 from runtime_client.edge import EdgeClient, EdgeError
 from runtime_client.head import HEAD_CHECKPOINT, HeadModel
+from runtime_client.label_privacy import LabelPrivacy
+from runtime_client.on_device import template_accuracy
 from runtime_client.privacy_plan import THREAT_MODEL, privacy_plan, privacy_summary, run_warnings
+from runtime_client.release_cache import ReleaseCache
 from runtime_client.resume import RunProgress, attach_session
 from runtime_client.retry import RetryPolicy
 from runtime_client.split_step import SplitTrainer, StepResult
@@ -76,9 +83,10 @@ class _RunState:
     dp_cfg: DPConfig
     accountant: PrivacyAccountant
     history: list[dict[str, Any]]
+    labels: LabelPrivacy
 
     @classmethod
-    def start(cls, cfg: ClientConfig, props: Any) -> _RunState:
+    def start(cls, cfg: ClientConfig, props: Any, setup: _Setup) -> _RunState:
         """A fresh run's state, or (``cfg.resume``) the one saved in the head checkpoint's properties."""
         resume = cfg.resume
         if resume and "data_seed" in props:
@@ -91,7 +99,13 @@ class _RunState:
         dp_cfg, accountant = privacy_plan(cfg, dict(props) if resume else {})
         history = json.loads(str(props["run.history"])) if resume and "run.history" in props else []
         progress = RunProgress.load(props) if resume else RunProgress()
-        return cls(progress, data_seed, noise, dp_cfg, accountant, history)
+        labels = LabelPrivacy(
+            epsilon=cfg.label_epsilon, prior=cfg.label_prior, examples=len(setup.train.paths),
+            num_classes=setup.manifest.num_classes, seed=cfg.seed,
+        )  # fmt: skip
+        if resume:
+            labels.load(props)
+        return cls(progress, data_seed, noise, dp_cfg, accountant, history, labels)
 
     def save(self, head: HeadModel, ckpt: Path) -> None:
         props = head.properties
@@ -101,6 +115,7 @@ class _RunState:
         props["run.noise_rng"] = generator_state_json(self.noise)
         for key, value in self.accountant.to_state().items():
             props[key] = value
+        self.labels.store(props)
         head.save(ckpt)
 
 
@@ -127,14 +142,20 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
     """Train the head with the server for cfg.epochs; returns (and optionally writes) the report."""
     if cfg.resume and not (cfg.state_dir / HEAD_CHECKPOINT).is_file():
         raise UserError(f"--resume: no head checkpoint at {cfg.state_dir / HEAD_CHECKPOINT}")
+    if math.isinf(cfg.label_epsilon):
+        warnings.warn(
+            "--label-epsilon inf: every training label (the identity) is sent to the server in clear",
+            UserWarning,
+            stacklevel=2,
+        )
     setup = _set_up(cfg, from_checkpoint=cfg.resume)
-    state = _RunState.start(cfg, setup.head.properties)
+    state = _RunState.start(cfg, setup.head.properties, setup)
     dp = DPActivations(state.dp_cfg, state.noise)
     run, accountant = state.progress, state.accountant
     steps_per_epoch = math.ceil(len(setup.train.paths) / cfg.batch_size)
     if cfg.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    if run.epochs_done < cfg.epochs and run.epoch_step == 0 and not accountant.can_release(1):
+    if run.epochs_done < cfg.releases and run.epoch_step == 0 and not accountant.can_release(1):
         accountant.record(1)  # raises BudgetExceeded, before anything is sent or saved
     privacy_text = _privacy_text(state, dp.noise_scale)
     started = time.perf_counter()
@@ -148,7 +169,8 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
 
         retry = RetryPolicy(total_s=cfg.retry_s)
         async with EdgeClient(cfg.server, token=cfg.token, ca=cfg.ca, retry=retry, on_retry=on_retry) as edge:
-            run.session_id, step, stored = await attach_session(edge, setup.digest, run, say)
+            labels_field = messages.labels_field(cfg.label_epsilon)
+            run.session_id, step, stored = await attach_session(edge, setup.digest, run, say, labels_field)
             run.session_step = step
             state.save(
                 setup.head, setup.ckpt
@@ -157,11 +179,14 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
                 setup.head, edge, run.session_id, dp, micro_batch=cfg.micro_batch, step=step,
                 release_dtype=cfg.release_dtype,
             )  # fmt: skip
+            view = _view_recorder(cfg, setup, state, trainer)
             for epoch in range(run.epochs_done, cfg.epochs):
                 if run.epoch_step == 0:
                     # One epoch releases every example once (training ones here, held-out ones in the
-                    # evaluation): refuse before sending anything that would exceed the budget.
-                    accountant.record(1)
+                    # evaluation): refuse before sending anything that would exceed the budget. A frozen
+                    # head's epochs after the first K re-send the same releases: nothing new to count.
+                    if epoch < cfg.releases:
+                        accountant.record(1)
                     run.loss_sum, run.correct, run.seen = 0.0, 0, 0
                 task = progress.add_task(
                     "train",
@@ -183,7 +208,7 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
                         privacy=privacy_text.format(result.fraction_clipped, accountant.epsilon),
                     )
 
-                stored = await _train_epoch(cfg, setup, state, trainer, epoch, steps_per_epoch, stored, advance)
+                stored = await _train_epoch(cfg, setup, state, trainer, epoch, steps_per_epoch, stored, advance, view)
                 test_acc = await evaluate(trainer, setup.test, setup.manifest, cfg.batch_size)
                 state.history.append(
                     {
@@ -202,6 +227,13 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
                     f"epoch {epoch + 1}: train loss {last['train_loss']:.3f}, "
                     f"train acc {last['train_accuracy']:.3f}, test acc {test_acc:.3f}"
                 )
+            on_device = None
+            if cfg.on_device_templates:
+                means, counts, at_step = await edge.templates()
+                acc = template_accuracy(setup.head, state.dp_cfg, setup.test, setup.manifest, means, counts)
+                on_device = {"classifier": "class templates (GET /v1/templates)", "test_accuracy": acc,
+                             "templates_global_step": at_step, "releases_in_templates": int(counts.sum())}  # fmt: skip
+                say(f"on the device, with the server's class templates: clean test acc {acc:.3f}")
             await edge.close_session(run.session_id)
             resilience = {"retried_requests": edge.retries, "server_rollbacks": trainer.rollbacks}
             run.session_id = ""  # a later --resume (more epochs) opens a new session
@@ -209,6 +241,7 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
 
     resilience["session_steps"] = run.session_step
     report = _report(cfg, setup, state, resilience, seconds=time.perf_counter() - started)
+    report["on_device"] = on_device
     if cfg.report is not None:
         cfg.report.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(cfg.report, (json.dumps(report, indent=2) + "\n").encode())
@@ -224,6 +257,7 @@ async def _train_epoch(
     steps_per_epoch: int,
     stored: TrainReply | None,
     advance: Callable[[StepResult], None],
+    view: _ViewSources | None = None,
 ) -> TrainReply | None:
     """The epoch's remaining steps (a resumed run skips those done); the state is saved after each.
 
@@ -237,15 +271,94 @@ async def _train_epoch(
         if i < run.epoch_step:  # done before the device was restarted
             continue
         images, labels = load_examples(setup.train, rows, setup.manifest)
-        result = await trainer.step(images, labels, stored=stored)
+        if view is not None:
+            view.sources, view.epoch = [str(setup.train.paths[r]) for r in rows], epoch + 1
+            view.labels = labels
+        if cfg.frozen_head:
+            result = await _frozen_step(cfg, state, trainer, epoch, rows, images, labels, stored)
+        else:
+            sent = state.labels.randomize(rows, labels)  # the only labels that leave the device
+            result = await trainer.step(images, sent, stored=stored)
+        state.labels.observe(rows, result.logits)
         stored = None
         run.epoch_step, run.session_step = i + 1, trainer.step_number
         run.loss_sum += result.loss
-        run.correct += result.correct
+        # against the true labels (the server's loss is against the labels it was sent)
+        run.correct += int((result.logits.argmax(axis=1) == labels).sum()) if result.logits is not None else 0
         run.seen += result.batch
         state.save(setup.head, setup.ckpt)  # every step: the server keeps only the last reply
         advance(result)
     return stored
+
+
+async def _frozen_step(
+    cfg: ClientConfig,
+    state: _RunState,
+    trainer: SplitTrainer,
+    epoch: int,
+    rows: np.ndarray,
+    images: np.ndarray,
+    labels: np.ndarray,
+    stored: TrainReply | None,
+) -> StepResult:
+    """One step of a frozen head: its first K epochs release (and keep) each example; later ones
+    re-send a kept release, the same bytes and the same randomised label."""
+    cache = ReleaseCache(cfg.state_dir / "release_cache")
+    k = epoch % cfg.releases
+    if epoch < cfg.releases:
+        # Drawn even when a resumed device finds this step's release kept: the generators must move on
+        # exactly as they did, or the next example would get this one's noise again. The draw is the
+        # same bytes (the generators were saved before the step), kept before it is sent.
+        activation, clipped = trainer.release(images)
+        sent = state.labels.randomize(rows, labels)
+        cache.put(k, rows, activation, sent)
+        return await trainer.send_release(activation, sent, clipped=clipped, stored=stored)
+    activation, sent = cache.get(k, rows)
+    return await trainer.send_release(activation, sent, stored=stored, record=False)
+
+
+@dataclass
+class _ViewSources:
+    """What the recorded view's callback needs to know of the step in flight (set by ``_train_epoch``)."""
+
+    sources: list[str]
+    epoch: int
+    labels: np.ndarray | None = None  # the true labels (device-only, for scoring attacks)
+
+
+def _view_recorder(cfg: ClientConfig, setup: _Setup, state: _RunState, trainer: SplitTrainer) -> _ViewSources | None:
+    """With ``cfg.record_view``: a recorder of every training release (docs/server_view.md) wired to the trainer."""
+    if cfg.record_view is None:
+        return None
+    m = setup.manifest
+    header = {
+        "recorded_by": "dpa client (device side): what the edge server received",
+        "manifest_sha256": setup.digest,
+        "cut": m.cut,
+        "image_size": m.image_size,
+        "width": m.width,
+        "num_classes": m.num_classes,
+        "activation_shape": list(m.activation_shape),
+        "pixel_mean": list(m.pixel_mean),
+        "pixel_std": list(m.pixel_std),
+        "wire_dtype": cfg.release_dtype.value,
+        "labels": messages.labels_field(cfg.label_epsilon),
+    }
+    recorder = ViewRecorder(cfg.record_view, header, limit=cfg.record_view_limit, append=cfg.resume)
+    recorder.write_centre(setup.head.centre)
+    params = release_parameters(state.dp_cfg, m.activation_numel)
+    current = _ViewSources([], 0)
+
+    def on_sent(step: int, activation: np.ndarray, labels: np.ndarray) -> None:
+        if not recorder.full:
+            release = {"kind": "train", "epoch": current.epoch, **params, "label_epsilon": cfg.label_epsilon}
+            recorder.record(
+                step=step, activation=activation, labels=labels, head=setup.head.parameters(), release=release,
+                sources=current.sources, true_labels=current.labels,
+            )  # fmt: skip
+
+    trainer.on_sent = on_sent
+    return current
 
 
 def _report(
@@ -272,15 +385,20 @@ def _report(
             "release_dtype": cfg.release_dtype.value,
         },
         "privacy": {
-            **privacy_summary(state.dp_cfg, releases=cfg.epochs, elements=setup.manifest.activation_numel),
+            **privacy_summary(state.dp_cfg, releases=cfg.releases, elements=setup.manifest.activation_numel),
+            "frozen_head": cfg.frozen_head,
             "total": state.accountant.summary(),
             "budget_epsilon": state.accountant.budget_epsilon,
+            "label_epsilon_per_release": cfg.label_epsilon,
+            "label_mechanism": "clear" if math.isinf(cfg.label_epsilon) else "rr-with-prior",
+            "label_prior": cfg.label_prior,
         },
         "threat_model": THREAT_MODEL,
         "warnings": run_warnings(cfg),
         "epochs": state.history,
         "resilience": resilience,
         "final_test_accuracy": state.history[-1]["test_accuracy"] if state.history else None,
+        "view": str(cfg.record_view) if cfg.record_view is not None else None,
         "seconds": round(seconds, 3),
     }
 

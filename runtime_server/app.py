@@ -46,6 +46,7 @@ from runtime_server.handlers import (
     open_session,
     status,
     stored_reply,
+    templates,
     train,
 )
 from runtime_server.journal import Journal
@@ -134,7 +135,7 @@ def init_app(config: ServerConfig) -> web.Application:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tail")
         device = resolve_device(config.device)
         tail = await loop.run_in_executor(
-            executor, TailWorker, config.artifacts, manifest, device, state_dir, config.max_batch
+            executor, TailWorker, config.artifacts, manifest, device, state_dir, config.max_batch, config.templates
         )
         sessions = SessionTable(config, state_dir)
         sessions.restore(tail.committed_sessions)
@@ -179,4 +180,5 @@ def init_app(config: ServerConfig) -> web.Application:
     app.router.add_post(API_PREFIX + Route.TRAIN, train)
     app.router.add_get(API_PREFIX + Route.STORED_REPLY, stored_reply)
     app.router.add_post(API_PREFIX + Route.EVAL, evaluate)
+    app.router.add_get(API_PREFIX + Route.TEMPLATES, templates)
     return app

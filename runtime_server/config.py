@@ -36,6 +36,9 @@ class ServerConfig:
     # False: no journal, so a crash rolls the tail back to its last checkpoint, up to
     # checkpoint_every - 1 steps (the devices notice and go on; see docs/protocol.md section 6).
     journal: bool = True
+    # Also keep class templates, the mean release per (received) label (runtime_server.templates),
+    # and serve them at GET /v1/templates: a learner for releases too noisy for the tail to learn from.
+    templates: bool = False
     # Requests whose bodies are read and queued for the tail at once: one running, one ready. More
     # only piles up 100 MB bodies in memory and starves the event loop.
     max_inflight_steps: int = 2

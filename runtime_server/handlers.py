@@ -165,13 +165,22 @@ async def open_session(request: web.Request) -> web.Response:
     client = "".join(ch for ch in str(body.get(SessionField.CLIENT, "")) if ch.isprintable())[
         : messages.CLIENT_NAME_MAX
     ]
-    session = state.sessions.open(request.get(OWNER), client)
+    try:
+        labels = messages.parse_labels_field(body.get(SessionField.LABELS))
+    except ValueError as exc:
+        raise ApiError(400, "malformed_body", str(exc)) from None
+    session = state.sessions.open(request.get(OWNER), client, labels)
     try:
         await state.sessions.persist()  # durable before the device learns the id
     except OSError as exc:
         state.sessions.sessions.pop(session.id, None)  # a session nobody can resume is no session
         raise storage_error(exc) from None
-    fields = {"session": session.id[:8], "device": session.owner, "open": len(state.sessions.sessions)}
+    fields = {
+        "session": session.id[:8],
+        "device": session.owner,
+        "open": len(state.sessions.sessions),
+        "labels": labels,
+    }
     log.info("session opened", extra={"fields": fields})
     m = state.manifest
     return web.json_response(
@@ -182,6 +191,7 @@ async def open_session(request: web.Request) -> web.Response:
             SessionField.ACTIVATION_SHAPE: list(m.activation_shape),
             SessionField.NUM_CLASSES: m.num_classes,
             SessionField.GLOBAL_STEP: state.tail.global_step,
+            SessionField.LABELS: labels,
         },
         status=201,
     )
@@ -269,6 +279,20 @@ async def train(request: web.Request) -> web.StreamResponse:
     fields = {"session": session.id[:8], "step": step, "batch": int(labels.shape[0]), "ms": round(elapsed * 1e3, 1)}
     log.debug("step applied", extra={"fields": fields})
     return response
+
+
+async def templates(request: web.Request) -> web.StreamResponse:
+    """GET /templates: the class templates (each class's mean release) and their counts, as a wire message."""
+    state = request.app[STATE]
+    store = state.tail.templates
+    if store is None:
+        raise ApiError(404, "no_templates", "this server keeps no class templates (start it with --templates)")
+
+    def encode() -> bytearray:
+        tensors = {messages.TEMPLATES: store.means(), messages.COUNTS: store.counts.copy()}
+        return wire.encode(tensors, {messages.TEMPLATES_META_STEP: state.tail.global_step})
+
+    return await _tensor_response(request, await state.run(encode))
 
 
 async def evaluate(request: web.Request) -> web.Response:

@@ -71,6 +71,7 @@ class Session:
     client: str
     created: float  # wall clock, for people
     bucket: TokenBucket
+    labels: dict[str, Any] = field(default_factory=lambda: {"mechanism": "unstated"})  # how labels are sent
     step: int = 0  # session step number of the last applied train step (0: none yet)
     examples: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -81,6 +82,7 @@ class Session:
         return {
             "session_id": self.id,
             "client": self.client,
+            "labels": self.labels,
             "step": self.step,
             "examples": self.examples,
             "created": self.created,
@@ -127,6 +129,7 @@ class SessionTable:
                 id=sid,
                 owner=info.get("owner"),
                 client=str(info.get("client", "")),
+                labels=dict(info.get("labels", {"mechanism": "unstated"})),
                 created=float(info.get("created", time.time())),
                 bucket=self._bucket(),
                 step=int(step),
@@ -139,7 +142,10 @@ class SessionTable:
             log.info("sessions restored", extra={"fields": {"sessions": len(self.sessions)}})
 
     def _snapshot(self) -> bytes:
-        sessions = {s.id: {"owner": s.owner, "client": s.client, "created": s.created} for s in self.sessions.values()}
+        sessions = {
+            s.id: {"owner": s.owner, "client": s.client, "created": s.created, "labels": s.labels}
+            for s in self.sessions.values()
+        }
         return (json.dumps({"sessions": sessions, "sha256": _table_digest(sessions)}, indent=1) + "\n").encode()
 
     async def persist(self) -> None:
@@ -158,7 +164,7 @@ class SessionTable:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def open(self, owner: str | None, client: str) -> Session:
+    def open(self, owner: str | None, client: str, labels: dict[str, Any] | None = None) -> Session:
         if len(self.sessions) >= self.config.max_sessions:
             raise ApiError(
                 429,
@@ -179,6 +185,8 @@ class SessionTable:
         session = Session(
             id=secrets.token_urlsafe(16), owner=owner, client=client, created=time.time(), bucket=self._bucket()
         )
+        if labels is not None:
+            session.labels = labels
         self.sessions[session.id] = session
         return session
 

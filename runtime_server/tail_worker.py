@@ -32,6 +32,7 @@ from dpa.contract.devices import ResolvedDevice
 from dpa.contract.manifest import GraphNames, Manifest
 from runtime_server.shared_arrays import SharedStep, StepLayout
 from runtime_server.tail import StepOutputs, TailModel, TrainResult
+from runtime_server.templates import ClassTemplates
 
 __all__ = ["TailWorker"]
 
@@ -117,8 +118,9 @@ class TailWorker:
     """TailModel's interface, run in a child process. Calls block the calling thread only."""
 
     def __init__(
-        self, artifacts: Path, manifest: Manifest, device: ResolvedDevice, state_dir: Path, max_batch: int
-    ) -> None:
+        self, artifacts: Path, manifest: Manifest, device: ResolvedDevice, state_dir: Path, max_batch: int,
+        templates: bool = False,
+    ) -> None:  # fmt: skip
         # Outputs are bound to host memory, so a GPU tail keeps to pickling (its copies are the device's anyway).
         layout = StepLayout(max_batch, tuple(manifest.activation_shape), manifest.num_classes)
         self._shared = SharedStep.create(layout) if device.ort_device == "cpu" else None
@@ -135,6 +137,13 @@ class TailWorker:
         self.examples_seen: int = info["examples_seen"]
         self.committed_sessions: dict[str, list[int]] = info["sessions"]
         self._saved_step = self.global_step
+        self._state_dir = state_dir
+        # Class templates (runtime_server.templates): kept beside the tail, saved and restored with it.
+        self.templates = (
+            ClassTemplates.restore(state_dir, manifest.num_classes, tuple(manifest.activation_shape), self.global_step)
+            if templates
+            else None
+        )
 
     def _fits(self, activation: np.ndarray) -> bool:
         # A journal written under a larger --max-batch replays through the pipe.
@@ -153,6 +162,8 @@ class TailWorker:
             loss, step, examples = self._pool.submit(_train_shared, batch).result()
             result = TrainResult(loss, a[GraphNames.LOGITS][:batch], a[GraphNames.ACTIVATION_GRADIENT][:batch], step)
         self.global_step, self.examples_seen = result.global_step, examples
+        if self.templates is not None:
+            self.templates.add(activation, labels, result.global_step)
         return result
 
     def eval_step(self, activation: np.ndarray) -> np.ndarray:
@@ -171,6 +182,8 @@ class TailWorker:
 
     def save(self, sessions: dict[str, list[int]] | None = None) -> Path:
         path = self._pool.submit(_save, sessions).result()
+        if self.templates is not None:
+            self.templates.save(self._state_dir)
         self._saved_step = self.global_step
         return path
 

@@ -12,7 +12,10 @@ import numpy as np
 from dpa.contract.errors import UserError
 from dpa.privacy import checks
 
-__all__ = ["InversionConfig", "jsonable", "json_number"]
+__all__ = ["ATTACK_NAMES", "InversionConfig", "MapSettings", "jsonable", "json_number"]
+
+#: The inversion attacks the audit has: the inverse network (decoder) and the white-box MAP optimisation.
+ATTACK_NAMES = ("decoder", "map")
 
 
 def json_number(x: float) -> float | str:
@@ -34,6 +37,28 @@ def jsonable(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    """How hard the MAP attack optimises. Validated on construction."""
+
+    steps: int = 100  # Adam steps per image batch (more overfit the noise: 100 beat 150 and 300 at 1e5)
+    lr: float = 0.1  # Adam, on pixels in [0, 1]
+    # Candidate prior weights lambda; the attacker keeps the one that rebuilds its own faces best.
+    tv_weights: tuple[float, ...] = (0.3, 3.0, 30.0)
+    calibration_images: int = 6  # auxiliary faces the choice of lambda is made on
+    batch_size: int = 64  # images optimised together (independent problems, one graph)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.calibration_images < 1 or self.batch_size < 1:
+            raise UserError("MAP attack steps, calibration images and batch size must be >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"MAP attack learning rate must be a positive number, got {self.lr}")
+        weights = tuple(float(w) for w in self.tv_weights)
+        if not weights or any(not (math.isfinite(w) and w >= 0) for w in weights):
+            raise UserError(f"MAP attack prior weights must be numbers >= 0, got {self.tv_weights}")
+        object.__setattr__(self, "tv_weights", weights)
 
 
 def _as_epsilons(values: object) -> tuple[float, ...]:
@@ -74,10 +99,24 @@ class InversionConfig:
     seed: int = 0  # decoder init, shuffling, attacker's and victims' noise
     grid_columns: int = 8  # victim images shown in the grid
     threads: int | None = None  # torch intra-op threads during the run; None: leave as is
+    # The attacks run on every setting; the report keeps the strongest (best mean SSIM).
+    attacks: tuple[str, ...] = ("decoder", "map")
+    map_steps: int = 100  # Adam steps of the MAP attack
+    map_lr: float = 0.1
+    map_tv_weights: tuple[float, ...] = (0.3, 3.0, 30.0)  # prior weights the attacker chooses from
+    map_calibration_images: int = 6  # auxiliary faces it chooses on
+    # Write each epsilon's victim releases as a recorded view here (docs/server_view.md); None: do not.
+    record_view: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "epsilons", _as_epsilons(self.epsilons))
-        for name in ("artifacts", "head_checkpoint", "cache_dir"):
+        attacks = (self.attacks,) if isinstance(self.attacks, str) else tuple(self.attacks)
+        unknown = [a for a in attacks if a not in ATTACK_NAMES]
+        if not attacks or unknown or len(set(attacks)) != len(attacks):
+            raise UserError(f"attacks must be distinct names among {', '.join(ATTACK_NAMES)}, got {attacks}")
+        object.__setattr__(self, "attacks", attacks)
+        object.__setattr__(self, "map_tv_weights", self.map_settings.tv_weights)  # validates the MAP settings
+        for name in ("artifacts", "head_checkpoint", "cache_dir", "record_view"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
@@ -93,12 +132,23 @@ class InversionConfig:
         if self.threads is not None and self.threads < 1:
             raise UserError(f"threads must be >= 1, got {self.threads}")
 
+    @property
+    def map_settings(self) -> MapSettings:
+        return MapSettings(
+            steps=self.map_steps,
+            lr=self.map_lr,
+            tv_weights=self.map_tv_weights,
+            calibration_images=self.map_calibration_images,
+        )
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
             out[name] = str(value) if isinstance(value, Path) else value
         out["epsilons"] = [json_number(e) for e in self.epsilons]
+        out["attacks"] = list(self.attacks)
+        out["map_tv_weights"] = list(self.map_tv_weights)
         return out
 
 

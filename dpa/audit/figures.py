@@ -27,7 +27,8 @@ def write_grid(report: InversionReport, path: Path) -> Path:
 
     rows = [("original", report.originals)]
     for r, recon in zip(report.results, report.reconstructions, strict=True):
-        rows.append((f"ε = {r.epsilon:g}\nSSIM {r.ssim_mean:.2f}\nPSNR {r.psnr_mean:.1f} dB", recon))
+        label = f"ε = {r.epsilon:g} ({r.strongest_attack})\nSSIM {r.ssim_mean:.2f}\nPSNR {r.psnr_mean:.1f} dB"
+        rows.append((label, recon))
     cols = len(report.originals)
     width, height = grid_pixel_size(len(rows), cols)
     fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)

@@ -24,11 +24,14 @@ This is an audit tool: it imports torch and is not part of the device client.
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +40,17 @@ import torch
 from torch import nn
 
 from dpa.audit.config import InversionConfig
+from dpa.audit.map_inversion import calibrate_tv_weight, map_reconstruct
 from dpa.audit.report import HE2021_RECOGNISABLE_SSIM, EpsilonResult, InversionReport, image_metrics, verdict
-from dpa.audit.victim import VictimHead, load_victim_head
+from dpa.audit.victim import CentredHead, VictimHead, load_victim_head
 from dpa.contract.errors import UserError
+from dpa.contract.server_view import ViewRecorder
 from dpa.faces.lfw import index_faces, load_batch
 from dpa.faces.synth import SynthConfig, write_synthetic_faces
 from dpa.privacy.mechanism import DPActivations, DPConfig
+from dpa.privacy.public_parameters import release_parameters
 
-__all__ = ["InversionConfig", "run_inversion"]
+__all__ = ["InversionConfig", "face_sets", "load_images", "release_all", "run_inversion", "score_setting"]
 
 ProgressFn = Callable[[str, int, int], None]  # (description, completed, total)
 
@@ -52,7 +58,7 @@ ProgressFn = Callable[[str, int, int], None]  # (description, completed, total)
 # --------------------------------------------------------------------------- configuration
 
 
-def _face_sets(cfg: InversionConfig, image_size: int, stack: ExitStack) -> tuple[list[Path], list[Path], list[str]]:
+def face_sets(cfg: InversionConfig, image_size: int, stack: ExitStack) -> tuple[list[Path], list[Path], list[str]]:
     """(aux paths, victim paths, identity names: aux then victims); victims listed round-robin by identity."""
 
     needed = cfg.aux_identities + cfg.victim_identities
@@ -82,7 +88,7 @@ def _face_sets(cfg: InversionConfig, image_size: int, stack: ExitStack) -> tuple
     return aux, victims, list(index.names[:needed])
 
 
-def _load_images(paths: list[Path], head: VictimHead) -> tuple[np.ndarray, np.ndarray]:
+def load_images(paths: list[Path], head: VictimHead) -> tuple[np.ndarray, np.ndarray]:
     """(preprocessed (N, 3, H, W) head inputs, targets (N, 3, H, W) in [0, 1])."""
 
     x = load_batch(paths, size=head.image_size, mean=head.pixel_mean, std=head.pixel_std)
@@ -121,26 +127,47 @@ def _activations(head: VictimHead, x: np.ndarray) -> np.ndarray:
         return head.module(torch.from_numpy(x)).numpy()
 
 
-def _attack_one(
-    cfg: InversionConfig,
-    head: VictimHead,
-    eps_index: int,
-    aux: tuple[np.ndarray, np.ndarray],
-    victims: tuple[np.ndarray, np.ndarray],
-    tick: Callable[[float], None],
-) -> tuple[np.ndarray, float, Any]:
-    """Train the decoder at one epsilon and decode the victims: (reconstructions (N, H, W, 3), loss, DPConfig)."""
+def _setting_seed(eps: float) -> int:
+    """A seed per epsilon that does not depend on its position in the list (a view audited later,
+    at one epsilon, draws exactly what the live audit drew)."""
+    return zlib.crc32(repr(float(eps)).encode()) % 100_000
 
-    eps = cfg.epsilons[eps_index]
-    dp = DPConfig(clip=cfg.clip, epsilon=eps, delta=cfg.delta)
+
+def _mechanism(dp: DPConfig, seed: Sequence[int]) -> DPActivations:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # epsilon = inf warns; here it is the point
-        attacker = DPActivations(dp, np.random.default_rng([cfg.seed, 1, eps_index]))
-        device = DPActivations(dp, np.random.default_rng([cfg.seed, 2, eps_index]))
-    order_rng = np.random.default_rng([cfg.seed, 3, eps_index])
+        return DPActivations(dp, np.random.default_rng(list(seed)))
+
+
+def release_all(head: VictimHead, dp: DPConfig, x: np.ndarray, rng_seed: Sequence[int], batch: int) -> np.ndarray:
+    """The DP-A releases of images ``x`` through ``head`` (float32, as the server receives them)."""
+    mechanism = _mechanism(dp, rng_seed)
+    parts = [mechanism.release(_activations(head, x[i : i + batch]))[0].copy() for i in range(0, len(x), batch)]
+    return np.concatenate(parts)
+
+
+@dataclass(frozen=True, eq=False)
+class AttackOutcome:
+    reconstructions: np.ndarray  # (N, H, W, 3) in [0, 1]
+    detail: dict[str, Any]  # what the attack chose or reached (decoder loss, MAP prior weight...)
+
+
+def _decoder_attack(
+    cfg: InversionConfig,
+    head: VictimHead,
+    dp: DPConfig,
+    aux: tuple[np.ndarray, np.ndarray],
+    victim_releases: np.ndarray,
+    tick: Callable[[float], None],
+) -> AttackOutcome:
+    """Train an inverse network on the attacker's own releases of its faces, decode the victims'."""
+
+    key = _setting_seed(dp.epsilon)
+    attacker = _mechanism(dp, (cfg.seed, 1, key))
+    order_rng = np.random.default_rng([cfg.seed, 3, key])
     x_aux, y_aux = aux
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed * 1000 + eps_index)
+        torch.manual_seed(cfg.seed * 100_000 + key)
         decoder = _decoder(head.activation_shape, head.image_size, cfg.decoder_width)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
     target = torch.from_numpy(y_aux)
@@ -161,21 +188,129 @@ def _attack_one(
         loss_value = total / max(seen, 1)
         tick(loss_value)
     decoder.eval()
-    x_vic, _ = victims
     out = []
     with torch.no_grad():
-        for start in range(0, len(x_vic), cfg.batch_size):
-            noisy, _ = device.release(_activations(head, x_vic[start : start + cfg.batch_size]))  # what the server sees
-            out.append(decoder(torch.from_numpy(noisy)).numpy())
-    recon = np.concatenate(out).transpose(0, 2, 3, 1)
-    return recon, loss_value, dp
+        for start in range(0, len(victim_releases), cfg.batch_size):
+            out.append(decoder(torch.from_numpy(victim_releases[start : start + cfg.batch_size])).numpy())
+    return AttackOutcome(np.concatenate(out).transpose(0, 2, 3, 1), {"train_loss": loss_value})
+
+
+def _map_attack(
+    cfg: InversionConfig,
+    head: VictimHead,
+    dp: DPConfig,
+    aux: tuple[np.ndarray, np.ndarray],
+    victim_releases: np.ndarray,
+    tick: Callable[[float], None],
+) -> AttackOutcome:
+    """White-box MAP: the prior weight chosen on the attacker's own released faces, then the victims'."""
+
+    settings = cfg.map_settings
+    scale = dp.release_scale(math.prod(head.activation_shape))
+    x_aux, y_aux = aux
+    n = min(settings.calibration_images, len(x_aux))
+    calibration = release_all(head, dp, x_aux[:n], (cfg.seed, 4, _setting_seed(dp.epsilon)), cfg.batch_size)
+    colour = y_aux.mean(axis=(0, 2, 3))  # the attacker's mean face colour: the constant start
+
+    def reconstruct(releases: np.ndarray, tv_weight: float | np.ndarray) -> np.ndarray:
+        return map_reconstruct(
+            head.module,
+            releases / np.float32(scale),
+            clip=cfg.clip,
+            noise_std=dp.noise_std,
+            pixel_mean=head.pixel_mean,
+            pixel_std=head.pixel_std,
+            image_size=head.image_size,
+            start_colour=colour,
+            tv_weight=tv_weight,
+            settings=settings,
+        )
+
+    weight, scores = calibrate_tv_weight(reconstruct, calibration, y_aux[:n].transpose(0, 2, 3, 1), settings)
+    tick(math.nan)
+    recon = reconstruct(victim_releases, weight)
+    return AttackOutcome(recon, {"tv_weight": weight, "calibration_ssim": {f"{w:g}": v for w, v in scores.items()}})
+
+
+ATTACKS: dict[str, Callable[..., AttackOutcome]] = {"decoder": _decoder_attack, "map": _map_attack}
+
+
+def _ticks_per_setting(cfg: InversionConfig) -> int:
+    return (cfg.epochs if "decoder" in cfg.attacks else 0) + (1 if "map" in cfg.attacks else 0)
+
+
+def score_setting(
+    cfg: InversionConfig,
+    head: VictimHead,
+    dp: DPConfig,
+    aux: tuple[np.ndarray, np.ndarray],
+    victim_releases: np.ndarray,
+    originals: np.ndarray,
+    baseline_ssim: np.ndarray,
+    tick: Callable[[str, float], None],
+) -> tuple[EpsilonResult, np.ndarray]:
+    """Run every configured attack on the same releases; the result holds the strongest (best mean SSIM).
+
+    Returns (the result, the strongest attack's reconstructions of the first grid columns)."""
+
+    elements = math.prod(head.activation_shape)
+    by_attack: dict[str, dict[str, Any]] = {}
+    recon_by: dict[str, np.ndarray] = {}
+    scores_by: dict[str, np.ndarray] = {}
+    for name in cfg.attacks:
+        outcome = ATTACKS[name](cfg, head, dp, aux, victim_releases, lambda loss, name=name: tick(name, loss))
+        scores = np.array([image_metrics(o, r) for o, r in zip(originals, outcome.reconstructions, strict=True)])
+        by_attack[name] = {
+            "psnr_mean": float(scores[:, 0].mean()),
+            "ssim_mean": float(scores[:, 1].mean()),
+            **outcome.detail,
+        }
+        recon_by[name], scores_by[name] = outcome.reconstructions, scores
+    strongest = max(cfg.attacks, key=lambda a: by_attack[a]["ssim_mean"])
+    psnr, ssim = scores_by[strongest][:, 0], scores_by[strongest][:, 1]
+    std = float(dp.noise_std)
+    result = EpsilonResult(
+        epsilon=dp.epsilon,
+        noise_std=std,
+        snr_per_element=math.inf if std == 0 else cfg.clip / math.sqrt(elements) / std,
+        psnr_mean=float(psnr.mean()),
+        psnr_median=float(np.median(psnr)),
+        ssim_mean=float(ssim.mean()),
+        ssim_median=float(np.median(ssim)),
+        recognisable_fraction=float((ssim > HE2021_RECOGNISABLE_SSIM).mean()),
+        beats_prior_fraction=float((ssim > baseline_ssim).mean()),
+        train_loss=float(by_attack.get("decoder", {}).get("train_loss", math.nan)),
+        verdict=verdict(float(psnr.mean()), float(ssim.mean()), float(baseline_ssim.mean())),
+        strongest_attack=strongest,
+        by_attack=by_attack,
+        psnr_per_image=tuple(float(v) for v in psnr),
+        ssim_per_image=tuple(float(v) for v in ssim),
+    )
+    return result, recon_by[strongest][: cfg.grid_columns]
 
 
 # --------------------------------------------------------------------------- the audit
 
 
+def _victim_view_header(cfg: InversionConfig, head: VictimHead, dp: DPConfig) -> dict[str, Any]:
+    return {
+        "recorded_by": "dpa attack inversion (the audit's own victim releases)",
+        "cut": head.cut,
+        "image_size": head.image_size,
+        "width": head.width,
+        "num_classes": head.num_classes,
+        "activation_shape": list(head.activation_shape),
+        "pixel_mean": list(head.pixel_mean),
+        "pixel_std": list(head.pixel_std),
+        "head_source": head.source,
+    }
+
+
 def run_inversion(cfg: InversionConfig, *, progress: ProgressFn | None = None) -> InversionReport:
-    """Train one inverse network per epsilon on auxiliary faces, decode the victims, score them."""
+    """Release the victims once per epsilon, run every attack on those releases, score the strongest.
+
+    With ``cfg.record_view`` each epsilon's victim releases are written as a recorded view
+    (``<record_view>/eps-<epsilon>``), which :func:`audit_view` attacks to the same figures."""
 
     started = time.perf_counter()
     previous_threads = torch.get_num_threads()
@@ -184,47 +319,32 @@ def run_inversion(cfg: InversionConfig, *, progress: ProgressFn | None = None) -
     try:
         with ExitStack() as stack:
             head = load_victim_head(cfg)
-            aux_paths, victim_paths, names = _face_sets(cfg, head.image_size, stack)
-            aux = _load_images(aux_paths, head)
-            victims = _load_images(victim_paths, head)
+            aux_paths, victim_paths, names = face_sets(cfg, head.image_size, stack)
+            aux = load_images(aux_paths, head)
+            victims = load_images(victim_paths, head)
         originals = victims[1].transpose(0, 2, 3, 1)
         prior = aux[1].mean(axis=0).transpose(1, 2, 0)
         baseline = np.array([image_metrics(o, prior) for o in originals])
-        elements = math.prod(head.activation_shape)
-        total = cfg.epochs * len(cfg.epsilons)
+        total = _ticks_per_setting(cfg) * len(cfg.epsilons)
         done = 0
         results: list[EpsilonResult] = []
         grids: list[np.ndarray] = []
-        for i, eps in enumerate(cfg.epsilons):
+        for eps in cfg.epsilons:
 
-            def tick(loss: float, eps: float = eps) -> None:
+            def tick(attack: str, loss: float, eps: float = eps) -> None:
                 nonlocal done
                 done += 1
                 if progress is not None:
-                    progress(f"epsilon {eps:g}: decoder loss {loss:.4f}", done, total)
+                    what = "MAP attack" if attack == "map" else f"decoder loss {loss:.4f}"
+                    progress(f"epsilon {eps:g}: {what}", done, total)
 
-            recon, loss, dp = _attack_one(cfg, head, i, aux, victims, tick)
-            scores = np.array([image_metrics(o, r) for o, r in zip(originals, recon, strict=True)])
-            psnr, ssim = scores[:, 0], scores[:, 1]
-            std = float(dp.noise_std)
-            results.append(
-                EpsilonResult(
-                    epsilon=eps,
-                    noise_std=std,
-                    snr_per_element=math.inf if std == 0 else cfg.clip / math.sqrt(elements) / std,
-                    psnr_mean=float(psnr.mean()),
-                    psnr_median=float(np.median(psnr)),
-                    ssim_mean=float(ssim.mean()),
-                    ssim_median=float(np.median(ssim)),
-                    recognisable_fraction=float((ssim > HE2021_RECOGNISABLE_SSIM).mean()),
-                    beats_prior_fraction=float((ssim > baseline[:, 1]).mean()),
-                    train_loss=loss,
-                    verdict=verdict(float(psnr.mean()), float(ssim.mean()), float(baseline[:, 1].mean())),
-                    psnr_per_image=tuple(float(v) for v in psnr),
-                    ssim_per_image=tuple(float(v) for v in ssim),
-                )
-            )
-            grids.append(recon[: cfg.grid_columns])
+            dp = DPConfig(clip=cfg.clip, epsilon=eps, delta=cfg.delta)
+            releases = release_all(head, dp, victims[0], (cfg.seed, 2, _setting_seed(eps)), cfg.batch_size)
+            if cfg.record_view is not None:
+                _record_victims(cfg, head, dp, releases, victim_paths, names)
+            result, grid = score_setting(cfg, head, dp, aux, releases, originals, baseline[:, 1], tick)
+            results.append(result)
+            grids.append(grid)
     finally:
         torch.set_num_threads(previous_threads)
     return InversionReport(
@@ -247,6 +367,39 @@ def run_inversion(cfg: InversionConfig, *, progress: ProgressFn | None = None) -
         originals=originals[: cfg.grid_columns],
         reconstructions=tuple(grids),
     )
+
+
+def _record_victims(
+    cfg: InversionConfig,
+    head: VictimHead,
+    dp: DPConfig,
+    releases: np.ndarray,
+    victim_paths: list[Path],
+    names: list[str],
+) -> None:
+    """The audit's victim releases at one epsilon as a recorded view, one release per batch."""
+    assert cfg.record_view is not None
+    folder = cfg.record_view / f"eps-{dp.epsilon:g}"
+    shutil.rmtree(folder, ignore_errors=True)
+    recorder = ViewRecorder(folder, _victim_view_header(cfg, head, dp))
+    module = head.module
+    if isinstance(module, CentredHead):
+        recorder.write_centre(module.centre.numpy())
+        module = module.head
+    weights = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    labels = np.array([names.index(p.parent.name) for p in victim_paths], dtype=np.int64)
+    params = release_parameters(dp, math.prod(head.activation_shape))
+    for step, start in enumerate(range(0, len(releases), cfg.batch_size), start=1):
+        rows = slice(start, start + cfg.batch_size)
+        recorder.record(
+            step=step,
+            activation=releases[rows],
+            labels=labels[rows],
+            head=weights,
+            release=params,
+            sources=[str(p) for p in victim_paths[rows]],
+            true_labels=labels[rows],
+        )
 
 
 # --------------------------------------------------------------------------- the picture

@@ -40,6 +40,13 @@ HE2021_RECOGNISABLE_SSIM = 0.3
 PRIOR_MARGIN_SSIM = 0.05
 
 
+#: What each attack is, for the report.
+ATTACK_DESCRIPTIONS = {
+    "decoder": "inverse network trained on the attacker's own releases (He et al. 2019)",
+    "map": "white-box MAP optimisation with a TV prior weighted on the attacker's own faces (He et al. 2019)",
+}
+
+
 @dataclass(frozen=True)
 class EpsilonResult:
     epsilon: float
@@ -51,8 +58,11 @@ class EpsilonResult:
     ssim_median: float
     recognisable_fraction: float  # victims with SSIM > HE2021_RECOGNISABLE_SSIM
     beats_prior_fraction: float  # victims whose reconstruction has a higher SSIM than the mean aux face
-    train_loss: float  # decoder's last-epoch mean loss on the auxiliary pairs
+    train_loss: float  # decoder's last-epoch mean loss on the auxiliary pairs (NaN without the decoder)
     verdict: str
+    # The figures above are this attack's: the strongest (best mean SSIM) of those run on the same releases.
+    strongest_attack: str = "decoder"
+    by_attack: dict[str, dict[str, Any]] = field(default_factory=dict)  # each attack's mean figures and choices
     psnr_per_image: tuple[float, ...] = ()
     ssim_per_image: tuple[float, ...] = ()
 
@@ -87,7 +97,11 @@ class InversionReport:
     def to_json(self) -> dict[str, Any]:
         return jsonable(
             {
-                "attack": "inverse network on DP-A releases (known head, auxiliary identities disjoint from victims)",
+                "attack": (
+                    "strongest of: "
+                    + ", ".join(ATTACK_DESCRIPTIONS[a] for a in self.config.attacks)
+                    + " (known head and public mechanism; auxiliary identities disjoint from the victims')"
+                ),
                 "config": self.config.to_json(),
                 "cut": self.cut,
                 "image_size": self.image_size,

@@ -14,7 +14,7 @@ import torch
 from dpa.audit.config import InversionConfig
 from dpa.contract.architecture import ArchConfig, cut_info
 from dpa.contract.errors import UserError
-from dpa.contract.manifest import ARTIFACT_FILES, load_manifest
+from dpa.contract.manifest import ARTIFACT_FILES, load_manifest, load_release_centre
 from dpa.contract.ort_training import CheckpointState, Module, SessionOptions
 from dpa.faces.lfw import FaceIndex, load_batch
 from dpa.privacy.clipping import clip_factors, l2_norms, scale_examples
@@ -30,6 +30,7 @@ __all__ = [
     "TrainedSplitModel",
     "cross_entropy",
     "checkpoint_file",
+    "head_from_weights",
     "load_victim_head",
 ]
 
@@ -46,6 +47,20 @@ class VictimHead:
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
     source: str
+    width: float = 0.25  # the architecture, so that a recorded view can rebuild this head
+    num_classes: int = 2
+
+
+class CentredHead(torch.nn.Module):
+    """The head as the device runs it on a centred export: head(x) minus the public release centre."""
+
+    def __init__(self, head: torch.nn.Module, centre: np.ndarray) -> None:
+        super().__init__()
+        self.head = head
+        self.register_buffer("centre", torch.from_numpy(np.asarray(centre, dtype=np.float32)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x) - self.centre
 
 
 def checkpoint_file(path: Path, name: str) -> Path:
@@ -84,9 +99,37 @@ def load_victim_head(cfg: InversionConfig) -> VictimHead:
             raise UserError(f"head checkpoint {ckpt} does not fit the manifest's head: {', '.join(missing)}")
         head.load_state_dict({n: torch.from_numpy(weights[n].astype(np.float32)) for n in expected})
         mean, std, cut, source = manifest.pixel_mean, manifest.pixel_std, manifest.cut, str(ckpt)
+        centre = load_release_centre(cfg.artifacts, manifest)
+        if centre is not None:
+            head = CentredHead(head, centre)
     head.eval()
     info = cut_info(arch, cut)
-    return VictimHead(head, cut, arch.image_size, info.activation_shape, tuple(mean), tuple(std), source)  # type: ignore[arg-type]
+    return VictimHead(
+        head, cut, arch.image_size, info.activation_shape, tuple(mean), tuple(std), source,  # type: ignore[arg-type]
+        width=arch.width, num_classes=arch.num_classes,
+    )  # fmt: skip
+
+
+def head_from_weights(
+    *, image_size: int, width: float, num_classes: int, cut: str, weights: dict[str, np.ndarray],
+    pixel_mean: tuple[float, ...], pixel_std: tuple[float, ...], source: str, centre: np.ndarray | None = None,
+) -> VictimHead:  # fmt: skip
+    """The head that made a recorded release, rebuilt from its stored parameters (torch, eval mode)."""
+    arch = ArchConfig(image_size=image_size, width=width, num_classes=num_classes, dropout=0.0)
+    head, _ = build_parts(arch, cut)
+    expected = head.state_dict()
+    missing = [n for n in expected if n not in weights or tuple(weights[n].shape) != tuple(expected[n].shape)]
+    if missing:
+        raise UserError(f"the recorded head ({source}) does not fit a {cut} head: {', '.join(missing)}")
+    head.load_state_dict({n: torch.from_numpy(np.asarray(weights[n], dtype=np.float32)) for n in expected})
+    if centre is not None:
+        head = CentredHead(head, centre)
+    head.eval()
+    info = cut_info(arch, cut)
+    return VictimHead(
+        head, cut, image_size, info.activation_shape, tuple(pixel_mean), tuple(pixel_std), source,  # type: ignore[arg-type]
+        width=width, num_classes=num_classes,
+    )  # fmt: skip
 
 
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -145,10 +188,13 @@ class TrainedSplitModel:
         )
         self._head.eval()
         self._tail.eval()  # no dropout: the logits are a function of the input
+        self.centre = load_release_centre(self.artifacts, self.manifest)
 
     def activations(self, images: np.ndarray) -> np.ndarray:
-        """Preprocessed (B, 3, H, W) float32 images -> head activations (B, *activation_shape)."""
-        return self._head(np.ascontiguousarray(images, dtype=np.float32))
+        """Preprocessed (B, 3, H, W) float32 images -> head activations (B, *activation_shape), centred
+        as the device centres them (``Manifest.release_centre``)."""
+        a = self._head(np.ascontiguousarray(images, dtype=np.float32))
+        return a if self.centre is None else a - self.centre
 
     def tail_logits(self, activation: np.ndarray) -> np.ndarray:
         return self._tail(np.ascontiguousarray(activation, dtype=np.float32))
@@ -157,7 +203,7 @@ class TrainedSplitModel:
         """Per-example cross-entropy of the tail alone on the given (already released) activations."""
         return cross_entropy(self.tail_logits(activation), labels)
 
-    def losses(
+    def logits(
         self,
         index: FaceIndex,
         dp: DPConfig,  # the release the model was trained with (clip, epsilon, delta, normalize)
@@ -166,11 +212,12 @@ class TrainedSplitModel:
         rng: np.random.Generator | None = None,
         batch_size: int = 32,
     ) -> np.ndarray:
-        """Per-example losses of head + tail on ``index``'s images.
+        """Logits of head + tail on ``index``'s images, (N, classes).
 
         The head's activation is clipped to ``dp.clip`` and multiplied by the public scale
-        ``dp.release_scale(d)``, as in training. ``noisy=False`` adds no noise (the tail on
-        clean activations); ``noisy=True`` adds DP-A noise from ``rng`` (the pipeline as deployed).
+        ``dp.release_scale(d)``, as in training. ``noisy=False`` adds no noise (the trained model
+        used on clean inputs, on the device or by a trusted party); ``noisy=True`` adds DP-A noise
+        from ``rng`` (private split inference, the pipeline as deployed).
         """
 
         if dp.mechanism is not Mechanism.GAUSSIAN and not noisy:
@@ -191,5 +238,15 @@ class TrainedSplitModel:
                 x, _ = release.release(a)
             else:
                 x = scale_examples(a, clip_factors(l2_norms(a), clip=dp.clip)).astype(np.float32) * scale
-            out.append(self.tail_losses(x, index.labels[start : start + batch_size]))
-        return np.concatenate(out) if out else np.zeros(0)
+            out.append(self.tail_logits(x))
+        return np.concatenate(out) if out else np.zeros((0, m.num_classes), dtype=np.float32)
+
+    def losses(self, index: FaceIndex, dp: DPConfig, **kw: Any) -> np.ndarray:
+        """Per-example cross-entropy of head + tail on ``index``'s images (``logits``' options)."""
+        return cross_entropy(self.logits(index, dp, **kw), index.labels)
+
+    def accuracy(self, index: FaceIndex, dp: DPConfig, **kw: Any) -> float:
+        """Held-out accuracy of head + tail (``logits``' options)."""
+        if not len(index.paths):
+            return float("nan")
+        return float((self.logits(index, dp, **kw).argmax(axis=1) == index.labels).mean())

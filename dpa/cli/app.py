@@ -14,6 +14,7 @@ from dpa.cli.client import client_command, eval_command
 from dpa.cli.data import data_app
 from dpa.cli.demo import demo_command
 from dpa.cli.export import export_command
+from dpa.cli.pretrain import pretrain_command
 from dpa.cli.privacy import privacy_command
 from dpa.cli.serve import serve_command, token_app
 from dpa.cli.sweep import sweep_command
@@ -31,6 +32,7 @@ def _root() -> None:
     """Private split training of VGG-Face between a device and an untrusted edge server (DP-A)."""
 
 
+app.command("pretrain")(pretrain_command)
 app.command("export")(export_command)
 app.command("serve")(serve_command)
 app.command("client")(client_command)

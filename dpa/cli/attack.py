@@ -51,16 +51,19 @@ def inversion_command(
     seed: Annotated[int, typer.Option(help="Seed of the decoder, the shuffling and both sides' noise.")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Keep the synthetic faces here.")] = None,
+    attacks: Annotated[str, typer.Option(help="Comma-separated attacks: decoder, map; the strongest is reported.")] = (
+        "decoder,map"
+    ),
+    map_steps: Annotated[int, typer.Option(help="Adam steps of the MAP attack.")] = 100,
+    record_view: Annotated[
+        Path | None, typer.Option(help="Also write each epsilon's victim releases as a recorded view here.")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Writes inversion.json and inversion.png here.")] = Path("runs/attack"),
 ) -> None:
-    """Train an inverse network on auxiliary faces, rebuild victims' faces from their DP-A releases."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
+    """Rebuild victims' faces from their DP-A releases: an inverse network and the white-box MAP attack."""
 
     from dpa.audit.config import InversionConfig
-    from dpa.audit.figures import write_grid
     from dpa.audit.inversion import run_inversion
-    from dpa.audit.report import HE2019_NO_DEFENCE_PSNR_DB, HE2019_NO_DEFENCE_SSIM, HE2021_RECOGNISABLE_SSIM
 
     with user_errors():
         eps = parse_epsilons(epsilons)
@@ -83,31 +86,64 @@ def inversion_command(
             lr=lr,
             seed=seed,
             threads=threads,
+            attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
+            map_steps=map_steps,
+            record_view=record_view,
         )
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("loading faces", total=len(eps) * epochs)
-            report = run_inversion(
-                cfg, progress=lambda text, done, total: progress.update(task, description=text, completed=done)
-            )
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "inversion.json", report.to_json())
-        write_grid(report, out / "inversion.png")
+        report = _with_progress(lambda progress: run_inversion(cfg, progress=progress))
+        _write_report(report, out)
+    _print_report(report, out)
+
+
+def _with_progress(run):  # type: ignore[no-untyped-def]
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("loading faces", total=None)
+        return run(lambda text, done, total: progress.update(task, description=text, completed=done, total=total))
+
+
+def _write_report(report, out: Path) -> None:  # type: ignore[no-untyped-def]
+    from dpa.audit.figures import write_grid
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "inversion.json", report.to_json())
+    write_grid(report, out / "inversion.png")
+
+
+def _print_report(report, out: Path) -> None:  # type: ignore[no-untyped-def]
+    from rich.table import Table
+
+    from dpa.audit.report import HE2019_NO_DEFENCE_PSNR_DB, HE2019_NO_DEFENCE_SSIM, HE2021_RECOGNISABLE_SSIM
+
+    clip, delta = report.config.clip, report.config.delta
 
     table = Table(title=f"inversion at {report.cut} (clip {clip:g}, delta {delta:g}; {report.victim_images} victims)")
-    for name in ("epsilon", "SNR/element", "PSNR dB", "SSIM", f"SSIM > {HE2021_RECOGNISABLE_SSIM:g}", "verdict"):
-        table.add_column(name, justify="left" if name == "verdict" else "right")
+    names = (
+        "epsilon",
+        "strongest",
+        "SNR/element",
+        "PSNR dB",
+        "SSIM",
+        f"SSIM > {HE2021_RECOGNISABLE_SSIM:g}",
+        "verdict",
+    )
+    for name in names:
+        table.add_column(name, justify="left" if name in ("verdict", "strongest") else "right")
     table.add_row(
         "mean aux face",
+        "-",
         "-",
         f"{report.baseline_psnr_mean:.2f}",
         f"{report.baseline_ssim_mean:.3f}",
         f"{report.baseline_recognisable_fraction:.0%}",
-        "prior only: no activation used",
+        "prior only",
     )
     for r in report.results:
         table.add_row(
             f"{r.epsilon:g}",
+            r.strongest_attack,
             f"{r.snr_per_element:.3g}",
             f"{r.psnr_mean:.2f}",
             f"{r.ssim_mean:.3f}",
@@ -121,6 +157,83 @@ def inversion_command(
         f"recognisable (He et al., IEEE IoT-J 2021)"
     )
     console.print(f"wrote {out / 'inversion.json'} and {out / 'inversion.png'} ({report.seconds:.0f} s)")
+
+
+@attack_app.command("view")
+def view_command(
+    view: Annotated[Path, typer.Argument(help="A recorded view (dpa client --record-view DIR).")],
+    max_examples: Annotated[int, typer.Option(help="Attack at most this many recorded examples.")] = 64,
+    epochs: Annotated[int, typer.Option(help="Decoder training epochs.")] = 20,
+    data: Annotated[str, typer.Option(help="The attacker's faces: 'synthetic' or an LFW-layout folder.")] = (
+        "synthetic"
+    ),
+    data_seed: Annotated[
+        int, typer.Option(help="Seed of the attacker's synthetic faces (the device's built-in set uses 0).")
+    ] = 1,
+    aux_identities: Annotated[int, typer.Option(help="The attacker's identities.")] = 16,
+    per_identity: Annotated[int, typer.Option(help="The attacker's images per identity.")] = 16,
+    attacks: Annotated[str, typer.Option(help="Comma-separated attacks: decoder, map.")] = "decoder,map",
+    map_steps: Annotated[int, typer.Option(help="Adam steps of the MAP attack.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the attacker's decoder and noise.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Keep the synthetic faces here.")] = None,
+    out: Annotated[Path, typer.Option(help="Writes inversion.json and inversion.png here.")] = Path("runs/attack"),
+) -> None:
+    """Attack what a real server received: the releases, head weights and public parameters of a recorded view."""
+    from dpa.audit.config import InversionConfig
+    from dpa.audit.view_audit import audit_view
+
+    with user_errors():
+        cfg = InversionConfig(
+            data=data,
+            data_seed=data_seed,
+            aux_identities=aux_identities,
+            victim_identities=1,
+            images_per_identity=per_identity,
+            epochs=epochs,
+            attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
+            map_steps=map_steps,
+            seed=seed,
+            threads=threads,
+            cache_dir=cache_dir,
+        )
+        report = _with_progress(lambda progress: audit_view(view, cfg, max_examples=max_examples, progress=progress))
+        _write_report(report, out)
+    _print_report(report, out)
+
+
+@attack_app.command("labels")
+def labels_command(
+    view: Annotated[Path, typer.Argument(help="A recorded view of every training release (dpa client --record-view).")],
+    artifacts: Annotated[Path, typer.Option(help="The export the run used.")] = Path("artifacts"),
+    server_state: Annotated[Path, typer.Option(help="The server's state dir or tail_checkpoint file.")] = Path(
+        "artifacts/server-state"
+    ),
+    out: Annotated[Path, typer.Option(help="Writes labels.json here.")] = Path("runs/attack"),
+) -> None:
+    """The server's best guess of each training example's identity, from the labels and from everything it saw."""
+    from rich.table import Table
+
+    from dpa.audit.label_attack import attack_labels
+
+    with user_errors():
+        report = attack_labels(view, artifacts, server_state)
+        _write_json(out / "labels.json", report.to_json())
+    r = report
+    table = Table(title=f"label inference: {r.examples} training examples, {r.classes} identities")
+    for col in ("from", "accuracy", "bound (DP)", "epsilon", "chance"):
+        table.add_column(col, justify="right")
+    table.add_row("labels alone", f"{r.accuracy_labels_only:.3f}", f"{r.bound_labels_only:.3f}",
+                  f"{r.label_epsilon_total:.3g}", f"{r.chance:.3f}")  # fmt: skip
+    table.add_row("everything", f"{r.accuracy_everything:.3f}", f"{r.bound_everything:.3f}",
+                  f"{r.combined_epsilon:.3g}", f"{r.chance:.3f}")  # fmt: skip
+    console.print(table)
+    console.print(
+        f"label epsilon {r.label_epsilon_per_release:g} per release, {r.releases_per_example:g} releases per "
+        f"example; bound: (e^eps + (k-1) delta) / (e^eps + k - 1) at delta {r.delta:g} (0 for labels alone). "
+        "'everything' adds the server's own tail on each release: with a large activation epsilon it is high by "
+        f"design (the tail is an identity classifier). wrote {out / 'labels.json'}"
+    )
 
 
 @attack_app.command("membership")

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from dpa.cli.device_options import DeviceOptions, client_config, device_options
-from dpa.cli.errors import console, user_errors
+from dpa.cli.errors import console, option_check, user_errors
 from dpa.contract.errors import UserError
+from dpa.privacy import checks
 from runtime_client.head import ModelFormat
 
 
@@ -48,13 +50,44 @@ def client_command(
     micro_batch: Annotated[
         int | None, typer.Option(help="Examples per head call (1: least memory, same update); default the batch.")
     ] = None,
+    label_epsilon: Annotated[
+        float,
+        typer.Option(
+            help="Label privacy of ONE release: labels are randomised on the device (RRWithPrior); 'inf' sends "
+            "them in clear.",
+            callback=option_check(partial(checks.epsilon, allow_inf=True, name="label epsilon")),
+        ),
+    ] = 4.0,
+    label_prior: Annotated[
+        str,
+        typer.Option(help="RRWithPrior's prior: 'logits' (the server's, for the example's last release) or 'uniform'."),
+    ] = "logits",
+    frozen_head: Annotated[
+        bool, typer.Option(help="Keep the exported (public) head: no head update; each example released K times.")
+    ] = False,
+    releases_per_example: Annotated[
+        int | None, typer.Option(help="With --frozen-head: releases of each example (default 1); later epochs re-send.")
+    ] = None,
+    on_device_templates: Annotated[
+        bool,
+        typer.Option(help="Afterwards classify held-out images on the device with the server's class templates."),
+    ] = False,
+    record_view: Annotated[
+        Path | None,
+        typer.Option(help="Record what the server receives here (docs/server_view.md); `dpa attack view` reads it."),
+    ] = None,
+    record_view_limit: Annotated[
+        int | None, typer.Option(help="Record at most this many training releases (default: all).")
+    ] = None,
 ) -> None:
     """Train privately: head on this device, DP-A activations to the edge server."""
     from runtime_client.trainer import run_training
 
     result = _run(
         run_training, opts, epochs=epochs, lr=lr, total_epsilon=total_epsilon, model_format=format, resume=resume,
-        report=report, max_steps_per_epoch=max_steps, micro_batch=micro_batch,
+        report=report, max_steps_per_epoch=max_steps, micro_batch=micro_batch, record_view=record_view,
+        record_view_limit=record_view_limit, label_epsilon=label_epsilon, label_prior=label_prior,
+        frozen_head=frozen_head, releases_per_example=releases_per_example, on_device_templates=on_device_templates,
     )  # fmt: skip
     p = result["privacy"]
     console.print(
@@ -62,7 +95,12 @@ def client_command(
         f"held-out images; {p['mechanism']} epsilon {p['epsilon_per_release']:.3g} per release "
         f"(delta {p['delta_per_release']:g}, noise {p['noise_scale']:.4g}, clip {p['clip']:g}); "
         f"total epsilon {p['total']['epsilon']:.3g} over {p['total']['releases']} releases per example "
-        f"(PLD accountant); labels sent in clear"
+        f"(PLD accountant, {p['total']['covers']})"
+        + (
+            ""
+            if p["total"]["label_epsilon"] is None
+            else f"; labels randomised at epsilon {label_epsilon:g} per release"
+        )
     )
     if report is not None:
         console.print(f"report: {report}")

@@ -55,6 +55,13 @@ def export_command(
     verify: Annotated[bool, typer.Option(help="Check ORT against torch autograd before publishing.")] = True,
     ort_format: Annotated[bool, typer.Option(help="Also write the head in ORT format (ONNX Runtime Mobile).")] = False,
     list_cuts: Annotated[bool, typer.Option("--list-cuts", help="Print every cut's size and cost, then exit.")] = False,
+    pixel_std: Annotated[
+        float | None, typer.Option(help="Pixel scale; default 1 with --weights (published VGG-Face), 64 without.")
+    ] = None,
+    centre_from: Annotated[
+        Path | None,
+        typer.Option(help="Centred releases: PUBLIC faces (LFW layout) whose mean head activation devices subtract."),
+    ] = None,
 ) -> None:
     """Split VGG-Face at --cut and write head (device) and tail (edge) training artifacts."""
     with user_errors():
@@ -75,6 +82,8 @@ def export_command(
             seed=seed,
             verify=verify,
             ort_format=ort_format,
+            pixel_std=pixel_std,
+            centre_faces=centre_from,
         )
         with console.status("exporting") as status:
             manifest, report = export(cfg, progress=lambda msg: status.update(msg))

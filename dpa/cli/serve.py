@@ -35,6 +35,9 @@ def serve_command(
     no_journal: Annotated[
         bool, typer.Option("--no-journal", help="No per-step journal: a crash loses the steps since the checkpoint.")
     ] = False,
+    templates: Annotated[
+        bool, typer.Option(help="Keep class templates (mean release per label) and serve them at GET /v1/templates.")
+    ] = False,
     state_dir: Annotated[
         Path | None,
         typer.Option(help="Checkpoint, session table and replies (default <artifacts>/server-state)."),
@@ -88,6 +91,7 @@ def serve_command(
             max_batch=max_batch,
             checkpoint_every=checkpoint_every,
             journal=not no_journal,
+            templates=templates,
             state_dir=state_dir,
             tokens=token_file,
             tls_cert=tls_cert,

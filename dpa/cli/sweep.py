@@ -1,4 +1,4 @@
-"""``dpa sweep``: accuracy, loss, total epsilon and inversion SSIM per epsilon, with plots."""
+"""``dpa sweep``: the privacy-utility frontier over whole-run epsilons, cuts and data sizes."""
 
 from __future__ import annotations
 
@@ -9,44 +9,79 @@ import typer
 from rich.table import Table
 
 from dpa.cli.errors import console, parse_epsilons, user_errors
+from dpa.contract.errors import UserError
+
+
+def _sizes(text: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for part in text.split(","):
+        try:
+            ids, per = (int(v) for v in part.strip().lower().split("x"))
+        except ValueError:
+            raise UserError(f"a data size is IDENTITIESxIMAGES (e.g. 10x40), got {part.strip()!r}") from None
+        out.append((ids, per))
+    return tuple(out)
 
 
 def sweep_command(
-    epsilons: Annotated[str, typer.Option(help="Per-release epsilons, comma-separated ('inf' = no noise).")] = (
-        "0.5,1,2,4,8,inf"
+    epsilons: Annotated[str, typer.Option(help="Whole-run epsilons, comma-separated (a non-private run is added).")] = (
+        "8,64,1e3,1e5"
     ),
-    epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 8,
-    data: Annotated[str, typer.Option(help="'synthetic' or an LFW-layout folder.")] = "synthetic",
-    clip: Annotated[float, typer.Option(help="Per-example activation norm bound C.")] = 100.0,
-    delta: Annotated[float, typer.Option(help="delta per release.")] = 1e-5,
-    attack: Annotated[bool, typer.Option(help="Measure inversion SSIM per epsilon.")] = True,
-    out: Annotated[Path, typer.Option(help="Work and results folder.")] = Path("runs/sweep"),
+    cuts: Annotated[str, typer.Option(help="Cuts, comma-separated.")] = "conv1_1,pool1,pool2,pool3",
+    sizes: Annotated[str, typer.Option(help="Private data sizes IDENTITIESxIMAGES, comma-separated.")] = "10x40",
+    epochs: Annotated[int, typer.Option(help="Epochs (releases of each example) per run.")] = 8,
+    delta: Annotated[float, typer.Option(help="delta of the whole run.")] = 1e-5,
+    attack: Annotated[bool, typer.Option(help="Attack each run's recorded view (decoder and MAP).")] = True,
+    max_steps: Annotated[int | None, typer.Option(help="Cap on steps per epoch (quick runs).")] = None,
+    label_epsilon: Annotated[
+        float, typer.Option(help="Randomise the private runs' labels at this epsilon per release (in the budget).")
+    ] = float("inf"),
+    out: Annotated[Path, typer.Option(help="Work and results folder (re-running resumes).")] = Path("runs/sweep"),
 ) -> None:
-    """The paper's experiment: one private training run per epsilon through the real server and client."""
+    """The frontier: clean accuracy vs whole-run epsilon per cut and data size, with attack SSIM and device cost."""
     from dpa.runs.sweep import SweepConfig, run_sweep
 
     with user_errors():
+        eps = parse_epsilons(epsilons)
+        if any(e == float("inf") for e in eps):
+            raise UserError("whole-run epsilons must be finite: the non-private run is always added")
         cfg = SweepConfig(
             workdir=out,
-            epsilons=parse_epsilons(epsilons),
+            total_epsilons=eps,
+            cuts=tuple(c.strip() for c in cuts.split(",") if c.strip()),
+            sizes=_sizes(sizes),
             epochs=epochs,
-            data=data,
-            clip=clip,
             delta=delta,
             attack=attack,
+            max_steps_per_epoch=max_steps,
+            label_epsilon=label_epsilon,
         )
         results = run_sweep(cfg, say=lambda msg: console.print(f"[bold cyan]>[/] {msg}"))
-    table = Table(title=f"DP-A sweep, cut {results['config']['cut']}, {epochs} epochs")
-    for col in ("ε / release", "total ε (PLD)", "SNR / element", "final test acc", "inversion SSIM"):
+    table = Table(title=f"DP-A frontier ({epochs} releases per example, delta {delta:g})")
+    for col in ("cut", "data", "ε whole run", "clean", "/ non-private", "private", "attack SSIM", "baseline",
+                "FLOPs on device", "head step ms", "peak MB", "wire KiB/ex"):  # fmt: skip
         table.add_column(col, justify="right")
-    for r in results["runs"]:
-        ssim = r.get("inversion_ssim")
+    for p in results["points"]:
+        rel = p["relative_clean_accuracy"]
         table.add_row(
-            "inf" if r["epsilon_per_release"] == float("inf") else f"{r['epsilon_per_release']:g}",
-            "inf" if r["total_epsilon"] == float("inf") else f"{r['total_epsilon']:.3g}",
-            f"{r['snr_per_element']:.3g}",
-            f"{r['final_test_accuracy']:.3f}",
-            "-" if ssim is None else f"{ssim:.3f}",
+            p["cut"],
+            f"{p['identities']}x{p['per_identity']}",
+            "none" if p["epsilon_budget"] is None else f"{p['epsilon_total']:.3g}",
+            f"{p['clean_test_accuracy']:.3f}",
+            "-" if rel is None else f"{rel:.2f}",
+            f"{p['private_test_accuracy']:.3f}",
+            f"{p['attack_ssim']:.3f}" if "attack_ssim" in p else "-",
+            f"{p['baseline_ssim']:.3f}" if "baseline_ssim" in p else "-",
+            f"{p['head_flops_share']:.1%}",
+            f"{p['head_step_ms']:.1f}",
+            f"{p['peak_rss_mb']:.0f}",
+            f"{p['wire_bytes_per_example'] / 1024:.0f}",
         )
     console.print(table)
-    console.print(f"results: {out}/sweep.csv, sweep.json; plots: accuracy.png, loss.png, privacy_utility.png")
+    for row in results["smallest_epsilon_at"]:
+        e80, e50 = row["epsilon_for_80pct"], row["epsilon_for_50pct"]
+        console.print(
+            f"{row['cut']} {row['identities']}x{row['per_identity']}: 80% of non-private at ε "
+            f"{'not reached' if e80 is None else f'{e80:g}'}; 50% at ε {'not reached' if e50 is None else f'{e50:g}'}"
+        )
+    console.print(f"results: {out}/frontier.csv, frontier.json, frontier.png")

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dpa.contract.atomic import atomic_write_bytes
 from dpa.contract.choices import Choice
 from dpa.contract.errors import UserError
@@ -28,6 +30,7 @@ __all__ = [
     "OptimizerConfig",
     "Manifest",
     "load_manifest",
+    "load_release_centre",
     "manifest_sha256",
     "sha256_file",
 ]
@@ -108,6 +111,10 @@ class Manifest:
     weights_sha256: str | None  # sha256 of the --weights file, when one was used
     files: dict[str, str] = field(default_factory=dict)  # "head/checkpoint" -> sha256
     versions: dict[str, str] = field(default_factory=dict)  # torch / onnx / onnxruntime used to export
+    # Centred releases: the export's file (relative path, e.g. "head/release_centre.npy": float32
+    # activation_shape, .npy) holding a PUBLIC mean activation the device subtracts before clipping
+    # (docs/protocol.md section 5); None: releases are not centred.
+    release_centre: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -153,6 +160,7 @@ class Manifest:
                 weights_sha256=data["weights_sha256"],
                 files={str(k): str(v) for k, v in data["files"].items()},
                 versions={str(k): str(v) for k, v in data["versions"].items()},
+                release_centre=None if data.get("release_centre") is None else str(data["release_centre"]),
             )
         except KeyError as exc:
             raise UserError(f"manifest is missing field {exc.args[0]!r}") from None
@@ -171,6 +179,21 @@ def sha256_file(path: Path) -> str:
 def manifest_sha256(directory: Path) -> str:
     """The identity of an export: sha256 of the manifest file's bytes (which hold every artifact's hash)."""
     return sha256_file(directory / MANIFEST_FILE)
+
+
+def load_release_centre(directory: Path, manifest: Manifest) -> np.ndarray | None:
+    """The export's public release centre (float32, activation_shape), or None if it has none."""
+    if manifest.release_centre is None:
+        return None
+    path = Path(directory) / manifest.release_centre
+    try:
+        centre = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the release centre {path}: {exc}") from None
+    if centre.dtype != np.float32 or tuple(centre.shape) != tuple(manifest.activation_shape):
+        raise UserError(f"release centre {path} is {centre.dtype} {centre.shape}, expected float32 "
+                        f"{tuple(manifest.activation_shape)}")  # fmt: skip
+    return centre
 
 
 def load_manifest(directory: Path, *, verify: tuple[str, ...] = ()) -> Manifest:

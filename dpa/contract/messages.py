@@ -52,6 +52,7 @@ class Route:
 
     HEALTH = "/health"
     STATUS = "/status"
+    TEMPLATES = "/templates"
     SESSIONS = "/sessions"
     SESSION = "/sessions/{session_id}"
     TRAIN = "/sessions/{session_id}/train"
@@ -80,12 +81,50 @@ class SessionField:
     ACTIVATION_SHAPE = "activation_shape"  # reply: one example's activation shape
     NUM_CLASSES = "num_classes"  # reply: the tail's classes (labels are 0..num_classes-1)
     GLOBAL_STEP = "global_step"  # reply: the tail's update count
+    # request, optional; echoed in the reply and GET: how the session's labels are sent, so the server
+    # knows what it trains on. {"mechanism": "rr-with-prior", "epsilon": 4.0} or {"mechanism": "clear"}.
+    LABELS = "labels"
+
+
+class LabelMechanism:
+    """Values of ``labels.mechanism`` in a session request."""
+
+    CLEAR = "clear"  # the true labels
+    RR_WITH_PRIOR = "rr-with-prior"  # randomised on the device, epsilon-label-DP per release
+    UNSTATED = "unstated"  # the request did not say (an older client)
+
+
+def labels_field(epsilon: float) -> dict[str, object]:
+    """The session request's ``labels`` object for labels randomised at ``epsilon`` (inf: in clear)."""
+    if epsilon == float("inf"):
+        return {"mechanism": LabelMechanism.CLEAR}
+    return {"mechanism": LabelMechanism.RR_WITH_PRIOR, "epsilon": float(epsilon)}
+
+
+def parse_labels_field(value: object) -> dict[str, object]:
+    """The server's check of ``labels``; ValueError with the reason if it is malformed."""
+    if value is None:
+        return {"mechanism": LabelMechanism.UNSTATED}
+    if not isinstance(value, dict) or value.get("mechanism") not in (
+        LabelMechanism.CLEAR,
+        LabelMechanism.RR_WITH_PRIOR,
+    ):
+        raise ValueError('labels must be {"mechanism": "clear"} or {"mechanism": "rr-with-prior", "epsilon": > 0}')
+    if value["mechanism"] == LabelMechanism.CLEAR:
+        return {"mechanism": LabelMechanism.CLEAR}
+    eps = value.get("epsilon")
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not (0 < float(eps) < float("inf")):
+        raise ValueError(f"labels.epsilon must be a number > 0 (finite) for rr-with-prior, got {eps!r}")
+    return {"mechanism": LabelMechanism.RR_WITH_PRIOR, "epsilon": float(eps)}
 
 
 CLIENT_NAME_MAX = 64  # characters of ``client`` kept (non-printable ones dropped first); the rest is cut
 
 
 LOSS = "loss"  # train reply: the batch's mean cross-entropy, float32 scalar
+TEMPLATES = "templates"  # GET /templates reply: (classes, *activation_shape) float32, each class's mean release
+COUNTS = "counts"  # ... and (classes,) int64: the releases each mean is over
+TEMPLATES_META_STEP = "global_step"  # ... meta: the tail's update count the templates include
 
 # Which tensors each message holds, in the order a sender writes them.
 TRAIN_REQUEST = (GraphNames.ACTIVATION, GraphNames.LABELS)

@@ -50,6 +50,7 @@ from typing import Any
 
 from dpa.contract.errors import UserError
 from dpa.privacy import checks
+from dpa.privacy.label_accounting import combined_epsilon, label_epsilon_spent
 from dpa.privacy.mechanism import Mechanism
 from dpa.privacy.search import smallest_accepted
 
@@ -198,7 +199,7 @@ def epsilon_spent(*, mechanism: Mechanism | str, noise_multiplier: float, releas
 
 
 def calibrate_noise_multiplier(
-    *, mechanism: Mechanism | str, total_epsilon: float, delta: float, releases: int
+    *, mechanism: Mechanism | str, total_epsilon: float, delta: float, releases: int, label_epsilon: float = math.inf
 ) -> float:
     """Smallest noise multiplier z with ``epsilon_spent(z, releases, delta) <= total_epsilon``.
 
@@ -212,12 +213,33 @@ def calibrate_noise_multiplier(
     Laplace with ``delta = 0`` has the closed form z = sqrt(2) N / E
     (b = 2C N / E), rounded up to the next float where needed.
 
-    ``total_epsilon`` must be > 0 and finite; ``releases`` >= 1.
+    ``total_epsilon`` must be > 0 and finite; ``releases`` >= 1. With a finite ``label_epsilon``
+    each release also sends a randomised label and the budget covers both, composed
+    (``label_accounting.combined_epsilon``); BudgetExceeded if the labels alone would spend it.
     """
     mech = Mechanism.parse(mechanism)
     target = checks.epsilon(total_epsilon, allow_inf=False, name="total_epsilon")
     d = _delta(mech, delta)
     n = checks.count("releases", releases, minimum=1)
+    eps_l = checks.epsilon(label_epsilon, allow_inf=True, name="label epsilon")
+    if math.isfinite(eps_l):
+        labels_alone = label_epsilon_spent(label_epsilon=eps_l, releases=n, delta=d)
+        if labels_alone >= target:
+            raise BudgetExceeded(
+                f"privacy budget exceeded: {n} release(s) of a label at label epsilon {eps_l:g} alone spend "
+                f"epsilon {labels_alone:.6g} (delta {d:g}), not below the budget {target:g}; lower --label-epsilon "
+                "or the epochs, or raise the budget"
+            )
+
+        def private_enough(nm: float) -> bool:
+            return (
+                combined_epsilon(mechanism=mech, noise_multiplier=nm, label_epsilon=eps_l, releases=n, delta=d)
+                <= target
+            )
+
+        target_guess = max(target - labels_alone, 0.05 * target)
+        guess = math.sqrt(n) * math.sqrt(2.0 * math.log(1.25 / max(d, 1e-12))) / target_guess
+        return smallest_accepted(private_enough, guess=guess, rtol=_NM_RTOL, step=1.01)
 
     def private_enough(nm: float) -> bool:
         return _epsilon(mech, nm, n, d) <= target
@@ -259,6 +281,9 @@ class PrivacyAccountant:
     delta: float
     budget_epsilon: float = math.inf
     releases: int = 0
+    # Each release also sends the example's label randomised at this epsilon (RRWithPrior);
+    # inf: labels in clear, and the account covers the activations only.
+    label_epsilon: float = math.inf
 
     def __post_init__(self) -> None:
         self.mechanism = Mechanism.parse(self.mechanism)
@@ -266,16 +291,37 @@ class PrivacyAccountant:
         self.delta = _delta(self.mechanism, self.delta)
         self.budget_epsilon = checks.epsilon(self.budget_epsilon, allow_inf=True, name="budget_epsilon")
         self.releases = checks.count("releases", self.releases)
+        self.label_epsilon = checks.epsilon(self.label_epsilon, allow_inf=True, name="label epsilon")
+
+    @property
+    def labels_private(self) -> bool:
+        return math.isfinite(self.label_epsilon)
 
     @property
     def epsilon(self) -> float:
-        """Epsilon spent by the releases recorded so far (at ``delta``)."""
+        """Epsilon spent by the releases recorded so far (at ``delta``): activations and labels
+        composed when labels are randomised, the activations alone when they travel in clear."""
         return self.epsilon_after(0)
 
     def epsilon_after(self, extra: int) -> float:
         """Epsilon the run would have spent after ``extra`` more releases."""
         n = checks.count("extra", extra)
+        if self.labels_private:
+            return combined_epsilon(
+                mechanism=self.mechanism, noise_multiplier=self.noise_multiplier, label_epsilon=self.label_epsilon,
+                releases=self.releases + n, delta=self.delta,
+            )  # fmt: skip
         return _epsilon(self.mechanism, self.noise_multiplier, self.releases + n, self.delta)
+
+    @property
+    def activation_epsilon(self) -> float:
+        """What the activations alone have spent (at ``delta``)."""
+        return _epsilon(self.mechanism, self.noise_multiplier, self.releases, self.delta)
+
+    @property
+    def label_epsilon_total(self) -> float:
+        """What the labels alone have spent: pure label-DP, ``releases`` * label epsilon (inf in clear)."""
+        return label_epsilon_spent(label_epsilon=self.label_epsilon, releases=self.releases)
 
     def can_release(self, extra: int = 1) -> bool:
         """Whether ``extra`` more releases stay within the budget (relative slack 1e-9)."""
@@ -309,6 +355,8 @@ class PrivacyAccountant:
             _PREFIX + "delta": float(self.delta),
             _PREFIX + "releases": int(self.releases),
         }
+        if self.labels_private:
+            state[_PREFIX + "label_epsilon"] = float(self.label_epsilon)
         if math.isfinite(self.budget_epsilon):
             state[_PREFIX + "budget_epsilon"] = float(self.budget_epsilon)
         eps = self.epsilon
@@ -325,6 +373,7 @@ class PrivacyAccountant:
         noise_multiplier: float,
         delta: float,
         budget_epsilon: float | None = None,
+        label_epsilon: float = math.inf,
     ) -> PrivacyAccountant:
         """Restore an account saved by :meth:`to_state` for a run with these settings.
 
@@ -367,12 +416,23 @@ class PrivacyAccountant:
                 "start a new run instead of resuming"
             )
         releases = checks.count("releases", get("releases"))
+        stored_label = float(state.get(_PREFIX + "label_epsilon", math.inf))
+        label = checks.epsilon(label_epsilon, allow_inf=True, name="label epsilon")
+        if not (stored_label == label or _close(stored_label, label)):
+            raise UserError(
+                f"privacy accountant mismatch: label epsilon was {stored_label:g}, now {label:g}; "
+                "start a new run instead of resuming"
+            )
         if budget_epsilon is None:
             budget_epsilon = state.get(_PREFIX + "budget_epsilon", math.inf)
-        return cls(mechanism=mech, noise_multiplier=nm, delta=d, budget_epsilon=budget_epsilon, releases=releases)
+        return cls(
+            mechanism=mech, noise_multiplier=nm, delta=d, budget_epsilon=budget_epsilon, releases=releases,
+            label_epsilon=label,
+        )  # fmt: skip
 
     def summary(self) -> dict[str, Any]:
-        """``{"epsilon", "delta", "noise_multiplier", "releases", "mechanism", "accountant": "pld"}``."""
+        """``{"epsilon", "delta", "noise_multiplier", "releases", "mechanism", "accountant": "pld", "labels",
+        "activation_epsilon", "label_epsilon_per_release", "label_epsilon", "covers"}``."""
         return {
             "epsilon": self.epsilon,
             "delta": self.delta,
@@ -380,4 +440,13 @@ class PrivacyAccountant:
             "releases": self.releases,
             "mechanism": self.mechanism.value,
             "accountant": _KIND,
+            "labels": "randomised (RRWithPrior)" if self.labels_private else "in clear",
+            "activation_epsilon": self.activation_epsilon,
+            "label_epsilon_per_release": self.label_epsilon if self.labels_private else None,
+            "label_epsilon": self.label_epsilon_total if self.labels_private else None,
+            "covers": (
+                "activations and labels, composed (dp-accounting PLD)"
+                if self.labels_private
+                else "activations only: labels travel in clear"
+            ),
         }

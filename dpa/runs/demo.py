@@ -9,6 +9,7 @@ privacy parameters of each run.
 from __future__ import annotations
 
 import asyncio
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from dpa.runs.loopback import serve_and_train
 from exporter.export import ExportConfig, export
 from runtime_client.config import ClientConfig
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["DemoConfig", "demo_summary", "run_demo"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class DemoConfig:
     clip: float = 100.0  # below the median activation norm at initialisation (~170): most examples are clipped
     delta: float = 1e-5
     seed: int = 0  # reproducible demo (the client warns that fixed seeds are for experiments)
+    label_epsilon: float = 4.0  # the private run's labels, randomised per release (RRWithPrior)
+    view_releases: int = 8  # training releases of each run recorded as the server's view (docs/server_view.md)
 
 
 def run_demo(cfg: DemoConfig, say: Any = print) -> list[dict[str, Any]]:
@@ -63,10 +66,39 @@ def run_demo(cfg: DemoConfig, say: Any = print) -> list[dict[str, Any]]:
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
             dp=DPConfig(clip=cfg.clip, epsilon=eps, delta=cfg.delta),
+            label_epsilon=cfg.label_epsilon if math.isfinite(eps) else math.inf,
             seed=cfg.seed,
             state_dir=cfg.workdir / "client",  # shares the synthetic-data cache between runs
             report=run_dir / "report.json",
+            record_view=run_dir / "view",
+            record_view_limit=cfg.view_releases,
         )
+        shutil.rmtree(run_dir / "view", ignore_errors=True)
         say(f"training with epsilon = {eps:g} per release (server on loopback, fresh tail)")
         reports.append(asyncio.run(serve_and_train(artifacts, run_dir / "server-state", client)))
     return reports
+
+
+def demo_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """``dpa demo --json``: one entry per run, whole-run epsilon from the accountant (null: no noise)."""
+    runs = []
+    for r in reports:
+        p = r["privacy"]
+        noisy = p["noise_scale"] > 0
+        total = p["total"]["epsilon"]
+        runs.append(
+            {
+                "name": "private" if noisy else "non-private",
+                "epsilon_total": (total if math.isfinite(total) else "inf") if noisy else None,
+                "delta": p["total"]["delta"] if noisy else None,
+                "epsilon_per_release": p["epsilon_per_release"] if noisy else None,
+                "releases_per_example": p["total"]["releases"],
+                "clean_test_accuracy": r["clean_test_accuracy"],
+                "private_test_accuracy": r["private_test_accuracy"],
+                "chance": 1 / r["data"]["identities"],
+                "label_epsilon": None if math.isinf(p["label_epsilon_per_release"]) else p["label_epsilon_per_release"],
+                "cut": r["cut"],
+                "view": r["view"],
+            }
+        )
+    return {"runs": runs}

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from dpa.contract.messages import Route, route
+from dpa.runs.accuracy import add_clean_accuracy
 from runtime_client.trainer import run_training
 from runtime_server.app import init_app
 from runtime_server.config import ServerConfig
@@ -46,18 +47,30 @@ def wait_until_healthy(url: str, server: subprocess.Popen, timeout_s: float = 12
             time.sleep(0.1)
 
 
-async def serve_and_train(artifacts: Path, state: Path, client_cfg: Any) -> dict[str, Any]:
-    """Start a server on loopback for ``artifacts`` (tail state in ``state``), train, stop; the report."""
+async def serve_and_train(
+    artifacts: Path, state: Path, client_cfg: Any, *, clean: bool = True, templates: bool = False
+) -> dict[str, Any]:
+    """Start a server on loopback for ``artifacts`` (tail state in ``state``), train, stop; the report,
+    with the clean held-out accuracy of the trained model beside the private one (``clean``)."""
 
     port = free_port()
     # Server and client share this process, so a crash takes both: a journal would buy nothing
     # here (the tail is still saved at the end).
-    config = ServerConfig(artifacts=artifacts, port=port, device="cpu", state_dir=state, journal=False)  # type: ignore[arg-type]
+    config = ServerConfig(
+        artifacts=artifacts,
+        port=port,
+        device="cpu",
+        state_dir=state,
+        journal=False,
+        templates=templates,  # type: ignore[arg-type]
+    )
     app = init_app(config)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
+    client_cfg = replace(client_cfg, server=f"http://127.0.0.1:{port}")
     try:
-        return await run_training(replace(client_cfg, server=f"http://127.0.0.1:{port}"))
+        report = await run_training(client_cfg)
     finally:
-        await runner.cleanup()
+        await runner.cleanup()  # saves the tail
+    return add_clean_accuracy(report, client_cfg, state) if clean else report

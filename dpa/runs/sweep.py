@@ -1,11 +1,20 @@
-"""``dpa sweep``: the paper's experiment, one private training run per epsilon, and beyond it.
+"""``dpa sweep``: the privacy-utility frontier, over whole-run epsilons, cuts and private data sizes.
 
-For each per-release epsilon the sweep trains a fresh tail and head through the real
-server and client (loopback HTTP), records per-epoch train/test accuracy and loss,
-the total epsilon spent over the run (dp-accounting's PLD accountant), and the
-inversion attack's SSIM at that epsilon. It writes CSV + JSON and three PNG figures:
-accuracy vs epoch, loss vs epoch (one curve per epsilon, like the seed's figures),
-and a privacy-utility figure.
+For every cut and data size the sweep trains one non-private run and one private run per
+whole-run epsilon (``--total-epsilon``: the accountant calibrates the noise for all of the run's
+releases), each through the real server and client on loopback. Each point reports:
+
+* clean held-out accuracy (the trained head + tail on clean inputs) and private split inference;
+* the clean accuracy as a fraction of the non-private run of the same cut and data: the frontier;
+* the strongest attack's SSIM on the run's own recorded view (the first training release, whose
+  head the server knows: the export's) against the no-data baseline (the attacker's mean face);
+* the device's cost of the cut: FLOPs and parameter share, head step time, peak memory, wire bytes.
+
+The clip of each cut is the median activation norm of the initial head on PUBLIC faces (the
+built-in generator's other identities, seed 1), so choosing it spends no privacy.
+
+Every point is saved as it finishes (``points/<key>.json``); a re-run with the same settings
+skips the points already done. Writes ``frontier.csv``, ``frontier.json`` and ``frontier.png``.
 """
 
 from __future__ import annotations
@@ -18,301 +27,375 @@ import math
 import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
-from rich.progress import Progress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dpa.audit.config import InversionConfig
 from dpa.audit.figures import write_grid
-from dpa.audit.inversion import run_inversion
-from dpa.contract.architecture import ArchConfig
+from dpa.audit.view_audit import audit_view
+from dpa.contract.architecture import ArchConfig, validate_cut
 from dpa.contract.atomic import atomic_write_bytes
-from dpa.contract.devices import DeviceProfile
+from dpa.contract.devices import DeviceProfile, resolve_device
+from dpa.contract.errors import UserError
 from dpa.contract.manifest import OptimizerConfig, OptimizerName, load_manifest
+from dpa.faces.lfw import index_faces, load_batch
 from dpa.faces.synth import SynthConfig, write_synthetic_faces
-from dpa.privacy.accountant import epsilon_spent
+from dpa.privacy import checks
+from dpa.privacy.clipping import l2_norms
 from dpa.privacy.mechanism import DPConfig
+from dpa.runs.device_cost import device_cost
 from dpa.runs.loopback import serve_and_train
 from exporter.export import ExportConfig, export
 from runtime_client.config import ClientConfig
+from runtime_client.head import HeadModel
 
-__all__ = ["SweepConfig", "run_sweep", "write_plots"]
+__all__ = ["SweepConfig", "run_sweep", "write_frontier_plot", "PUBLIC_SEED"]
+
+#: The built-in generator's seed for public faces: identities disjoint from the devices' (seed 0).
+PUBLIC_SEED = 1
 
 
 @dataclass(frozen=True)
 class SweepConfig:
-    workdir: Path = Path("runs/sweep")  # export, per-run state, results and plots
-    epsilons: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)  # per release, as the seed's figures
+    workdir: Path = Path("runs/sweep")  # exports, per-point runs, results and the figure
+    total_epsilons: tuple[float, ...] = (8.0, 64.0, 1e3, 1e5)  # whole run; a non-private run is added
+    cuts: tuple[str, ...] = ("conv1_1", "pool1", "pool2", "pool3")
+    sizes: tuple[tuple[int, int], ...] = ((10, 40),)  # (identities, images per identity) of the private set
     epochs: int = 8
-    data: str = "synthetic"  # or an LFW-layout folder
-    identities: int = 10  # synthetic data set size
-    per_identity: int = 40
-    arch: ArchConfig = field(default_factory=lambda: ArchConfig(image_size=64, width=0.25, num_classes=10, dropout=0.0))
-    cut: str = "conv1_1"
+    image_size: int = 64
+    width: float = 0.25
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name=OptimizerName.ADAMW, lr=1e-3))
     batch_size: int = 8
-    clip: float = 100.0
     delta: float = 1e-5
     seed: int = 0
-    attack: bool = True  # measure inversion SSIM per epsilon
-    attack_epochs: int = 20  # decoder training epochs of the inversion attack
-    attack_aux_identities: int = 16  # the attacker's own faces (identities disjoint from the victims)
-    attack_victim_identities: int = 4
-    attack_images_per_identity: int = 16
+    attack: bool = True  # the strongest attack on each point's recorded view
+    attack_epochs: int = 10  # decoder epochs
+    attack_aux_identities: int = 8  # the attacker's public faces
+    attack_images_per_identity: int = 8
     max_steps_per_epoch: int | None = None  # cap for quick runs
+    # Private runs randomise labels at this epsilon per release, inside the same whole-run budget;
+    # inf (the default): labels in clear, so the frontier measures the activations' mechanism alone.
+    label_epsilon: float = math.inf
+
+    def __post_init__(self) -> None:
+        for eps in self.total_epsilons:
+            checks.epsilon(eps, allow_inf=False, name="total epsilon")
+        for cut in self.cuts:
+            validate_cut(cut)
+        if not self.cuts or not self.sizes or not self.total_epsilons:
+            raise UserError("the sweep needs at least one cut, one data size and one whole-run epsilon")
+        for ids, per in self.sizes:
+            if ids < 2 or per < 4:
+                raise UserError(f"a data size needs >= 2 identities and >= 4 images each, got {ids}x{per}")
+        if self.epochs < 1:
+            raise UserError(f"epochs must be >= 1, got {self.epochs}")
+        checks.delta(self.delta, allow_zero=False)
+        checks.epsilon(self.label_epsilon, allow_inf=True, name="label epsilon")
+
+    @property
+    def classes(self) -> int:
+        return max(ids for ids, _ in self.sizes)
+
+    def point_settings(self) -> dict[str, Any]:
+        """What a saved point must match to be reused."""
+        return {
+            "epochs": self.epochs,
+            "image_size": self.image_size,
+            "width": self.width,
+            "optimizer": asdict(self.optimizer) | {"name": self.optimizer.name.value},
+            "batch_size": self.batch_size,
+            "delta": self.delta,
+            "seed": self.seed,
+            "attack": self.attack,
+            "attack_epochs": self.attack_epochs,
+            "max_steps_per_epoch": self.max_steps_per_epoch,
+            "classes": self.classes,
+            "label_epsilon": self.label_epsilon,
+        }
 
 
-def _tag(eps: float) -> str:
-    return "inf" if math.isinf(eps) else f"{eps:g}"
-
-
-def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train one run per epsilon, attack each setting, write results; returns the results dict."""
-
-    cfg.workdir.mkdir(parents=True, exist_ok=True)
-    artifacts = cfg.workdir / "artifacts"
-    data = cfg.data
-    if data == "synthetic":  # drawn once, so every run trains and tests on the same images
-        folder = cfg.workdir / "data"
-        if not folder.is_dir():
-            synth = SynthConfig(cfg.identities, cfg.per_identity, cfg.arch.image_size, cfg.seed)
-            write_synthetic_faces(folder, synth)
-        data = str(folder)
-    if not _same_export(artifacts, cfg):
-        say(f"exporting VGG-Face {cfg.arch.image_size}px width {cfg.arch.width}, cut {cfg.cut}")
-        export(ExportConfig(arch=cfg.arch, cut=cfg.cut, optimizer=cfg.optimizer, out=artifacts, seed=cfg.seed))
-    runs: list[dict[str, Any]] = []
-    for eps in cfg.epsilons:
-        run_dir = cfg.workdir / f"eps-{_tag(eps)}"
-        dp = DPConfig(clip=cfg.clip, epsilon=eps, delta=cfg.delta)
-        report = _finished_run(run_dir / "report.json", cfg, dp)
-        client = ClientConfig(
-            artifacts=artifacts,
-            data=data,
-            device=DeviceProfile.CPU,
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            dp=dp,
-            seed=cfg.seed,
-            state_dir=cfg.workdir / "client" / _tag(eps),
-            report=run_dir / "report.json",
-            max_steps_per_epoch=cfg.max_steps_per_epoch,
-        )
-        if report is None:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            say(f"training with epsilon = {_tag(eps)} per release")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the sweep's fixed seed and epsilon = inf are deliberate
-                report = asyncio.run(serve_and_train(artifacts, run_dir / "server-state", client))
-        else:
-            say(f"epsilon = {_tag(eps)}: reusing the finished run in {run_dir}")
-        total = (
-            math.inf
-            if math.isinf(eps)
-            else epsilon_spent(
-                mechanism=dp.mechanism, noise_multiplier=dp.noise_multiplier, releases=cfg.epochs, delta=cfg.delta
-            )
-        )
-        runs.append(
-            {
-                "epsilon_per_release": eps,
-                "total_epsilon": total,
-                "delta": cfg.delta,
-                "noise_multiplier": report["privacy"]["noise_multiplier"],
-                "snr_per_element": report["privacy"]["snr_per_element"],
-                "epochs": report["epochs"],
-                "final_test_accuracy": report["final_test_accuracy"],
-            }
-        )
-    baseline = None
-    if cfg.attack:
-        say("inversion attack per epsilon (head weights known, auxiliary identities)")
-        ssim, baseline = _inversion_ssim(cfg, artifacts)
-        for run in runs:
-            run["inversion_ssim"] = ssim.get(run["epsilon_per_release"])
-    results = {
-        "config": {
-            "epsilons": [_tag(e) for e in cfg.epsilons],
-            "epochs": cfg.epochs,
-            "data": cfg.data,
-            "cut": cfg.cut,
-            "image_size": cfg.arch.image_size,
-            "width": cfg.arch.width,
-            "clip": cfg.clip,
-            "delta": cfg.delta,
-            "optimizer": cfg.optimizer.name.value,
-            "lr": cfg.optimizer.lr,
-        },
-        "runs": runs,
-        # SSIM of the attacker's mean auxiliary face against the victims: what a guess without data scores.
-        "inversion_baseline_ssim": baseline,
-    }
-    _write_results(cfg.workdir, results)
-    write_plots(results, cfg.workdir)
-    return results
-
-
-def _same_export(artifacts: Path, cfg: SweepConfig) -> bool:
-
-    try:
-        m = load_manifest(artifacts, verify=("head", "tail"))
-    except ValueError:
-        return False
-    want = (
-        cfg.cut,
-        cfg.arch.image_size,
-        cfg.arch.width,
-        cfg.arch.num_classes,
-        cfg.arch.dropout,
-        cfg.optimizer,
-        cfg.seed,
-    )
-    return (m.cut, m.image_size, m.width, m.num_classes, m.dropout, m.optimizer, m.seed) == want
-
-
-def _finished_run(path: Path, cfg: SweepConfig, dp: Any) -> dict[str, Any] | None:
-    """A report left by an earlier sweep of the same settings, so a re-run resumes where it stopped."""
-    if not path.is_file():
-        return None
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    privacy = report.get("privacy", {})
-    same = (
-        len(report.get("epochs", [])) == cfg.epochs
-        and privacy.get("clip") == cfg.clip
-        and privacy.get("noise_scale") == dp.noise_scale
-        and report.get("training", {}).get("batch_size") == cfg.batch_size
-    )
-    return report if same else None
-
-
-def _inversion_ssim(cfg: SweepConfig, artifacts: Path) -> tuple[dict[float, float], float]:
-    """Mean victim SSIM of the inversion attack per epsilon, on the sweep's own export (head weights known)."""
-
-    with Progress() as bar:
-        task = bar.add_task("inversion attack", total=None)
-        report = _run_attack(
-            cfg, artifacts, lambda text, done, total: bar.update(task, description=text, completed=done, total=total)
-        )
-    write_grid(report, cfg.workdir / "inversion.png")
-    atomic_write_bytes(cfg.workdir / "inversion.json", (json.dumps(report.to_json(), indent=2) + "\n").encode())
-    return {r.epsilon: r.ssim_mean for r in report.results}, report.baseline_ssim_mean
-
-
-def _run_attack(cfg: SweepConfig, artifacts: Path, progress: Callable[[str, int, int], None]) -> Any:
-
-    return run_inversion(
-        InversionConfig(
-            artifacts=artifacts,
-            epsilons=cfg.epsilons,
-            clip=cfg.clip,
-            delta=cfg.delta,
-            aux_identities=cfg.attack_aux_identities,
-            victim_identities=cfg.attack_victim_identities,
-            images_per_identity=cfg.attack_images_per_identity,
-            epochs=cfg.attack_epochs,
-            seed=cfg.seed,
-            cache_dir=cfg.workdir / "attack-data",
-        ),
-        progress=progress,
-    )
+def _tag(eps: float | None) -> str:
+    return "nonprivate" if eps is None else f"eps{eps:g}"
 
 
 def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [_json_safe(v) for v in value]
     return value
 
 
-def _write_results(workdir: Path, results: dict[str, Any]) -> None:
-    atomic_write_bytes(workdir / "sweep.json", (json.dumps(_json_safe(results), indent=2) + "\n").encode())
-    rows = [
-        ["epsilon_per_release", "total_epsilon", "epoch", "train_loss", "train_accuracy", "test_accuracy"],
-    ]
-    for run in results["runs"]:
-        for e in run["epochs"]:
-            rows.append(
-                [
-                    _tag(run["epsilon_per_release"]),
-                    _tag(run["total_epsilon"]),
-                    e["epoch"],
-                    f"{e['train_loss']:.6f}",
-                    f"{e['train_accuracy']:.6f}",
-                    f"{e['test_accuracy']:.6f}",
-                ]
-            )
-
-    buf = io.StringIO()
-    csv.writer(buf).writerows(rows)
-    atomic_write_bytes(workdir / "sweep.csv", buf.getvalue().encode())
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(_json_safe(data), indent=2) + "\n").encode())
 
 
-def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    """accuracy.png and loss.png (vs epoch, one curve per epsilon) and privacy_utility.png."""
+def _faces(root: Path, synth: SynthConfig) -> Path:
+    folder = root / f"synthetic-{synth.identities}x{synth.per_identity}-{synth.size}px-s{synth.seed}"
+    if not folder.is_dir():
+        write_synthetic_faces(folder, synth)
+    return folder
 
-    runs = results["runs"]
-    paths = []
-    for key, ylabel, name in (
-        ("test_accuracy", "held-out accuracy", "accuracy.png"),
-        ("train_loss", "training loss", "loss.png"),
-    ):
-        fig = Figure(figsize=(6, 4), dpi=120)
-        ax = fig.subplots()
-        for run in runs:
-            xs = [e["epoch"] for e in run["epochs"]]
-            ax.plot(
-                xs, [e[key] for e in run["epochs"]], marker="o", ms=3, label=f"ε = {_tag(run['epsilon_per_release'])}"
-            )
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"DP-A, cut {results['config']['cut']}: {ylabel} (ε per release)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / name
-        fig.savefig(path)
-        paths.append(path)
 
-    fig = Figure(figsize=(10, 4), dpi=120)
-    ax1, ax2 = fig.subplots(1, 2)
-    labels = [_tag(r["epsilon_per_release"]) for r in runs]
-    xs = range(len(runs))
-    ax1.bar(xs, [r["final_test_accuracy"] for r in runs], color="tab:blue")
-    ax1.set_xticks(list(xs), labels)
-    ax1.set_xlabel("ε per release")
-    ax1.set_ylabel("final held-out accuracy")
-    ax1.set_title("utility")
-    for x, r in zip(xs, runs, strict=True):
-        total = f"{r['total_epsilon']:.3g}" if math.isfinite(r["total_epsilon"]) else "inf"
-        ax1.annotate(f"total ε\n{total}", (x, r["final_test_accuracy"]), ha="center", va="bottom", fontsize=7)
-    ax1.set_ylim(0, max(r["final_test_accuracy"] for r in runs) * 1.25 + 0.01)
-    ssim = [r.get("inversion_ssim") for r in runs]
-    ax2.bar(xs, [s if s is not None else 0.0 for s in ssim], color="tab:red")
-    ax2.axhline(0.3, color="k", ls="--", lw=1, label="recognisable (SSIM 0.3, He et al. 2021)")
-    if results.get("inversion_baseline_ssim") is not None:
-        ax2.axhline(
-            results["inversion_baseline_ssim"],
-            color="tab:gray",
-            ls=":",
-            lw=1.5,
-            label="attacker's mean face, no data (baseline)",
+def _export(cfg: SweepConfig, cut: str) -> Path:
+    out = cfg.workdir / "exports" / cut
+    arch = ArchConfig(image_size=cfg.image_size, width=cfg.width, num_classes=cfg.classes, dropout=0.0)
+    try:
+        m = load_manifest(out, verify=("head", "tail"))
+        same = (m.cut, m.image_size, m.width, m.num_classes, m.optimizer, m.seed) == (
+            cut, arch.image_size, arch.width, arch.num_classes, cfg.optimizer, cfg.seed,
+        )  # fmt: skip
+    except ValueError:
+        same = False
+    if not same:
+        shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        export(ExportConfig(arch=arch, cut=cut, optimizer=cfg.optimizer, out=out, seed=cfg.seed))
+    return out
+
+
+def public_clip(artifacts: Path, public_faces: Path) -> float:
+    """The median L2 norm of the export's initial head activations on public faces."""
+    manifest = load_manifest(artifacts, verify=("head",))
+    head = HeadModel(artifacts, manifest, resolve_device(DeviceProfile.CPU))
+    index = index_faces(public_faces, min_faces_per_person=1)
+    images = load_batch(list(index.paths), size=manifest.image_size, mean=manifest.pixel_mean, std=manifest.pixel_std)
+    return float(np.median(l2_norms(head.forward(images))))
+
+
+def _run_point(
+    cfg: SweepConfig, artifacts: Path, data: Path, clip: float, size: tuple[int, int], eps: float | None
+) -> dict[str, Any]:
+    """Train one run (eps: whole-run budget; None: no noise), measure both accuracies, attack its view."""
+    ids, per = size
+    run_dir = cfg.workdir / "runs" / f"{artifacts.name}-{ids}x{per}-{_tag(eps)}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    client = ClientConfig(
+        artifacts=artifacts,
+        data=str(data),
+        device=DeviceProfile.CPU,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        dp=DPConfig(clip=clip, epsilon=math.inf if eps is None else 1.0, delta=cfg.delta),
+        total_epsilon=eps,
+        label_epsilon=math.inf if eps is None else cfg.label_epsilon,
+        seed=cfg.seed,
+        state_dir=run_dir / "client",
+        report=run_dir / "report.json",
+        max_steps_per_epoch=cfg.max_steps_per_epoch,
+        record_view=run_dir / "view",
+        record_view_limit=1,  # the first release: made by the export's head, which the server knows
+        progress=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fixed seed and epsilon = inf are deliberate
+        report = asyncio.run(serve_and_train(artifacts, run_dir / "server-state", client))
+    p = report["privacy"]
+    point: dict[str, Any] = {
+        "cut": report["cut"],
+        "identities": ids,
+        "per_identity": per,
+        "train_images": report["data"]["train_images"],
+        "test_images": report["data"]["test_images"],
+        "epsilon_total": None if eps is None else p["total"]["epsilon"],
+        "epsilon_budget": eps,
+        "delta": None if eps is None else p["total"]["delta"],
+        "epsilon_per_release": None if eps is None else p["epsilon_per_release"],
+        "releases_per_example": p["total"]["releases"],
+        "label_epsilon_per_release": None
+        if math.isinf(p["label_epsilon_per_release"])
+        else p["label_epsilon_per_release"],
+        "noise_multiplier": p["noise_multiplier"],
+        "clip": clip,
+        "snr_per_element": p["snr_per_element"],
+        "clean_test_accuracy": report["clean_test_accuracy"],
+        "private_test_accuracy": report["private_test_accuracy"],
+        "chance": 1 / ids,
+        "train_seconds": report["seconds"],
+        "run_dir": str(run_dir),
+    }
+    if cfg.attack:
+        inv = audit_view(
+            run_dir / "view",
+            InversionConfig(
+                data_seed=PUBLIC_SEED,
+                aux_identities=cfg.attack_aux_identities,
+                victim_identities=1,
+                images_per_identity=cfg.attack_images_per_identity,
+                epochs=cfg.attack_epochs,
+                seed=cfg.seed,
+                cache_dir=cfg.workdir / "attack-faces",
+            ),
+            max_examples=cfg.batch_size,
         )
-    ax2.set_xticks(list(xs), labels)
-    ax2.set_xlabel("ε per release")
-    ax2.set_ylabel("inversion SSIM (mean over victims)")
-    ax2.set_title("privacy (lower is better)")
-    ax2.legend(fontsize=7)
+        (r,) = inv.results
+        _write_json(run_dir / "inversion.json", inv.to_json())
+        write_grid(inv, run_dir / "inversion.png")
+        point |= {
+            "attack_ssim": r.ssim_mean,
+            "attack_psnr": r.psnr_mean,
+            "attack": r.strongest_attack,
+            "baseline_ssim": inv.baseline_ssim_mean,
+            "attack_over_baseline": r.ssim_mean - inv.baseline_ssim_mean,
+        }
+    return point
+
+
+def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+    """Every (cut, size, epsilon) point, resuming saved ones; writes the table and the figure."""
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    settings = cfg.point_settings()
+    public = _faces(cfg.workdir / "data", SynthConfig(4, 8, cfg.image_size, PUBLIC_SEED))
+    plan = [(cut, size, eps) for cut in cfg.cuts for size in cfg.sizes for eps in (None, *cfg.total_epsilons)]
+    points: list[dict[str, Any]] = []
+    costs: dict[str, dict[str, Any]] = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("frontier", total=len(plan))
+        for cut, size, eps in plan:
+            key = f"{cut}-{size[0]}x{size[1]}-{_tag(eps)}"
+            saved = cfg.workdir / "points" / f"{key}.json"
+            bar.update(task, description=f"frontier: {key}")
+            point = _saved_point(saved, settings)
+            if point is None:
+                artifacts = _export(cfg, cut)
+                if cut not in costs:
+                    costs[cut] = device_cost(artifacts, batch=cfg.batch_size)
+                data = _faces(cfg.workdir / "data", SynthConfig(size[0], size[1], cfg.image_size, 0))
+                clip = public_clip(artifacts, public)
+                point = _run_point(cfg, artifacts, data, clip, size, eps) | costs[cut]
+                _write_json(saved, {"settings": settings, "point": point})
+                say(
+                    f"{key}: clean {point['clean_test_accuracy']:.3f}, private {point['private_test_accuracy']:.3f}"
+                    + (f", attack SSIM {point['attack_ssim']:.3f}" if cfg.attack else "")
+                )
+            points.append(point)
+            bar.advance(task)
+    results = {"config": _json_safe(settings | {"cuts": list(cfg.cuts), "sizes": [list(s) for s in cfg.sizes]})}
+    results["points"] = _relative(points)
+    results["smallest_epsilon_at"] = _smallest_epsilon(results["points"])
+    _write_json(cfg.workdir / "frontier.json", results)
+    _write_csv(cfg.workdir / "frontier.csv", results["points"])
+    write_frontier_plot(results, cfg.workdir / "frontier.png")
+    return results
+
+
+def _saved_point(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if saved.get("settings") != json.loads(json.dumps(_json_safe(settings))):
+        return None
+    point = saved["point"]
+    for key in ("epsilon_total", "epsilon_per_release"):
+        if isinstance(point.get(key), str):
+            point[key] = float(point[key])
+    return point
+
+
+def _relative(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each point's clean accuracy as a fraction of the non-private run of the same cut and data."""
+    base = {
+        (p["cut"], p["identities"], p["per_identity"]): p["clean_test_accuracy"]
+        for p in points
+        if p["epsilon_budget"] is None
+    }
+    for p in points:
+        ref = base.get((p["cut"], p["identities"], p["per_identity"]))
+        p["nonprivate_clean_accuracy"] = ref
+        p["relative_clean_accuracy"] = None if not ref else p["clean_test_accuracy"] / ref
+    return points
+
+
+def _private_points(points: list[dict[str, Any]], group: tuple[str, int, int]) -> list[dict[str, Any]]:
+    """The private points of one (cut, identities, per identity), by whole-run epsilon."""
+    mine = [p for p in points if (p["cut"], p["identities"], p["per_identity"]) == group and p["epsilon_budget"]]
+    return sorted(mine, key=lambda p: p["epsilon_budget"])
+
+
+def _smallest_epsilon(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per cut and data size: the smallest whole-run epsilon reaching 80% and 50% of non-private accuracy."""
+    out = []
+    groups = sorted({(p["cut"], p["identities"], p["per_identity"]) for p in points})
+    for cut, ids, per in groups:
+        private = _private_points(points, (cut, ids, per))
+        row: dict[str, Any] = {"cut": cut, "identities": ids, "per_identity": per}
+        for share in (0.8, 0.5):
+            hit = next((p for p in private if (p["relative_clean_accuracy"] or 0) >= share), None)
+            row[f"epsilon_for_{int(share * 100)}pct"] = None if hit is None else hit["epsilon_budget"]
+            row[f"attack_ssim_at_{int(share * 100)}pct"] = None if hit is None else hit.get("attack_ssim")
+        out.append(row)
+    return out
+
+
+_CSV_COLUMNS = (
+    "cut", "identities", "per_identity", "epsilon_budget", "epsilon_total", "delta", "epsilon_per_release",
+    "releases_per_example", "clip", "clean_test_accuracy", "private_test_accuracy", "nonprivate_clean_accuracy",
+    "relative_clean_accuracy", "chance", "attack", "attack_ssim", "baseline_ssim", "head_flops_share",
+    "head_params_share", "head_step_ms", "peak_rss_mb", "wire_bytes_per_example", "train_seconds",
+)  # fmt: skip
+
+
+def _write_csv(path: Path, points: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(_CSV_COLUMNS)
+    for p in points:
+        row = []
+        for c in _CSV_COLUMNS:
+            v = p.get(c)
+            row.append("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v))
+        writer.writerow(row)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def write_frontier_plot(results: dict[str, Any], path: Path) -> Path:
+    """x: whole-run epsilon (log); y: clean accuracy / non-private; colour: attack SSIM over the baseline."""
+    points = results["points"]
+    fig = Figure(figsize=(8, 5), dpi=120)
+    ax = fig.subplots()
+    groups = sorted({(p["cut"], p["identities"], p["per_identity"]) for p in points})
+    cmap = colormaps["RdYlGn_r"]
+    scatter = None
+    for cut, ids, per in groups:
+        mine = _private_points(points, (cut, ids, per))
+        if not mine:
+            continue
+        xs = [p["epsilon_budget"] for p in mine]
+        ys = [p["relative_clean_accuracy"] if p["relative_clean_accuracy"] is not None else np.nan for p in mine]
+        (line,) = ax.plot(xs, ys, lw=1.2, alpha=0.7, label=f"{cut}, {ids}x{per}")
+        if all("attack_over_baseline" in p for p in mine):
+            over = [p["attack_over_baseline"] for p in mine]
+            scatter = ax.scatter(
+                xs, ys, c=over, cmap=cmap, vmin=-0.05, vmax=0.6, s=60, edgecolors=line.get_color(), zorder=3
+            )
+            for x, y, p in zip(xs, ys, mine, strict=True):
+                ax.annotate(f"{p['attack_ssim']:.2f}", (x, y), textcoords="offset points", xytext=(4, 5), fontsize=6)
+        else:
+            ax.scatter(xs, ys, s=25, color=line.get_color(), zorder=3)
+    ax.axhline(0.8, color="k", ls="--", lw=0.8)
+    ax.axhline(0.5, color="k", ls=":", lw=0.8)
+    ax.set_xscale("log")
+    delta = next((p["delta"] for p in points if p["delta"]), None)
+    ax.set_xlabel("whole-run ε" + (f" (δ = {delta:g}, dp-accounting PLD)" if delta else ""))
+    ax.set_ylabel("clean held-out accuracy / non-private")
+    ax.set_title("DP-A frontier: utility vs whole-run ε (labels: strongest-attack SSIM)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left")
+    if scatter is not None:
+        bar = fig.colorbar(scatter, ax=ax)
+        bar.set_label("attack SSIM - no-data baseline", fontsize=8)
     fig.tight_layout()
-    path = out_dir / "privacy_utility.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    paths.append(path)
-    return paths
+    return path

@@ -39,6 +39,7 @@ def test_total_budget_calibrates_tracks_and_refuses(small_export, start_server, 
         report=tmp_path / "r.json",
         total_epsilon=BUDGET,
         seed=3,
+        label_epsilon=float("inf"),  # the activations' budget alone (test_label_dp_run covers the labels')
     )
     report = _run(cfg)
     z = calibrate_noise_multiplier(mechanism=Mechanism.GAUSSIAN, total_epsilon=BUDGET, delta=1e-5, releases=2)

@@ -43,3 +43,11 @@ def test_noisy_and_clean_runs_learn(tmp_path):
     # noisy one did (1.25 vs 1.28, held-out 0.33 vs 0.31 over the last epochs). So no order is asserted.
     assert loss["clean"] < math.log(clean["data"]["identities"]) - 0.3
     assert np.mean(acc["clean"][-4:]) >= chance + 0.07
+    # Both accuracies, measured two ways: private split inference through the server's tail, and the
+    # trained head + tail run offline on clean activations. Without noise the two paths see the same
+    # inputs and must agree exactly; with noise on they differ.
+    print(f"clean / private: no noise {clean['clean_test_accuracy']} / {clean['private_test_accuracy']}, "
+          f"noisy {noisy['clean_test_accuracy']} / {noisy['private_test_accuracy']}")  # fmt: skip
+    assert clean["clean_test_accuracy"] == clean["private_test_accuracy"] == acc["clean"][-1]
+    assert noisy["private_test_accuracy"] == acc["noisy"][-1]
+    assert noisy["clean_test_accuracy"] != noisy["private_test_accuracy"]

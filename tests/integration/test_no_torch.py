@@ -97,7 +97,11 @@ def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
         data = json.loads(report.read_text())
         assert data["privacy"]["epsilon_per_release"] == 4.0
         assert data["epochs"][0]["train_loss"] > 0
-        assert "labels are sent to the server in clear" in data["warnings"]
+        # Labels are randomised by default now (RRWithPrior, label epsilon 4 per release), and accounted.
+        assert (
+            data["privacy"]["label_mechanism"] == "rr-with-prior" and data["privacy"]["label_epsilon_per_release"] == 4
+        )
+        assert data["privacy"]["total"]["covers"].startswith("activations and labels")
         token = (state / "tokens.txt").read_text().split()[-1]
         assert json.load(_status(port, token))["global_step"] == 2
         # kill -HUP reloads the token file: a token added now is accepted without a restart.

@@ -1,4 +1,5 @@
-"""`dpa sweep` on a tiny configuration: results, total epsilon and plots that read back."""
+"""`dpa sweep` on a tiny frontier: points, whole-run epsilon, both accuracies, attack, device cost,
+a table and a figure that read back, and a re-run that resumes instead of retraining."""
 
 from __future__ import annotations
 
@@ -7,45 +8,74 @@ import json
 import math
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from dpa.cli.errors import parse_epsilons
-from dpa.privacy.accountant import epsilon_spent
-from dpa.privacy.mechanism import DPConfig
+from dpa.privacy.accountant import calibrate_noise_multiplier, epsilon_spent
 from dpa.runs.sweep import SweepConfig, run_sweep
 
 
-def test_sweep_writes_results_and_plots(tmp_path):
+def test_frontier_writes_table_and_figure_and_resumes(tmp_path):
     cfg = SweepConfig(
         workdir=tmp_path,
-        epsilons=(1e3, math.inf),
+        total_epsilons=(1e3,),
+        cuts=("conv1_1", "pool1"),
+        sizes=((4, 8),),
         epochs=2,
-        identities=4,
-        per_identity=8,
-        max_steps_per_epoch=3,
-        attack_epochs=2,
-        attack_aux_identities=4,
-        attack_victim_identities=2,
-        attack_images_per_identity=6,
+        max_steps_per_epoch=2,
+        batch_size=4,
+        attack_epochs=1,
+        attack_aux_identities=2,
+        attack_images_per_identity=4,
     )
-    results = run_sweep(cfg, say=lambda _msg: None)
-    rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
-    assert len(rows) == 2 * 2 and {r["epsilon_per_release"] for r in rows} == {"1000", "inf"}
-    data = json.loads((tmp_path / "sweep.json").read_text())
-    noisy = data["runs"][0]
-    # Total epsilon over the run is the PLD composition of `epochs` releases, more than one release.
-    dp = DPConfig(clip=cfg.clip, epsilon=1e3, delta=cfg.delta)
-    expected = epsilon_spent(mechanism=dp.mechanism, noise_multiplier=dp.noise_multiplier, releases=2, delta=cfg.delta)
-    assert noisy["total_epsilon"] == expected and 1e3 < expected < 2e3
-    assert data["runs"][1]["total_epsilon"] == "inf"
-    assert all(0.0 <= r["inversion_ssim"] <= 1.0 for r in results["runs"])
-    for name in ("accuracy.png", "loss.png", "privacy_utility.png", "inversion.png"):
-        with Image.open(tmp_path / name) as img:
-            pixels = np.asarray(img.convert("L"), dtype=np.float32)
-        assert min(pixels.shape) >= 200, name
-        assert pixels.std() > 5, f"{name} is blank"  # curves, bars and text, not a uniform canvas
-    with Image.open(tmp_path / "accuracy.png") as img:
-        assert img.size == (720, 480)  # 6 x 4 inches at 120 dpi
+    results = run_sweep(cfg, say=lambda _msg: None, progress=False)
+    rows = list(csv.DictReader((tmp_path / "frontier.csv").open()))
+    assert [(r["cut"], r["epsilon_budget"]) for r in rows] == [
+        ("conv1_1", ""), ("conv1_1", "1000"), ("pool1", ""), ("pool1", "1000"),
+    ]  # fmt: skip
+    data = json.loads((tmp_path / "frontier.json").read_text())
+    assert data == json.loads(json.dumps(results, default=str)) or data["points"]
+    for p in results["points"]:
+        # Both accuracies, the non-private reference of the same cut, and the ratio between them.
+        assert 0 <= p["clean_test_accuracy"] <= 1 and 0 <= p["private_test_accuracy"] <= 1
+        ref = next(q for q in results["points"] if q["cut"] == p["cut"] and q["epsilon_budget"] is None)
+        assert p["nonprivate_clean_accuracy"] == ref["clean_test_accuracy"]
+        if ref["clean_test_accuracy"]:
+            assert p["relative_clean_accuracy"] == pytest.approx(p["clean_test_accuracy"] / ref["clean_test_accuracy"])
+        # The strongest attack against its baseline, and the device's cost of the cut.
+        assert 0 <= p["attack_ssim"] <= 1 and 0 <= p["baseline_ssim"] <= 1 and p["attack"] in ("decoder", "map")
+        assert 0 < p["head_flops_share"] < 1 and p["head_step_ms"] > 0 and p["peak_rss_mb"] > 10
+    private = [p for p in results["points"] if p["epsilon_budget"] is not None]
+    # The whole run's epsilon is the accountant's, within the budget, for `epochs` releases of each example.
+    for p in private:
+        z = calibrate_noise_multiplier(mechanism="gaussian", total_epsilon=1e3, delta=cfg.delta, releases=2)
+        assert p["noise_multiplier"] == pytest.approx(z)
+        assert p["epsilon_total"] == pytest.approx(
+            epsilon_spent(mechanism="gaussian", noise_multiplier=z, releases=2, delta=cfg.delta)
+        )
+        assert p["epsilon_total"] <= 1e3 and p["releases_per_example"] == 2
+    conv, pool = (p for p in results["points"] if p["epsilon_budget"] is None)
+    assert conv["wire_bytes_per_example"] == 4 * 16 * 64 * 64 and pool["wire_bytes_per_example"] == 4 * 16 * 32 * 32
+    assert len(results["smallest_epsilon_at"]) == 2
+    with Image.open(tmp_path / "frontier.png") as img:
+        pixels = np.asarray(img.convert("L"), dtype=np.float32)
+        assert img.size == (960, 600)
+    assert pixels.std() > 5, "frontier.png is blank"
+    # Resumable: a second run with the same settings trains nothing and gives the same table.
+    before = (tmp_path / "points").stat().st_mtime_ns, sorted(p.name for p in (tmp_path / "points").iterdir())
+    again = run_sweep(cfg, say=lambda msg: pytest.fail(f"retrained: {msg}"), progress=False)
+    assert [p["clean_test_accuracy"] for p in again["points"]] == [p["clean_test_accuracy"] for p in results["points"]]
+    assert sorted(p.name for p in (tmp_path / "points").iterdir()) == before[1]
+
+
+def test_sweep_config_is_checked():
+    with pytest.raises(ValueError, match="total epsilon"):
+        SweepConfig(total_epsilons=(math.inf,))
+    with pytest.raises(ValueError, match="cut"):
+        SweepConfig(cuts=("conv9",))
+    with pytest.raises(ValueError, match="data size"):
+        SweepConfig(sizes=((1, 10),))
 
 
 def test_parse_epsilons():

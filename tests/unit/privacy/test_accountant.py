@@ -255,6 +255,11 @@ def test_accountant_without_budget_and_validation():
         "releases": 1000,
         "mechanism": "laplace",
         "accountant": "pld",
+        "labels": "in clear",
+        "activation_epsilon": acc.epsilon,
+        "label_epsilon_per_release": None,
+        "label_epsilon": None,
+        "covers": "activations only: labels travel in clear",
     }
     with pytest.raises(ValueError, match="budget_epsilon must be > 0"):
         PrivacyAccountant(mechanism=G, noise_multiplier=1.0, delta=1e-5, budget_epsilon=0.0)

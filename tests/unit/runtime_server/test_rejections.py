@@ -135,6 +135,32 @@ def test_malformed_session_request(server):
     assert status == 400 and "manifest_sha256" in body["message"]
 
 
+def test_a_session_records_how_its_labels_are_sent(server, small_export):
+    """The request's labels object is checked, kept with the session, and echoed back."""
+    digest = manifest_sha256(small_export)
+
+    async def run(labels: object) -> tuple[int, dict, dict | None]:
+        async with aiohttp.ClientSession() as http:
+            request = {"manifest_sha256": digest, "labels": labels}
+            async with http.post(f"{server.url}/v1/sessions", json=request) as resp:
+                body = await resp.json()
+            if resp.status != 201:
+                return resp.status, body, None
+            async with http.get(f"{server.url}/v1/sessions/{body['session_id']}") as resp:
+                return 201, body, await resp.json()
+
+    status, body, described = asyncio.run(run({"mechanism": "rr-with-prior", "epsilon": 4}))
+    assert status == 201 and body["labels"] == described["labels"] == {"mechanism": "rr-with-prior", "epsilon": 4.0}
+    status, body, _ = asyncio.run(run({"mechanism": "clear"}))
+    assert status == 201 and body["labels"] == {"mechanism": "clear"}
+    status, body, _ = asyncio.run(run(None))
+    assert status == 201 and body["labels"] == {"mechanism": "unstated"}
+    for bad in ({"mechanism": "rr-with-prior"}, {"mechanism": "rr-with-prior", "epsilon": -1}, {"mechanism": "x"}, 3):
+        status, body, _ = asyncio.run(run(bad))
+        assert status == 400 and body["error"] == "malformed_body" and "labels" in body["message"], bad
+    assert len(server.state.sessions.sessions) == 3
+
+
 def test_wire_header_of_reply_is_documented_format(server, small_export):
     """A good step answers with loss, logits and the activation gradient, in the documented framing."""
     manifest = load_manifest(small_export)

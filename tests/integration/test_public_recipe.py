@@ -1,0 +1,156 @@
+"""The public-features recipe: pretraining on public identities only, centred releases, a frozen head
+released K times, the server's class templates, and the device classifying clean inputs with them."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import warnings
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from dpa.audit.victim import TrainedSplitModel
+from dpa.contract.architecture import ArchConfig
+from dpa.contract.manifest import ARTIFACT_FILES, GraphNames, OptimizerConfig, OptimizerName, load_manifest
+from dpa.contract.ort_training import CheckpointState
+from dpa.faces.lfw import index_faces, load_batch
+from dpa.faces.synth import SynthConfig, identity_names
+from dpa.privacy.clipping import clip_factors, l2_norms, scale_examples
+from dpa.privacy.label_accounting import combined_epsilon
+from dpa.privacy.mechanism import DPConfig
+from dpa.runs.loopback import serve_and_train
+from dpa.runs.sweep import public_clip
+from exporter.export import ExportConfig, export
+from exporter.pretrain import PUBLIC_SEED, PretrainConfig, pretrain, public_faces
+from runtime_client.config import ClientConfig
+from runtime_client.head import HEAD_CHECKPOINT
+from runtime_client.on_device import template_scores
+from runtime_client.trainer import run_training
+from runtime_server.journal import Journal
+from runtime_server.templates import TEMPLATES_FILE
+
+ARCH = ArchConfig(image_size=64, width=0.25, num_classes=6, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """Pretrained (8 public identities x 6 images, 4 epochs) and exported at pool5 with a public centre."""
+    root = tmp_path_factory.mktemp("recipe")
+    info = pretrain(PretrainConfig(out=root / "w.pt", identities=8, per_identity=6, epochs=4, cache_dir=root / "pub"))
+    art = root / "art"
+    optimizer = OptimizerConfig(name=OptimizerName.ADAMW, lr=1e-3)
+    centre = public_faces(root / "pub", 8, 6, 64)
+    export(ExportConfig(arch=ARCH, cut="pool5", optimizer=optimizer, out=art, weights=root / "w.pt", pixel_std=64.0,
+                        centre_faces=centre))  # fmt: skip
+    return root, info, art
+
+
+def test_pretraining_uses_no_device_identity(recipe):
+    _, info, _ = recipe
+    devices = set(identity_names(SynthConfig(identities=40, per_identity=2, seed=0)))
+    assert info["public_seed"] == PUBLIC_SEED != 0
+    assert len(info["identities"]) == 8 and not set(info["identities"]) & devices
+    assert info["history"][-1]["loss"] < info["history"][0]["loss"] + 1.0
+
+
+def test_centred_releases_subtract_the_public_centre_before_clipping(recipe):
+    """The device's activation is the head's minus the exported centre; clipping comes after, so any two
+    releases' clean parts differ by at most 2C: the sensitivity is unchanged."""
+    from dpa.contract.devices import DeviceProfile, resolve_device
+    from dpa.contract.ort_training import Module
+    from runtime_client.head import HeadModel
+
+    _, _, art = recipe
+    m = load_manifest(art, verify=("head",))
+    assert m.release_centre == "head/release_centre.npy"
+    centre = np.load(art / m.release_centre)
+    head = HeadModel(art, m, resolve_device(DeviceProfile.CPU))
+    raw = Module(str(art / "head" / ARTIFACT_FILES.training), CheckpointState.load_checkpoint(
+        str(art / "head" / ARTIFACT_FILES.checkpoint)), str(art / "head" / ARTIFACT_FILES.eval))  # fmt: skip
+    raw.eval()
+    images = np.random.default_rng(0).standard_normal((4, *m.input_shape)).astype(np.float32)
+    np.testing.assert_array_equal(head.forward(images), raw(images) - centre)
+    clip = 1.0
+    a = head.forward(images)
+    clipped = scale_examples(a, clip_factors(l2_norms(a), clip=clip))
+    assert l2_norms(clipped).max() <= clip * (1 + 1e-6)
+    assert np.linalg.norm((clipped[0] - clipped[1]).ravel()) <= DPConfig(clip=clip).sensitivity * (1 + 1e-6)
+
+
+def test_frozen_head_releases_once_and_the_device_classifies_with_the_templates(recipe, start_server, tmp_path):
+    """Three epochs, one release per example: the accountant counts one, epochs 2 and 3 send the first
+    epoch's bytes again, the head is untouched, and the device's accuracy with the server's templates
+    is what the server's own templates give on the same clean inputs."""
+    _, _, art = recipe
+    server = start_server(art, templates=True, checkpoint_every=1000)
+    cfg = ClientConfig(
+        server=server.url, artifacts=art, epochs=3, batch_size=4, dp=DPConfig(clip=2.0, epsilon=1.0),
+        total_epsilon=50.0, label_epsilon=2.0, frozen_head=True, on_device_templates=True,
+        synth=SynthConfig(identities=6, per_identity=8), progress=False, seed=3, state_dir=tmp_path / "client",
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = asyncio.run(run_training(cfg))
+    total = report["privacy"]["total"]
+    z = total["noise_multiplier"]
+    assert total["releases"] == 1 and report["privacy"]["releases_per_training_example"] == 1
+    expected = combined_epsilon(mechanism="gaussian", noise_multiplier=z, label_epsilon=2.0, releases=1, delta=1e-5)
+    assert total["epsilon"] == expected <= 50.0
+    entries = Journal(server.state.config.state_dir).entries()
+    per_epoch = len(entries) // 3
+    rows = [Counter() for _ in range(3)]
+    for i, entry in enumerate(entries):
+        t = Journal.read(entry).tensors
+        for act, label in zip(t[GraphNames.ACTIVATION], t[GraphNames.LABELS], strict=True):
+            rows[i // per_epoch][act.tobytes() + int(label).to_bytes(8, "little")] += 1
+    assert rows[0] == rows[1] == rows[2] and sum(rows[0].values()) == 36
+    after = CheckpointState.load_checkpoint(str(tmp_path / "client" / HEAD_CHECKPOINT))
+    before = CheckpointState.load_checkpoint(str(art / "head" / ARTIFACT_FILES.checkpoint))
+    for (name, p), (_, q) in zip(before.parameters, after.parameters, strict=True):
+        np.testing.assert_array_equal(np.array(p.data), np.array(q.data), err_msg=name)
+    # The server's side, computed independently: its templates file, the audit's onnxruntime head.
+    server.stop()
+    with np.load(server.state.config.state_dir / TEMPLATES_FILE) as z_:
+        sums, counts = z_["sums"], z_["counts"]
+    assert counts.sum() == 3 * 36  # every epoch's steps reached the templates
+    means = sums / np.maximum(counts, 1)[:, None]
+    model = TrainedSplitModel(art, tail_checkpoint=server.state.config.state_dir)
+    root = tmp_path / "client" / "data" / "synthetic-6x8-64px-s0"
+    from dpa.faces.lfw import split_faces
+
+    _, test = split_faces(index_faces(root, min_faces_per_person=2), test_fraction=0.25, seed=0)
+    m = load_manifest(art)
+    dp = DPConfig(clip=2.0, epsilon=1.0, fixed_noise_multiplier=z)
+    a = model.activations(load_batch(list(test.paths), size=64, mean=m.pixel_mean, std=m.pixel_std))
+    x = scale_examples(a, clip_factors(l2_norms(a), clip=2.0)) * np.float32(dp.release_scale(m.activation_numel))
+    server_side = float((template_scores(x, means, counts).argmax(1) == test.labels).mean())
+    assert report["on_device"]["test_accuracy"] == pytest.approx(server_side, abs=1e-12)
+
+
+def test_a_pretrained_centred_run_beats_a_from_scratch_run_at_the_same_epsilon(recipe, tmp_path):
+    """Whole-run epsilon 200, labels in clear, 6 identities: the public recipe (pool5, pretrained, centred,
+    frozen, one release, templates on the device) against from-scratch training at conv1_1 (3 epochs)."""
+    root, _, art = recipe
+    synth = SynthConfig(identities=6, per_identity=40)  # 60 held-out images
+    clip = public_clip(art, root / "pub" / "synthetic-8x6-64px-s1")
+    common = {"batch_size": 8, "label_epsilon": math.inf, "synth": synth, "progress": False, "seed": 0,
+              "total_epsilon": 200.0}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        public = asyncio.run(serve_and_train(art, tmp_path / "s1", ClientConfig(
+            artifacts=art, epochs=1, dp=DPConfig(clip=clip, epsilon=1.0), frozen_head=True,
+            on_device_templates=True, state_dir=tmp_path / "c1", **common), templates=True))  # fmt: skip
+        scratch_art = tmp_path / "scratch"
+        export(ExportConfig(arch=ARCH, cut="conv1_1", optimizer=OptimizerConfig(name=OptimizerName.ADAMW, lr=1e-3),
+                            out=scratch_art))  # fmt: skip
+        scratch = asyncio.run(serve_and_train(scratch_art, tmp_path / "s2", ClientConfig(
+            artifacts=scratch_art, epochs=3, dp=DPConfig(clip=100.0, epsilon=1.0), state_dir=tmp_path / "c2",
+            **common)))  # fmt: skip
+    ours = public["on_device"]["test_accuracy"]
+    theirs = max(scratch["clean_test_accuracy"], scratch["private_test_accuracy"])
+    print(
+        f"\nclip {clip:.3g}; public recipe {ours:.3f} vs from scratch {theirs:.3f} (chance {1 / 6:.3f}), epsilon 200"
+    )
+    assert ours > theirs + 0.05 and ours > 1 / 6 + 0.05
