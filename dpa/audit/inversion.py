@@ -50,7 +50,15 @@ from dpa.faces.synth import SynthConfig, write_synthetic_faces
 from dpa.privacy.mechanism import DPActivations, DPConfig
 from dpa.privacy.public_parameters import release_parameters
 
-__all__ = ["InversionConfig", "face_sets", "load_images", "release_all", "run_inversion", "score_setting"]
+__all__ = [
+    "InversionConfig",
+    "face_sets",
+    "load_images",
+    "make_report",
+    "release_all",
+    "run_inversion",
+    "score_setting",
+]
 
 ProgressFn = Callable[[str, int, int], None]  # (description, completed, total)
 
@@ -306,6 +314,34 @@ def _victim_view_header(cfg: InversionConfig, head: VictimHead, dp: DPConfig) ->
     }
 
 
+def make_report(
+    cfg: InversionConfig, head: VictimHead, started: float, *, aux_names: Sequence[str], victim_names: Sequence[str],
+    aux_images: int, victim_images: int, baseline: np.ndarray, results: Sequence[EpsilonResult],
+    originals: np.ndarray, grids: Sequence[np.ndarray],
+) -> InversionReport:  # fmt: skip
+    """The report of an audit, live or on a recorded view; ``baseline``: (N, 2) PSNR and SSIM of the mean face."""
+    return InversionReport(
+        config=cfg,
+        cut=head.cut,
+        image_size=head.image_size,
+        activation_shape=tuple(head.activation_shape),
+        pixel_mean=tuple(head.pixel_mean),
+        pixel_std=tuple(head.pixel_std),
+        head_source=head.source,
+        aux_identities=tuple(aux_names),
+        victim_identities=tuple(victim_names),
+        aux_images=aux_images,
+        victim_images=victim_images,
+        baseline_psnr_mean=float(baseline[:, 0].mean()),
+        baseline_ssim_mean=float(baseline[:, 1].mean()),
+        baseline_recognisable_fraction=float((baseline[:, 1] > HE2021_RECOGNISABLE_SSIM).mean()),
+        results=tuple(results),
+        seconds=round(time.perf_counter() - started, 3),
+        originals=originals[: cfg.grid_columns],
+        reconstructions=tuple(grids),
+    )
+
+
 def run_inversion(cfg: InversionConfig, *, progress: ProgressFn | None = None) -> InversionReport:
     """Release the victims once per epsilon, run every attack on those releases, score the strongest.
 
@@ -347,26 +383,11 @@ def run_inversion(cfg: InversionConfig, *, progress: ProgressFn | None = None) -
             grids.append(grid)
     finally:
         torch.set_num_threads(previous_threads)
-    return InversionReport(
-        config=cfg,
-        cut=head.cut,
-        image_size=head.image_size,
-        activation_shape=tuple(head.activation_shape),
-        pixel_mean=tuple(head.pixel_mean),
-        pixel_std=tuple(head.pixel_std),
-        head_source=head.source,
-        aux_identities=tuple(names[: cfg.aux_identities]),
-        victim_identities=tuple(names[cfg.aux_identities :]),
-        aux_images=len(aux_paths),
-        victim_images=len(victim_paths),
-        baseline_psnr_mean=float(baseline[:, 0].mean()),
-        baseline_ssim_mean=float(baseline[:, 1].mean()),
-        baseline_recognisable_fraction=float((baseline[:, 1] > HE2021_RECOGNISABLE_SSIM).mean()),
-        results=tuple(results),
-        seconds=round(time.perf_counter() - started, 3),
-        originals=originals[: cfg.grid_columns],
-        reconstructions=tuple(grids),
-    )
+    return make_report(
+        cfg, head, started, aux_names=names[: cfg.aux_identities], victim_names=names[cfg.aux_identities :],
+        aux_images=len(aux_paths), victim_images=len(victim_paths), baseline=baseline, results=results,
+        originals=originals, grids=grids,
+    )  # fmt: skip
 
 
 def _record_victims(

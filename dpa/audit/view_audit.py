@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from dpa.audit.config import InversionConfig
-from dpa.audit.inversion import ProgressFn, face_sets, load_images, score_setting
-from dpa.audit.report import HE2021_RECOGNISABLE_SSIM, InversionReport, image_metrics
+from dpa.audit.inversion import ProgressFn, face_sets, load_images, make_report, score_setting
+from dpa.audit.report import InversionReport, image_metrics
 from dpa.audit.victim import head_from_weights
 from dpa.contract.errors import UserError
 from dpa.contract.server_view import load_view
@@ -76,9 +76,9 @@ def audit_view(
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        with ExitStack() as stack:
+        with ExitStack() as stack:  # the synthetic faces may live in a temporary folder: load them inside
             aux_paths, _, names = face_sets(cfg, head.image_size, stack)
-        aux = load_images(aux_paths, head)
+            aux = load_images(aux_paths, head)
         originals = load_images(paths, head)[1].transpose(0, 2, 3, 1)
         prior = aux[1].mean(axis=0).transpose(1, 2, 0)
         baseline = np.array([image_metrics(o, prior) for o in originals])
@@ -94,23 +94,8 @@ def audit_view(
         result, grid = score_setting(cfg, head, dp, aux, releases, originals, baseline[:, 1], tick)
     finally:
         torch.set_num_threads(previous_threads)
-    return InversionReport(
-        config=cfg,
-        cut=head.cut,
-        image_size=head.image_size,
-        activation_shape=tuple(head.activation_shape),
-        pixel_mean=tuple(head.pixel_mean),
-        pixel_std=tuple(head.pixel_std),
-        head_source=head.source,
-        aux_identities=tuple(names[: cfg.aux_identities]),
-        victim_identities=tuple(sorted({p.parent.name for p in paths})),
-        aux_images=len(aux_paths),
-        victim_images=len(paths),
-        baseline_psnr_mean=float(baseline[:, 0].mean()),
-        baseline_ssim_mean=float(baseline[:, 1].mean()),
-        baseline_recognisable_fraction=float((baseline[:, 1] > HE2021_RECOGNISABLE_SSIM).mean()),
-        results=(result,),
-        seconds=round(time.perf_counter() - started, 3),
-        originals=originals[: cfg.grid_columns],
-        reconstructions=(grid,),
-    )
+    return make_report(
+        cfg, head, started, aux_names=names[: cfg.aux_identities], victim_names=sorted({p.parent.name for p in paths}),
+        aux_images=len(aux_paths), victim_images=len(paths), baseline=baseline, results=(result,),
+        originals=originals, grids=(grid,),
+    )  # fmt: skip

@@ -32,7 +32,15 @@ def sweep_command(
     epochs: Annotated[int, typer.Option(help="Epochs (releases of each example) per run.")] = 8,
     delta: Annotated[float, typer.Option(help="delta of the whole run.")] = 1e-5,
     attack: Annotated[bool, typer.Option(help="Attack each run's recorded view (decoder and MAP).")] = True,
+    attack_epochs: Annotated[int, typer.Option(help="The decoder attack's training epochs.")] = 10,
     max_steps: Annotated[int | None, typer.Option(help="Cap on steps per epoch (quick runs).")] = None,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help="scratch (all layers trained from initialisation) or public (pretrained, centred, frozen "
+            "head, one release, class templates on the device)."
+        ),
+    ] = "scratch",
     label_epsilon: Annotated[
         float, typer.Option(help="Randomise the private runs' labels at this epsilon per release (in the budget).")
     ] = float("inf"),
@@ -53,8 +61,10 @@ def sweep_command(
             epochs=epochs,
             delta=delta,
             attack=attack,
+            attack_epochs=attack_epochs,
             max_steps_per_epoch=max_steps,
             label_epsilon=label_epsilon,
+            recipe=recipe,
         )
         results = run_sweep(cfg, say=lambda msg: console.print(f"[bold cyan]>[/] {msg}"))
     table = Table(title=f"DP-A frontier ({epochs} releases per example, delta {delta:g})")

@@ -41,19 +41,18 @@ from dpa.audit.figures import write_grid
 from dpa.audit.view_audit import audit_view
 from dpa.contract.architecture import ArchConfig, validate_cut
 from dpa.contract.atomic import atomic_write_bytes
-from dpa.contract.devices import DeviceProfile, resolve_device
+from dpa.contract.devices import DeviceProfile
 from dpa.contract.errors import UserError
-from dpa.contract.manifest import OptimizerConfig, OptimizerName, load_manifest
-from dpa.faces.lfw import index_faces, load_batch
+from dpa.contract.manifest import OptimizerConfig, OptimizerName, load_manifest, sha256_file
 from dpa.faces.synth import SynthConfig, write_synthetic_faces
 from dpa.privacy import checks
-from dpa.privacy.clipping import l2_norms
 from dpa.privacy.mechanism import DPConfig
 from dpa.runs.device_cost import device_cost
 from dpa.runs.loopback import serve_and_train
+from dpa.runs.public_data import pretrained_weights, public_clip
 from exporter.export import ExportConfig, export
+from exporter.pretrain import PRETRAIN_PIXEL_STD
 from runtime_client.config import ClientConfig
-from runtime_client.head import HeadModel
 
 __all__ = ["SweepConfig", "run_sweep", "write_frontier_plot", "PUBLIC_SEED"]
 
@@ -82,8 +81,17 @@ class SweepConfig:
     # Private runs randomise labels at this epsilon per release, inside the same whole-run budget;
     # inf (the default): labels in clear, so the frontier measures the activations' mechanism alone.
     label_epsilon: float = math.inf
+    # "scratch": every layer trained from initialisation, the head too, one release per epoch.
+    # "public": the network pretrained on public faces, exported centred, the head frozen and each
+    # example released once; the clean accuracy is the device's with the server's class templates.
+    recipe: str = "scratch"
+    pretrain_identities: int = 40  # the public recipe's pretraining (exporter.pretrain)
+    pretrain_per_identity: int = 40
+    pretrain_epochs: int = 10
 
     def __post_init__(self) -> None:
+        if self.recipe not in ("scratch", "public"):
+            raise UserError(f"recipe must be 'scratch' or 'public', got {self.recipe!r}")
         for eps in self.total_epsilons:
             checks.epsilon(eps, allow_inf=False, name="total epsilon")
         for cut in self.cuts:
@@ -117,7 +125,10 @@ class SweepConfig:
             "max_steps_per_epoch": self.max_steps_per_epoch,
             "classes": self.classes,
             "label_epsilon": self.label_epsilon,
-        }
+            "recipe": self.recipe,
+            **({"pretrain": [self.pretrain_identities, self.pretrain_per_identity, self.pretrain_epochs]}
+               if self.recipe == "public" else {}),
+        }  # fmt: skip
 
 
 def _tag(eps: float | None) -> str:
@@ -146,30 +157,29 @@ def _faces(root: Path, synth: SynthConfig) -> Path:
     return folder
 
 
-def _export(cfg: SweepConfig, cut: str) -> Path:
+def _export(cfg: SweepConfig, cut: str, pretrained: tuple[Path, Path] | None) -> Path:
     out = cfg.workdir / "exports" / cut
     arch = ArchConfig(image_size=cfg.image_size, width=cfg.width, num_classes=cfg.classes, dropout=0.0)
+    weights = None if pretrained is None else sha256_file(pretrained[0])
     try:
         m = load_manifest(out, verify=("head", "tail"))
-        same = (m.cut, m.image_size, m.width, m.num_classes, m.optimizer, m.seed) == (
-            cut, arch.image_size, arch.width, arch.num_classes, cfg.optimizer, cfg.seed,
+        same = (m.cut, m.image_size, m.width, m.num_classes, m.optimizer, m.seed, m.weights_sha256) == (
+            cut, arch.image_size, arch.width, arch.num_classes, cfg.optimizer,
+            cfg.seed if pretrained is None else None, weights,
         )  # fmt: skip
     except ValueError:
         same = False
     if not same:
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
-        export(ExportConfig(arch=arch, cut=cut, optimizer=cfg.optimizer, out=out, seed=cfg.seed))
+        if pretrained is None:
+            export(ExportConfig(arch=arch, cut=cut, optimizer=cfg.optimizer, out=out, seed=cfg.seed))
+        else:
+            export(ExportConfig(
+                arch=arch, cut=cut, optimizer=cfg.optimizer, out=out, seed=cfg.seed, weights=pretrained[0],
+                pixel_std=PRETRAIN_PIXEL_STD, centre_faces=pretrained[1],
+            ))  # fmt: skip
     return out
-
-
-def public_clip(artifacts: Path, public_faces: Path) -> float:
-    """The median L2 norm of the export's initial head activations on public faces."""
-    manifest = load_manifest(artifacts, verify=("head",))
-    head = HeadModel(artifacts, manifest, resolve_device(DeviceProfile.CPU))
-    index = index_faces(public_faces, min_faces_per_person=1)
-    images = load_batch(list(index.paths), size=manifest.image_size, mean=manifest.pixel_mean, std=manifest.pixel_std)
-    return float(np.median(l2_norms(head.forward(images))))
 
 
 def _run_point(
@@ -179,11 +189,14 @@ def _run_point(
     ids, per = size
     run_dir = cfg.workdir / "runs" / f"{artifacts.name}-{ids}x{per}-{_tag(eps)}"
     shutil.rmtree(run_dir, ignore_errors=True)
+    public = cfg.recipe == "public"
     client = ClientConfig(
         artifacts=artifacts,
         data=str(data),
         device=DeviceProfile.CPU,
-        epochs=cfg.epochs,
+        epochs=1 if public else cfg.epochs,
+        frozen_head=public,
+        on_device_templates=public,
         batch_size=cfg.batch_size,
         dp=DPConfig(clip=clip, epsilon=math.inf if eps is None else 1.0, delta=cfg.delta),
         total_epsilon=eps,
@@ -198,7 +211,7 @@ def _run_point(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fixed seed and epsilon = inf are deliberate
-        report = asyncio.run(serve_and_train(artifacts, run_dir / "server-state", client))
+        report = asyncio.run(serve_and_train(artifacts, run_dir / "server-state", client, templates=public))
     p = report["privacy"]
     point: dict[str, Any] = {
         "cut": report["cut"],
@@ -217,7 +230,9 @@ def _run_point(
         "noise_multiplier": p["noise_multiplier"],
         "clip": clip,
         "snr_per_element": p["snr_per_element"],
-        "clean_test_accuracy": report["clean_test_accuracy"],
+        "clean_test_accuracy": report["on_device"]["test_accuracy"] if public else report["clean_test_accuracy"],
+        "clean_classifier": "class templates on the device" if public else "head + tail",
+        "tail_clean_test_accuracy": report["clean_test_accuracy"],
         "private_test_accuracy": report["private_test_accuracy"],
         "chance": 1 / ids,
         "train_seconds": report["seconds"],
@@ -255,6 +270,13 @@ def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print, progress:
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     settings = cfg.point_settings()
     public = _faces(cfg.workdir / "data", SynthConfig(4, 8, cfg.image_size, PUBLIC_SEED))
+    pretrained = None
+    if cfg.recipe == "public":
+        pretrained = pretrained_weights(
+            cfg.workdir / "pretrained", identities=cfg.pretrain_identities, per_identity=cfg.pretrain_per_identity,
+            image_size=cfg.image_size, width=cfg.width, epochs=cfg.pretrain_epochs, seed=cfg.seed, say=say,
+        )  # fmt: skip
+        public = pretrained[1]
     plan = [(cut, size, eps) for cut in cfg.cuts for size in cfg.sizes for eps in (None, *cfg.total_epsilons)]
     points: list[dict[str, Any]] = []
     costs: dict[str, dict[str, Any]] = {}
@@ -267,7 +289,7 @@ def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print, progress:
             bar.update(task, description=f"frontier: {key}")
             point = _saved_point(saved, settings)
             if point is None:
-                artifacts = _export(cfg, cut)
+                artifacts = _export(cfg, cut, pretrained)
                 if cut not in costs:
                     costs[cut] = device_cost(artifacts, batch=cfg.batch_size)
                 data = _faces(cfg.workdir / "data", SynthConfig(size[0], size[1], cfg.image_size, 0))
@@ -314,6 +336,9 @@ def _relative(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ref = base.get((p["cut"], p["identities"], p["per_identity"]))
         p["nonprivate_clean_accuracy"] = ref
         p["relative_clean_accuracy"] = None if not ref else p["clean_test_accuracy"] / ref
+        # The same with chance taken out of both: a run at chance against a reference at chance is 0, not 1.
+        gain = None if ref is None else ref - p["chance"]
+        p["relative_above_chance"] = None if not gain or gain <= 0 else (p["clean_test_accuracy"] - p["chance"]) / gain
     return points
 
 
@@ -331,7 +356,8 @@ def _smallest_epsilon(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
         private = _private_points(points, (cut, ids, per))
         row: dict[str, Any] = {"cut": cut, "identities": ids, "per_identity": per}
         for share in (0.8, 0.5):
-            hit = next((p for p in private if (p["relative_clean_accuracy"] or 0) >= share), None)
+            # Judged above chance: a reference barely above chance makes any run look like a large share.
+            hit = next((p for p in private if (p["relative_above_chance"] or 0) >= share), None)
             row[f"epsilon_for_{int(share * 100)}pct"] = None if hit is None else hit["epsilon_budget"]
             row[f"attack_ssim_at_{int(share * 100)}pct"] = None if hit is None else hit.get("attack_ssim")
         out.append(row)
@@ -341,7 +367,8 @@ def _smallest_epsilon(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 _CSV_COLUMNS = (
     "cut", "identities", "per_identity", "epsilon_budget", "epsilon_total", "delta", "epsilon_per_release",
     "releases_per_example", "clip", "clean_test_accuracy", "private_test_accuracy", "nonprivate_clean_accuracy",
-    "relative_clean_accuracy", "chance", "attack", "attack_ssim", "baseline_ssim", "head_flops_share",
+    "relative_clean_accuracy", "relative_above_chance", "clean_classifier",
+    "chance", "attack", "attack_ssim", "baseline_ssim", "head_flops_share",
     "head_params_share", "head_step_ms", "peak_rss_mb", "wire_bytes_per_example", "train_seconds",
 )  # fmt: skip
 
@@ -360,7 +387,8 @@ def _write_csv(path: Path, points: list[dict[str, Any]]) -> None:
 
 
 def write_frontier_plot(results: dict[str, Any], path: Path) -> Path:
-    """x: whole-run epsilon (log); y: clean accuracy / non-private; colour: attack SSIM over the baseline."""
+    """x: whole-run epsilon (log); y: clean accuracy as a share of the non-private run's, both above chance
+    (a run at chance scores 0, however close to chance the reference is); colour: attack SSIM over the baseline."""
     points = results["points"]
     fig = Figure(figsize=(8, 5), dpi=120)
     ax = fig.subplots()
@@ -372,7 +400,10 @@ def write_frontier_plot(results: dict[str, Any], path: Path) -> Path:
         if not mine:
             continue
         xs = [p["epsilon_budget"] for p in mine]
-        ys = [p["relative_clean_accuracy"] if p["relative_clean_accuracy"] is not None else np.nan for p in mine]
+        if all(p["relative_above_chance"] is None for p in mine):  # the non-private run itself is at chance
+            ax.plot([], [], " ", label=f"{cut}, {ids}x{per}: non-private at chance (not drawn)")
+            continue
+        ys = [p["relative_above_chance"] if p["relative_above_chance"] is not None else np.nan for p in mine]
         (line,) = ax.plot(xs, ys, lw=1.2, alpha=0.7, label=f"{cut}, {ids}x{per}")
         if all("attack_over_baseline" in p for p in mine):
             over = [p["attack_over_baseline"] for p in mine]
@@ -385,10 +416,11 @@ def write_frontier_plot(results: dict[str, Any], path: Path) -> Path:
             ax.scatter(xs, ys, s=25, color=line.get_color(), zorder=3)
     ax.axhline(0.8, color="k", ls="--", lw=0.8)
     ax.axhline(0.5, color="k", ls=":", lw=0.8)
+    ax.axhline(0.0, color="tab:gray", lw=0.8)
     ax.set_xscale("log")
     delta = next((p["delta"] for p in points if p["delta"]), None)
     ax.set_xlabel("whole-run ε" + (f" (δ = {delta:g}, dp-accounting PLD)" if delta else ""))
-    ax.set_ylabel("clean held-out accuracy / non-private")
+    ax.set_ylabel("clean accuracy above chance / non-private's")
     ax.set_title("DP-A frontier: utility vs whole-run ε (labels: strongest-attack SSIM)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left")

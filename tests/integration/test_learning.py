@@ -1,6 +1,6 @@
 """DP-A training learns on the built-in synthetic faces, and noise costs accuracy.
 
-The demo's configuration (64x64 VGG-Face, width 0.25, cut conv1_1, 10 identities),
+The earlier demo's configuration (64x64 VGG-Face, width 0.25, cut conv1_1, 10 identities, from scratch),
 run through the real server on loopback, without noise and with noise at SNR 4.8 per
 element (epsilon 3e6 per release; README explains why conv1_1 needs it this large).
 Fixed seeds make the run repeatable; the figures are printed.
@@ -15,20 +15,40 @@ ln(10), and on the held-out accuracy averaged over the last epochs, not on one e
 
 from __future__ import annotations
 
+import asyncio
 import math
 import warnings
 
 import numpy as np
 
-from dpa.runs.demo import DemoConfig, run_demo
+from dpa.contract.architecture import ArchConfig
+from dpa.contract.manifest import OptimizerConfig, OptimizerName
+from dpa.privacy.mechanism import DPConfig
+from dpa.runs.loopback import serve_and_train
+from exporter.export import ExportConfig, export
+from runtime_client.config import ClientConfig
 
 EPOCHS = 12
 
 
+def _run(tmp_path, artifacts, epsilon):  # type: ignore[no-untyped-def]
+    """The earlier demo's from-scratch run: clip 100, AdamW, labels in clear, per-release epsilon."""
+    tag = f"{epsilon:g}"
+    cfg = ClientConfig(
+        artifacts=artifacts, epochs=EPOCHS, batch_size=8, dp=DPConfig(clip=100.0, epsilon=epsilon, delta=1e-5),
+        label_epsilon=float("inf"), seed=0, state_dir=tmp_path / "client", progress=False,
+    )  # fmt: skip
+    return asyncio.run(serve_and_train(artifacts, tmp_path / f"server-{tag}", cfg))
+
+
 def test_noisy_and_clean_runs_learn(tmp_path):
+    artifacts = tmp_path / "artifacts"
+    arch = ArchConfig(image_size=64, width=0.25, num_classes=10, dropout=0.0)
+    export(ExportConfig(arch=arch, cut="conv1_1", optimizer=OptimizerConfig(name=OptimizerName.ADAMW, lr=1e-3),
+                        out=artifacts, seed=0))  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fixed seed and epsilon = inf warn by design
-        clean, noisy = run_demo(DemoConfig(workdir=tmp_path, epochs=EPOCHS), say=lambda _msg: None)
+        clean, noisy = _run(tmp_path, artifacts, float("inf")), _run(tmp_path, artifacts, 3e6)
     chance = 1 / clean["data"]["identities"]
     acc = {name: [e["test_accuracy"] for e in r["epochs"]] for name, r in (("clean", clean), ("noisy", noisy))}
     loss = {name: r["epochs"][-1]["train_loss"] for name, r in (("clean", clean), ("noisy", noisy))}

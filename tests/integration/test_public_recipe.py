@@ -21,7 +21,7 @@ from dpa.privacy.clipping import clip_factors, l2_norms, scale_examples
 from dpa.privacy.label_accounting import combined_epsilon
 from dpa.privacy.mechanism import DPConfig
 from dpa.runs.loopback import serve_and_train
-from dpa.runs.sweep import public_clip
+from dpa.runs.public_data import public_clip
 from exporter.export import ExportConfig, export
 from exporter.pretrain import PUBLIC_SEED, PretrainConfig, pretrain, public_faces
 from runtime_client.config import ClientConfig
@@ -150,7 +150,5 @@ def test_a_pretrained_centred_run_beats_a_from_scratch_run_at_the_same_epsilon(r
             **common)))  # fmt: skip
     ours = public["on_device"]["test_accuracy"]
     theirs = max(scratch["clean_test_accuracy"], scratch["private_test_accuracy"])
-    print(
-        f"\nclip {clip:.3g}; public recipe {ours:.3f} vs from scratch {theirs:.3f} (chance {1 / 6:.3f}), epsilon 200"
-    )
+    print(f"\nclip {clip:.3g}; public recipe {ours:.3f} vs from scratch {theirs:.3f} (chance {1 / 6:.3f}), epsilon 200")
     assert ours > theirs + 0.05 and ours > 1 / 6 + 0.05

@@ -1,0 +1,55 @@
+"""What the orchestration derives from PUBLIC faces only, so that choosing it spends no privacy."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from dpa.contract.devices import DeviceProfile, resolve_device
+from dpa.contract.manifest import load_manifest
+from dpa.faces.lfw import index_faces, load_batch
+from dpa.privacy.clipping import l2_norms
+from exporter.pretrain import PretrainConfig, pretrain, public_faces, sidecar
+from runtime_client.head import HeadModel
+
+__all__ = ["pretrained_weights", "public_clip"]
+
+
+def public_clip(artifacts: Path, public_faces: Path) -> float:
+    """The clip C for an export: the median L2 norm of its head's (centred, if the export centres)
+    activations on public faces, so that about half of the examples are clipped."""
+    manifest = load_manifest(artifacts, verify=("head",))
+    head = HeadModel(artifacts, manifest, resolve_device(DeviceProfile.CPU))
+    index = index_faces(public_faces, min_faces_per_person=1)
+    images = load_batch(list(index.paths), size=manifest.image_size, mean=manifest.pixel_mean, std=manifest.pixel_std)
+    return float(np.median(l2_norms(head.forward(images))))
+
+
+def pretrained_weights(
+    folder: Path, *, identities: int, per_identity: int, image_size: int, width: float, epochs: int, seed: int,
+    say: Callable[[str], None] = print,
+) -> tuple[Path, Path]:  # fmt: skip
+    """(weights, the public faces they were trained on): pretrained once in ``folder`` (``dpa pretrain``),
+    reused while the settings are the same."""
+    pcfg = PretrainConfig(
+        out=folder / "weights.pt", identities=identities, per_identity=per_identity, image_size=image_size,
+        width=width, epochs=epochs, seed=seed, cache_dir=folder / "faces",
+    )  # fmt: skip
+    faces = public_faces(folder / "faces", identities, per_identity, image_size)
+    where = ("out", "cache_dir")  # a copied folder is the same pretraining
+    want = {k: v for k, v in asdict(pcfg).items() if k not in where}
+    try:
+        saved = json.loads(sidecar(pcfg.out).read_text())["config"]
+        done = {k: v for k, v in saved.items() if k not in where} == want and pcfg.out.is_file()
+    except (OSError, ValueError, KeyError):
+        done = False
+    if done:
+        say(f"reusing the public pretrained weights in {pcfg.out}")
+    else:
+        say(f"pretraining on public faces ({identities} identities, disjoint from the devices')")
+        pretrain(pcfg)
+    return pcfg.out, faces

@@ -1,0 +1,47 @@
+"""`dpa demo` on a tiny configuration: three runs, the JSON the README documents, recorded views."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from dpa.contract.server_view import load_view
+from dpa.runs.demo import DemoConfig, demo_summary, run_demo
+
+
+def test_demo_runs_and_its_json_has_every_field(tmp_path):
+    cfg = DemoConfig(
+        workdir=tmp_path, identities=4, per_identity=12, pretrain_identities=6, pretrain_per_identity=6,
+        pretrain_epochs=1, nonprivate_epochs=1,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = demo_summary(run_demo(cfg, say=lambda _msg: None))
+    data = json.loads(json.dumps(summary))
+    names = [r["name"] for r in data["runs"]]
+    assert names == ["non-private", "private", "private, conv1_1"]
+    nonprivate, private, seed_cut = data["runs"]
+    assert nonprivate["epsilon_total"] is None and nonprivate["label_epsilon"] is None
+    assert nonprivate["clean_test_accuracy"] == max(
+        nonprivate["tail_clean_test_accuracy"], nonprivate["clean_test_accuracy"]
+    )
+    for run in (private, seed_cut):
+        assert 0 < run["epsilon_total"] <= 8.0 and run["delta"] == 1e-5
+        assert run["label_epsilon"] == 4.0 and run["releases_per_example"] == 1
+        assert run["epsilon_activations"] < run["epsilon_total"]
+        assert run["clean_classifier"] == "class templates, on the device"
+    assert private["cut"] == "pool5" and seed_cut["cut"] == "conv1_1"
+    assert private["device_flops_share"] > 0.9 > seed_cut["device_flops_share"]
+    for run in data["runs"]:
+        assert set(run) >= {"name", "epsilon_total", "delta", "releases_per_example", "clean_test_accuracy",
+                            "private_test_accuracy", "chance", "view", "label_epsilon"}  # fmt: skip
+        assert run["chance"] == pytest.approx(0.25) and 0 <= run["clean_test_accuracy"] <= 1
+        assert len(load_view(run["view"]).releases) >= 1
+    # A second run reuses the pretrained weights instead of training them again.
+    messages: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_demo(cfg, say=messages.append)
+    assert any(m.startswith("reusing the public pretrained weights") for m in messages)
