@@ -76,6 +76,8 @@ class LabelPrivacy:
 
     def store(self, props) -> None:  # type: ignore[no-untyped-def]
         props[_RNG_KEY] = generator_state_json(self.rng)
+        if not self.use_logits or self.in_clear:
+            return  # no priors in use: nothing to save with every step
         buf = io.BytesIO()
         np.savez_compressed(buf, ids=self.ids, probs=self.probs.astype(np.float16))
         props[_PRIORS_KEY] = base64.b64encode(buf.getvalue()).decode("ascii")

@@ -155,14 +155,16 @@ class SplitTrainer:
     def _request_specs(self, batch: int) -> dict[str, wire.Spec]:
         return messages.train_request_specs(batch, self.head.activation_shape, self.release_dtype.numpy)
 
-    def _finish(self, reply: TrainReply, labels: np.ndarray, clipped: int) -> StepResult:
-        """The optimizer step on the accumulated gradients, and the step's figures."""
+    def _finish(self, reply: TrainReply, labels: np.ndarray, clipped: int, *, update: bool = True) -> StepResult:
+        """The optimizer step on the accumulated gradients (``update``; a frozen head has none), and the
+        step's figures."""
         batch = len(labels)
         if reply.logits.ndim != 2 or reply.logits.shape[0] != batch:
             self.head.reset_gradients()
             shape = reply.logits.shape
             raise EdgeError(0, "bad_reply", f"the server's logits have shape {shape}, expected ({batch}, classes)")
-        self.head.step()
+        if update:
+            self.head.step()
         self.step_number = reply.step if reply.step > 0 else self.step_number + 1
         correct = int((reply.logits.argmax(axis=1) == labels).sum())
         return StepResult(reply.loss, correct, batch, clipped / max(batch, 1), reply.global_step, reply.logits)
@@ -270,16 +272,15 @@ class SplitTrainer:
         if stored is None:
             if record and self.on_sent is not None:
                 self.on_sent(self.step_number + 1, activation, labels)
-            tensors = {GraphNames.ACTIVATION: activation, GraphNames.LABELS: labels.astype("<i8")}
-            reply = await self._send(wire.encode(tensors, messages.train_request_meta(self.step_number + 1)))
+            meta = messages.train_request_meta(self.step_number + 1)
+            body, slots = wire.allocate(self._request_specs(len(labels)), meta, self.edge.buffers)
+            slots[GraphNames.ACTIVATION][...] = activation
+            slots[GraphNames.LABELS][...] = labels
+            del slots
+            reply = await self._send(body)
         else:
             reply = stored
-        if reply.logits.ndim != 2 or reply.logits.shape[0] != len(labels):
-            raise EdgeError(0, "bad_reply", f"the server's logits have shape {reply.logits.shape}")
-        self.step_number = reply.step if reply.step > 0 else self.step_number + 1
-        correct = int((reply.logits.argmax(axis=1) == labels).sum())
-        return StepResult(reply.loss, correct, len(labels), clipped / max(len(labels), 1), reply.global_step,
-                          reply.logits)  # fmt: skip
+        return self._finish(reply, labels, clipped, update=False)
 
     async def predict(self, images: np.ndarray) -> np.ndarray:
         """Class predictions; the test activations are released with the same DP-A mechanism."""

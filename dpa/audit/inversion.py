@@ -58,6 +58,7 @@ __all__ = [
     "release_all",
     "run_inversion",
     "score_setting",
+    "ticks_per_setting",
 ]
 
 ProgressFn = Callable[[str, int, int], None]  # (description, completed, total)
@@ -243,7 +244,7 @@ def _map_attack(
 ATTACKS: dict[str, Callable[..., AttackOutcome]] = {"decoder": _decoder_attack, "map": _map_attack}
 
 
-def _ticks_per_setting(cfg: InversionConfig) -> int:
+def ticks_per_setting(cfg: InversionConfig) -> int:
     return (cfg.epochs if "decoder" in cfg.attacks else 0) + (1 if "map" in cfg.attacks else 0)
 
 
@@ -300,7 +301,7 @@ def score_setting(
 # --------------------------------------------------------------------------- the audit
 
 
-def _victim_view_header(cfg: InversionConfig, head: VictimHead, dp: DPConfig) -> dict[str, Any]:
+def _victim_view_header(head: VictimHead) -> dict[str, Any]:
     return {
         "recorded_by": "dpa attack inversion (the audit's own victim releases)",
         "cut": head.cut,
@@ -361,7 +362,7 @@ def run_inversion(cfg: InversionConfig, *, progress: ProgressFn | None = None) -
         originals = victims[1].transpose(0, 2, 3, 1)
         prior = aux[1].mean(axis=0).transpose(1, 2, 0)
         baseline = np.array([image_metrics(o, prior) for o in originals])
-        total = _ticks_per_setting(cfg) * len(cfg.epsilons)
+        total = ticks_per_setting(cfg) * len(cfg.epsilons)
         done = 0
         results: list[EpsilonResult] = []
         grids: list[np.ndarray] = []
@@ -402,7 +403,7 @@ def _record_victims(
     assert cfg.record_view is not None
     folder = cfg.record_view / f"eps-{dp.epsilon:g}"
     shutil.rmtree(folder, ignore_errors=True)
-    recorder = ViewRecorder(folder, _victim_view_header(cfg, head, dp))
+    recorder = ViewRecorder(folder, _victim_view_header(head))
     module = head.module
     if isinstance(module, CentredHead):
         recorder.write_centre(module.centre.numpy())

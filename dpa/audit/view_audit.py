@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dpa.audit.config import InversionConfig
-from dpa.audit.inversion import ProgressFn, face_sets, load_images, make_report, score_setting
+from dpa.audit.inversion import ProgressFn, face_sets, load_images, make_report, score_setting, ticks_per_setting
 from dpa.audit.report import InversionReport, image_metrics
 from dpa.audit.victim import head_from_weights
 from dpa.contract.errors import UserError
@@ -83,7 +83,7 @@ def audit_view(
         prior = aux[1].mean(axis=0).transpose(1, 2, 0)
         baseline = np.array([image_metrics(o, prior) for o in originals])
         done = 0
-        ticks = (cfg.epochs if "decoder" in cfg.attacks else 0) + (1 if "map" in cfg.attacks else 0)
+        ticks = ticks_per_setting(cfg)
 
         def tick(attack: str, loss: float) -> None:
             nonlocal done
