@@ -19,7 +19,7 @@ from dpa.contract.choices import Choice
 from dpa.contract.devices import ResolvedDevice
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import ARTIFACT_FILES, Manifest, load_release_centre
-from dpa.contract.ort_training import CheckpointState, Module, Optimizer, SessionOptions
+from dpa.contract.ort_training import CheckpointState, Module, Optimizer, session_options
 
 __all__ = ["HeadModel", "ModelFormat", "HEAD_CHECKPOINT"]
 
@@ -58,14 +58,14 @@ class HeadModel:
         checkpoint: Path | None = None,
         lr: float | None = None,
         model_format: ModelFormat = ModelFormat.AUTO,
+        frozen: bool = False,
     ) -> None:
         head = Path(artifacts) / "head"
         training, evaluation, optimizer, self.format = _model_paths(head, model_format)
         start = checkpoint if checkpoint is not None and checkpoint.is_file() else head / ARTIFACT_FILES.checkpoint
         self.resumed = start != head / ARTIFACT_FILES.checkpoint
         self.state = CheckpointState.load_checkpoint(str(start))
-        options = SessionOptions()
-        options.intra_op_num_threads = device.threads
+        options = session_options(device.threads)
         self.module = Module(
             str(training), self.state, str(evaluation), device=device.ort_device, session_options=options
         )
@@ -75,7 +75,10 @@ class HeadModel:
         # d(a - c)/da = I, so the VJP the device applies is unchanged.
         self.centre = load_release_centre(artifacts, manifest)
         self.lr = manifest.optimizer.lr if lr is None else lr
-        self._optimizer_state = manifest.optimizer.name != "sgd"
+        # A frozen head (public weights, never stepped) keeps its optimizer's initial state: saving it
+        # with every step's checkpoint tripled the file at pool5 with AdamW for nothing.
+        self.frozen = frozen
+        self._optimizer_state = manifest.optimizer.name != "sgd" and not frozen
         self.optimizer.set_learning_rate(self.lr)
 
     def forward(self, images: np.ndarray) -> np.ndarray:
@@ -106,6 +109,8 @@ class HeadModel:
 
     def step(self) -> None:
         """Apply the accumulated gradients, then clear them."""
+        if self.frozen:
+            raise RuntimeError("a frozen head is never stepped (its optimizer state is not saved)")
         self.optimizer.step()
         self.module.lazy_reset_grad()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpa.contract.atomic import atomic_write_bytes
+from dpa.contract.atomic import atomic_write_many
 from dpa.contract.errors import UserError
 
 __all__ = ["ReleaseCache"]
@@ -31,10 +31,12 @@ class ReleaseCache:
 
     def put(self, k: int, rows: np.ndarray, activation: np.ndarray, labels: np.ndarray) -> None:
         (self.directory / f"r{k}").mkdir(parents=True, exist_ok=True)
+        files = []
         for i, r in enumerate(rows):
             buf = io.BytesIO()
             np.savez(buf, activation=activation[i], label=np.int64(labels[i]))
-            atomic_write_bytes(self._path(k, int(r)), buf.getvalue())
+            files.append((self._path(k, int(r)), buf.getvalue()))
+        atomic_write_many(files)
 
     def get(self, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(activations as first sent, labels as first sent) of ``rows``' release ``k``."""

@@ -69,7 +69,10 @@ def _set_up(cfg: ClientConfig, *, from_checkpoint: bool) -> _Setup:
     ckpt = cfg.state_dir / HEAD_CHECKPOINT
     device = resolve_device(cfg.device)
     checkpoint = ckpt if from_checkpoint else None
-    head = HeadModel(cfg.artifacts, manifest, device, checkpoint=checkpoint, lr=cfg.lr, model_format=cfg.model_format)
+    head = HeadModel(
+        cfg.artifacts, manifest, device, checkpoint=checkpoint, lr=cfg.lr, model_format=cfg.model_format,
+        frozen=cfg.frozen_head,
+    )  # fmt: skip
     return _Setup(manifest, manifest_sha256(cfg.artifacts), device, train, test, ckpt, head)
 
 

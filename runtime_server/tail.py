@@ -17,7 +17,7 @@ from dpa.contract.atomic import TEMP_GLOB, atomic_write_with
 from dpa.contract.devices import ResolvedDevice
 from dpa.contract.finite import all_finite
 from dpa.contract.manifest import ARTIFACT_FILES, Manifest
-from dpa.contract.ort_training import CheckpointState, Module, Optimizer, SessionOptions, train_step_into
+from dpa.contract.ort_training import CheckpointState, Module, Optimizer, session_options, train_step_into
 from runtime_server.records import write_digests
 
 __all__ = ["TailModel", "TrainResult", "StepOutputs", "NonFiniteStep", "CHECKPOINT_NAME"]
@@ -59,8 +59,7 @@ class TailModel:
         resume = state_dir / CHECKPOINT_NAME
         self.resumed = resume.is_file()
         self.state = CheckpointState.load_checkpoint(str(resume if self.resumed else tail / ARTIFACT_FILES.checkpoint))
-        options = SessionOptions()
-        options.intra_op_num_threads = device.threads
+        options = session_options(device.threads)
         self.module = Module(
             str(tail / ARTIFACT_FILES.training),
             self.state,

@@ -15,7 +15,7 @@ from dpa.audit.config import InversionConfig
 from dpa.contract.architecture import ArchConfig, cut_info
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import ARTIFACT_FILES, load_manifest, load_release_centre
-from dpa.contract.ort_training import CheckpointState, Module, SessionOptions
+from dpa.contract.ort_training import CheckpointState, Module, session_options
 from dpa.faces.lfw import FaceIndex, load_batch
 from dpa.privacy.clipping import clip_factors, l2_norms, scale_examples
 from dpa.privacy.mechanism import DPActivations, DPConfig, Mechanism
@@ -173,9 +173,7 @@ class TrainedSplitModel:
         )
         self._head_state = CheckpointState.load_checkpoint(str(self.head_source))
         self._tail_state = CheckpointState.load_checkpoint(str(self.tail_source))
-        options = SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
+        options = session_options(threads)
         self._head, self._tail = (
             Module(
                 str(part / ARTIFACT_FILES.training),

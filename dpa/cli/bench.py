@@ -39,6 +39,10 @@ def bench_command(
         ("2. tail step ratio", f"{report['tail_step_ratio']:.2f}", "<= 1.0"),
         ("3. split step ratio (loopback HTTP)", f"{report['split_step_ratio']:.2f}", "<= 1.25"),
         ("3. the same, streamed (--micro-batch 1)", f"{report['split_step_streamed_ratio']:.2f}", "<= 1.25"),
+        ("3. per-step overhead: split - head - tail (ms)", f"{report['split_step_overhead_s'] * 1e3:.1f}", "<= 10"),
+        ("3. split / (head + tail)", f"{report['split_step_over_parts']:.2f}", "<= 1.15"),
+        ("3. streamed / (head + tail)", f"{report['split_step_streamed_over_parts']:.2f}", "<= 1.5"),
+        ("3. journal on: split / (head + tail)", f"{report['split_step_journal_over_parts']:.2f}", ""),
         ("4. wire bytes / raw tensor bytes", f"{report['wire_overhead_ratio']:.6f}", "<= 1.01"),
         ("4. --wire-dtype float16: bytes / float32's", f"{report['float16_wire_bytes_ratio']:.3f}", ""),
         ("5. client peak RSS, --micro-batch 1 (MB)", f"{report['client_peak_rss_mb']:.0f}", "<= 300"),
@@ -53,6 +57,10 @@ def bench_command(
                 "grows",
             )
         )
+    for clients, ratio in report["throughput_scaling"].items():
+        if clients != "1":
+            target = ">= 2" if clients == "4" else ""
+            rows.append((f"6. {clients} clients' steps/s / 1 client's", f"{ratio:.2f}", target))
     rows += [
         ("crash safety: journal entry per step (s)", f"{report['journal_append_s']:.3f}", ""),
         ("crash safety: stored reply per step (s)", f"{report['reply_write_s']:.3f}", ""),

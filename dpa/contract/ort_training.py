@@ -29,6 +29,7 @@ __all__ = [
     "OrtValue",
     "SessionOptions",
     "available_providers",
+    "session_options",
     "train_step_into",
 ]
 
@@ -62,6 +63,24 @@ Module = _api.Module
 Optimizer = _api.Optimizer
 OrtValue = onnxruntime.OrtValue
 SessionOptions = onnxruntime.SessionOptions
+
+
+def session_options(threads: int | None) -> Any:
+    """Options for every session we create: ``threads`` intra-op threads (None: all cores), not spinning.
+
+    onnxruntime's pool threads spin-wait between (and after) kernels by default. At the small
+    configuration the tail's two threads then burned 142 ms of CPU per 62 ms step (and kept
+    spinning through the gap to the next one), while the second thread made the step only 1.3x
+    faster: the spin took the core the server's event loop, its disk commit and a device on the
+    same machine needed. Sleeping threads wake in microseconds, which a step of milliseconds does
+    not notice (``dpa bench`` figures in BENCHMARKS.md).
+    """
+    options = SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
 
 
 def available_providers() -> list[str]:
