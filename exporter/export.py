@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,10 +113,10 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
         example = torch.zeros(2, 3, size, size)
         with torch.no_grad():
             activation = head.eval()(example)  # (B, *activation_shape)
-        centre = None
+        centre, clip = None, None
         if cfg.centre_faces is not None:
-            progress("computing the release centre on public faces")
-            centre = _public_centre(head, Path(cfg.centre_faces), size, std)
+            progress("computing the release centre and clip on public faces")
+            centre, clip = _public_centre(head, Path(cfg.centre_faces), size, std)
         progress("exporting head to ONNX")
         write_part_artifacts(
             export_onnx(head, example, GraphNames.IMAGES, GraphNames.ACTIVATION),
@@ -153,6 +153,7 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
             files=files,
             versions=_versions(),
             release_centre=RELEASE_CENTRE_FILE if centre is not None else None,
+            release_clip=clip,
         )
         manifest.write(staging)
         report = None
@@ -174,21 +175,26 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
         raise
 
 
-def _public_centre(head: object, faces: Path, size: int, std: float) -> np.ndarray:
-    """The mean head activation over a folder of public faces (float32, one example's shape)."""
+def _public_centre(head: object, faces: Path, size: int, std: float) -> tuple[np.ndarray, float]:
+    """(the mean head activation over a folder of public faces, float32 of one example's shape; the
+    median L2 norm of the activations centred on it): the release centre and the clip a device uses
+    by default, both from public faces only. Two passes, so that no batch of activations is kept."""
     import torch
 
     index = index_faces(faces, min_faces_per_person=1)
-    total, count = None, 0
-    for start in range(0, len(index.paths), 64):
-        batch = load_batch(list(index.paths[start : start + 64]), size=size, mean=VGGFACE_MEAN, std=(std,) * 3)
-        with torch.no_grad():
-            a = head.eval()(torch.from_numpy(batch)).double().sum(dim=0)  # type: ignore[operator]
-        total = a if total is None else total + a
-        count += len(batch)
-    if total is None:
+    if not len(index.paths):
         raise UserError(f"no faces in {faces} to compute the release centre from")
-    return (total / count).float().numpy()
+
+    def activations() -> Iterator[torch.Tensor]:
+        for start in range(0, len(index.paths), 64):
+            batch = load_batch(list(index.paths[start : start + 64]), size=size, mean=VGGFACE_MEAN, std=(std,) * 3)
+            with torch.no_grad():
+                yield head.eval()(torch.from_numpy(batch)).double()  # type: ignore[operator]
+
+    total = sum(a.sum(dim=0) for a in activations())
+    centre = (total / len(index.paths)).float()
+    norms = torch.cat([(a.float() - centre).flatten(1).norm(dim=1) for a in activations()])
+    return centre.numpy(), float(np.median(norms.numpy()))  # numpy: the mean of the two middle ones
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -14,7 +14,15 @@ from dpa.privacy import checks
 from dpa.privacy.mechanism import DPConfig
 from runtime_client.head import ModelFormat
 
-__all__ = ["ClientConfig"]
+__all__ = ["ClientConfig", "RECOMMENDED_TOTAL_EPSILON", "FALLBACK_CLIP"]
+
+#: ``dpa client``'s defaults are the frontier's best recipe (README, "Where the frontier is"): the
+#: exported public head frozen, each example released once, activations and labels together within this
+#: whole-run epsilon (delta 1e-5), and the device classifying with the server's class templates.
+#: ``ClientConfig``'s own field defaults stay plain (no budget, a trained head) for programs and tests.
+RECOMMENDED_TOTAL_EPSILON = 8.0
+#: The clip when the export carries none (``Manifest.release_clip``: exports centred on public faces do).
+FALLBACK_CLIP = 10.0
 
 
 @dataclass(frozen=True)

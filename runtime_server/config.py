@@ -38,7 +38,8 @@ class ServerConfig:
     journal: bool = True
     # Also keep class templates, the mean release per (received) label (runtime_server.templates),
     # and serve them at GET /v1/templates: a learner for releases too noisy for the tail to learn from.
-    templates: bool = False
+    # None: keep them when they fit (runtime_server.templates.MAX_TEMPLATE_BYTES), as `dpa serve` does.
+    templates: bool | None = False
     # Requests whose bodies are read and queued for the tail at once: one running, one ready. More
     # only piles up 100 MB bodies in memory and starves the event loop.
     max_inflight_steps: int = 2

@@ -17,6 +17,7 @@ the restarted server.
 from __future__ import annotations
 
 import ctypes
+import logging
 import multiprocessing
 import os
 import signal
@@ -35,6 +36,8 @@ from runtime_server.tail import StepOutputs, TailModel, TrainResult
 from runtime_server.templates import ClassTemplates
 
 __all__ = ["TailWorker"]
+
+log = logging.getLogger(__name__)
 
 _TAIL: TailModel | None = None  # the child's tail
 _SHARED: SharedStep | None = None  # the child's view of the step segment, if the server made one
@@ -119,7 +122,7 @@ class TailWorker:
 
     def __init__(
         self, artifacts: Path, manifest: Manifest, device: ResolvedDevice, state_dir: Path, max_batch: int,
-        templates: bool = False,
+        templates: bool | None = False,
     ) -> None:  # fmt: skip
         # Outputs are bound to host memory, so a GPU tail keeps to pickling (its copies are the device's anyway).
         layout = StepLayout(max_batch, tuple(manifest.activation_shape), manifest.num_classes)
@@ -139,6 +142,11 @@ class TailWorker:
         self._saved_step = self.global_step
         self._state_dir = state_dir
         # Class templates (runtime_server.templates): kept beside the tail, saved and restored with it.
+        # None: kept when they fit (at paper size, conv1_1's 2,622 x 3.2 M would take 67 GB).
+        if templates is None:
+            templates = ClassTemplates.fit(manifest.num_classes, tuple(manifest.activation_shape))
+            if not templates:
+                log.info("no class templates: they would not fit", extra={"fields": {"cut": manifest.cut}})
         self.templates = (
             ClassTemplates.restore(state_dir, manifest.num_classes, tuple(manifest.activation_shape), self.global_step)
             if templates

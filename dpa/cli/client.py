@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -15,6 +16,7 @@ from dpa.cli.device_options import DeviceOptions, client_config, device_options
 from dpa.cli.errors import console, option_check, user_errors
 from dpa.contract.errors import UserError
 from dpa.privacy import checks
+from runtime_client.config import RECOMMENDED_TOTAL_EPSILON
 from runtime_client.head import ModelFormat
 
 
@@ -36,11 +38,13 @@ def client_command(
     epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 5,
     lr: Annotated[float | None, typer.Option(help="Head learning rate (default: the manifest's).")] = None,
     total_epsilon: Annotated[
-        float | None,
+        float,
         typer.Option(
-            help="Budget for the whole run: calibrates the noise for --epochs releases (overrides --epsilon)."
+            help="Budget for the whole run, activations and labels together: calibrates the noise for every "
+            "release of an example (overrides --epsilon); 'inf': no budget, --epsilon is per release.",
+            callback=option_check(partial(checks.epsilon, allow_inf=True, name="total epsilon")),
         ),
-    ] = None,
+    ] = RECOMMENDED_TOTAL_EPSILON,
     format: Annotated[
         ModelFormat, typer.Option("--format", help="Head model format: auto, onnx or ort.", case_sensitive=False)
     ] = ModelFormat.AUTO,
@@ -63,15 +67,23 @@ def client_command(
         typer.Option(help="RRWithPrior's prior: 'logits' (the server's, for the example's last release) or 'uniform'."),
     ] = "logits",
     frozen_head: Annotated[
-        bool, typer.Option(help="Keep the exported (public) head: no head update; each example released K times.")
-    ] = False,
+        bool,
+        typer.Option(
+            "--frozen-head/--train-head",
+            help="Keep the exported (public) head: no head update, each example released K times (the default); "
+            "or train it, releasing every example every epoch.",
+        ),
+    ] = True,
     releases_per_example: Annotated[
         int | None, typer.Option(help="With --frozen-head: releases of each example (default 1); later epochs re-send.")
     ] = None,
     on_device_templates: Annotated[
         bool,
-        typer.Option(help="Afterwards classify held-out images on the device with the server's class templates."),
-    ] = False,
+        typer.Option(
+            help="Afterwards classify held-out images on the device with the server's class templates (skipped, "
+            "with a warning, when the server keeps none)."
+        ),
+    ] = True,
     record_view: Annotated[
         Path | None,
         typer.Option(help="Record what the server receives here (docs/server_view.md); `dpa attack view` reads it."),
@@ -84,7 +96,8 @@ def client_command(
     from runtime_client.trainer import run_training
 
     result = _run(
-        run_training, opts, epochs=epochs, lr=lr, total_epsilon=total_epsilon, model_format=format, resume=resume,
+        run_training, opts, epochs=epochs, lr=lr, total_epsilon=None if math.isinf(total_epsilon) else total_epsilon,
+        model_format=format, resume=resume,
         report=report, max_steps_per_epoch=max_steps, micro_batch=micro_batch, record_view=record_view,
         record_view_limit=record_view_limit, label_epsilon=label_epsilon, label_prior=label_prior,
         frozen_head=frozen_head, releases_per_example=releases_per_example, on_device_templates=on_device_templates,

@@ -19,6 +19,7 @@ import typer
 
 from dpa.cli.errors import option_check
 from dpa.contract.devices import DeviceProfile
+from dpa.contract.errors import UserError
 from dpa.contract.wire import ReleaseDtype
 from dpa.faces.synth import SynthConfig
 from dpa.privacy import checks
@@ -53,7 +54,10 @@ class DeviceOptions:
         ),
     ] = 8.0
     delta: Annotated[float, _opt("delta of one release (gaussian).")] = 1e-5
-    clip: Annotated[float, _opt("Per-example activation norm bound C (sensitivity 2C).")] = 10.0
+    clip: Annotated[
+        float | None,
+        _opt("Per-example activation norm bound C (sensitivity 2C); default the export's public clip, else 10."),
+    ] = None
     seed: Annotated[int | None, _opt("Reproducible noise and shuffling (experiments only).")] = None
     min_faces_per_person: Annotated[int, _opt("Skip identities with fewer images.")] = 2
     identities: Annotated[int, _opt("Synthetic identities (with --data synthetic).")] = 10
@@ -93,6 +97,20 @@ def device_options(command: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
+def _clip(opts: DeviceOptions) -> float:
+    """--clip, or the export's public clip (``Manifest.release_clip``), or ``FALLBACK_CLIP``."""
+    from dpa.contract.manifest import load_manifest
+    from runtime_client.config import FALLBACK_CLIP
+
+    if opts.clip is not None:
+        return opts.clip
+    try:
+        clip = load_manifest(opts.artifacts).release_clip
+    except UserError:  # no export there: the run reports that itself, naming the folder
+        clip = None
+    return clip if clip is not None else FALLBACK_CLIP
+
+
 def client_config(opts: DeviceOptions, **fields: Any) -> Any:
     """The runtime's ``ClientConfig`` for these options (each field validated there, once).
 
@@ -109,7 +127,7 @@ def client_config(opts: DeviceOptions, **fields: Any) -> Any:
         data=opts.data,
         device=opts.device,
         batch_size=opts.batch_size,
-        dp=DPConfig(mechanism=opts.mechanism, clip=opts.clip, epsilon=opts.epsilon, delta=opts.delta),
+        dp=DPConfig(mechanism=opts.mechanism, clip=_clip(opts), epsilon=opts.epsilon, delta=opts.delta),
         seed=opts.seed,
         min_faces_per_person=opts.min_faces_per_person,
         synth=SynthConfig(identities=opts.identities, per_identity=opts.per_identity),

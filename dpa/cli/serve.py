@@ -11,6 +11,7 @@ import typer
 from dpa.cli.errors import console, user_errors
 from dpa.contract.devices import DeviceProfile
 from runtime_server.logs import LogFormat, configure
+from runtime_server.templates import MAX_TEMPLATE_BYTES
 
 token_app = typer.Typer(help="Device tokens for the edge server.", no_args_is_help=True)
 
@@ -36,8 +37,14 @@ def serve_command(
         bool, typer.Option("--no-journal", help="No per-step journal: a crash loses the steps since the checkpoint.")
     ] = False,
     templates: Annotated[
-        bool, typer.Option(help="Keep class templates (mean release per label) and serve them at GET /v1/templates.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--templates/--no-templates",
+            help="Keep class templates (mean release per label) and serve them at GET /v1/templates; default: "
+            f"whenever they fit in {MAX_TEMPLATE_BYTES >> 30} GiB (classes x activation elements x 8 bytes).",
+            show_default=False,
+        ),
+    ] = None,
     state_dir: Annotated[
         Path | None,
         typer.Option(help="Checkpoint, session table and replies (default <artifacts>/server-state)."),

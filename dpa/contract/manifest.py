@@ -115,6 +115,10 @@ class Manifest:
     # activation_shape, .npy) holding a PUBLIC mean activation the device subtracts before clipping
     # (docs/protocol.md section 5); None: releases are not centred.
     release_centre: str | None = None
+    # The clip C a device uses unless told otherwise: the median L2 norm of the (centred) head activations
+    # on the PUBLIC faces the centre came from, so that about half the examples are clipped; None: not
+    # computed (the device's default clip applies).
+    release_clip: float | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -161,11 +165,19 @@ class Manifest:
                 files={str(k): str(v) for k, v in data["files"].items()},
                 versions={str(k): str(v) for k, v in data["versions"].items()},
                 release_centre=None if data.get("release_centre") is None else str(data["release_centre"]),
+                release_clip=None if data.get("release_clip") is None else _positive(data["release_clip"]),
             )
         except KeyError as exc:
             raise UserError(f"manifest is missing field {exc.args[0]!r}") from None
         except (TypeError, AttributeError) as exc:
             raise UserError(f"manifest has a field of the wrong type: {exc}") from None
+
+
+def _positive(value: Any) -> float:
+    clip = float(value)
+    if not (math.isfinite(clip) and clip > 0):
+        raise TypeError(f"release_clip must be a positive number, got {value!r}")
+    return clip
 
 
 def sha256_file(path: Path) -> str:

@@ -21,8 +21,12 @@ __all__ = ["pretrained_weights", "public_clip"]
 
 def public_clip(artifacts: Path, public_faces: Path) -> float:
     """The clip C for an export: the median L2 norm of its head's (centred, if the export centres)
-    activations on public faces, so that about half of the examples are clipped."""
+    activations on public faces, so that about half of the examples are clipped. An export centred on
+    public faces carries it already (``Manifest.release_clip``, computed by the exporter on those faces,
+    which is what every caller here passes); otherwise it is measured on ``public_faces``."""
     manifest = load_manifest(artifacts, verify=("head",))
+    if manifest.release_clip is not None:
+        return manifest.release_clip
     head = HeadModel(artifacts, manifest, resolve_device(DeviceProfile.CPU))
     index = index_faces(public_faces, min_faces_per_person=1)
     images = load_batch(list(index.paths), size=manifest.image_size, mean=manifest.pixel_mean, std=manifest.pixel_std)

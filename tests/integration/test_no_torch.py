@@ -86,7 +86,7 @@ def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
             raise AssertionError(server.communicate(timeout=10)[0]) from exc
         report = tmp_path / "report.json"
         device = ("--server", f"http://127.0.0.1:{port}", "--artifacts", str(small_export), "--identities", "6")
-        device += ("--per-identity", "8", "--epsilon", "4", "--clip", "50", "--state-dir", str(tmp_path / "client"))
+        device += ("--per-identity", "8", "--clip", "50", "--state-dir", str(tmp_path / "client"))
         token_file = str(state / "tokens.txt")  # created by `dpa serve` with one token
         client = subprocess.run(
             _dpa("client", *device, "--epochs", "1", "--max-steps", "2", "--report", str(report), "--device", "arm64",
@@ -95,7 +95,12 @@ def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
         )  # fmt: skip
         assert client.returncode == 0, client.stdout + client.stderr
         data = json.loads(report.read_text())
-        assert data["privacy"]["epsilon_per_release"] == 4.0
+        # The defaults are the recommended recipe: a frozen head, each example released once, activations and
+        # labels within a whole-run epsilon of 8, and the device classifying with the server's templates
+        # (which `dpa serve` keeps by default wherever they fit).
+        assert data["privacy"]["total"]["epsilon"] <= 8.0 and data["privacy"]["total"]["releases"] == 1
+        assert data["privacy"]["frozen_head"] is True
+        assert 0 <= data["on_device"]["test_accuracy"] <= 1
         assert data["epochs"][0]["train_loss"] > 0
         # Labels are randomised by default now (RRWithPrior, label epsilon 4 per release), and accounted.
         assert (
