@@ -60,10 +60,32 @@ def noise_generator(cfg: ClientConfig, data_seed: int) -> tuple[np.random.Genera
     return secure_generator(), data_seed  # AES-CTR from OS entropy: the server cannot predict the noise
 
 
-async def evaluate(trainer: SplitTrainer, test: FaceIndex, manifest: Manifest, batch: int) -> float:
+#: A frozen head's held-out activations are kept between evaluations up to this many bytes.
+_KEEP_TEST_BYTES = 256 << 20
+
+
+class TestActivations:
+    """A frozen head's clean activations of the held-out images, computed once for every evaluation
+    (a quarter of a demo run's head work at pool5 went to recomputing them). Only the activations are
+    kept, never a release: each evaluation still draws fresh noise. Off where they would not fit."""
+
+    def __init__(self, test: FaceIndex, manifest: Manifest) -> None:
+        self.enabled = len(test.paths) * manifest.activation_numel * 4 <= _KEEP_TEST_BYTES
+        self.kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # batch start -> (labels, activation)
+
+
+async def evaluate(
+    trainer: SplitTrainer, test: FaceIndex, manifest: Manifest, batch: int, keep: TestActivations | None = None
+) -> float:
     correct = 0
     for start in range(0, len(test.paths), batch):
         rows = np.arange(start, min(start + batch, len(test.paths)))
-        images, labels = load_examples(test, rows, manifest)
-        correct += int((await trainer.predict(images) == labels).sum())
+        if keep is not None and start in keep.kept:
+            labels, activation = keep.kept[start]
+        else:
+            images, labels = load_examples(test, rows, manifest)
+            activation = trainer.head.forward(images)
+            if keep is not None and keep.enabled:
+                keep.kept[start] = (labels, activation)
+        correct += int((await trainer.predict_activation(activation) == labels).sum())
     return correct / max(len(test.paths), 1)

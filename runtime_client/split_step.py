@@ -284,5 +284,10 @@ class SplitTrainer:
 
     async def predict(self, images: np.ndarray) -> np.ndarray:
         """Class predictions; the test activations are released with the same DP-A mechanism."""
-        noisy, _ = self.dp.release(self.head.forward(images))
+        return await self.predict_activation(self.head.forward(images))
+
+    async def predict_activation(self, activation: np.ndarray) -> np.ndarray:
+        """``predict`` from the head's activation, computed before (a frozen head's never changes): the
+        release draws fresh noise all the same."""
+        noisy, _ = self.dp.release(activation)
         return (await self.edge.evaluate(self.session_id, self._on_wire(noisy))).argmax(axis=1)

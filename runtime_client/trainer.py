@@ -33,7 +33,7 @@ from dpa.privacy.mechanism import DPActivations, DPConfig
 from dpa.privacy.noise_source import generator_state_json, restore_generator_state
 from dpa.privacy.public_parameters import release_parameters
 from runtime_client.config import ClientConfig
-from runtime_client.dataset import evaluate, load_examples, noise_generator, prepare_data
+from runtime_client.dataset import TestActivations, evaluate, load_examples, noise_generator, prepare_data
 from runtime_client.edge import EdgeClient, EdgeError
 from runtime_client.head import HEAD_CHECKPOINT, HeadModel
 from runtime_client.label_privacy import LabelPrivacy
@@ -183,6 +183,7 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
                 release_dtype=cfg.release_dtype,
             )  # fmt: skip
             view = _view_recorder(cfg, setup, state, trainer)
+            test_activations = TestActivations(setup.test, setup.manifest) if cfg.frozen_head else None
             for epoch in range(run.epochs_done, cfg.epochs):
                 if run.epoch_step == 0:
                     # One epoch releases every example once (training ones here, held-out ones in the
@@ -212,7 +213,7 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
                     )
 
                 stored = await _train_epoch(cfg, setup, state, trainer, epoch, steps_per_epoch, stored, advance, view)
-                test_acc = await evaluate(trainer, setup.test, setup.manifest, cfg.batch_size)
+                test_acc = await evaluate(trainer, setup.test, setup.manifest, cfg.batch_size, test_activations)
                 state.history.append(
                     {
                         "epoch": epoch + 1,
@@ -232,11 +233,7 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
                 )
             on_device = None
             if cfg.on_device_templates:
-                means, counts, at_step = await edge.templates()
-                acc = template_accuracy(setup.head, state.dp_cfg, setup.test, setup.manifest, means, counts)
-                on_device = {"classifier": "class templates (GET /v1/templates)", "test_accuracy": acc,
-                             "templates_global_step": at_step, "releases_in_templates": int(counts.sum())}  # fmt: skip
-                say(f"on the device, with the server's class templates: clean test acc {acc:.3f}")
+                on_device = await _on_device_accuracy(edge, setup, state, say)
             await edge.close_session(run.session_id)
             resilience = {"retried_requests": edge.retries, "server_rollbacks": trainer.rollbacks}
             run.session_id = ""  # a later --resume (more epochs) opens a new session
@@ -249,6 +246,24 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
         cfg.report.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(cfg.report, (json.dumps(report, indent=2) + "\n").encode())
     return report
+
+
+async def _on_device_accuracy(
+    edge: EdgeClient, setup: _Setup, state: _RunState, say: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """Clean held-out accuracy of the device classifying with the server's class templates; None (and
+    a warning) when the server keeps none: the run itself is complete, only this figure is missing."""
+    try:
+        means, counts, at_step = await edge.templates()
+    except EdgeError as exc:
+        if exc.code != "no_templates":
+            raise
+        say("[yellow]the server keeps no class templates (start it with --templates): no on-device classifier")
+        return None
+    acc = template_accuracy(setup.head, state.dp_cfg, setup.test, setup.manifest, means, counts)
+    say(f"on the device, with the server's class templates: clean test acc {acc:.3f}")
+    return {"classifier": "class templates (GET /v1/templates)", "test_accuracy": acc,
+            "templates_global_step": at_step, "releases_in_templates": int(counts.sum())}  # fmt: skip
 
 
 async def _train_epoch(
@@ -273,7 +288,10 @@ async def _train_epoch(
             break
         if i < run.epoch_step:  # done before the device was restarted
             continue
-        images, labels = load_examples(setup.train, rows, setup.manifest)
+        if cfg.frozen_head and epoch >= cfg.releases:  # a kept release is re-sent: no image is needed
+            images, labels = None, setup.train.labels[rows].astype(np.int64)
+        else:
+            images, labels = load_examples(setup.train, rows, setup.manifest)
         if view is not None:
             view.sources, view.epoch = [str(setup.train.paths[r]) for r in rows], epoch + 1
             view.labels = labels
@@ -300,7 +318,7 @@ async def _frozen_step(
     trainer: SplitTrainer,
     epoch: int,
     rows: np.ndarray,
-    images: np.ndarray,
+    images: np.ndarray | None,
     labels: np.ndarray,
     stored: TrainReply | None,
 ) -> StepResult:
@@ -312,6 +330,7 @@ async def _frozen_step(
         # Drawn even when a resumed device finds this step's release kept: the generators must move on
         # exactly as they did, or the next example would get this one's noise again. The draw is the
         # same bytes (the generators were saved before the step), kept before it is sent.
+        assert images is not None
         activation, clipped = trainer.release(images)
         sent = state.labels.randomize(rows, labels)
         cache.put(k, rows, activation, sent)

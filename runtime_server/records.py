@@ -30,6 +30,7 @@ __all__ = [
     "read_sealed",
     "sealed",
     "check_free_space",
+    "sync_files",
     "file_digest",
     "write_digests",
     "verify_digest",
@@ -75,8 +76,11 @@ class Reservation:
             self.release()
             raise
 
-    def commit(self, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` and its digest into the reserved space, fsync, rename over ``path``."""
+    def commit(self, data: bytes | bytearray | memoryview, *, durable: bool = True) -> None:
+        """Write ``data`` and its digest into the reserved space, fsync, rename over ``path``.
+
+        ``durable=False`` leaves out both fsyncs (file and folder): the record is whole and in place for
+        every reader, and survives the process being killed, but not a power cut until ``sync_files``."""
         if self._fd is None:
             raise RuntimeError(f"the reservation for {self.path} was already used")
         fd, self._fd = self._fd, None
@@ -87,14 +91,16 @@ class Reservation:
                 written += os.pwrite(fd, view[written:], written)
             os.pwrite(fd, sealed(view), written)
             os.ftruncate(fd, written + DIGEST_BYTES)  # the reservation may have been larger
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             self._tmp.unlink(missing_ok=True)
             raise
         os.close(fd)
         os.replace(self._tmp, self.path)
-        fsync_dir(self.path.parent)
+        if durable:
+            fsync_dir(self.path.parent)
 
     def release(self) -> None:
         """Give the space back (a step that was refused); idempotent, and a no-op after ``commit``."""
@@ -102,6 +108,23 @@ class Reservation:
             os.close(self._fd)
             self._fd = None
             self._tmp.unlink(missing_ok=True)
+
+
+def sync_files(paths: set[Path]) -> None:
+    """Make records committed with ``durable=False`` durable: fsync each (those gone since are skipped),
+    then each of their folders once."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # removed since (a closed session's reply)
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for folder in {Path(p).parent for p in paths}:
+        if folder.is_dir():
+            fsync_dir(folder)
 
 
 def check_free_space(directory: Path, needed: int, margin: int) -> None:

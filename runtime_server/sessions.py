@@ -100,6 +100,9 @@ class SessionTable:
         self.config = config
         self.state_dir = state_dir
         self.replies = state_dir / REPLIES_DIR
+        # Stored replies written since the last checkpoint without an fsync (step_commit): the journal can
+        # write them again until then, so the checkpoint, which ends the journal, makes them durable first.
+        self.unsynced_replies: set[Path] = set()
         self.sessions: dict[str, Session] = {}
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._persist_lock = asyncio.Lock()

@@ -36,9 +36,14 @@ MAX_TEMPLATE_BYTES = 2 << 30
 
 
 class ClassTemplates:
+    @staticmethod
+    def fit(num_classes: int, activation_shape: tuple[int, ...]) -> bool:
+        """Whether templates for this export stay within ``MAX_TEMPLATE_BYTES``."""
+        return num_classes * math.prod(activation_shape) * 8 <= MAX_TEMPLATE_BYTES
+
     def __init__(self, num_classes: int, activation_shape: tuple[int, ...]) -> None:
         d = math.prod(activation_shape)
-        if num_classes * d * 8 > MAX_TEMPLATE_BYTES:
+        if not self.fit(num_classes, activation_shape):
             raise UserError(
                 f"class templates would take {num_classes * d * 8 / 2**30:.1f} GiB ({num_classes} classes x {d} "
                 "elements); use a deeper cut or run without --templates"
@@ -49,9 +54,14 @@ class ClassTemplates:
         self.global_step = 0
 
     def add(self, activation: np.ndarray, labels: np.ndarray, global_step: int) -> None:
-        flat = np.asarray(activation, dtype=np.float64).reshape(len(labels), -1)
-        np.add.at(self.sums, np.asarray(labels, dtype=np.int64), flat)
-        np.add.at(self.counts, np.asarray(labels, dtype=np.int64), 1)
+        """Add a step's releases to their labels' sums. One vectorised sum per label present: ``np.add.at``
+        over every element took 30-50 ms a step at conv1_1 (64x64), on the tail's thread."""
+        labels = np.asarray(labels, dtype=np.int64)
+        flat = np.asarray(activation).reshape(len(labels), -1)
+        for c in np.unique(labels):
+            rows = flat[labels == c]
+            self.sums[c] += rows.sum(axis=0, dtype=np.float64)
+            self.counts[c] += len(rows)
         self.global_step = global_step
 
     def means(self) -> np.ndarray:

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import colorsys
 import math
+import multiprocessing
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -345,6 +348,44 @@ def _stage_dir(out_dir: Path) -> Path:
     return stage
 
 
+#: Data sets at least this large are drawn on every core: a face takes about 4 ms, a worker 1 s to start.
+_PARALLEL_IMAGES = 500
+
+
+def _write_identity(
+    identity: int, name: str, stage: Path, cfg: SynthConfig, progress: Callable[[int], None] | None = None
+) -> int:
+    """Draw and write every image of one identity into ``stage/name``; how many."""
+    folder = stage / name
+    folder.mkdir()
+    for k in range(cfg.per_identity):
+        pixels = render_face(identity, k, cfg)
+        Image.fromarray(pixels, "RGB").save(folder / f"{name}_{k + 1:04d}.jpg", format="JPEG", quality=JPEG_QUALITY)
+        if progress is not None:
+            progress(k + 1)
+    return cfg.per_identity
+
+
+def _report_image(progress: Callable[[int, int], None], base: int, total: int, k: int) -> None:
+    progress(base + k, total)
+
+
+def _write_in_processes(
+    jobs: list[tuple[int, str, Path, SynthConfig]],
+    workers: int,
+    total: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """``_write_identity`` for every job on ``workers`` spawned processes (not forked: the caller may hold
+    threads, onnxruntime's or torch's, that a fork would copy mid-operation)."""
+    done = 0
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for count in pool.map(_write_identity, *zip(*jobs, strict=True)):
+            done += count
+            if progress is not None:
+                progress(done, total)
+
+
 def write_synthetic_faces(
     out_dir: Path,
     cfg: SynthConfig,
@@ -374,18 +415,21 @@ def write_synthetic_faces(
     try:
         names = identity_names(cfg)
         total = cfg.identities * cfg.per_identity
-        done = 0
-        for identity, name in enumerate(names):
-            folder = stage / name
-            folder.mkdir()
-            for k in range(cfg.per_identity):
-                pixels = render_face(identity, k, cfg)
-                Image.fromarray(pixels, "RGB").save(
-                    folder / f"{name}_{k + 1:04d}.jpg", format="JPEG", quality=JPEG_QUALITY
-                )
-                done += 1
-                if progress is not None:
-                    progress(done, total)
+        workers = min(os.cpu_count() or 1, cfg.identities) if total >= _PARALLEL_IMAGES else 1
+        jobs = [(identity, name, stage, cfg) for identity, name in enumerate(names)]
+        parallel = False
+        if workers > 1:
+            try:
+                _write_in_processes(jobs, workers, total, progress)
+                parallel = True
+            except BrokenProcessPool:  # e.g. a caller read from stdin, which spawned workers cannot re-import
+                for folder in list(stage.iterdir()):
+                    shutil.rmtree(folder)
+        if not parallel:
+            for index, job in enumerate(jobs):
+                base = index * cfg.per_identity
+                report = None if progress is None else partial(_report_image, progress, base, total)
+                _write_identity(*job, progress=report)
         os.replace(stage, out_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

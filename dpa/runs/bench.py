@@ -346,7 +346,7 @@ def _server_process(artifacts: Path, state: Path, *, journal: bool = False) -> I
     args = ["serve", "--artifacts", str(artifacts), "--port", str(port), "--device", "cpu"]
     # Compute is compared with torch: no checkpoints or journal (BENCHMARKS.md gives their cost),
     # except for the one figure of the default deployment (``journal``: every step durable before its answer).
-    args += ["--state-dir", str(state), "--no-auth"]
+    args += ["--state-dir", str(state), "--no-auth", "--no-templates"]
     args += ["--checkpoint-every", "20"] if journal else ["--checkpoint-every", str(10**9), "--no-journal"]
     server = subprocess.Popen(
         [sys.executable, "-m", "dpa.cli.app", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -46,9 +46,10 @@ def _dpa(*args: str) -> list[str]:
 class Run:
     """One server state dir + one device state dir, with processes started and killed at will."""
 
-    def __init__(self, artifacts: Path, root: Path, micro_batch: int | None = None) -> None:
+    def __init__(self, artifacts: Path, root: Path, micro_batch: int | None = None, frozen: bool = False) -> None:
         self.artifacts = artifacts
         self.micro_batch = micro_batch
+        self.frozen = frozen
         self.state = root / "server"
         self.device = root / "device"
         self.port = free_port()
@@ -74,7 +75,11 @@ class Run:
 
     def start_client(self) -> None:
         resume = (self.device / HEAD_CHECKPOINT).is_file()
-        args = ["client", "--server", self.url, "--artifacts", str(self.artifacts), "--epsilon", "inf"]
+        args = ["client", "--server", self.url, "--artifacts", str(self.artifacts), "--no-on-device-templates"]
+        if self.frozen:  # the default recipe, seeded: noise and labels drawn once, the same bytes re-sent after
+            args += ["--total-epsilon", "50", "--label-epsilon", "2"]
+        else:  # the head trains, without noise or budget
+            args += ["--epsilon", "inf", "--total-epsilon", "inf", "--train-head"]
         args += ["--seed", "7", "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--device", "cpu"]
         args += ["--identities", str(IDENTITIES), "--per-identity", str(PER_IDENTITY)]
         args += ["--state-dir", str(self.device), "--report", str(self.device / "report.json")]
@@ -118,10 +123,17 @@ class Run:
         return out
 
 
-@pytest.mark.parametrize("micro_batch", [None, 1], ids=["whole-batch", "streamed-micro-batch"])
-def test_sigkilled_server_and_device_end_with_the_uninterrupted_weights(small_export, tmp_path, capsys, micro_batch):
-    """With --micro-batch the request is produced while it uploads and the reply consumed per example."""
-    reference = Run(small_export, tmp_path / "reference", micro_batch)
+@pytest.mark.parametrize(
+    ("micro_batch", "frozen"), [(None, False), (1, False), (None, True)],
+    ids=["whole-batch", "streamed-micro-batch", "frozen-head"],
+)  # fmt: skip
+def test_sigkilled_server_and_device_end_with_the_uninterrupted_weights(
+    small_export, tmp_path, capsys, micro_batch, frozen
+):
+    """With --micro-batch the request is produced while it uploads and the reply consumed per example. With
+    the frozen head (the default recipe, noise on) each example is released once and the later epochs
+    re-send those bytes: the tail ends equal only if a killed device re-sent exactly what it had sent."""
+    reference = Run(small_export, tmp_path / "reference", micro_batch, frozen)
     reference.start_server()
     reference.start_client()
     reference.finish()
@@ -129,7 +141,7 @@ def test_sigkilled_server_and_device_end_with_the_uninterrupted_weights(small_ex
     want_step = json.loads((reference.device / "report.json").read_text())["resilience"]["session_steps"]
     assert want_step == EPOCHS * 14
 
-    run = Run(small_export, tmp_path / "killed", micro_batch)
+    run = Run(small_export, tmp_path / "killed", micro_batch, frozen)
     run.start_server()
     run.start_client()
     rng = random.Random(0)
@@ -167,7 +179,9 @@ def test_sigkilled_server_and_device_end_with_the_uninterrupted_weights(small_ex
     assert set(got) == set(want)
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
-    mode = f"micro-batch {micro_batch}, streamed" if micro_batch else "whole batch"
+    mode = (
+        "frozen head, noise on" if frozen else f"micro-batch {micro_batch}, streamed" if micro_batch else "whole batch"
+    )
     with capsys.disabled():
         print(
             f"\n[kill test, {mode}] server SIGKILLed and restarted {kills['server']}x, device {kills['client']}x; "

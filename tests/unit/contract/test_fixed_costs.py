@@ -61,3 +61,24 @@ def test_frozen_head_checkpoint_leaves_out_optimizer_state(tmp_path):
         np.testing.assert_array_equal(back.parameters()[name], value)
     with pytest.raises(RuntimeError, match="frozen head is never stepped"):
         frozen.step()
+
+
+def test_frozen_head_writes_its_weights_once_and_its_run_state_each_save(tmp_path, small_export):
+    from runtime_client.head import run_state_path
+
+    manifest = load_manifest(small_export)
+    device = resolve_device("cpu")
+    head = HeadModel(small_export, manifest, device, frozen=True)
+    ckpt = tmp_path / "head_checkpoint"
+    head.properties["run.epoch_step"] = 1
+    head.save(ckpt)
+    weights = ckpt.read_bytes()
+    head.properties["run.epoch_step"] = 2
+    head.properties["run.history"] = "[1.5]"
+    head.save(ckpt)
+    assert ckpt.read_bytes() == weights  # the weights were not written again
+    back = HeadModel(small_export, manifest, device, checkpoint=ckpt, frozen=True)
+    assert back.properties["run.epoch_step"] == 2 and back.properties["run.history"] == "[1.5]"
+    # Without its run state (a crash between the two first writes) it resumes from the checkpoint's own.
+    run_state_path(ckpt).unlink()
+    assert HeadModel(small_export, manifest, device, checkpoint=ckpt, frozen=True).properties["run.epoch_step"] == 1

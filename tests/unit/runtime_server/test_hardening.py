@@ -399,9 +399,9 @@ def test_reply_is_withheld_until_the_journal_commit_and_a_failed_commit_stops_th
     failed = threading.Event()
     real_commit = Reservation.commit
 
-    def failing_commit(self, data):  # type: ignore[no-untyped-def]
+    def failing_commit(self, data, **kw):  # type: ignore[no-untyped-def]
         if self.path.parent.name != "journal":
-            return real_commit(self, data)
+            return real_commit(self, data, **kw)
         time.sleep(0.5)  # time for the reply to go out, all but its held-back bytes
         failed.set()
         raise OSError(5, "Input/output error")
@@ -449,9 +449,9 @@ def test_without_a_journal_the_reply_is_whole_before_the_commit(small_export, st
     written = threading.Event()
     real_commit = Reservation.commit
 
-    def slow_commit(self, data):  # type: ignore[no-untyped-def]
+    def slow_commit(self, data, **kw):  # type: ignore[no-untyped-def]
         time.sleep(1.0)
-        real_commit(self, data)
+        real_commit(self, data, **kw)
         written.set()
 
     async def run() -> None:
