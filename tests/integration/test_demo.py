@@ -32,7 +32,7 @@ def test_demo_runs_and_its_json_has_every_field(tmp_path):
         assert run["label_epsilon"] == 4.0 and run["releases_per_example"] == 1
         assert run["epsilon_activations"] < run["epsilon_total"]
         assert run["clean_classifier"] == "class templates, on the device"
-    assert private["cut"] == "pool5" and seed_cut["cut"] == "conv1_1"
+    assert private["cut"] == "fc7" and seed_cut["cut"] == "conv1_1"
     assert private["device_flops_share"] > 0.9 > seed_cut["device_flops_share"]
     for run in data["runs"]:
         assert set(run) >= {"name", "epsilon_total", "delta", "releases_per_example", "clean_test_accuracy",
