@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 from dpa.contract.errors import UserError
+from dpa.contract.manifest import Manifest
 from dpa.privacy.accountant import PrivacyAccountant, calibrate_noise_multiplier, epsilon_spent
 from dpa.privacy.mechanism import DPConfig
 from runtime_client.config import ClientConfig
@@ -88,8 +89,17 @@ def with_noise_multiplier(dp: DPConfig, z: float) -> DPConfig:
     return replace(dp, epsilon=per_release, fixed_noise_multiplier=z)
 
 
-def run_warnings(cfg: ClientConfig) -> list[str]:
+#: Said when a frozen head has no pretrained weights: it would release random features.
+RANDOM_FROZEN_HEAD = (
+    "the head is frozen but the export has no pretrained weights (exported without --weights): its features "
+    "are random; pretrain (dpa pretrain) and export with --weights --centre-from, or train it (--train-head)"
+)
+
+
+def run_warnings(cfg: ClientConfig, manifest: Manifest | None = None) -> list[str]:
     out = ["labels are sent to the server in clear"] if math.isinf(cfg.label_epsilon) else []
+    if cfg.frozen_head and manifest is not None and manifest.weights_sha256 is None:
+        out.append(RANDOM_FROZEN_HEAD)
     if math.isinf(cfg.dp.epsilon):
         out.append("epsilon = inf: activations were sent without noise")
     if cfg.seed is not None:

@@ -38,7 +38,7 @@ from runtime_client.edge import EdgeClient, EdgeError
 from runtime_client.head import HEAD_CHECKPOINT, HeadModel
 from runtime_client.label_privacy import LabelPrivacy
 from runtime_client.on_device import template_accuracy
-from runtime_client.privacy_plan import THREAT_MODEL, privacy_plan, privacy_summary, run_warnings
+from runtime_client.privacy_plan import RANDOM_FROZEN_HEAD, THREAT_MODEL, privacy_plan, privacy_summary, run_warnings
 from runtime_client.release_cache import ReleaseCache
 from runtime_client.resume import RunProgress, attach_session
 from runtime_client.retry import RetryPolicy
@@ -152,6 +152,8 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
             stacklevel=2,
         )
     setup = _set_up(cfg, from_checkpoint=cfg.resume)
+    if cfg.frozen_head and setup.manifest.weights_sha256 is None:
+        warnings.warn(RANDOM_FROZEN_HEAD, UserWarning, stacklevel=2)
     state = _RunState.start(cfg, setup.head.properties, setup)
     dp = DPActivations(state.dp_cfg, state.noise)
     run, accountant = state.progress, state.accountant
@@ -416,7 +418,7 @@ def _report(
             "label_prior": cfg.label_prior,
         },
         "threat_model": THREAT_MODEL,
-        "warnings": run_warnings(cfg),
+        "warnings": run_warnings(cfg, setup.manifest),
         "epochs": state.history,
         "resilience": resilience,
         "final_test_accuracy": state.history[-1]["test_accuracy"] if state.history else None,

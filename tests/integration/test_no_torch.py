@@ -100,6 +100,8 @@ def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
         # (which `dpa serve` keeps by default wherever they fit).
         assert data["privacy"]["total"]["epsilon"] <= 8.0 and data["privacy"]["total"]["releases"] == 1
         assert data["privacy"]["frozen_head"] is True
+        # This export has no pretrained weights: the device is told its frozen head releases random features.
+        assert any("no pretrained weights" in w for w in data["warnings"])
         assert 0 <= data["on_device"]["test_accuracy"] <= 1
         assert data["epochs"][0]["train_loss"] > 0
         # Labels are randomised by default now (RRWithPrior, label epsilon 4 per release), and accounted.
