@@ -358,12 +358,22 @@ def test_replies_nobody_reads_are_let_go(small_export, quick_server, capsys):
     body = _train_body(small_export, 1, batch=32)
     conns: list[socket.socket] = []
 
+    rounds = [0]
+
+    def applied() -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/status", timeout=5) as resp:
+            return int(json.load(resp)["global_step"])
+
     def silent_round() -> tuple[float, float]:
         sids = [_new_session(port, small_export) for _ in range(16)]
         conns.extend(_raw_request(port, sid, body, rcvbuf=4096) for sid in sids)
-        time.sleep(2.0)  # the steps are applied; their replies wait on sockets nobody reads
-        held = _rss_mb(server.pid)
-        time.sleep(4.0)  # past the reply deadline (3 s)
+        rounds[0] += 1
+        deadline = time.monotonic() + 60
+        while applied() < 16 * rounds[0]:  # every step applied (one at a time: seconds on a busy machine)
+            assert time.monotonic() < deadline, "the round's steps were not applied within 60 s"
+            time.sleep(0.1)
+        held = _rss_mb(server.pid)  # their replies wait on sockets nobody reads
+        time.sleep(4.0)  # past the last reply's deadline (3 s from its step)
         return held, _rss_mb(server.pid)
 
     held1, after1 = silent_round()
