@@ -25,7 +25,7 @@ from dpa.contract.architecture import ArchConfig
 from dpa.contract.atomic import atomic_write_bytes, atomic_write_with
 from dpa.contract.errors import UserError
 from dpa.faces.lfw import index_faces, load_batch
-from dpa.faces.synth import SynthConfig, write_synthetic_faces
+from dpa.faces.synth import SynthConfig, cached_faces
 from exporter.export import VGGFACE_MEAN
 from exporter.vggface import build_parts, init_weights
 
@@ -65,12 +65,9 @@ class PretrainConfig:
 
 def public_faces(root: Path, identities: int, per_identity: int, size: int) -> Path:
     """The built-in PUBLIC faces (seed ``PUBLIC_SEED``), generated once under ``root``."""
-    synth = SynthConfig(identities=identities, per_identity=per_identity, size=size, seed=PUBLIC_SEED)
-    folder = root / f"synthetic-{identities}x{per_identity}-{size}px-s{PUBLIC_SEED}"
-    if not folder.is_dir():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        write_synthetic_faces(folder, synth)
-    return folder
+    return cached_faces(
+        root, SynthConfig(identities=identities, per_identity=per_identity, size=size, seed=PUBLIC_SEED)
+    )
 
 
 def pretrain(cfg: PretrainConfig, *, progress: Callable[[int, float, float], None] | None = None) -> dict[str, Any]:

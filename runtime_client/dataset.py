@@ -10,7 +10,7 @@ import numpy as np
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import Manifest
 from dpa.faces.lfw import FaceIndex, index_faces, load_batch, split_faces
-from dpa.faces.synth import SynthConfig, write_synthetic_faces
+from dpa.faces.synth import SynthConfig, cached_faces
 from dpa.privacy.noise_source import secure_generator
 from runtime_client.config import ClientConfig
 from runtime_client.split_step import SplitTrainer
@@ -27,12 +27,7 @@ def prepare_data(cfg: ClientConfig, manifest: Manifest) -> tuple[FaceIndex, Face
             size=manifest.image_size,
             seed=cfg.synth.seed,
         )
-        root = (
-            cfg.state_dir / "data" / f"synthetic-{synth.identities}x{synth.per_identity}-{synth.size}px-s{synth.seed}"
-        )
-        if not root.is_dir():
-            root.parent.mkdir(parents=True, exist_ok=True)
-            write_synthetic_faces(root, synth)
+        root = cached_faces(cfg.state_dir / "data", synth)
     else:
         root = Path(cfg.data)
     index = index_faces(root, min_faces_per_person=cfg.min_faces_per_person)

@@ -93,9 +93,7 @@ class HeadModel:
         if frozen:
             sidecar = run_state_path(start)
             self._props = (
-                json.loads(sidecar.read_text())
-                if self.resumed and sidecar.is_file()
-                else {k: self.state.properties[k] for k in dict(self.state.properties)}
+                json.loads(sidecar.read_text()) if self.resumed and sidecar.is_file() else dict(self.state.properties)
             )
         self.optimizer.set_learning_rate(self.lr)
 

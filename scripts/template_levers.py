@@ -32,7 +32,7 @@ import torch
 
 from dpa.contract.architecture import ArchConfig
 from dpa.faces.lfw import index_faces, load_batch
-from dpa.faces.synth import SynthConfig, write_synthetic_faces
+from dpa.faces.synth import SynthConfig, cached_faces
 from dpa.privacy.accountant import calibrate_noise_multiplier
 from exporter.export import VGGFACE_MEAN
 from exporter.pretrain import PRETRAIN_PIXEL_STD
@@ -118,9 +118,7 @@ def main() -> None:
         raise SystemExit(f"no pretrained weights at {weights}: run `dpa demo --workdir {workdir}` first")
     torch.set_num_threads(2)
     public_root = next((workdir / "pretrained" / "faces").iterdir())
-    private_root = workdir / "levers-faces"
-    if not private_root.is_dir():
-        write_synthetic_faces(private_root, SynthConfig(identities=CLASSES, per_identity=PER_IDENTITY))
+    private_root = cached_faces(workdir / "levers-faces", SynthConfig(identities=CLASSES, per_identity=PER_IDENTITY))
     pub_index, priv_index = index_faces(public_root, min_faces_per_person=1), index_faces(private_root)
     std = (PRETRAIN_PIXEL_STD,) * 3
     pub_images = load_batch(list(pub_index.paths), size=64, mean=VGGFACE_MEAN, std=std)

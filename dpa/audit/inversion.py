@@ -46,7 +46,7 @@ from dpa.audit.victim import CentredHead, VictimHead, load_victim_head
 from dpa.contract.errors import UserError
 from dpa.contract.server_view import ViewRecorder
 from dpa.faces.lfw import index_faces, load_batch
-from dpa.faces.synth import SynthConfig, write_synthetic_faces
+from dpa.faces.synth import SynthConfig, cached_faces
 from dpa.privacy.mechanism import DPActivations, DPConfig
 from dpa.privacy.public_parameters import release_parameters
 
@@ -76,9 +76,7 @@ def face_sets(cfg: InversionConfig, image_size: int, stack: ExitStack) -> tuple[
             identities=needed, per_identity=cfg.images_per_identity, size=image_size, seed=cfg.data_seed
         )
         base = cfg.cache_dir if cfg.cache_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        root = base / f"synthetic-{synth.identities}x{synth.per_identity}-{synth.size}px-s{synth.seed}"
-        if not root.is_dir():
-            write_synthetic_faces(root, synth)
+        root = cached_faces(base, synth)
     else:
         root = Path(cfg.data)
     index = index_faces(root, min_faces_per_person=1)

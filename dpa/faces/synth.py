@@ -38,6 +38,7 @@ from dpa.contract.errors import UserError
 from dpa.faces.features import draw_face_layer, rgb
 
 __all__ = [
+    "cached_faces",
     "SynthConfig",
     "identity_names",
     "render_face",
@@ -384,6 +385,15 @@ def _write_in_processes(
             done += count
             if progress is not None:
                 progress(done, total)
+
+
+def cached_faces(parent: Path, cfg: SynthConfig) -> Path:
+    """The built-in faces of ``cfg`` in a folder under ``parent`` named for the configuration
+    (``synthetic-<identities>x<per identity>-<size>px-s<seed>``): drawn the first time, reused after."""
+    root = Path(parent) / f"synthetic-{cfg.identities}x{cfg.per_identity}-{cfg.size}px-s{cfg.seed}"
+    if not root.is_dir():
+        write_synthetic_faces(root, cfg)
+    return root
 
 
 def write_synthetic_faces(

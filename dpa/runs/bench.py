@@ -197,6 +197,19 @@ def _head_and_tail_ratios(cfg: BenchConfig, artifacts: Path, report: dict[str, A
     return torch_full
 
 
+def _split_device(cfg: BenchConfig, artifacts: Path) -> tuple[np.ndarray, np.ndarray, HeadModel, DPActivations]:
+    """What every timed split step sends: a fixed batch, the device's head, its DP-A mechanism."""
+    rng = np.random.default_rng(0)
+    size = cfg.arch.image_size
+    images = rng.standard_normal((cfg.batch, 3, size, size), dtype=np.float32)
+    labels = rng.integers(0, cfg.arch.num_classes, cfg.batch).astype(np.int64)
+    head = HeadModel(artifacts, load_manifest(artifacts), resolve_device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp = DPActivations(DPConfig(clip=100.0, epsilon=8.0), np.random.default_rng(1))
+    return images, labels, head, dp
+
+
 async def _split_and_throughput(
     cfg: BenchConfig, artifacts: Path, report: dict[str, Any], torch_full: Callable[[], None]
 ) -> None:
@@ -206,14 +219,7 @@ async def _split_and_throughput(
     manifest = load_manifest(artifacts)
     digest = manifest_sha256(artifacts)
     with _server_process(artifacts, artifacts.parent / "bench-server") as url:
-        rng = np.random.default_rng(0)
-        size = cfg.arch.image_size
-        images = rng.standard_normal((cfg.batch, 3, size, size), dtype=np.float32)
-        labels = rng.integers(0, cfg.arch.num_classes, cfg.batch).astype(np.int64)
-        head = HeadModel(artifacts, manifest, resolve_device("cpu"))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dp = DPActivations(DPConfig(clip=100.0, epsilon=8.0), np.random.default_rng(1))
+        images, labels, head, dp = _split_device(cfg, artifacts)
         # The whole batch at once (the default), then streamed one example at a time (--micro-batch 1).
         monolithic: list[float] = []
         for key, micro in (("split_step", None), ("split_step_streamed", 1)):
@@ -260,14 +266,7 @@ async def _split_and_throughput(
 async def _journalled_split(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> None:
     """The whole-batch split step against a server that journals every step before answering it."""
     with _server_process(artifacts, artifacts.parent / "journal-server", journal=True) as url:
-        rng = np.random.default_rng(0)
-        size = cfg.arch.image_size
-        images = rng.standard_normal((cfg.batch, 3, size, size), dtype=np.float32)
-        labels = rng.integers(0, cfg.arch.num_classes, cfg.batch).astype(np.int64)
-        head = HeadModel(artifacts, load_manifest(artifacts), resolve_device("cpu"))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dp = DPActivations(DPConfig(clip=100.0, epsilon=8.0), np.random.default_rng(1))
+        images, labels, head, dp = _split_device(cfg, artifacts)
         async with EdgeClient(url) as edge:
             session = await edge.open_session(manifest_sha256(artifacts))
             trainer = SplitTrainer(head, edge, session.session_id, dp)

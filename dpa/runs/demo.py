@@ -31,7 +31,7 @@ from typing import Any
 from dpa.contract.architecture import ArchConfig, cut_info
 from dpa.contract.devices import DeviceProfile
 from dpa.contract.manifest import OptimizerConfig, OptimizerName, load_manifest
-from dpa.faces.synth import SynthConfig, write_synthetic_faces
+from dpa.faces.synth import SynthConfig, cached_faces
 from dpa.privacy.mechanism import DPConfig
 from dpa.runs.loopback import serve_and_train
 from dpa.runs.public_data import pretrained_weights, public_clip
@@ -82,11 +82,7 @@ def _export(cfg: DemoConfig, cut: str, weights: Path, faces: Path) -> Path:
 def _private_faces(cfg: DemoConfig) -> Path:
     """The device's built-in faces, drawn once for the three runs (drawing them took 6 s a run)."""
     synth = SynthConfig(identities=cfg.identities, per_identity=cfg.per_identity, size=cfg.arch.image_size)
-    root = cfg.workdir / "faces" / f"synthetic-{synth.identities}x{synth.per_identity}-{synth.size}px-s{synth.seed}"
-    if not root.is_dir():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        write_synthetic_faces(root, synth)
-    return root
+    return cached_faces(cfg.workdir / "faces", synth)
 
 
 def run_demo(cfg: DemoConfig, say: Any = print) -> list[dict[str, Any]]:

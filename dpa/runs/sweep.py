@@ -44,7 +44,7 @@ from dpa.contract.atomic import atomic_write_bytes
 from dpa.contract.devices import DeviceProfile
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import OptimizerConfig, OptimizerName, load_manifest, sha256_file
-from dpa.faces.synth import SynthConfig, write_synthetic_faces
+from dpa.faces.synth import SynthConfig, cached_faces
 from dpa.privacy import checks
 from dpa.privacy.mechanism import DPConfig
 from dpa.runs.device_cost import device_cost
@@ -148,13 +148,6 @@ def _json_safe(value: Any) -> Any:
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, (json.dumps(_json_safe(data), indent=2) + "\n").encode())
-
-
-def _faces(root: Path, synth: SynthConfig) -> Path:
-    folder = root / f"synthetic-{synth.identities}x{synth.per_identity}-{synth.size}px-s{synth.seed}"
-    if not folder.is_dir():
-        write_synthetic_faces(folder, synth)
-    return folder
 
 
 def _export(cfg: SweepConfig, cut: str, pretrained: tuple[Path, Path] | None) -> Path:
@@ -269,7 +262,7 @@ def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print, progress:
     """Every (cut, size, epsilon) point, resuming saved ones; writes the table and the figure."""
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     settings = cfg.point_settings()
-    public = _faces(cfg.workdir / "data", SynthConfig(4, 8, cfg.image_size, PUBLIC_SEED))
+    public = cached_faces(cfg.workdir / "data", SynthConfig(4, 8, cfg.image_size, PUBLIC_SEED))
     pretrained = None
     if cfg.recipe == "public":
         pretrained = pretrained_weights(
@@ -292,7 +285,7 @@ def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print, progress:
                 artifacts = _export(cfg, cut, pretrained)
                 if cut not in costs:
                     costs[cut] = device_cost(artifacts, batch=cfg.batch_size)
-                data = _faces(cfg.workdir / "data", SynthConfig(size[0], size[1], cfg.image_size, 0))
+                data = cached_faces(cfg.workdir / "data", SynthConfig(size[0], size[1], cfg.image_size, 0))
                 clip = public_clip(artifacts, public)
                 point = _run_point(cfg, artifacts, data, clip, size, eps) | costs[cut]
                 _write_json(saved, {"settings": settings, "point": point})
