@@ -91,7 +91,8 @@ async def _tensor_response(request: web.Request, body: bytes | bytearray) -> web
     response = web.StreamResponse(headers={"Content-Type": wire.CONTENT_TYPE})
     response.content_length = len(body)
     await response.prepare(request)
-    if await write_view(request, response, memoryview(body), request.app[STATE].deadline(len(body))):
+    state = request.app[STATE]
+    if await write_view(request, response, memoryview(body), state.deadline(len(body)), state.metrics):
         await response.write_eof()
     return response
 

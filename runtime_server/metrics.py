@@ -66,6 +66,16 @@ class Metrics:
             "dpa_global_step", "Tail updates since the export (resumed runs included).", registry=r
         )
         self._tail_up = Gauge("dpa_tail_up", "1 while the tail worker process is alive.", registry=r)
+        self._reply_bytes = Gauge(
+            "dpa_reply_bytes_unsent",
+            "Bytes of replies being written to devices that have not yet read them all.",
+            registry=r,
+        )
+        self._abandoned = Counter(
+            "dpa_replies_abandoned",
+            "Replies a device did not read within its deadline: its connection closed, the buffer let go.",
+            registry=r,
+        )
 
     # ------------------------------------------------------------------ updates
 
@@ -83,6 +93,13 @@ class Metrics:
 
     def eval_answered(self) -> None:
         self._evals.inc()
+
+    def reply_writing(self, nbytes: int) -> None:
+        """A reply of ``nbytes`` starts (positive) or stops (negative) waiting on its device."""
+        self._reply_bytes.inc(nbytes)
+
+    def reply_abandoned(self) -> None:
+        self._abandoned.inc()
 
     def reject(self, code: str) -> None:
         self._rejected.labels(reason=code).inc()

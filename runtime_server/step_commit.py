@@ -28,6 +28,7 @@ from dpa.contract.manifest import Manifest
 from dpa.contract.streaming import write_chunks
 from runtime_server.errors import ApiError
 from runtime_server.journal import Journal
+from runtime_server.metrics import Metrics
 from runtime_server.records import DIGEST_BYTES, Reservation, check_free_space, sync_files
 from runtime_server.sessions import Session, SessionTable
 from runtime_server.state import ServerState, storage_error
@@ -100,7 +101,9 @@ async def apply_step(
     view = memoryview(body)
     # Without a journal no step is durable before the next checkpoint: holding bytes back protects nothing.
     held = _HELD_BACK if state.journal is not None else 0
-    sent = asyncio.create_task(write_view(request, response, view[: len(view) - held], state.deadline(len(view))))
+    sent = asyncio.create_task(
+        write_view(request, response, view[: len(view) - held], state.deadline(len(view)), state.metrics)
+    )
     try:
         saved_s = await commit
     except BaseException as exc:
@@ -123,9 +126,13 @@ async def apply_step(
     return response, asyncio.create_task(rest()), saved_s
 
 
-async def write_view(request: web.Request, response: web.StreamResponse, view: memoryview, deadline_s: float) -> bool:
+async def write_view(
+    request: web.Request, response: web.StreamResponse, view: memoryview, deadline_s: float, metrics: Metrics
+) -> bool:
     """Send ``view`` in slices as the socket drains; False (and the connection closed) if the client
-    has not taken it within ``deadline_s``: a device that never reads its reply frees its buffer."""
+    has not taken it within ``deadline_s``: a device that never reads its reply frees its buffer.
+    The bytes waiting are in ``dpa_reply_bytes_unsent`` meanwhile, so an operator sees what slow readers hold."""
+    metrics.reply_writing(len(view))
     try:
         async with asyncio.timeout(deadline_s):
             async for chunk in write_chunks(view):
@@ -133,8 +140,11 @@ async def write_view(request: web.Request, response: web.StreamResponse, view: m
     except TimeoutError:
         if request.transport is not None:
             request.transport.abort()  # not close(): that would wait to flush what the client never reads
+        metrics.reply_abandoned()
         log.warning("reply not taken in time; connection closed", extra={"fields": {"deadline_s": round(deadline_s)}})
         return False
+    finally:
+        metrics.reply_writing(-len(view))
     return True
 
 

@@ -191,6 +191,8 @@ def test_metrics_in_prometheus_format(small_export, start_server):
     assert hist[("dpa_step_seconds_count", None)] == 2 and hist[("dpa_step_seconds_bucket", "+Inf")] == 2
     assert families["dpa_checkpoints"].samples[0].value == 1  # at step 2 (checkpoint_every = 2)
     assert families["dpa_global_step"].samples[0].value == 2 and families["dpa_tail_up"].samples[0].value == 1
+    assert families["dpa_reply_bytes_unsent"].samples[0].value == 0  # every reply read: nothing held
+    assert families["dpa_replies_abandoned"].samples[0].value == 0
 
 
 def test_logs_are_json_and_never_carry_tokens_tensors_or_labels(small_export, start_server, tokens):
