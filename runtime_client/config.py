@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpa.contract import wire
+from dpa.contract.choices import Choice
 from dpa.contract.devices import DeviceProfile
 from dpa.contract.errors import UserError
 from dpa.faces.synth import SynthConfig
@@ -14,7 +15,7 @@ from dpa.privacy import checks
 from dpa.privacy.mechanism import DPConfig
 from runtime_client.head import ModelFormat
 
-__all__ = ["ClientConfig", "RECOMMENDED_TOTAL_EPSILON", "FALLBACK_CLIP"]
+__all__ = ["ClientConfig", "ReleaseKind", "RECOMMENDED_TOTAL_EPSILON", "FALLBACK_CLIP"]
 
 #: ``dpa client``'s defaults are the frontier's best recipe (README, "Where the frontier is"): the
 #: exported public head frozen, each example released once, activations and labels together within this
@@ -23,6 +24,18 @@ __all__ = ["ClientConfig", "RECOMMENDED_TOTAL_EPSILON", "FALLBACK_CLIP"]
 RECOMMENDED_TOTAL_EPSILON = 8.0
 #: The clip when the export carries none (``Manifest.release_clip``: exports centred on public faces do).
 FALLBACK_CLIP = 10.0
+
+
+class ReleaseKind(Choice):
+    """What the device releases to the server."""
+
+    # DP-A: every example's activation with its own noise (and its randomised label), step by step;
+    # the server trains its tail on them (and may keep templates).
+    EXAMPLES = "examples"
+    # Once: each class's sum of clipped activations and its count, with one draw of noise, labels
+    # inside the same guarantee (dpa.privacy.class_sums); the server keeps them as class templates.
+    # A frozen head only: nothing is sent back to train it.
+    CLASS_SUMS = "class-sums"
 
 
 @dataclass(frozen=True)
@@ -74,10 +87,13 @@ class ClientConfig:
     # After training, fetch the server's class templates (GET /v1/templates) and measure the clean
     # held-out accuracy of classifying on the device with them (runtime_client.on_device).
     on_device_templates: bool = False
+    release: ReleaseKind = ReleaseKind.EXAMPLES
 
     @property
     def releases(self) -> int:
         """How many times each training example is released over the run: what the accountant counts."""
+        if self.release is ReleaseKind.CLASS_SUMS:
+            return 1
         if not self.frozen_head:
             return self.epochs
         return min(self.epochs, self.releases_per_example or 1)
@@ -105,3 +121,11 @@ class ClientConfig:
             raise UserError(f"label prior must be 'logits' or 'uniform', got {self.label_prior!r}")
         if self.total_epsilon is not None:
             checks.epsilon(self.total_epsilon, allow_inf=False, name="total epsilon")
+        object.__setattr__(self, "release", ReleaseKind.parse(self.release))
+        if self.release is ReleaseKind.CLASS_SUMS:
+            if not self.frozen_head:
+                raise UserError("--release class-sums needs --frozen-head: no gradient comes back to train the head")
+            if self.dp.mechanism.value != "gaussian":
+                raise UserError("--release class-sums uses the Gaussian mechanism (L2 clipping), not laplace")
+            if self.releases_per_example not in (None, 1):
+                raise UserError("--release class-sums releases each example once: drop --releases-per-example")

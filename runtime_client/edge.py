@@ -287,6 +287,15 @@ class EdgeClient:
                 0, "bad_reply", "the server's templates reply lacks templates, counts or global_step"
             ) from None
 
+    async def class_sums(self, session_id: str, body: bytearray | bytes) -> dict[str, Any]:
+        """Send the session's class-sum release (``messages.encode_class_sums``); a retry sends the same
+        bytes, which the server answers as the first time (``{"retry": true}``)."""
+        headers = {"Content-Type": wire.CONTENT_TYPE, "Content-Length": str(len(body))}
+        _, reply, _ = await self._request(
+            "POST", Route.CLASS_SUMS.format(session_id=session_id), body=body, headers=headers
+        )
+        return json.loads(reply)
+
     async def evaluate(self, session_id: str, activation: np.ndarray) -> np.ndarray:
         msg = await self._post_message(
             Route.EVAL.format(session_id=session_id), messages.encode_eval_request(activation)

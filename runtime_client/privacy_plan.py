@@ -97,7 +97,8 @@ RANDOM_FROZEN_HEAD = (
 
 
 def run_warnings(cfg: ClientConfig, manifest: Manifest | None = None) -> list[str]:
-    out = ["labels are sent to the server in clear"] if math.isinf(cfg.label_epsilon) else []
+    class_sums = cfg.release.value == "class-sums"  # labels inside the class sums, never sent one by one
+    out = ["labels are sent to the server in clear"] if math.isinf(cfg.label_epsilon) and not class_sums else []
     if cfg.frozen_head and manifest is not None and manifest.weights_sha256 is None:
         out.append(RANDOM_FROZEN_HEAD)
     if math.isinf(cfg.dp.epsilon):

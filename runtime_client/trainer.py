@@ -32,7 +32,14 @@ from dpa.privacy.accountant import PrivacyAccountant
 from dpa.privacy.mechanism import DPActivations, DPConfig
 from dpa.privacy.noise_source import generator_state_json, restore_generator_state
 from dpa.privacy.public_parameters import release_parameters
-from runtime_client.config import ClientConfig
+from runtime_client.class_sum_run import (
+    compute_class_sums,
+    on_device_accuracy,
+    plan_class_sums,
+    record_class_sum_view,
+    send_class_sums,
+)
+from runtime_client.config import ClientConfig, ReleaseKind
 from runtime_client.dataset import TestActivations, evaluate, load_examples, noise_generator, prepare_data
 from runtime_client.edge import EdgeClient, EdgeError
 from runtime_client.head import HEAD_CHECKPOINT, HeadModel
@@ -142,7 +149,10 @@ def _privacy_text(state: _RunState, noise_scale: float) -> str:
 
 
 async def run_training(cfg: ClientConfig) -> dict[str, Any]:
-    """Train the head with the server for cfg.epochs; returns (and optionally writes) the report."""
+    """Train the head with the server for cfg.epochs; returns (and optionally writes) the report.
+    With ``--release class-sums`` the run is one class-sum release instead (``_run_class_sums``)."""
+    if cfg.release is ReleaseKind.CLASS_SUMS:
+        return await _run_class_sums(cfg)
     if cfg.resume and not (cfg.state_dir / HEAD_CHECKPOINT).is_file():
         raise UserError(f"--resume: no head checkpoint at {cfg.state_dir / HEAD_CHECKPOINT}")
     if math.isinf(cfg.label_epsilon):
@@ -244,6 +254,79 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
     resilience["session_steps"] = run.session_step
     report = _report(cfg, setup, state, resilience, seconds=time.perf_counter() - started)
     report["on_device"] = on_device
+    if cfg.report is not None:
+        cfg.report.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(cfg.report, (json.dumps(report, indent=2) + "\n").encode())
+    return report
+
+
+async def _run_class_sums(cfg: ClientConfig) -> dict[str, Any]:
+    """One class-sum release of the training set through the frozen head, then the device classifies its
+    clean held-out images with the templates the server made of it (``runtime_client.class_sum_run``)."""
+    setup = _set_up(cfg, from_checkpoint=False)
+    if setup.manifest.weights_sha256 is None:
+        warnings.warn(RANDOM_FROZEN_HEAD, UserWarning, stacklevel=3)
+    plan = plan_class_sums(cfg)  # BudgetExceeded here: nothing computed, nothing sent
+    noise, _ = noise_generator(cfg, 0)
+    started = time.perf_counter()
+    columns = (TextColumn("[bold]class sums"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not cfg.progress, transient=False) as progress:
+        task = progress.add_task("class sums", total=len(setup.train.paths))
+
+        def say(text: str) -> None:
+            progress.console.print(text)
+
+        def release() -> Any:
+            return compute_class_sums(
+                setup.head, setup.train, setup.manifest, plan, noise,
+                on_batch=lambda n: progress.update(task, advance=n),
+            )  # fmt: skip
+
+        retry = RetryPolicy(total_s=cfg.retry_s)
+        async with EdgeClient(cfg.server, token=cfg.token, ca=cfg.ca, retry=retry) as edge:
+            session_id, body, resent = await send_class_sums(cfg, edge, setup.digest, release, say)
+            progress.update(task, completed=len(setup.train.paths))
+            on_device = None
+            if cfg.on_device_templates:
+                on_device = await on_device_accuracy(edge, setup.head, setup.test, setup.manifest, plan.clip)
+                say(
+                    f"on the device, with the server's class templates: clean test acc {on_device['test_accuracy']:.3f}"
+                )
+            await edge.close_session(session_id)
+            retries = edge.retries
+    m = setup.manifest
+    if cfg.record_view is not None:
+        header = {
+            "recorded_by": "dpa client (device side): what the edge server received", "kind": "class-sums",
+            "manifest_sha256": setup.digest, "cut": m.cut, "image_size": m.image_size, "width": m.width,
+            "num_classes": m.num_classes, "activation_shape": list(m.activation_shape),
+            "pixel_mean": list(m.pixel_mean), "pixel_std": list(m.pixel_std), "clip": plan.clip,
+            "noise_scale": plan.noise_scale, "noise_multiplier": plan.noise_multiplier,
+        }  # fmt: skip
+        record_class_sum_view(cfg.record_view, body, header, setup.train, setup.test, setup.head)
+    report = {
+        "server": cfg.server,
+        "manifest_sha256": setup.digest,
+        "cut": m.cut,
+        "device": setup.device.describe(),
+        "head_format": setup.head.format,
+        "data": {
+            "source": cfg.data,
+            "identities": len(setup.train.names),
+            "train_images": len(setup.train.paths),
+            "test_images": len(setup.test.paths),
+        },  # fmt: skip
+        "training": {"release": cfg.release.value, "seed": cfg.seed},
+        "privacy": plan.summary(m.activation_numel, m.num_classes),
+        "threat_model": THREAT_MODEL,
+        "warnings": run_warnings(cfg, m),
+        "epochs": [],
+        "resilience": {"retried_requests": retries, "kept_release_resent": resent},
+        "final_test_accuracy": None,
+        "on_device": on_device,
+        "view": str(cfg.record_view) if cfg.record_view is not None else None,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
     if cfg.report is not None:
         cfg.report.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(cfg.report, (json.dumps(report, indent=2) + "\n").encode())

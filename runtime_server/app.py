@@ -36,6 +36,7 @@ from dpa.contract.manifest import load_manifest, manifest_sha256
 from dpa.contract.messages import API_PREFIX, Route
 from runtime_server.auth import TokenStore
 from runtime_server.budget import ByteBudget
+from runtime_server.class_sums import ClassSumStore
 from runtime_server.config import ServerConfig
 from runtime_server.handlers import (
     close_session,
@@ -44,6 +45,7 @@ from runtime_server.handlers import (
     health,
     metrics,
     open_session,
+    post_class_sums,
     status,
     stored_reply,
     templates,
@@ -57,6 +59,7 @@ from runtime_server.state import STATE, ServerState, max_body_bytes
 from runtime_server.step_commit import checkpoint, replay
 from runtime_server.tail import CHECKPOINT_NAME
 from runtime_server.tail_worker import TailWorker
+from runtime_server.templates import ClassTemplates
 
 __all__ = ["init_app", "reload_tokens", "STATE", "max_body_bytes"]
 
@@ -129,6 +132,11 @@ def init_app(config: ServerConfig) -> web.Application:
     app = web.Application(client_max_size=max_body, middlewares=[errors, auth])
     state_dir = config.resolved_state_dir
     open_state_dir(state_dir, digest)
+    class_sums = (  # read here, so that an unreadable release stops the start with its name
+        ClassSumStore(state_dir, manifest.num_classes, manifest.activation_numel)
+        if ClassTemplates.fit(manifest.num_classes, tuple(manifest.activation_shape))
+        else None
+    )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
@@ -148,8 +156,9 @@ def init_app(config: ServerConfig) -> web.Application:
         buffers = BufferPool(keep=2 * config.max_inflight_steps)
         bodies = ByteBudget(config.max_inflight_body_bytes or 4 * max_body)
         state = ServerState(
-            config, manifest, digest, tail, executor, max_body, slots, sessions, tokens, journal, buffers, bodies
-        )
+            config, manifest, digest, tail, executor, max_body, slots, sessions, tokens, journal, buffers, bodies,
+            class_sums,
+        )  # fmt: skip
         app[STATE] = state
         expiry = asyncio.create_task(_expire_sessions(state))
         if tokens is not None:
@@ -181,4 +190,5 @@ def init_app(config: ServerConfig) -> web.Application:
     app.router.add_get(API_PREFIX + Route.STORED_REPLY, stored_reply)
     app.router.add_post(API_PREFIX + Route.EVAL, evaluate)
     app.router.add_get(API_PREFIX + Route.TEMPLATES, templates)
+    app.router.add_post(API_PREFIX + Route.CLASS_SUMS, post_class_sums)
     return app

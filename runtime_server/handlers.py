@@ -15,12 +15,13 @@ from dpa.contract import messages, wire
 from dpa.contract.messages import SessionField
 from dpa.contract.streaming import read_body
 from runtime_server import metrics as prom
+from runtime_server.class_sums import ReleaseConflict
 from runtime_server.errors import ApiError
 from runtime_server.records import CorruptRecord, read_sealed
 from runtime_server.sessions import Session
 from runtime_server.state import OWNER, STATE, ServerState, storage_error
 from runtime_server.step_commit import ReplyCut, apply_step, write_view
-from runtime_server.validation import step_number, validate_eval, validate_train
+from runtime_server.validation import step_number, validate_class_sums, validate_eval, validate_train
 
 __all__ = [
     "health",
@@ -283,17 +284,58 @@ async def train(request: web.Request) -> web.StreamResponse:
 
 
 async def templates(request: web.Request) -> web.StreamResponse:
-    """GET /templates: the class templates (each class's mean release) and their counts, as a wire message."""
+    """GET /templates: the class templates and their counts, as a wire message: of the class-sum
+    releases where there are any, else each class's mean per-example release."""
     state = request.app[STATE]
-    store = state.tail.templates
-    if store is None:
-        raise ApiError(404, "no_templates", "this server keeps no class templates (start it with --templates)")
+    store, sums = state.tail.templates, state.class_sums
+    releases = len(sums) if sums is not None else 0
+    if store is None and not releases:
+        raise ApiError(
+            404, "no_templates", "this server keeps no class templates (start it with --templates) and has received "
+            "no class sums",
+        )  # fmt: skip
+    shape = (state.manifest.num_classes, *state.manifest.activation_shape)
 
     def encode() -> bytearray:
-        tensors = {messages.TEMPLATES: store.means(), messages.COUNTS: store.counts.copy()}
-        return wire.encode(tensors, {messages.TEMPLATES_META_STEP: state.tail.global_step})
+        if releases:  # class sums: n times less noise than per-example releases (runtime_server.class_sums)
+            assert sums is not None
+            means, counts = sums.templates()
+            means = means.reshape(shape)
+        else:
+            assert store is not None
+            means, counts = store.means(), store.counts.copy()
+        meta = {messages.TEMPLATES_META_STEP: state.tail.global_step, messages.TEMPLATES_META_CLASS_SUMS: releases}
+        return wire.encode({messages.TEMPLATES: means, messages.COUNTS: counts}, meta)
 
     return await _tensor_response(request, await state.run(encode))
+
+
+async def post_class_sums(request: web.Request) -> web.Response:
+    """POST /sessions/{id}/class-sums: keep the session's one class-sum release (durable before the answer)."""
+    state = request.app[STATE]
+    session = _session(request)
+    state.sessions.admit(session)
+    store = state.class_sums
+    if store is None:
+        raise ApiError(
+            422, "templates_do_not_fit", "class templates for this export would not fit in the server's memory "
+            "limit: use a deeper cut",
+        )  # fmt: skip
+    size = _body_size(request)
+    async with session.lock, state.bodies.hold(size):
+        if state.sessions.sessions.get(session.id) is not session:  # closed while this request waited
+            raise ApiError(404, "unknown_session", f"session {session.id[:8]}... was closed")
+        raw, message = await _read_message(request, size)
+        sums, counts = await state.run(validate_class_sums, state.manifest, message)
+        try:
+            stored = await state.run(store.add, session.id, raw, sums, counts)
+        except ReleaseConflict:
+            raise ApiError(
+                409, "already_released", "this session already released other class sums: a second release of the "
+                "same data would be a second privacy cost the device's account does not hold",
+            ) from None  # fmt: skip
+    log.info("class sums kept", extra={"fields": {"session": session.id[:8], "retry": not stored}})
+    return web.json_response({"session_id": session.id, "retry": not stored, "class_sum_releases": len(store)})
 
 
 async def evaluate(request: web.Request) -> web.Response:

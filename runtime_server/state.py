@@ -19,6 +19,7 @@ from dpa.contract.manifest import Manifest
 from runtime_server import metrics as prom
 from runtime_server.auth import TokenStore
 from runtime_server.budget import ByteBudget, transfer_deadline
+from runtime_server.class_sums import ClassSumStore
 from runtime_server.config import ServerConfig
 from runtime_server.errors import ApiError
 from runtime_server.journal import Journal
@@ -48,6 +49,8 @@ class ServerState:
     journal: Journal | None  # None: checkpoint_every alone decides what a crash loses
     buffers: BufferPool  # request and reply bodies, reused (dpa.contract.buffers)
     bodies: ByteBudget  # bytes of request bodies being read or waiting for a slot (runtime_server.budget)
+    # Class-sum releases (runtime_server.class_sums); None when this export's templates would not fit.
+    class_sums: ClassSumStore | None = None
     metrics: prom.Metrics = field(default_factory=prom.Metrics)
     tail_alive: bool = True
     started: float = field(default_factory=time.time)

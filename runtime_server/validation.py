@@ -13,7 +13,7 @@ from dpa.contract.finite import all_finite
 from dpa.contract.manifest import GraphNames, Manifest
 from runtime_server.errors import ApiError
 
-__all__ = ["validate_train", "validate_eval", "step_number"]
+__all__ = ["validate_train", "validate_eval", "validate_class_sums", "step_number"]
 
 _RELEASE_DTYPES = {d.numpy for d in wire.ReleaseDtype}  # the tail widens float16 to float32
 
@@ -67,3 +67,22 @@ def validate_eval(manifest: Manifest, max_batch: int, message: wire.Message) -> 
 def _check_finite(act: np.ndarray) -> None:
     if not all_finite(act):
         raise ApiError(422, "non_finite", "activation contains NaN or infinity")
+
+
+def validate_class_sums(manifest: Manifest, message: wire.Message) -> tuple[np.ndarray, np.ndarray]:
+    """A class-sum release's (sums (classes, d) float32, counts (classes,) float32), checked whole."""
+    names, expected = set(message.tensors), set(messages.CLASS_SUMS_REQUEST)
+    if names != expected:
+        raise ApiError(422, "wrong_tensors", f"expected tensors {sorted(expected)}, got {sorted(names)}")
+    sums, counts = message.tensors[messages.CLASS_SUMS], message.tensors[messages.CLASS_COUNTS]
+    for name, t in ((messages.CLASS_SUMS, sums), (messages.CLASS_COUNTS, counts)):
+        if t.dtype != np.float32:
+            raise ApiError(422, "wrong_dtype", f"{name} must be float32, got {t.dtype}")
+    k, want = manifest.num_classes, tuple(manifest.activation_shape)
+    if sums.shape != (k, *want):
+        raise ApiError(422, "wrong_shape", f"class_sums must have shape {(k, *want)}, got {sums.shape}")
+    if counts.shape != (k,):
+        raise ApiError(422, "wrong_shape", f"counts must have shape ({k},), got {counts.shape}")
+    if not (all_finite(sums) and all_finite(counts)):
+        raise ApiError(422, "non_finite", "class sums or counts contain NaN or infinity")
+    return sums.reshape(k, -1), counts

@@ -16,7 +16,7 @@ from dpa.cli.device_options import DeviceOptions, client_config, device_options
 from dpa.cli.errors import console, option_check, user_errors
 from dpa.contract.errors import UserError
 from dpa.privacy import checks
-from runtime_client.config import RECOMMENDED_TOTAL_EPSILON
+from runtime_client.config import RECOMMENDED_TOTAL_EPSILON, ReleaseKind
 from runtime_client.head import ModelFormat
 
 
@@ -91,18 +91,45 @@ def client_command(
     record_view_limit: Annotated[
         int | None, typer.Option(help="Record at most this many training releases (default: all).")
     ] = None,
+    release: Annotated[
+        ReleaseKind | None,
+        typer.Option(
+            help="What leaves the device: 'class-sums' (each class's sum of clipped activations and its count, "
+            "released ONCE with one draw of noise, labels inside the same guarantee; the server keeps them as "
+            "templates) or 'examples' (DP-A: every example's activation with its own noise, step by step, so the "
+            "server trains its tail). Default: class-sums with a frozen head and the Gaussian mechanism, else "
+            "examples.",
+            case_sensitive=False,
+        ),
+    ] = None,
 ) -> None:
-    """Train privately: head on this device, DP-A activations to the edge server."""
+    """Train privately: head on this device, DP-A releases to the edge server."""
     from runtime_client.trainer import run_training
 
+    if release is None:  # the recommended recipe where it applies; a trained head needs per-example steps
+        gaussian = opts.mechanism.value == "gaussian"
+        release = ReleaseKind.CLASS_SUMS if frozen_head and gaussian else ReleaseKind.EXAMPLES
     result = _run(
         run_training, opts, epochs=epochs, lr=lr, total_epsilon=None if math.isinf(total_epsilon) else total_epsilon,
         model_format=format, resume=resume,
         report=report, max_steps_per_epoch=max_steps, micro_batch=micro_batch, record_view=record_view,
         record_view_limit=record_view_limit, label_epsilon=label_epsilon, label_prior=label_prior,
         frozen_head=frozen_head, releases_per_example=releases_per_example, on_device_templates=on_device_templates,
+        release=release,
     )  # fmt: skip
     p = result["privacy"]
+    if release is ReleaseKind.CLASS_SUMS:
+        on_device = result["on_device"]
+        acc = "not measured" if on_device is None else f"{on_device['test_accuracy']:.3f}"
+        console.print(
+            f"[green]done[/]: one class-sum release of {result['data']['train_images']} images; clean test accuracy "
+            f"on the device {acc} on {result['data']['test_images']} held-out images; whole-run epsilon "
+            f"{p['total']['epsilon']:.3g} (delta {p['delta_per_release']:g}, noise {p['noise_scale']:.4g}, clip "
+            f"{p['clip']:g}; {p['total']['covers']})"
+        )
+        if report is not None:
+            console.print(f"report: {report}")
+        return
     console.print(
         f"[green]done[/]: test accuracy {result['final_test_accuracy']:.3f} on {result['data']['test_images']} "
         f"held-out images; {p['mechanism']} epsilon {p['epsilon_per_release']:.3g} per release "

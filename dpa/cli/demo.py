@@ -21,7 +21,7 @@ def demo_command(
     label_epsilon: Annotated[float, typer.Option(help="Each release's label epsilon, inside that budget.")] = 4.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the runs' figures here as JSON.")] = None,
 ) -> None:
-    """The pipeline on built-in faces: public pretraining, then a non-private and two private runs."""
+    """The pipeline on built-in faces: public pretraining, then a non-private and three private runs."""
     from dpa.contract.atomic import atomic_write_bytes
     from dpa.runs.demo import DemoConfig, demo_summary, run_demo
 
@@ -47,22 +47,28 @@ def demo_command(
             f"{run['device_flops_share']:.1%}",
             "-" if run["epsilon_total"] is None else _num(run["epsilon_total"]),
             "-" if run["delta"] is None else f"{run['delta']:g}",
-            "clear" if run["label_epsilon"] is None else f"{run['label_epsilon']:g}",
+            _label(run["label_epsilon"]),
             str(run["releases_per_example"]),
             f"{run['clean_test_accuracy']:.3f}",
-            f"{run['private_test_accuracy']:.3f}",
+            "-" if run["private_test_accuracy"] is None else f"{run['private_test_accuracy']:.3f}",
         )
     console.print(table)
     n = reports[0]["data"]["identities"]
     console.print(
         f"{n} identities. clean acc: the device classifying its clean held-out images (private runs: with the "
-        "class templates the server learned from the releases; non-private: head + tail). private acc: held-out "
-        "images released with the same noise, classified by the server's tail. ε whole run composes every "
-        "release of an example, activation and label (dp-accounting PLD). Recorded views: "
+        "class templates the server learned from what it received; non-private: the better of those and head + "
+        "tail). private: the class sums released once (labels inside their guarantee); per-example: every "
+        "example's activation and randomised label released once (DP-A). private acc: held-out images released "
+        "with the same noise, classified by the server's tail (-: no tail trained). ε whole run composes every "
+        "release of an example (dp-accounting PLD). Recorded views: "
         + ", ".join(str(r["view"]) for r in summary["runs"])
     )
     if json_out is not None:
         console.print(f"wrote {json_out}")
+
+
+def _label(eps: float | str | None) -> str:
+    return "clear" if eps is None else eps if isinstance(eps, str) else f"{eps:g}"
 
 
 def _num(x: float | str) -> str:

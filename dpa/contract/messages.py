@@ -41,6 +41,10 @@ __all__ = [
     "decode_train_reply",
     "encode_eval_request",
     "encode_eval_reply",
+    "encode_class_sums",
+    "CLASS_SUMS",
+    "CLASS_COUNTS",
+    "CLASS_SUMS_REQUEST",
     "step_of",
 ]
 
@@ -58,6 +62,7 @@ class Route:
     TRAIN = "/sessions/{session_id}/train"
     STORED_REPLY = "/sessions/{session_id}/steps/{step}"
     EVAL = "/sessions/{session_id}/eval"
+    CLASS_SUMS = "/sessions/{session_id}/class-sums"
 
 
 def route(template: str, **parts: object) -> str:
@@ -92,6 +97,8 @@ class LabelMechanism:
     CLEAR = "clear"  # the true labels
     RR_WITH_PRIOR = "rr-with-prior"  # randomised on the device, epsilon-label-DP per release
     UNSTATED = "unstated"  # the request did not say (an older client)
+    # not sent one by one: inside the session's one class-sum release, whose sensitivity covers them
+    IN_CLASS_SUMS = "in-class-sums"
 
 
 def labels_field(epsilon: float) -> dict[str, object]:
@@ -108,10 +115,14 @@ def parse_labels_field(value: object) -> dict[str, object]:
     if not isinstance(value, dict) or value.get("mechanism") not in (
         LabelMechanism.CLEAR,
         LabelMechanism.RR_WITH_PRIOR,
+        LabelMechanism.IN_CLASS_SUMS,
     ):
-        raise ValueError('labels must be {"mechanism": "clear"} or {"mechanism": "rr-with-prior", "epsilon": > 0}')
-    if value["mechanism"] == LabelMechanism.CLEAR:
-        return {"mechanism": LabelMechanism.CLEAR}
+        raise ValueError(
+            'labels must be {"mechanism": "clear"}, {"mechanism": "in-class-sums"} or '
+            '{"mechanism": "rr-with-prior", "epsilon": > 0}'
+        )
+    if value["mechanism"] in (LabelMechanism.CLEAR, LabelMechanism.IN_CLASS_SUMS):
+        return {"mechanism": value["mechanism"]}
     eps = value.get("epsilon")
     if isinstance(eps, bool) or not isinstance(eps, int | float) or not (0 < float(eps) < float("inf")):
         raise ValueError(f"labels.epsilon must be a number > 0 (finite) for rr-with-prior, got {eps!r}")
@@ -125,12 +136,16 @@ LOSS = "loss"  # train reply: the batch's mean cross-entropy, float32 scalar
 TEMPLATES = "templates"  # GET /templates reply: (classes, *activation_shape) float32, each class's mean release
 COUNTS = "counts"  # ... and (classes,) int64: the releases each mean is over
 TEMPLATES_META_STEP = "global_step"  # ... meta: the tail's update count the templates include
+TEMPLATES_META_CLASS_SUMS = "class_sum_releases"  # ... meta: the class-sum releases the templates include
+CLASS_SUMS = "class_sums"  # POST /class-sums: (classes, *activation_shape) float32, each class's noisy sum
+CLASS_COUNTS = "counts"  # ... and (classes,) float32: each class's noisy count
 
 # Which tensors each message holds, in the order a sender writes them.
 TRAIN_REQUEST = (GraphNames.ACTIVATION, GraphNames.LABELS)
 TRAIN_REPLY = (LOSS, GraphNames.LOGITS, GraphNames.ACTIVATION_GRADIENT)
 EVAL_REQUEST = (GraphNames.ACTIVATION,)
 EVAL_REPLY = (GraphNames.LOGITS,)
+CLASS_SUMS_REQUEST = (CLASS_SUMS, CLASS_COUNTS)
 
 
 @dataclass(frozen=True)
@@ -214,6 +229,13 @@ def encode_eval_request(activation: np.ndarray) -> bytearray:
 
 def encode_eval_reply(logits: np.ndarray) -> bytearray:
     return wire.encode({GraphNames.LOGITS: logits})
+
+
+def encode_class_sums(sums: np.ndarray, counts: np.ndarray) -> bytearray:
+    """A class-sum release (``dpa.privacy.class_sums``): sums (classes, *activation_shape), counts (classes,)."""
+    return wire.encode(
+        {CLASS_SUMS: np.asarray(sums, dtype=np.float32), CLASS_COUNTS: np.asarray(counts, dtype=np.float32)}
+    )
 
 
 def step_of(message: wire.Message) -> int | None:

@@ -5,16 +5,20 @@
 2. Export it at fc7 (the best cut we measured at whole-run epsilon 8: 0.38 against pool5's 0.33, as
    ``scripts/template_levers.py`` predicted) and at conv1_1 (the seed's cut, on the record), each with a
    public release centre and clip (the median centred norm on public faces).
-3. Train on the device's private faces through a real server on loopback, three times:
+3. Train on the device's private faces through a real server on loopback, four times:
    * **non-private**: the best model we train on the same private data: the same public head and
      recipe without noise or label randomisation, its tail trained for several epochs as well; its
      clean figure is the better of the templates and the tail (fine-tuning the head end to end scored
      lower in the few epochs a demo has: 0.23 after 4 epochs);
-   * **private** (the default deployment): the head frozen at its public weights, each example
-     released ONCE, noise and randomised labels calibrated together to a whole-run epsilon of 8
-     (delta 1e-5), the server keeps class templates, and the device classifies its clean held-out
-     images with them: the headline figure;
-   * **private, conv1_1**: the same recipe at the seed's cut.
+   * **private** (the default deployment, ``dpa client``'s defaults): the head frozen at its public
+     weights; the device releases its per-class sums of clipped activations and their counts ONCE, with
+     one draw of Gaussian noise at a whole-run epsilon of 8 (delta 1e-5), the labels inside that
+     guarantee (``dpa.privacy.class_sums``); the server keeps them as class templates and the device
+     classifies its clean held-out images with them: the headline figure;
+   * **private, per-example**: DP-A as the seed has it, each example's activation and randomised
+     label released once within the same whole-run epsilon (the templates then average n noisy
+     releases: n times the noise variance of one noisy sum);
+   * **private, conv1_1**: the headline recipe at the seed's cut.
 
 Every run records the server's view of its first releases (``view``), for ``dpa attack view``.
 """
@@ -37,7 +41,7 @@ from dpa.runs.loopback import serve_and_train
 from dpa.runs.public_data import pretrained_weights, public_clip
 from exporter.export import ExportConfig, export
 from exporter.pretrain import PRETRAIN_PIXEL_STD
-from runtime_client.config import ClientConfig
+from runtime_client.config import ClientConfig, ReleaseKind
 
 __all__ = ["DemoConfig", "demo_summary", "run_demo"]
 
@@ -86,18 +90,20 @@ def _private_faces(cfg: DemoConfig) -> Path:
 
 
 def run_demo(cfg: DemoConfig, say: Any = print) -> list[dict[str, Any]]:
-    """The three runs' reports (each with ``name``, ``cut`` and the device's FLOPs share added)."""
+    """The four runs' reports (each with ``name``, ``cut`` and the device's FLOPs share added)."""
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     weights, faces = _pretrained(cfg, say)
     private_faces = _private_faces(cfg)
+    sums, examples = ReleaseKind.CLASS_SUMS, ReleaseKind.EXAMPLES
     plans = [
-        ("non-private", cfg.cut, False),
-        ("private", cfg.cut, True),
-        (f"private, {cfg.seed_cut}", cfg.seed_cut, True),
+        ("non-private", cfg.cut, False, examples),
+        ("private", cfg.cut, True, sums),
+        ("private, per-example", cfg.cut, True, examples),
+        (f"private, {cfg.seed_cut}", cfg.seed_cut, True, sums),
     ]
     exports: dict[str, tuple[Path, float]] = {}
     reports = []
-    for name, cut, private in plans:
+    for name, cut, private, release in plans:
         if cut not in exports:
             say(f"exporting the pretrained VGG-Face at {cut}, centred on public faces")
             art = _export(cfg, cut, weights, faces)
@@ -115,6 +121,7 @@ def run_demo(cfg: DemoConfig, say: Any = print) -> list[dict[str, Any]]:
             label_epsilon=cfg.label_epsilon if private else math.inf,
             frozen_head=True,
             on_device_templates=True,
+            release=release,
             data=str(private_faces),
             seed=cfg.seed,
             state_dir=run_dir / "client",
@@ -122,10 +129,16 @@ def run_demo(cfg: DemoConfig, say: Any = print) -> list[dict[str, Any]]:
             record_view=run_dir / "view",
             record_view_limit=cfg.view_releases,
         )
-        what = (f"frozen head, one release, whole-run epsilon {cfg.total_epsilon:g}" if private
-                else f"frozen head, no noise, labels in clear, tail {cfg.nonprivate_epochs} epochs")  # fmt: skip
+        if release is sums:
+            what = f"frozen head, the class sums released once, whole-run epsilon {cfg.total_epsilon:g}, labels in it"
+        elif private:
+            what = f"frozen head, each example released once, whole-run epsilon {cfg.total_epsilon:g}, labels in it"
+        else:
+            what = f"frozen head, no noise, labels in clear, tail {cfg.nonprivate_epochs} epochs"
         say(f"{name} at {cut}: {what} (server on loopback, fresh tail)")
-        report = asyncio.run(serve_and_train(art, run_dir / "server-state", client, templates=True))
+        report = asyncio.run(
+            serve_and_train(art, run_dir / "server-state", client, templates=True, clean=release is examples)
+        )
         m = load_manifest(art)
         report["name"] = name
         report["device_flops_share"] = cut_info(
@@ -145,8 +158,10 @@ def demo_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
         on_device = r.get("on_device")
         label_eps = p["label_epsilon_per_release"]
         clean, classifier = on_device["test_accuracy"], "class templates, on the device"
-        if not noisy and r["clean_test_accuracy"] > clean:
-            clean, classifier = r["clean_test_accuracy"], "head + tail"
+        tail_clean = r.get("clean_test_accuracy")  # None: a class-sum run trains no tail
+        if not noisy and tail_clean is not None and tail_clean > clean:
+            clean, classifier = tail_clean, "head + tail"
+        release = p.get("release", "examples")
         runs.append(
             {
                 "name": r["name"],
@@ -154,14 +169,21 @@ def demo_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
                 "epsilon_total": (total if math.isfinite(total) else "inf") if noisy else None,
                 "delta": p["total"]["delta"] if noisy else None,
                 "epsilon_activations": p["total"]["activation_epsilon"] if noisy else None,
-                "label_epsilon": None if math.isinf(label_eps) else label_eps,
+                "release": release,  # "class-sums" or "examples"
+                # None: labels in clear; "in class sums": inside the class sums' own guarantee
+                "label_epsilon": "in class sums"
+                if release == "class-sums"
+                else None
+                if math.isinf(label_eps)
+                else label_eps,
                 "releases_per_example": p["total"]["releases"],
                 # Clean held-out accuracy on the device: with the server's class templates (private runs),
                 # or the better of those and the trained head + tail (the non-private reference).
                 "clean_test_accuracy": clean,
                 "clean_classifier": classifier,
-                "tail_clean_test_accuracy": r["clean_test_accuracy"],
-                "private_test_accuracy": r["private_test_accuracy"],
+                "tail_clean_test_accuracy": tail_clean,
+                # held-out images released with the same noise, classified by the tail (None: no tail trained)
+                "private_test_accuracy": r.get("private_test_accuracy"),
                 "chance": 1 / r["data"]["identities"],
                 "device_flops_share": r["device_flops_share"],
                 "view": r["view"],

@@ -1,4 +1,4 @@
-"""`dpa demo` on a tiny configuration: three runs, the JSON the README documents, recorded views."""
+"""`dpa demo` on a tiny configuration: four runs, the JSON the README documents, recorded views."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 
+from dpa.audit.class_sum_audit import is_class_sum_view
 from dpa.contract.server_view import load_view
 from dpa.runs.demo import DemoConfig, demo_summary, run_demo
 
@@ -21,24 +22,29 @@ def test_demo_runs_and_its_json_has_every_field(tmp_path):
         summary = demo_summary(run_demo(cfg, say=lambda _msg: None))
     data = json.loads(json.dumps(summary))
     names = [r["name"] for r in data["runs"]]
-    assert names == ["non-private", "private", "private, conv1_1"]
-    nonprivate, private, seed_cut = data["runs"]
+    assert names == ["non-private", "private", "private, per-example", "private, conv1_1"]
+    nonprivate, private, per_example, seed_cut = data["runs"]
     assert nonprivate["epsilon_total"] is None and nonprivate["label_epsilon"] is None
     assert nonprivate["clean_test_accuracy"] == max(
         nonprivate["tail_clean_test_accuracy"], nonprivate["clean_test_accuracy"]
     )
-    for run in (private, seed_cut):
-        assert 0 < run["epsilon_total"] <= 8.0 and run["delta"] == 1e-5
-        assert run["label_epsilon"] == 4.0 and run["releases_per_example"] == 1
-        assert run["epsilon_activations"] < run["epsilon_total"]
+    for run in (private, per_example, seed_cut):
+        assert 0 < run["epsilon_total"] <= 8.0 and run["delta"] == 1e-5 and run["releases_per_example"] == 1
         assert run["clean_classifier"] == "class templates, on the device"
-    assert private["cut"] == "fc7" and seed_cut["cut"] == "conv1_1"
+    for run in (private, seed_cut):  # the class sums: labels inside their guarantee, no tail trained
+        assert run["release"] == "class-sums" and run["label_epsilon"] == "in class sums"
+        assert run["epsilon_activations"] == run["epsilon_total"] and run["private_test_accuracy"] is None
+        assert is_class_sum_view(run["view"])
+    assert per_example["release"] == "examples" and per_example["label_epsilon"] == 4.0
+    assert per_example["epsilon_activations"] < per_example["epsilon_total"]
+    assert private["cut"] == per_example["cut"] == "fc7" and seed_cut["cut"] == "conv1_1"
     assert private["device_flops_share"] > 0.9 > seed_cut["device_flops_share"]
     for run in data["runs"]:
         assert set(run) >= {"name", "epsilon_total", "delta", "releases_per_example", "clean_test_accuracy",
-                            "private_test_accuracy", "chance", "view", "label_epsilon"}  # fmt: skip
+                            "private_test_accuracy", "chance", "view", "label_epsilon", "release"}  # fmt: skip
         assert run["chance"] == pytest.approx(0.25) and 0 <= run["clean_test_accuracy"] <= 1
-        assert len(load_view(run["view"]).releases) >= 1
+        if run["release"] == "examples":
+            assert len(load_view(run["view"]).releases) >= 1
     # A second run reuses the pretrained weights instead of training them again.
     messages: list[str] = []
     with warnings.catch_warnings():

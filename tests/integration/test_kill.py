@@ -77,7 +77,7 @@ class Run:
         resume = (self.device / HEAD_CHECKPOINT).is_file()
         args = ["client", "--server", self.url, "--artifacts", str(self.artifacts), "--no-on-device-templates"]
         if self.frozen:  # the default recipe, seeded: noise and labels drawn once, the same bytes re-sent after
-            args += ["--total-epsilon", "50", "--label-epsilon", "2"]
+            args += ["--total-epsilon", "50", "--label-epsilon", "2", "--release", "examples"]
         else:  # the head trains, without noise or budget
             args += ["--epsilon", "inf", "--total-epsilon", "inf", "--train-head"]
         args += ["--seed", "7", "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--device", "cpu"]

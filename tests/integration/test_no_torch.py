@@ -95,21 +95,31 @@ def test_server_and_client_train_with_torch_blocked(small_export, tmp_path):
         )  # fmt: skip
         assert client.returncode == 0, client.stdout + client.stderr
         data = json.loads(report.read_text())
-        # The defaults are the recommended recipe: a frozen head, each example released once, activations and
-        # labels within a whole-run epsilon of 8, and the device classifying with the server's templates
-        # (which `dpa serve` keeps by default wherever they fit).
+        # The defaults are the recommended recipe: a frozen head, the class sums released once, activations and
+        # labels together within a whole-run epsilon of 8, and the device classifying with the templates the
+        # server made of them.
         assert data["privacy"]["total"]["epsilon"] <= 8.0 and data["privacy"]["total"]["releases"] == 1
-        assert data["privacy"]["frozen_head"] is True
+        assert data["privacy"]["frozen_head"] is True and data["privacy"]["release"] == "class-sums"
+        assert data["privacy"]["label_mechanism"] == "in-class-sums"
+        assert data["privacy"]["total"]["covers"].startswith("activations and labels together")
         # This export has no pretrained weights: the device is told its frozen head releases random features.
         assert any("no pretrained weights" in w for w in data["warnings"])
         assert 0 <= data["on_device"]["test_accuracy"] <= 1
+        token = (state / "tokens.txt").read_text().split()[-1]
+        assert json.load(_status(port, token))["global_step"] == 0  # no step: one class-sum request
+        # Per-example DP-A steps, labels randomised by default (RRWithPrior, label epsilon 4 per release).
+        client = subprocess.run(
+            _dpa("client", *device, "--release", "examples", "--epochs", "1", "--max-steps", "2", "--report",
+                 str(report), "--device", "arm64", "--token-file", token_file),
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert client.returncode == 0, client.stdout + client.stderr
+        data = json.loads(report.read_text())
         assert data["epochs"][0]["train_loss"] > 0
-        # Labels are randomised by default now (RRWithPrior, label epsilon 4 per release), and accounted.
         assert (
             data["privacy"]["label_mechanism"] == "rr-with-prior" and data["privacy"]["label_epsilon_per_release"] == 4
         )
         assert data["privacy"]["total"]["covers"].startswith("activations and labels")
-        token = (state / "tokens.txt").read_text().split()[-1]
         assert json.load(_status(port, token))["global_step"] == 2
         # kill -HUP reloads the token file: a token added now is accepted without a restart.
         added = add_token(state / "tokens.txt", "device-2")

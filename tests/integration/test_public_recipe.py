@@ -7,6 +7,7 @@ import asyncio
 import math
 import warnings
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -171,3 +172,71 @@ def test_the_export_carries_the_public_clip_the_device_defaults_to(recipe):
     assert _clip(DeviceOptions(artifacts=art)) == m.release_clip
     assert _clip(DeviceOptions(artifacts=art, clip=3.0)) == 3.0
     assert _clip(DeviceOptions(artifacts=root / "no-export")) == 10.0
+
+
+def _train_test(client_dir, art):  # type: ignore[no-untyped-def]
+    from dpa.faces.lfw import split_faces
+
+    root = next((client_dir / "data").iterdir())
+    return split_faces(index_faces(root, min_faces_per_person=2), test_fraction=0.25, seed=0)
+
+
+def test_a_class_sum_release_is_one_request_and_the_device_classifies_with_it(recipe, start_server, tmp_path):
+    """`--release class-sums`: one request of noisy class sums at the whole run's epsilon (nothing else is
+    sent: no step), accounted as one Gaussian release with the labels inside; the noise on it is the
+    calibrated one; the device's accuracy is the server's templates applied to its clean inputs,
+    recomputed here from the server's own file with the audit's head; and a resumed device re-sends
+    the same bytes, which the server keeps once."""
+    from dpa.privacy.accountant import calibrate_noise_multiplier, epsilon_spent
+    from dpa.privacy.class_sums import contributions
+    from runtime_server.class_sums import CLASS_SUMS_DIR
+
+    root, _, art = recipe
+    clip = public_clip(art, root / "pub" / "synthetic-8x6-64px-s1")
+    server = start_server(art, checkpoint_every=1000)
+    cfg = ClientConfig(
+        server=server.url, artifacts=art, dp=DPConfig(clip=clip, epsilon=1.0), total_epsilon=8.0, frozen_head=True,
+        on_device_templates=True, release="class-sums", synth=SynthConfig(identities=6, per_identity=20),
+        progress=False, seed=4, state_dir=tmp_path / "client", record_view=tmp_path / "view",
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = asyncio.run(run_training(cfg))
+    p = report["privacy"]
+    z = calibrate_noise_multiplier(mechanism="gaussian", total_epsilon=8.0, delta=1e-5, releases=1)
+    assert p["noise_multiplier"] == z and p["noise_scale"] == 2 * z * clip
+    assert p["total"]["epsilon"] == epsilon_spent(mechanism="gaussian", noise_multiplier=z, releases=1, delta=1e-5)
+    assert p["total"]["epsilon"] <= 8.0 and p["total"]["releases"] == 1 and "labels" in p["total"]["covers"]
+    assert report["warnings"] == ["fixed --seed: noise is reproducible (experiments only)"]  # no "labels in clear"
+    assert server.state.tail.global_step == 0 and not Journal(server.state.config.state_dir).entries()
+    files = list((server.state.config.state_dir / CLASS_SUMS_DIR).glob("*.npz"))
+    assert len(files) == 1
+    with np.load(files[0]) as f:
+        sums, counts = f["sums"].astype(np.float64), f["counts"].astype(np.float64)
+    assert (tmp_path / "view" / "class_sums.wire").read_bytes() == (
+        tmp_path / "client" / "class_sums.wire"
+    ).read_bytes()
+    # The noise, against the exact sums of the clean, clipped training activations (audit head, torch).
+    train, test = _train_test(tmp_path / "client", art)
+    m = load_manifest(art)
+    model = TrainedSplitModel(art, tail_checkpoint=art / "tail" / ARTIFACT_FILES.checkpoint)  # no step: as exported
+
+    def clipped(index):  # type: ignore[no-untyped-def]
+        a = model.activations(load_batch(list(index.paths), size=64, mean=m.pixel_mean, std=m.pixel_std))
+        return scale_examples(a, clip_factors(l2_norms(a), clip=clip))
+
+    exact = contributions(clipped(train), train.labels.astype(np.int64), m.num_classes, clip)
+    noise = np.concatenate([(sums.reshape(len(sums), -1) - exact[:, :-1]).ravel(), counts * clip - exact[:, -1]])
+    assert np.std(noise) == pytest.approx(2 * z * clip, rel=0.1)  # 6 x 513 draws
+    # The device's figure, recomputed from the server's file (rounded counts, floored at 0).
+    n = np.maximum(np.rint(counts), 0)
+    means = np.where(n[:, None] > 0, sums.reshape(len(sums), -1) / np.maximum(n, 1)[:, None], 0.0)
+    server_side = float((template_scores(clipped(test), means, n).argmax(1) == test.labels).mean())
+    assert report["on_device"]["test_accuracy"] == pytest.approx(server_side, abs=1e-12)
+    # Resumed: the kept release is re-sent as it was (its session is closed: a new one), kept once.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = asyncio.run(run_training(replace(cfg, resume=True)))
+    assert again["resilience"]["kept_release_resent"] is True
+    assert len(list((server.state.config.state_dir / CLASS_SUMS_DIR).glob("*.npz"))) == 1
+    assert again["on_device"]["test_accuracy"] == report["on_device"]["test_accuracy"]

@@ -1,0 +1,207 @@
+"""A device run that releases its class sums once (``--release class-sums``), then classifies on the device.
+
+The frozen (public) head computes every training example's centred activation; each is clipped to C
+and summed into its label's row with a count (``dpa.privacy.class_sums``); one draw of Gaussian
+noise at the whole run's epsilon goes on the sums, and that is all that leaves the device: one
+request. The server keeps them as class templates; the device fetches them and classifies its
+clean held-out images (``runtime_client.on_device``). Labels are inside the same guarantee.
+
+The release is written to the state folder before it is sent, so a device that crashes and is
+started again with ``--resume`` re-sends the same bytes (no second draw of noise: nothing new is
+released), to its session if the server still has it, else to a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpa.contract import messages
+from dpa.contract.atomic import atomic_write_bytes, atomic_write_many
+from dpa.contract.errors import UserError
+from dpa.contract.manifest import Manifest
+from dpa.faces.lfw import FaceIndex
+from dpa.privacy.accountant import PrivacyAccountant, calibrate_noise_multiplier
+from dpa.privacy.class_sums import ClassSums, class_sums_sensitivity, contributions, release_class_sums
+from dpa.privacy.clipping import clip_factors, l2_norms, scale_examples
+from dpa.privacy.mechanism import DPConfig
+from runtime_client.config import ClientConfig
+from runtime_client.dataset import load_examples
+from runtime_client.edge import EdgeClient, EdgeError
+from runtime_client.head import HeadModel
+from runtime_client.on_device import template_accuracy
+
+__all__ = [
+    "ClassSumPlan",
+    "plan_class_sums",
+    "compute_class_sums",
+    "send_class_sums",
+    "record_class_sum_view",
+    "on_device_accuracy",
+    "RELEASE_FILE",
+]
+
+RELEASE_FILE = "class_sums.wire"  # the encoded release, kept before it is sent
+_RELEASE_META = "class_sums.json"  # its session and digest
+
+
+class ClassSumPlan:
+    """The noise and the account of a class-sum run: one Gaussian release, labels inside it."""
+
+    def __init__(self, cfg: ClientConfig) -> None:
+        dp = cfg.dp
+        if cfg.total_epsilon is not None:
+            z = calibrate_noise_multiplier(
+                mechanism="gaussian", total_epsilon=cfg.total_epsilon, delta=dp.delta, releases=1
+            )
+            budget = cfg.total_epsilon
+        else:
+            z = 0.0 if math.isinf(dp.epsilon) else dp.noise_multiplier
+            budget = math.inf
+        self.clip, self.delta, self.noise_multiplier = dp.clip, dp.delta, z
+        self.accountant = PrivacyAccountant(mechanism="gaussian", noise_multiplier=z, delta=dp.delta,
+                                            budget_epsilon=budget)  # fmt: skip
+
+    @property
+    def noise_scale(self) -> float:
+        return self.noise_multiplier * class_sums_sensitivity(self.clip)
+
+    def summary(self, elements: int, num_classes: int) -> dict[str, Any]:
+        total = self.accountant.summary()
+        total["labels"] = "inside the class sums (their sensitivity covers a changed label)"
+        total["covers"] = "activations and labels together: one Gaussian release of the class sums (PLD)"
+        return {
+            "release": "class-sums",
+            "mechanism": "gaussian",
+            "clip": self.clip,
+            "epsilon_per_release": total["epsilon"],
+            "delta_per_release": self.delta,
+            "noise_scale": self.noise_scale,
+            "noise_multiplier": self.noise_multiplier,
+            "sensitivity": class_sums_sensitivity(self.clip),
+            "releases_per_training_example": 1,
+            "elements_per_release": num_classes * (elements + 1),
+            "frozen_head": True,
+            "total": total,
+            "budget_epsilon": self.accountant.budget_epsilon,
+            "label_epsilon_per_release": math.inf,
+            "label_mechanism": messages.LabelMechanism.IN_CLASS_SUMS,
+            "accounting": "one release of each example: the class sums, drawn once (dpa.privacy.class_sums)",
+        }
+
+
+def plan_class_sums(cfg: ClientConfig) -> ClassSumPlan:
+    """The plan, its one release recorded: BudgetExceeded before anything is computed or sent."""
+    plan = ClassSumPlan(cfg)
+    plan.accountant.record(1)
+    return plan
+
+
+def compute_class_sums(
+    head: HeadModel, train: FaceIndex, manifest: Manifest, plan: ClassSumPlan, rng: np.random.Generator,
+    batch: int = 64, on_batch: Callable[[int], None] | None = None,
+) -> ClassSums:  # fmt: skip
+    """Every training example through the head, clipped and summed per label; then one draw of noise."""
+    totals = np.zeros((manifest.num_classes, manifest.activation_numel + 1), dtype=np.float64)
+    for start in range(0, len(train.paths), batch):
+        rows = np.arange(start, min(start + batch, len(train.paths)))
+        images, labels = load_examples(train, rows, manifest)
+        a = head.forward(images)
+        clipped = scale_examples(a, clip_factors(l2_norms(a), clip=plan.clip))
+        totals += contributions(clipped, labels, manifest.num_classes, plan.clip)
+        if on_batch is not None:
+            on_batch(len(rows))
+    out = release_class_sums(totals, clip=plan.clip, noise_multiplier=plan.noise_multiplier, rng=rng)
+    shape = (manifest.num_classes, *manifest.activation_shape)  # as the wire carries them
+    return ClassSums(out.sums.reshape(shape), out.counts, out.noise_scale)
+
+
+def _kept(state_dir: Path) -> tuple[bytes, str] | None:
+    """The release kept by an earlier try of this run and its session, or None."""
+    body_path, meta_path = state_dir / RELEASE_FILE, state_dir / _RELEASE_META
+    if not (body_path.is_file() and meta_path.is_file()):
+        return None
+    body = body_path.read_bytes()
+    try:
+        meta = json.loads(meta_path.read_text())
+        session, digest = str(meta["session_id"]), str(meta["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{meta_path} is unreadable; remove it and {body_path} to release afresh") from None
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise UserError(f"{body_path} does not match its digest in {meta_path}; remove both to release afresh")
+    return body, session
+
+
+async def send_class_sums(
+    cfg: ClientConfig, edge: EdgeClient, digest: str, release: Callable[[], ClassSums], say: Callable[[str], None]
+) -> tuple[str, bytes, bool]:
+    """(session id, the release's bytes, whether a kept release was re-sent): the release is kept in
+    ``cfg.state_dir`` before it is sent, and with ``cfg.resume`` a kept one is re-sent as it was."""
+    labels = {"mechanism": messages.LabelMechanism.IN_CLASS_SUMS}
+    kept = _kept(cfg.state_dir) if cfg.resume else None
+    if kept is not None:
+        body, session_id = kept
+        try:
+            await edge.describe_session(session_id)
+        except EdgeError as exc:
+            if exc.status not in (404, 410):
+                raise
+            say("[yellow]the kept class sums' session is gone: re-sending the same bytes in a new session")
+            session_id = (await edge.open_session(digest, labels=labels)).session_id
+    else:
+        sums = release()
+        body = bytes(messages.encode_class_sums(sums.sums, sums.counts))
+        session_id = (await edge.open_session(digest, labels=labels)).session_id
+        meta = {"session_id": session_id, "sha256": hashlib.sha256(body).hexdigest()}
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_many(
+            [(cfg.state_dir / RELEASE_FILE, body), (cfg.state_dir / _RELEASE_META, json.dumps(meta).encode())]
+        )
+    await edge.class_sums(session_id, body)
+    return session_id, body, kept is not None
+
+
+def record_class_sum_view(
+    out: Path, body: bytes, header: dict[str, Any], train: FaceIndex, test: FaceIndex, head: HeadModel
+) -> None:
+    """What the server received (the release's bytes, the head that made it, the public centre) and,
+    device-only, which images were summed into which class and which were held out (for scoring
+    attacks): docs/server_view.md, "A class-sum view"."""
+    out.mkdir(parents=True, exist_ok=True)
+
+    def by_class(index: FaceIndex) -> dict[str, list[str]]:
+        return {str(k): [str(p) for p, y in zip(index.paths, index.labels, strict=True) if y == k]
+                for k in sorted({int(y) for y in index.labels})}  # fmt: skip
+
+    truth = {"members": by_class(train), "held_out": by_class(test)}
+    params = io.BytesIO()
+    np.savez(params, **head.parameters())
+    files = [(out / "class_sums.wire", body), (out / "members.json", json.dumps(truth).encode()),
+             (out / "head.npz", params.getvalue())]  # fmt: skip
+    if head.centre is not None:
+        files.append((out / "centre.npy", _npy(head.centre)))
+    atomic_write_many(files)
+    atomic_write_bytes(out / "header.json", (json.dumps(header, indent=2) + "\n").encode())
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array, dtype=np.float32))
+    return buf.getvalue()
+
+
+async def on_device_accuracy(
+    edge: EdgeClient, head: HeadModel, test: FaceIndex, manifest: Manifest, clip: float
+) -> dict[str, Any]:
+    means, counts, at_step = await edge.templates()
+    # The scores' scale does not change their argmax: a plain clip, no noise, for the public rescale.
+    acc = template_accuracy(head, DPConfig(clip=clip, epsilon=math.inf), test, manifest, means, counts)
+    return {"classifier": "class templates of the class sums (GET /v1/templates)", "test_accuracy": acc,
+            "templates_global_step": at_step, "releases_in_templates": int(counts.sum())}  # fmt: skip
