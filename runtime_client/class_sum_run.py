@@ -88,6 +88,11 @@ class ClassSumPlan:
             "sensitivity": class_sums_sensitivity(self.clip),
             "releases_per_training_example": 1,
             "elements_per_release": num_classes * (elements + 1),
+            # one example's clipped RMS per element over the noise on each element (a class's sum of n
+            # examples has n times this): the same definition as a per-example release's
+            "snr_per_element": math.inf
+            if self.noise_scale == 0
+            else self.clip / math.sqrt(elements) / self.noise_scale,
             "frozen_head": True,
             "total": total,
             "budget_epsilon": self.accountant.budget_epsilon,

@@ -37,8 +37,9 @@ def sweep_command(
     recipe: Annotated[
         str,
         typer.Option(
-            help="scratch (all layers trained from initialisation) or public (pretrained, centred, frozen "
-            "head, one release, class templates on the device)."
+            help="scratch (all layers trained from initialisation), public (pretrained, centred, frozen "
+            "head, one release of each example, class templates on the device) or class-sums (the same, with "
+            "the class sums released once instead)."
         ),
     ] = "scratch",
     label_epsilon: Annotated[
@@ -79,7 +80,7 @@ def sweep_command(
             "none" if p["epsilon_budget"] is None else f"{p['epsilon_total']:.3g}",
             f"{p['clean_test_accuracy']:.3f}",
             "-" if rel is None else f"{rel:.2f}",
-            f"{p['private_test_accuracy']:.3f}",
+            "-" if p["private_test_accuracy"] is None else f"{p['private_test_accuracy']:.3f}",
             f"{p['attack_ssim']:.3f}" if "attack_ssim" in p else "-",
             f"{p['baseline_ssim']:.3f}" if "baseline_ssim" in p else "-",
             f"{p['head_flops_share']:.1%}",

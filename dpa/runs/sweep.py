@@ -36,6 +36,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from dpa.audit.class_sum_audit import audit_class_sum_view, write_class_sum_grid
 from dpa.audit.config import InversionConfig
 from dpa.audit.figures import write_grid
 from dpa.audit.view_audit import audit_view
@@ -52,7 +53,7 @@ from dpa.runs.loopback import serve_and_train
 from dpa.runs.public_data import pretrained_weights, public_clip
 from exporter.export import ExportConfig, export
 from exporter.pretrain import PRETRAIN_PIXEL_STD
-from runtime_client.config import ClientConfig
+from runtime_client.config import ClientConfig, ReleaseKind
 
 __all__ = ["SweepConfig", "run_sweep", "write_frontier_plot", "PUBLIC_SEED"]
 
@@ -84,14 +85,16 @@ class SweepConfig:
     # "scratch": every layer trained from initialisation, the head too, one release per epoch.
     # "public": the network pretrained on public faces, exported centred, the head frozen and each
     # example released once; the clean accuracy is the device's with the server's class templates.
+    # "class-sums": the public recipe, with the class sums released once instead of each example
+    # (``dpa client --release class-sums``); the attack rebuilds faces from each class's noisy mean.
     recipe: str = "scratch"
     pretrain_identities: int = 40  # the public recipe's pretraining (exporter.pretrain)
     pretrain_per_identity: int = 40
     pretrain_epochs: int = 10
 
     def __post_init__(self) -> None:
-        if self.recipe not in ("scratch", "public"):
-            raise UserError(f"recipe must be 'scratch' or 'public', got {self.recipe!r}")
+        if self.recipe not in ("scratch", "public", "class-sums"):
+            raise UserError(f"recipe must be 'scratch', 'public' or 'class-sums', got {self.recipe!r}")
         for eps in self.total_epsilons:
             checks.epsilon(eps, allow_inf=False, name="total epsilon")
         for cut in self.cuts:
@@ -127,8 +130,12 @@ class SweepConfig:
             "label_epsilon": self.label_epsilon,
             "recipe": self.recipe,
             **({"pretrain": [self.pretrain_identities, self.pretrain_per_identity, self.pretrain_epochs]}
-               if self.recipe == "public" else {}),
+               if self.recipe != "scratch" else {}),
         }  # fmt: skip
+
+
+def _acc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _tag(eps: float | None) -> str:
@@ -182,8 +189,10 @@ def _run_point(
     ids, per = size
     run_dir = cfg.workdir / "runs" / f"{artifacts.name}-{ids}x{per}-{_tag(eps)}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    public = cfg.recipe == "public"
+    public = cfg.recipe != "scratch"
+    sums = cfg.recipe == "class-sums"
     client = ClientConfig(
+        release=ReleaseKind.CLASS_SUMS if sums else ReleaseKind.EXAMPLES,
         artifacts=artifacts,
         data=str(data),
         device=DeviceProfile.CPU,
@@ -204,7 +213,9 @@ def _run_point(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fixed seed and epsilon = inf are deliberate
-        report = asyncio.run(serve_and_train(artifacts, run_dir / "server-state", client, templates=public))
+        report = asyncio.run(
+            serve_and_train(artifacts, run_dir / "server-state", client, templates=public, clean=not sums)
+        )
     p = report["privacy"]
     point: dict[str, Any] = {
         "cut": report["cut"],
@@ -225,13 +236,30 @@ def _run_point(
         "snr_per_element": p["snr_per_element"],
         "clean_test_accuracy": report["on_device"]["test_accuracy"] if public else report["clean_test_accuracy"],
         "clean_classifier": "class templates on the device" if public else "head + tail",
-        "tail_clean_test_accuracy": report["clean_test_accuracy"],
-        "private_test_accuracy": report["private_test_accuracy"],
+        "tail_clean_test_accuracy": report.get("clean_test_accuracy"),  # None: class sums train no tail
+        "private_test_accuracy": report.get("private_test_accuracy"),
         "chance": 1 / ids,
         "train_seconds": report["seconds"],
         "run_dir": str(run_dir),
     }
-    if cfg.attack:
+    if cfg.attack and sums:
+        attack_cfg = InversionConfig(
+            data_seed=PUBLIC_SEED, aux_identities=cfg.attack_aux_identities, victim_identities=1,
+            images_per_identity=cfg.attack_images_per_identity, epochs=cfg.attack_epochs, seed=cfg.seed,
+            cache_dir=cfg.workdir / "attack-faces",
+        )  # fmt: skip
+        res = audit_class_sum_view(run_dir / "view", attack_cfg)
+        keep = {k: v for k, v in res.items() if k not in ("reconstructions", "members", "held_out", "prior")}
+        _write_json(run_dir / "inversion.json", keep)
+        write_class_sum_grid(res, run_dir / "inversion.png")
+        point |= {
+            "attack_ssim": res["member_ssim_mean"],
+            "attack_held_out_ssim": res["held_out_ssim_mean"],
+            "attack": res["strongest_attack"],
+            "baseline_ssim": res["baseline_ssim_mean"],
+            "attack_over_baseline": res["member_ssim_mean"] - res["baseline_ssim_mean"],
+        }
+    elif cfg.attack:
         inv = audit_view(
             run_dir / "view",
             InversionConfig(
@@ -264,7 +292,7 @@ def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print, progress:
     settings = cfg.point_settings()
     public = cached_faces(cfg.workdir / "data", SynthConfig(4, 8, cfg.image_size, PUBLIC_SEED))
     pretrained = None
-    if cfg.recipe == "public":
+    if cfg.recipe != "scratch":
         pretrained = pretrained_weights(
             cfg.workdir / "pretrained", identities=cfg.pretrain_identities, per_identity=cfg.pretrain_per_identity,
             image_size=cfg.image_size, width=cfg.width, epochs=cfg.pretrain_epochs, seed=cfg.seed, say=say,
@@ -290,7 +318,7 @@ def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print, progress:
                 point = _run_point(cfg, artifacts, data, clip, size, eps) | costs[cut]
                 _write_json(saved, {"settings": settings, "point": point})
                 say(
-                    f"{key}: clean {point['clean_test_accuracy']:.3f}, private {point['private_test_accuracy']:.3f}"
+                    f"{key}: clean {point['clean_test_accuracy']:.3f}, private {_acc(point['private_test_accuracy'])}"
                     + (f", attack SSIM {point['attack_ssim']:.3f}" if cfg.attack else "")
                 )
             points.append(point)

@@ -87,3 +87,25 @@ def test_parse_epsilons():
             assert message in str(exc)
         else:
             raise AssertionError(bad)
+
+
+def test_the_class_sum_recipe_sweeps_with_its_own_attack(tmp_path):
+    """`--recipe class-sums`: one release of each class's sum per point (no tail trained), the whole-run
+    epsilon of one Gaussian release, and the class-sum attack's figures beside each point."""
+    cfg = SweepConfig(
+        workdir=tmp_path, total_epsilons=(8.0,), cuts=("pool5",), sizes=((4, 8),), batch_size=4, attack_epochs=1,
+        attack_aux_identities=2, attack_images_per_identity=4, recipe="class-sums", pretrain_identities=4,
+        pretrain_per_identity=4, pretrain_epochs=1,
+    )  # fmt: skip
+    results = run_sweep(cfg, say=lambda _msg: None, progress=False)
+    clear, private = results["points"]
+    z = calibrate_noise_multiplier(mechanism="gaussian", total_epsilon=8.0, delta=cfg.delta, releases=1)
+    assert private["noise_multiplier"] == pytest.approx(z) and private["releases_per_example"] == 1
+    assert private["epsilon_total"] == pytest.approx(
+        epsilon_spent(mechanism="gaussian", noise_multiplier=z, releases=1, delta=cfg.delta)
+    )
+    for p in (clear, private):
+        assert p["tail_clean_test_accuracy"] is None and p["private_test_accuracy"] is None
+        assert 0 <= p["clean_test_accuracy"] <= 1 and p["clean_classifier"] == "class templates on the device"
+        assert 0 <= p["attack_ssim"] <= 1 and 0 <= p["attack_held_out_ssim"] <= 1 and 0 <= p["baseline_ssim"] <= 1
+    assert (tmp_path / "frontier.png").is_file()
