@@ -305,17 +305,7 @@ async def _run_class_sums(cfg: ClientConfig) -> dict[str, Any]:
         }  # fmt: skip
         record_class_sum_view(cfg.record_view, body, header, setup.train, setup.test, setup.head)
     report = {
-        "server": cfg.server,
-        "manifest_sha256": setup.digest,
-        "cut": m.cut,
-        "device": setup.device.describe(),
-        "head_format": setup.head.format,
-        "data": {
-            "source": cfg.data,
-            "identities": len(setup.train.names),
-            "train_images": len(setup.train.paths),
-            "test_images": len(setup.test.paths),
-        },  # fmt: skip
+        **_report_head(cfg, setup),
         "training": {"release": cfg.release.value, "seed": cfg.seed},
         "privacy": plan.summary(m.activation_numel, m.num_classes),
         "threat_model": THREAT_MODEL,
@@ -468,10 +458,8 @@ def _view_recorder(cfg: ClientConfig, setup: _Setup, state: _RunState, trainer: 
     return current
 
 
-def _report(
-    cfg: ClientConfig, setup: _Setup, state: _RunState, resilience: dict[str, int], *, seconds: float
-) -> dict[str, Any]:
-    """The run's JSON report (``docs/`` and README describe its fields)."""
+def _report_head(cfg: ClientConfig, setup: _Setup) -> dict[str, Any]:
+    """What every run's report starts with: the server, the export, the device and the data."""
     return {
         "server": cfg.server,
         "manifest_sha256": setup.digest,
@@ -484,6 +472,15 @@ def _report(
             "train_images": len(setup.train.paths),
             "test_images": len(setup.test.paths),
         },
+    }
+
+
+def _report(
+    cfg: ClientConfig, setup: _Setup, state: _RunState, resilience: dict[str, int], *, seconds: float
+) -> dict[str, Any]:
+    """The run's JSON report (``docs/`` and README describe its fields)."""
+    return {
+        **_report_head(cfg, setup),
         "training": {
             "epochs": cfg.epochs,
             "batch_size": cfg.batch_size,

@@ -93,7 +93,7 @@ def main() -> None:
 def _plot(out: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.0), dpi=110)
+    fig = Figure(figsize=(8.4, 4.0), dpi=110)
     ax = fig.add_subplot(1, 1, 1)
     for cut, colour in zip(CUTS, ("tab:orange", "tab:blue"), strict=True):
         for release, style in (("class-sums", "-o"), ("examples", "--s")):
@@ -111,7 +111,7 @@ def _plot(out: dict, path: Path) -> None:
     ax.set_xlabel("whole-run epsilon (delta 1e-5, labels included)")
     ax.set_ylabel("clean held-out accuracy on the device")
     ax.set_title("Built-in faces, 10 identities x 75 training images", fontsize=9)
-    ax.legend(fontsize=6, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path)
 

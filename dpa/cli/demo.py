@@ -68,7 +68,10 @@ def demo_command(
 
 
 def _label(eps: float | str | None) -> str:
-    return "clear" if eps is None else eps if isinstance(eps, str) else f"{eps:g}"
+    """The label column: clear, a per-release epsilon, or "in sums" (inside a class-sum release)."""
+    if eps is None:
+        return "clear"
+    return "in sums" if isinstance(eps, str) else f"{eps:g}"
 
 
 def _num(x: float | str) -> str:
