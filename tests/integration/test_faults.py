@@ -408,3 +408,59 @@ def test_replies_nobody_reads_are_let_go(small_export, quick_server, capsys):
               f"{held2:.0f} / {after2:.0f} MB in the second, {held3:.0f} / {after3:.0f} MB in the third "
               f"(unsent reply bytes held: {bytes1 / 1e6:.0f}, {bytes2 / 1e6:.0f}, {bytes3 / 1e6:.0f} MB, then 0), "
               "all 48 still connected")  # fmt: skip
+
+
+def test_a_class_sum_release_cut_off_by_sigkill_is_sent_once_after_resume(small_export, tmp_path, capsys):
+    """The default recipe as real processes: `dpa client` (class sums) is SIGKILLed, with the server, the moment
+    its release is kept on the device, before or while it is sent. Both restarted (`--resume`), the device
+    re-sends the same bytes, and the server holds exactly that one release, whichever way the race went."""
+    from runtime_server.class_sums import CLASS_SUMS_DIR
+
+    port, state, device = free_port(), tmp_path / "state", tmp_path / "device"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+    def serve() -> subprocess.Popen:  # type: ignore[type-arg]
+        args = ["serve", "--artifacts", str(small_export), "--port", str(port), "--device", "cpu", "--no-auth"]
+        log = open(tmp_path / "serve.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([sys.executable, "-m", "dpa.cli.app", *args, "--state-dir", str(state)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        wait_until_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=60)
+        return proc
+
+    def client(*extra: str) -> subprocess.Popen:  # type: ignore[type-arg]
+        args = ["client", "--server", f"http://127.0.0.1:{port}", "--artifacts", str(small_export), "--device", "cpu",
+                "--identities", "6", "--per-identity", "8", "--clip", "50", "--seed", "3", "--state-dir", str(device),
+                "--report", str(tmp_path / "report.json"), "--retry-s", "60", *extra]  # fmt: skip
+        return subprocess.Popen([sys.executable, "-m", "dpa.cli.app", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=env)  # fmt: skip
+
+    server = serve()
+    first = client()
+    kept = device / "class_sums.wire"
+    deadline = time.monotonic() + 120
+    while not kept.is_file():
+        assert first.poll() is None, first.communicate()[0].decode()[-3000:]
+        assert time.monotonic() < deadline, "the device kept no release within 120 s"
+        time.sleep(0.005)
+    first.send_signal(signal.SIGKILL)
+    server.send_signal(signal.SIGKILL)
+    first.wait(30)
+    server.wait(30)
+    delivered = len(list((state / CLASS_SUMS_DIR).glob("*.npz"))) if (state / CLASS_SUMS_DIR).is_dir() else 0
+    server = serve()
+    try:
+        second = client("--resume")
+        out = second.communicate(timeout=300)[0].decode()
+        assert second.returncode == 0, out[-3000:]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["resilience"]["kept_release_resent"] is True
+    files = list((state / CLASS_SUMS_DIR).glob("*.npz"))
+    assert len(files) == 1
+    with np.load(files[0]) as z:
+        assert str(z["digest"]) == hashlib.sha256(kept.read_bytes()).hexdigest()
+    with capsys.disabled():
+        print(f"\n[class sums, SIGKILL] device and server killed once the release was kept ({delivered} delivered "
+              "before the kill); after --resume the server holds that one release, byte for byte")  # fmt: skip
