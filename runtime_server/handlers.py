@@ -19,7 +19,7 @@ from runtime_server.class_sums import ReleaseConflict
 from runtime_server.errors import ApiError
 from runtime_server.records import CorruptRecord, read_sealed
 from runtime_server.sessions import Session
-from runtime_server.state import OWNER, STATE, ServerState, storage_error
+from runtime_server.state import OWNER, STATE, ServerState, class_sums_body_bytes, storage_error
 from runtime_server.step_commit import ReplyCut, apply_step, write_view
 from runtime_server.validation import step_number, validate_class_sums, validate_eval, validate_train
 
@@ -46,17 +46,19 @@ def _session(request: web.Request) -> Session:
     return state.sessions.get(request.match_info["session_id"], request.get(OWNER))
 
 
-def _body_size(request: web.Request) -> int:
-    """The bytes a tensor body will hold in memory (checked: media type, size); before it is read."""
+def _body_size(request: web.Request, limit: int | None = None) -> int:
+    """The bytes a tensor body will hold in memory (checked: media type, size, against ``limit``, default
+    the largest train request); before it is read."""
     state = request.app[STATE]
+    limit = state.max_body if limit is None else limit
     if request.content_type != wire.CONTENT_TYPE:
         raise ApiError(
             415, "unsupported_media_type", f"send tensors as {wire.CONTENT_TYPE}, got {request.content_type!r}"
         )
     length = request.content_length
-    if length is not None and length > state.max_body:
-        raise ApiError(413, "body_too_large", f"body of {length} bytes exceeds the limit of {state.max_body}")
-    return length if length is not None else state.max_body
+    if length is not None and length > limit:
+        raise ApiError(413, "body_too_large", f"body of {length} bytes exceeds the limit of {limit}")
+    return length if length is not None else limit
 
 
 async def _read_message(request: web.Request, size: int) -> tuple[bytearray, wire.Message]:
@@ -321,7 +323,7 @@ async def post_class_sums(request: web.Request) -> web.Response:
             422, "templates_do_not_fit", "class templates for this export would not fit in the server's memory "
             "limit: use a deeper cut",
         )  # fmt: skip
-    size = _body_size(request)
+    size = _body_size(request, class_sums_body_bytes(state.manifest))
     async with session.lock, state.bodies.hold(size):
         if state.sessions.sessions.get(session.id) is not session:  # closed while this request waited
             raise ApiError(404, "unknown_session", f"session {session.id[:8]}... was closed")

@@ -26,7 +26,7 @@ from runtime_server.journal import Journal
 from runtime_server.sessions import SessionTable
 from runtime_server.tail_worker import TailWorker
 
-__all__ = ["ServerState", "STATE", "OWNER", "max_body_bytes", "tail_down", "storage_error"]
+__all__ = ["ServerState", "STATE", "OWNER", "max_body_bytes", "class_sums_body_bytes", "tail_down", "storage_error"]
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +106,9 @@ STATE = web.AppKey("state", ServerState)
 def max_body_bytes(manifest: Manifest, max_batch: int) -> int:
     """Largest legal request: a full batch of float32 activations plus int64 labels and framing."""
     return max_batch * (4 * manifest.activation_numel + 8) + _FRAMING_SLACK
+
+
+def class_sums_body_bytes(manifest: Manifest) -> int:
+    """Largest legal class-sum release: float32 sums and a count for every class, plus framing (it does
+    not depend on max_batch: a device with more classes than a batch holds must still send one)."""
+    return manifest.num_classes * 4 * (manifest.activation_numel + 1) + _FRAMING_SLACK
