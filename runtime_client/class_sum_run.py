@@ -18,6 +18,7 @@ import io
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +28,15 @@ from dpa.contract import messages
 from dpa.contract.atomic import atomic_write_bytes, atomic_write_many
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import Manifest
+from dpa.contract.server_view import ClassSumViewFiles
 from dpa.faces.lfw import FaceIndex
-from dpa.privacy.accountant import PrivacyAccountant, calibrate_noise_multiplier
-from dpa.privacy.class_sums import ClassSums, class_sums_sensitivity, contributions, release_class_sums
+from dpa.privacy.class_sums import ClassSums, contributions, release_class_sums
 from dpa.privacy.clipping import clip_factors, l2_norms, scale_examples
-from dpa.privacy.mechanism import DPConfig
 from runtime_client.config import ClientConfig
 from runtime_client.dataset import load_examples
 from runtime_client.edge import EdgeClient, EdgeError
 from runtime_client.head import HeadModel
-from runtime_client.on_device import template_accuracy
+from runtime_client.privacy_plan import privacy_plan, privacy_summary
 
 __all__ = [
     "ClassSumPlan",
@@ -44,7 +44,6 @@ __all__ = [
     "compute_class_sums",
     "send_class_sums",
     "record_class_sum_view",
-    "on_device_accuracy",
     "RELEASE_FILE",
 ]
 
@@ -53,46 +52,37 @@ _RELEASE_META = "class_sums.json"  # its session and digest
 
 
 class ClassSumPlan:
-    """The noise and the account of a class-sum run: one Gaussian release, labels inside it."""
+    """The noise and the account of a class-sum run: one Gaussian release, labels inside it. The
+    calibration is the per-example runs' (``privacy_plan``) for one release with no label mechanism."""
 
     def __init__(self, cfg: ClientConfig) -> None:
-        dp = cfg.dp
-        if cfg.total_epsilon is not None:
-            z = calibrate_noise_multiplier(
-                mechanism="gaussian", total_epsilon=cfg.total_epsilon, delta=dp.delta, releases=1
-            )
-            budget = cfg.total_epsilon
-        else:
-            z = 0.0 if math.isinf(dp.epsilon) else dp.noise_multiplier
-            budget = math.inf
-        self.clip, self.delta, self.noise_multiplier = dp.clip, dp.delta, z
-        self.accountant = PrivacyAccountant(mechanism="gaussian", noise_multiplier=z, delta=dp.delta,
-                                            budget_epsilon=budget)  # fmt: skip
+        self.dp, self.accountant = privacy_plan(replace(cfg, label_epsilon=math.inf), {})
+
+    @property
+    def clip(self) -> float:
+        return self.dp.clip
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self.accountant.noise_multiplier
 
     @property
     def noise_scale(self) -> float:
-        return self.noise_multiplier * class_sums_sensitivity(self.clip)
+        """sigma on every element of the sums: z times their sensitivity 2C (``class_sums_sensitivity``, the
+        same as one example's), the DPConfig's own."""
+        return self.dp.noise_scale
 
     def summary(self, elements: int, num_classes: int) -> dict[str, Any]:
         total = self.accountant.summary()
         total["labels"] = "inside the class sums (their sensitivity covers a changed label)"
         total["covers"] = "activations and labels together: one Gaussian release of the class sums (PLD)"
         return {
+            # snr_per_element: one example's clipped RMS per element over the noise on each element (a
+            # class's sum of n examples has n times this), the same definition as a per-example release's
+            **privacy_summary(self.dp, releases=1, elements=elements),
             "release": "class-sums",
-            "mechanism": "gaussian",
-            "clip": self.clip,
             "epsilon_per_release": total["epsilon"],
-            "delta_per_release": self.delta,
-            "noise_scale": self.noise_scale,
-            "noise_multiplier": self.noise_multiplier,
-            "sensitivity": class_sums_sensitivity(self.clip),
-            "releases_per_training_example": 1,
             "elements_per_release": num_classes * (elements + 1),
-            # one example's clipped RMS per element over the noise on each element (a class's sum of n
-            # examples has n times this): the same definition as a per-example release's
-            "snr_per_element": math.inf
-            if self.noise_scale == 0
-            else self.clip / math.sqrt(elements) / self.noise_scale,
             "frozen_head": True,
             "total": total,
             "budget_epsilon": self.accountant.budget_epsilon,
@@ -188,25 +178,15 @@ def record_class_sum_view(
     truth = {"members": by_class(train), "held_out": by_class(test)}
     params = io.BytesIO()
     np.savez(params, **head.parameters())
-    files = [(out / "class_sums.wire", body), (out / "members.json", json.dumps(truth).encode()),
-             (out / "head.npz", params.getvalue())]  # fmt: skip
+    f = ClassSumViewFiles
+    files = [(out / f.BODY, body), (out / f.TRUTH, json.dumps(truth).encode()), (out / f.HEAD, params.getvalue())]
     if head.centre is not None:
-        files.append((out / "centre.npy", _npy(head.centre)))
+        files.append((out / f.CENTRE, _npy(head.centre)))
     atomic_write_many(files)
-    atomic_write_bytes(out / "header.json", (json.dumps(header, indent=2) + "\n").encode())
+    atomic_write_bytes(out / f.HEADER, (json.dumps(header, indent=2) + "\n").encode())
 
 
 def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.asarray(array, dtype=np.float32))
     return buf.getvalue()
-
-
-async def on_device_accuracy(
-    edge: EdgeClient, head: HeadModel, test: FaceIndex, manifest: Manifest, clip: float
-) -> dict[str, Any]:
-    means, counts, at_step = await edge.templates()
-    # The scores' scale does not change their argmax: a plain clip, no noise, for the public rescale.
-    acc = template_accuracy(head, DPConfig(clip=clip, epsilon=math.inf), test, manifest, means, counts)
-    return {"classifier": "class templates of the class sums (GET /v1/templates)", "test_accuracy": acc,
-            "templates_global_step": at_step, "releases_in_templates": int(counts.sum())}  # fmt: skip

@@ -12,7 +12,7 @@ from dpa.contract.devices import DeviceProfile
 from dpa.contract.errors import UserError
 from dpa.faces.synth import SynthConfig
 from dpa.privacy import checks
-from dpa.privacy.mechanism import DPConfig
+from dpa.privacy.mechanism import DPConfig, Mechanism
 from runtime_client.head import ModelFormat
 
 __all__ = ["ClientConfig", "ReleaseKind", "RECOMMENDED_TOTAL_EPSILON", "FALLBACK_CLIP"]
@@ -125,7 +125,7 @@ class ClientConfig:
         if self.release is ReleaseKind.CLASS_SUMS:
             if not self.frozen_head:
                 raise UserError("--release class-sums needs --frozen-head: no gradient comes back to train the head")
-            if self.dp.mechanism.value != "gaussian":
+            if self.dp.mechanism is not Mechanism.GAUSSIAN:
                 raise UserError("--release class-sums uses the Gaussian mechanism (L2 clipping), not laplace")
             if self.releases_per_example not in (None, 1):
                 raise UserError("--release class-sums releases each example once: drop --releases-per-example")

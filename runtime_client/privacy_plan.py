@@ -10,7 +10,7 @@ from dpa.contract.errors import UserError
 from dpa.contract.manifest import Manifest
 from dpa.privacy.accountant import PrivacyAccountant, calibrate_noise_multiplier, epsilon_spent
 from dpa.privacy.mechanism import DPConfig
-from runtime_client.config import ClientConfig
+from runtime_client.config import ClientConfig, ReleaseKind
 
 __all__ = ["THREAT_MODEL", "privacy_plan", "privacy_summary", "run_warnings"]
 
@@ -97,7 +97,7 @@ RANDOM_FROZEN_HEAD = (
 
 
 def run_warnings(cfg: ClientConfig, manifest: Manifest | None = None) -> list[str]:
-    class_sums = cfg.release.value == "class-sums"  # labels inside the class sums, never sent one by one
+    class_sums = cfg.release is ReleaseKind.CLASS_SUMS  # labels inside the class sums, never sent one by one
     out = ["labels are sent to the server in clear"] if math.isinf(cfg.label_epsilon) and not class_sums else []
     if cfg.frozen_head and manifest is not None and manifest.weights_sha256 is None:
         out.append(RANDOM_FROZEN_HEAD)

@@ -34,7 +34,6 @@ from dpa.privacy.noise_source import generator_state_json, restore_generator_sta
 from dpa.privacy.public_parameters import release_parameters
 from runtime_client.class_sum_run import (
     compute_class_sums,
-    on_device_accuracy,
     plan_class_sums,
     record_class_sum_view,
     send_class_sums,
@@ -245,7 +244,7 @@ async def run_training(cfg: ClientConfig) -> dict[str, Any]:
                 )
             on_device = None
             if cfg.on_device_templates:
-                on_device = await _on_device_accuracy(edge, setup, state, say)
+                on_device = await _on_device_accuracy(edge, setup, state.dp_cfg, say)
             await edge.close_session(run.session_id)
             resilience = {"retried_requests": edge.retries, "server_rollbacks": trainer.rollbacks}
             run.session_id = ""  # a later --resume (more epochs) opens a new session
@@ -288,9 +287,8 @@ async def _run_class_sums(cfg: ClientConfig) -> dict[str, Any]:
             progress.update(task, completed=len(setup.train.paths))
             on_device = None
             if cfg.on_device_templates:
-                on_device = await on_device_accuracy(edge, setup.head, setup.test, setup.manifest, plan.clip)
-                say(
-                    f"on the device, with the server's class templates: clean test acc {on_device['test_accuracy']:.3f}"
+                on_device = await _on_device_accuracy(
+                    edge, setup, plan.dp, say, classifier="class templates of the class sums (GET /v1/templates)"
                 )
             await edge.close_session(session_id)
             retries = edge.retries
@@ -324,10 +322,12 @@ async def _run_class_sums(cfg: ClientConfig) -> dict[str, Any]:
 
 
 async def _on_device_accuracy(
-    edge: EdgeClient, setup: _Setup, state: _RunState, say: Callable[[str], None]
-) -> dict[str, Any] | None:
+    edge: EdgeClient, setup: _Setup, dp: DPConfig, say: Callable[[str], None],
+    classifier: str = "class templates (GET /v1/templates)",
+) -> dict[str, Any] | None:  # fmt: skip
     """Clean held-out accuracy of the device classifying with the server's class templates; None (and
-    a warning) when the server keeps none: the run itself is complete, only this figure is missing."""
+    a warning) when the server keeps none: the run itself is complete, only this figure is missing.
+    ``dp``: the run's mechanism, for the clip and the public rescale of the clean activations."""
     try:
         means, counts, at_step = await edge.templates()
     except EdgeError as exc:
@@ -335,9 +335,9 @@ async def _on_device_accuracy(
             raise
         say("[yellow]the server keeps no class templates (start it with --templates): no on-device classifier")
         return None
-    acc = template_accuracy(setup.head, state.dp_cfg, setup.test, setup.manifest, means, counts)
+    acc = template_accuracy(setup.head, dp, setup.test, setup.manifest, means, counts)
     say(f"on the device, with the server's class templates: clean test acc {acc:.3f}")
-    return {"classifier": "class templates (GET /v1/templates)", "test_accuracy": acc,
+    return {"classifier": classifier, "test_accuracy": acc,
             "templates_global_step": at_step, "releases_in_templates": int(counts.sum())}  # fmt: skip
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from dpa.contract.atomic import atomic_write_bytes
 from dpa.contract.errors import UserError
+from dpa.privacy.class_sums import class_templates
 
 __all__ = ["ClassSumStore", "CLASS_SUMS_DIR", "ReleaseConflict"]
 
@@ -83,9 +84,6 @@ class ClassSumStore:
         return True
 
     def templates(self) -> tuple[np.ndarray, np.ndarray]:
-        """(means float32 (K, d), counts int64 (K,)) over every class-sum release kept. Each class's noisy
-        count is rounded and floored at 0 (post-processing): a class whose count rounds to 0 has no template."""
-        counts = np.rint(np.maximum(self.counts, 0.0)).astype(np.int64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = np.where(counts[:, None] > 0, self.sums / np.maximum(counts, 1)[:, None], 0.0)
-        return means.astype(np.float32), counts
+        """(means float32 (K, d), counts int64 (K,)) over every class-sum release kept
+        (``dpa.privacy.class_sums.class_templates``: a class whose noisy count rounds to 0 has none)."""
+        return class_templates(self.sums, self.counts)

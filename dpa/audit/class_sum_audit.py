@@ -33,21 +33,24 @@ from dpa.audit.report import image_metrics
 from dpa.audit.victim import head_from_weights
 from dpa.contract import messages, wire
 from dpa.contract.errors import UserError
+from dpa.contract.server_view import ClassSumViewFiles
+from dpa.privacy.class_sums import class_templates
 from dpa.privacy.mechanism import DPConfig
 
 __all__ = ["audit_class_sum_view", "is_class_sum_view", "write_class_sum_grid"]
 
 
 def is_class_sum_view(view_dir: Path) -> bool:
-    return (Path(view_dir) / "class_sums.wire").is_file()
+    return (Path(view_dir) / ClassSumViewFiles.BODY).is_file()
 
 
 def _load(view_dir: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray, dict[str, Any], dict[str, np.ndarray]]:
     try:
-        header = json.loads((view_dir / "header.json").read_text())
-        msg = wire.decode(bytearray((view_dir / "class_sums.wire").read_bytes()))
-        truth = json.loads((view_dir / "members.json").read_text())
-        with np.load(view_dir / "head.npz", allow_pickle=False) as z:
+        f = ClassSumViewFiles
+        header = json.loads((view_dir / f.HEADER).read_text())
+        msg = wire.decode(bytearray((view_dir / f.BODY).read_bytes()))
+        truth = json.loads((view_dir / f.TRUTH).read_text())
+        with np.load(view_dir / f.HEAD, allow_pickle=False) as z:
             weights = {k: z[k] for k in z.files}
     except (OSError, ValueError, KeyError, wire.WireError) as exc:
         raise UserError(f"{view_dir} is not a readable class-sum view ({exc})") from None
@@ -61,14 +64,14 @@ def audit_class_sum_view(
     started = time.perf_counter()
     view_dir = Path(view_dir)
     h, sums, counts, truth, weights = _load(view_dir)
-    centre_path = view_dir / "centre.npy"
+    centre_path = view_dir / ClassSumViewFiles.CENTRE
     head = head_from_weights(
         image_size=int(h["image_size"]), width=float(h["width"]), num_classes=int(h["num_classes"]),
         cut=str(h["cut"]), weights=weights, pixel_mean=tuple(h["pixel_mean"]), pixel_std=tuple(h["pixel_std"]),
         source=str(view_dir), centre=np.load(centre_path) if centre_path.is_file() else None,
     )  # fmt: skip
     clip, sigma = float(h["clip"]), float(h["noise_scale"])
-    n = np.maximum(np.rint(counts.astype(np.float64)), 0)
+    templates, n = class_templates(sums, counts)
     classes = [k for k in range(len(n)) if n[k] > 0 and str(k) in truth["members"]]
     if not classes:
         raise UserError(f"{view_dir}: no class has a count above 0")
@@ -77,8 +80,7 @@ def audit_class_sum_view(
     dp = DPConfig(clip=clip, epsilon=1.0, fixed_noise_multiplier=max(sigma / typical / (2 * clip), 1e-12))
     elements = math.prod(head.activation_shape)
     scale = dp.release_scale(elements)
-    means = sums.reshape(len(sums), -1)[classes] / n[classes][:, None]
-    victim = (means * scale).astype(np.float32).reshape(len(classes), *head.activation_shape)
+    victim = (templates[classes] * np.float32(scale)).astype(np.float32).reshape(len(classes), *head.activation_shape)
     cfg = replace(cfg, clip=clip)
     previous = torch.get_num_threads()
     if cfg.threads is not None:

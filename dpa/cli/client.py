@@ -16,6 +16,7 @@ from dpa.cli.device_options import DeviceOptions, client_config, device_options
 from dpa.cli.errors import console, option_check, user_errors
 from dpa.contract.errors import UserError
 from dpa.privacy import checks
+from dpa.privacy.mechanism import Mechanism
 from runtime_client.config import RECOMMENDED_TOTAL_EPSILON, ReleaseKind
 from runtime_client.head import ModelFormat
 
@@ -107,7 +108,7 @@ def client_command(
     from runtime_client.trainer import run_training
 
     if release is None:  # the recommended recipe where it applies; a trained head needs per-example steps
-        gaussian = opts.mechanism.value == "gaussian"
+        gaussian = Mechanism.parse(opts.mechanism) is Mechanism.GAUSSIAN
         release = ReleaseKind.CLASS_SUMS if frozen_head and gaussian else ReleaseKind.EXAMPLES
     result = _run(
         run_training, opts, epochs=epochs, lr=lr, total_epsilon=None if math.isinf(total_epsilon) else total_epsilon,

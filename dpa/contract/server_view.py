@@ -30,7 +30,7 @@ import numpy as np
 from dpa.contract.atomic import atomic_write_bytes
 from dpa.contract.errors import UserError
 
-__all__ = ["VIEW_FORMAT", "VIEW_VERSION", "ViewRecorder", "RecordedView", "load_view"]
+__all__ = ["VIEW_FORMAT", "VIEW_VERSION", "ViewRecorder", "RecordedView", "load_view", "ClassSumViewFiles"]
 
 VIEW_FORMAT = "dpa-server-view"
 VIEW_VERSION = 1
@@ -38,6 +38,17 @@ VIEW_FILE = "view.json"
 TRUTH_FILE = "truth.json"
 HEADS_DIR = "heads"
 CENTRE_FILE = "release_centre.npy"
+
+
+class ClassSumViewFiles:
+    """The files of a class-sum view (docs/server_view.md, "A class-sum view"): its writer, the
+    device, and its reader, the audit, take the names from here."""
+
+    BODY = "class_sums.wire"  # the request's body as sent
+    HEAD = "head.npz"  # the frozen head's parameters
+    CENTRE = "centre.npy"  # the public release centre (absent if none)
+    HEADER = "header.json"  # kind, cut, shapes, preprocessing, clip, noise
+    TRUTH = "members.json"  # device-only: {"members": {class: [paths]}, "held_out": {class: [paths]}}
 
 
 def _json_number(x: float) -> float | str:

@@ -35,7 +35,7 @@ import numpy as np
 from dpa.privacy import checks
 from dpa.privacy.mechanism import snap_step
 
-__all__ = ["ClassSums", "contributions", "class_sums_sensitivity", "release_class_sums"]
+__all__ = ["ClassSums", "class_templates", "contributions", "class_sums_sensitivity", "release_class_sums"]
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,18 @@ class ClassSums:
     noise_scale: float  # sigma of every element of [sums, C * counts]
 
     def means(self) -> np.ndarray:
-        """Each class's sum over its noisy count (at least 1); 0 where the count is below 1/2."""
-        counts = self.counts.astype(np.float64).reshape(-1, *([1] * (self.sums.ndim - 1)))
-        means = self.sums / np.maximum(counts, 1.0)
-        means[self.counts < 0.5] = 0.0
-        return means.astype(np.float32)
+        """Each class's template (``class_templates``)."""
+        return class_templates(self.sums, self.counts)[0]
+
+
+def class_templates(sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(templates float32 of ``sums``' shape, counts int64): each noisy count rounded and floored at 0,
+    each class's sum over it, and 0 where it is 0. Post-processing of the release, so free; the one
+    rule the server (``GET /v1/templates``), the audit and the tests use."""
+    n = np.maximum(np.rint(np.asarray(counts, dtype=np.float64)), 0).astype(np.int64)
+    flat = np.asarray(sums, dtype=np.float64).reshape(len(n), -1)
+    means = np.where(n[:, None] > 0, flat / np.maximum(n, 1)[:, None], 0.0)
+    return means.astype(np.float32).reshape(np.shape(sums)), n
 
 
 def class_sums_sensitivity(clip: float) -> float:

@@ -93,9 +93,9 @@ def test_the_class_sum_recipe_sweeps_with_its_own_attack(tmp_path):
     """`--recipe class-sums`: one release of each class's sum per point (no tail trained), the whole-run
     epsilon of one Gaussian release, and the class-sum attack's figures beside each point."""
     cfg = SweepConfig(
-        workdir=tmp_path, total_epsilons=(8.0,), cuts=("pool5",), sizes=((4, 8),), batch_size=4, attack_epochs=1, image_size=32,
-        attack_aux_identities=2, attack_images_per_identity=4, recipe="class-sums", pretrain_identities=4,
-        pretrain_per_identity=4, pretrain_epochs=1,
+        workdir=tmp_path, total_epsilons=(8.0,), cuts=("pool5",), sizes=((4, 8),), batch_size=4, attack_epochs=1,
+        image_size=32, attack_aux_identities=2, attack_images_per_identity=4, recipe="class-sums",
+        pretrain_identities=4, pretrain_per_identity=4, pretrain_epochs=1,
     )  # fmt: skip
     results = run_sweep(cfg, say=lambda _msg: None, progress=False)
     clear, private = results["points"]
