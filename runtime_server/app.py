@@ -56,6 +56,7 @@ from runtime_server.middlewares import auth, errors
 from runtime_server.records import verify_digest
 from runtime_server.sessions import SessionTable
 from runtime_server.state import STATE, ServerState, max_body_bytes
+from runtime_server.state_lock import StateLock, sweep_temp_files
 from runtime_server.step_commit import checkpoint, replay
 from runtime_server.tail import CHECKPOINT_NAME
 from runtime_server.tail_worker import TailWorker
@@ -139,6 +140,15 @@ def init_app(config: ServerConfig) -> web.Application:
     )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        lock = StateLock(state_dir)  # before anything is swept or loaded: a second server is refused here
+        try:
+            sweep_temp_files(state_dir)
+            async for _ in _serve(app):
+                yield
+        finally:
+            lock.release()
+
+    async def _serve(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tail")
         device = resolve_device(config.device)

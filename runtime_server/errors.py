@@ -24,6 +24,7 @@ class ApiError(Exception):
         *,
         extra: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -31,6 +32,9 @@ class ApiError(Exception):
         self.message = message
         self.extra = extra or {}
         self.headers = headers or {}
+        # Close the connection once the answer is sent, without aiohttp's lingering close (which goes on
+        # reading an unfinished body for up to 10 s): a body that missed its deadline is not waited for.
+        self.close = close
 
 
 def error_response(

@@ -80,6 +80,7 @@ async def _read_message(request: web.Request, size: int) -> tuple[bytearray, wir
             f"the body did not arrive within {deadline:.0f} s (at least {state.config.min_transfer_rate / 1024:.0f} "
             "KiB/s is needed); send it again",
             headers={"Connection": "close"},
+            close=True,
         ) from None
     except ValueError as exc:
         raise ApiError(400, "malformed_body", str(exc)) from None
@@ -242,6 +243,35 @@ async def train(request: web.Request) -> web.StreamResponse:
     session = _session(request)
     state.sessions.admit(session)
     started = time.perf_counter()
+    try:
+        step, stored, reply, batch = await _take_step(request, state, session)
+    except ReplyCut as cut:
+        return cut.response
+    # The rest of the reply is sent after the lock and the slot are released: a slow link holds neither.
+    # Nor does it hold the request: its body and the tensors decoded from it lived in _take_step's frame,
+    # so the body is back in the pool and an unread reply holds what dpa_reply_bytes_unsent says (issue 26).
+    if stored is not None:
+        state.metrics.retry_answered()
+        log.info(
+            "retried step answered from its stored reply", extra={"fields": {"session": session.id[:8], "step": step}}
+        )
+        return await _tensor_response(request, stored)
+    assert reply is not None
+    response, sending, saved_s = reply
+    await sending
+    if saved_s is not None:
+        state.metrics.checkpoint_written(saved_s)
+    elapsed = time.perf_counter() - started
+    state.metrics.step_applied(examples=batch, seconds=elapsed)
+    fields = {"session": session.id[:8], "step": step, "batch": batch, "ms": round(elapsed * 1e3, 1)}
+    log.debug("step applied", extra={"fields": fields})
+    return response
+
+
+async def _take_step(
+    request: web.Request, state: ServerState, session: Session
+) -> tuple[int, bytearray | None, tuple[web.StreamResponse, asyncio.Task[None], float | None] | None, int]:
+    """Read the step's body and apply it (or find its stored reply): (step, stored reply, reply, batch)."""
     size = _body_size(request)
     # A retry waits for its original. The body is read before a step slot is taken: a slow upload holds
     # only its share of the body budget, for at most its deadline; the slot is for the tail's work.
@@ -252,37 +282,17 @@ async def train(request: web.Request) -> web.StreamResponse:
         step = step_number(message)
         async with state.slots:
             if step == session.step:  # a retry of the last applied step: its answer, not a second update
-                stored = await state.run(_stored_reply, state, session, step)
-            elif step != session.step + 1:
+                return step, await state.run(_stored_reply, state, session, step), None, 0
+            if step != session.step + 1:
                 raise ApiError(
                     409,
                     "step_out_of_order",
                     f"this session's next step is {session.step + 1}, not {step}",
                     extra={"expected_step": session.step + 1},
                 )
-            else:
-                stored = None
-                act, labels = await state.run(validate_train, state.manifest, state.config.max_batch, message)
-                try:
-                    reply = await apply_step(request, state, session, step, raw, act, labels)
-                except ReplyCut as cut:
-                    return cut.response
-    # The rest of the reply is sent after the lock and the slot are released: a slow link holds neither.
-    if stored is not None:
-        state.metrics.retry_answered()
-        log.info(
-            "retried step answered from its stored reply", extra={"fields": {"session": session.id[:8], "step": step}}
-        )
-        return await _tensor_response(request, stored)
-    response, sending, saved_s = reply
-    await sending
-    if saved_s is not None:
-        state.metrics.checkpoint_written(saved_s)
-    elapsed = time.perf_counter() - started
-    state.metrics.step_applied(examples=int(labels.shape[0]), seconds=elapsed)
-    fields = {"session": session.id[:8], "step": step, "batch": int(labels.shape[0]), "ms": round(elapsed * 1e3, 1)}
-    log.debug("step applied", extra={"fields": fields})
-    return response
+            act, labels = await state.run(validate_train, state.manifest, state.config.max_batch, message)
+            reply = await apply_step(request, state, session, step, raw, act, labels)
+            return step, None, reply, int(labels.shape[0])
 
 
 async def templates(request: web.Request) -> web.StreamResponse:

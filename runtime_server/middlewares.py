@@ -29,10 +29,12 @@ def _route(request: web.Request) -> str:
 async def errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    close = False
     try:
         return await handler(request)
     except ApiError as exc:
         status, code, message, extra, headers = exc.status, exc.code, exc.message, exc.extra, exc.headers
+        close = exc.close
     except web.HTTPRequestEntityTooLarge as exc:
         status, code, message, extra, headers = 413, "body_too_large", exc.text or "request body too large", {}, {}
     except web.HTTPException as exc:
@@ -46,7 +48,18 @@ async def errors(
     fields = {"method": request.method, "route": _route(request), "status": status, "code": code}
     fields["device"] = request.get(OWNER)
     log.info("request rejected", extra={"fields": fields})
-    return error_response(status, code, message, extra, headers)
+    response = error_response(status, code, message, extra, headers)
+    if close:
+        await _answer_and_close(request, response)
+    return response
+
+
+async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> None:
+    """Send ``response`` whole, then close the connection at once: ``force_close`` flushes what was
+    written and skips the lingering close, so the client reads the answer and then EOF (issue 26)."""
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
 
 
 @web.middleware

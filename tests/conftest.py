@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +15,7 @@ import pytest
 
 from dpa.contract.architecture import ArchConfig
 from dpa.contract.manifest import OptimizerConfig
+from dpa.runs.loopback import free_port, wait_until_healthy
 
 SMALL = ArchConfig(image_size=64, width=0.25, num_classes=6, dropout=0.0)
 
@@ -90,3 +95,19 @@ def start_server(tmp_path: Path) -> Iterator:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def quick_server(small_export, tmp_path, request):  # type: ignore[no-untyped-def]
+    """`dpa serve` with short transfer deadlines: 2 s plus the bytes at the rate given (KiB/s; 256 default)."""
+    rate = getattr(request, "param", 256)
+    port = free_port()
+    args = ["serve", "--artifacts", str(small_export), "--port", str(port), "--device", "cpu", "--no-auth"]
+    args += ["--state-dir", str(tmp_path / "state"), "--transfer-base-s", "2", "--min-transfer-kib-s", str(rate)]
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed with the process
+    cmd = [sys.executable, "-m", "dpa.cli.app", *args]
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    wait_until_healthy(f"http://127.0.0.1:{port}", server, timeout_s=60)
+    yield port, server
+    server.send_signal(signal.SIGTERM)
+    server.wait(60)

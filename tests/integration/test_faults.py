@@ -303,22 +303,6 @@ def _train_body(artifacts: Path, step: int, batch: int = 2) -> bytes:
     return bytes(wire.encode({"activation": act, "labels": rng.integers(0, 6, batch)}, {"step": step}))
 
 
-@pytest.fixture
-def quick_server(small_export, tmp_path, request):  # type: ignore[no-untyped-def]
-    """`dpa serve` with short transfer deadlines: 2 s plus the bytes at the rate given (KiB/s; 256 default)."""
-    rate = getattr(request, "param", 256)
-    port = free_port()
-    args = ["serve", "--artifacts", str(small_export), "--port", str(port), "--device", "cpu", "--no-auth"]
-    args += ["--state-dir", str(tmp_path / "state"), "--transfer-base-s", "2", "--min-transfer-kib-s", str(rate)]
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed with the process
-    cmd = [sys.executable, "-m", "dpa.cli.app", *args]
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    wait_until_healthy(f"http://127.0.0.1:{port}", server, timeout_s=60)
-    yield port, server
-    server.send_signal(signal.SIGTERM)
-    server.wait(60)
-
-
 def _new_session(port: int, artifacts: Path) -> str:
     async def run() -> str:
         async with EdgeClient(f"http://127.0.0.1:{port}") as edge:
