@@ -29,12 +29,14 @@ from dpa.faces.synth import SynthConfig, cached_faces
 from exporter.export import VGGFACE_MEAN
 from exporter.vggface import build_parts, init_weights
 
-__all__ = ["PUBLIC_SEED", "PretrainConfig", "pretrain", "public_faces"]
+__all__ = ["PUBLIC_SEED", "PretrainConfig", "native_bf16", "pretrain", "public_faces"]
 
 #: The built-in generator's seed for public faces; devices' built-in faces use seed 0.
 PUBLIC_SEED = 1
 #: Pixel scale the pretrained network is trained with (as an export from scratch); ``--pixel-std``.
 PRETRAIN_PIXEL_STD = 64.0
+#: The torch thread count pretraining runs with: this machine kind's 2 cores.
+PRETRAIN_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,13 @@ class PretrainConfig:
     lr: float = 1e-3  # AdamW
     seed: int = 0  # initialisation and shuffling
     cache_dir: Path | None = None  # synthetic faces; default next to ``out``
-    threads: int | None = None
-    #: bfloat16 autocast (weights and updates stay float32): None uses it where the CPU computes bf16
-    #: natively (AVX512-BF16/AMX), which made a step 2.2x faster here (channels-last layout included).
-    mixed_precision: bool | None = None
+    #: torch threads. Fixed, not "all cores": oneDNN splits a convolution's weight-gradient reduction
+    #: by thread, so the thread count changes the float32 rounding and, over ten epochs, the weights.
+    threads: int = PRETRAIN_THREADS
+    #: bfloat16 autocast (weights and updates stay float32). Off by default: it is only native on some
+    #: CPUs (AVX512-BF16/AMX, where a step ran 2.2x faster), so with it on the weights, and every figure
+    #: after them, would depend on which CPU the newcomer has (issue 22). The sidecar records it.
+    mixed_precision: bool = False
 
     def __post_init__(self) -> None:
         for name in ("identities", "per_identity", "epochs", "batch_size"):
@@ -61,6 +66,10 @@ class PretrainConfig:
                 raise UserError(f"pretrain {name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise UserError(f"pretrain learning rate must be > 0, got {self.lr}")
+        if self.threads < 1:
+            raise UserError(f"pretrain threads must be >= 1, got {self.threads}")
+        if self.mixed_precision and not native_bf16():
+            raise UserError("--mixed-precision needs a CPU that computes bfloat16 natively (AVX512-BF16 or AMX)")
 
 
 def public_faces(root: Path, identities: int, per_identity: int, size: int) -> Path:
@@ -73,9 +82,9 @@ def public_faces(root: Path, identities: int, per_identity: int, size: int) -> P
 def pretrain(cfg: PretrainConfig, *, progress: Callable[[int, float, float], None] | None = None) -> dict[str, Any]:
     """Train the whole network on the public faces; write the weights and their sidecar JSON."""
     started = time.perf_counter()
-    previous = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    previous = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True)
     try:
         if cfg.data == "synthetic":
             root = public_faces(cfg.cache_dir or cfg.out.parent / "faces", cfg.identities, cfg.per_identity,
@@ -93,7 +102,7 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[int, float, float], Non
         optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
         x = torch.from_numpy(images).contiguous(memory_format=torch.channels_last)
         y = torch.from_numpy(labels)
-        bf16 = _native_bf16() if cfg.mixed_precision is None else cfg.mixed_precision
+        bf16 = cfg.mixed_precision
         rng = np.random.default_rng(cfg.seed)
         history = []
         for epoch in range(cfg.epochs):
@@ -128,14 +137,17 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[int, float, float], Non
             "history": history,
             "seconds": round(time.perf_counter() - started, 1),
             "bfloat16": bf16,
+            "precision": "bfloat16 autocast" if bf16 else "float32",
+            "threads": cfg.threads,
         }
         atomic_write_bytes(sidecar(cfg.out), (json.dumps(info, indent=1) + "\n").encode())
         return info
     finally:
-        torch.set_num_threads(previous)
+        torch.set_num_threads(previous[0])
+        torch.use_deterministic_algorithms(previous[1])
 
 
-def _native_bf16() -> bool:
+def native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (elsewhere autocast would be slower, not faster)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -30,7 +30,11 @@ def bench_command(
             raise UserError(f"unknown config {config!r}; valid: {', '.join(CONFIGS)}")
         report = run_bench(CONFIGS[config], say=lambda msg: console.print(f"[bold cyan]>[/] {msg}"))
     report["seed_phone"] = SEED_PHONE
-    table = Table(title=f"dpa bench --config {config} (ratios: ours / torch eager, lower is faster)")
+    machine = report["machine"]
+    table = Table(
+        title=f"dpa bench --config {config} (ratios: ours / torch eager, lower is faster)\n"
+        f"on {machine['cpu']['summary']}, {machine['threads']} threads"
+    )
     table.add_column("figure")
     table.add_column("value", justify="right")
     table.add_column("target", justify="right")

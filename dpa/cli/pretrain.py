@@ -22,7 +22,12 @@ def pretrain_command(
     image_size: Annotated[int, typer.Option(help="Input side in pixels.")] = 64,
     width: Annotated[float, typer.Option(help="Channel multiplier.")] = 0.25,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
-    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+    threads: Annotated[int, typer.Option(help="torch threads: part of the result (reductions split by thread).")] = 2,
+    mixed_precision: Annotated[
+        bool, typer.Option("--mixed-precision", help="bfloat16 autocast (CPUs with native bf16 only): faster, "
+                           "but the weights then depend on the CPU; the sidecar says so.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Initialisation and shuffling.")] = 0,
 ) -> None:
     """Pretrain the whole network on public faces; then `dpa export --weights OUT --pixel-std 64`."""
     from rich.progress import Progress
@@ -31,7 +36,8 @@ def pretrain_command(
 
     with user_errors():
         cfg = PretrainConfig(out=out, data=data, identities=identities, per_identity=per_identity,
-                             image_size=image_size, width=width, epochs=epochs, threads=threads)  # fmt: skip
+                             image_size=image_size, width=width, epochs=epochs, threads=threads,
+                             mixed_precision=mixed_precision, seed=seed)  # fmt: skip
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("pretraining", total=epochs)
             info = pretrain(cfg, progress=lambda e, loss, acc: bar.update(
@@ -39,6 +45,7 @@ def pretrain_command(
     last = info["history"][-1]
     console.print(
         f"[green]pretrained[/] on {info['images']} public images of {len(info['identities'])} identities in "
-        f"{info['seconds']:.0f} s (train acc {last['train_accuracy']:.2f}); wrote {out} and {out}.json. "
+        f"{info['seconds']:.0f} s in {info['precision']} (train acc {last['train_accuracy']:.2f}); "
+        f"wrote {out} and {out}.json. "
         f"Export with: dpa export --weights {out} --pixel-std 64 --width {width:g} --image-size {image_size}"
     )

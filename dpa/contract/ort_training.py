@@ -30,6 +30,7 @@ __all__ = [
     "SessionOptions",
     "available_providers",
     "session_options",
+    "ort_version",
     "train_step_into",
 ]
 
@@ -81,6 +82,10 @@ def session_options(threads: int | None) -> Any:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
+
+
+def ort_version() -> str:
+    return str(onnxruntime.__version__)
 
 
 def available_providers() -> list[str]:

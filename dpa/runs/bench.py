@@ -31,10 +31,11 @@ import torch
 from dpa.contract import messages, wire
 from dpa.contract.architecture import ArchConfig
 from dpa.contract.atomic import atomic_write_bytes
+from dpa.contract.cpu import cpu_info
 from dpa.contract.devices import resolve_device
 from dpa.contract.manifest import GraphNames, OptimizerConfig, load_manifest, manifest_sha256
 from dpa.contract.messages import Route, SessionField, route
-from dpa.contract.ort_training import CheckpointState, Module, Optimizer, session_options
+from dpa.contract.ort_training import CheckpointState, Module, Optimizer, ort_version, session_options
 from dpa.faces.lfw import load_batch
 from dpa.faces.synth import SynthConfig, write_synthetic_faces
 from dpa.privacy.mechanism import DPActivations, DPConfig
@@ -451,7 +452,15 @@ def run_bench(cfg: BenchConfig, *, say: Callable[[str], None] = print) -> dict[s
 
     report: dict[str, Any] = {
         "config": {**asdict(cfg), "arch": asdict(cfg.arch)},
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        # The CPU decides the kernels both sides run (AVX-512 or AVX2, bf16): BENCHMARKS.md keeps figures per kind.
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "cpu": cpu_info().as_json(),
+            "threads": resolve_device("cpu").threads,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels torch dispatches to
+            "onnxruntime": ort_version(),
+        },
     }
     with tempfile.TemporaryDirectory() as tmp:
         say(f"exporting the {cfg.name} configuration")

@@ -26,6 +26,7 @@ Every run records the server's view of its first releases (``view``), for ``dpa 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from dpa.contract.architecture import ArchConfig, cut_info
+from dpa.contract.cpu import cpu_info
 from dpa.contract.devices import DeviceProfile
 from dpa.contract.manifest import OptimizerConfig, OptimizerName, load_manifest
 from dpa.faces.synth import SynthConfig, cached_faces
@@ -40,7 +42,7 @@ from dpa.privacy.mechanism import DPConfig
 from dpa.runs.loopback import serve_and_train
 from dpa.runs.public_data import pretrained_weights, public_clip
 from exporter.export import ExportConfig, export
-from exporter.pretrain import PRETRAIN_PIXEL_STD
+from exporter.pretrain import PRETRAIN_PIXEL_STD, sidecar
 from runtime_client.config import ClientConfig, ReleaseKind
 
 __all__ = ["DemoConfig", "demo_summary", "run_demo"]
@@ -66,13 +68,17 @@ class DemoConfig:
     label_epsilon: float = 4.0  # of it, each label (RRWithPrior); the activation gets the rest (2 scored 0.24, 4 0.33)
     delta: float = 1e-5
     seed: int = 0  # reproducible demo (the client warns that fixed seeds are for experiments)
+    # bfloat16 autocast in pretraining: only on request, since it is native on some CPUs only and the
+    # weights, and so every figure, would then depend on the CPU (issue 22); the report says which.
+    mixed_precision: bool = False
     view_releases: int = 8  # training releases of each run recorded as the server's view (docs/server_view.md)
 
 
 def _pretrained(cfg: DemoConfig, say: Any) -> tuple[Path, Path]:
     return pretrained_weights(
         cfg.workdir / "pretrained", identities=cfg.pretrain_identities, per_identity=cfg.pretrain_per_identity,
-        image_size=cfg.arch.image_size, width=cfg.arch.width, epochs=cfg.pretrain_epochs, seed=cfg.seed, say=say,
+        image_size=cfg.arch.image_size, width=cfg.arch.width, epochs=cfg.pretrain_epochs, seed=cfg.seed,
+        mixed_precision=cfg.mixed_precision, say=say,
     )  # fmt: skip
 
 
@@ -93,6 +99,7 @@ def run_demo(cfg: DemoConfig, say: Any = print) -> list[dict[str, Any]]:
     """The four runs' reports (each with ``name``, ``cut`` and the device's FLOPs share added)."""
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     weights, faces = _pretrained(cfg, say)
+    pretraining = _pretraining_facts(weights, cfg)
     private_faces = _private_faces(cfg)
     sums, examples = ReleaseKind.CLASS_SUMS, ReleaseKind.EXAMPLES
     plans = [
@@ -144,8 +151,16 @@ def run_demo(cfg: DemoConfig, say: Any = print) -> list[dict[str, Any]]:
         report["device_flops_share"] = cut_info(
             ArchConfig(image_size=m.image_size, width=m.width, num_classes=m.num_classes), m.cut
         ).head_flops_share
+        report["pretraining"] = pretraining
         reports.append(report)
     return reports
+
+
+def _pretraining_facts(weights: Path, cfg: DemoConfig) -> dict[str, Any]:
+    """What the report says of the public weights: their precision (bf16 only on request) and seed."""
+    info = json.loads(sidecar(weights).read_text())
+    return {"precision": info.get("precision", "float32"), "seed": cfg.seed, "weights": str(weights),
+            "train_accuracy": info["history"][-1]["train_accuracy"]}  # fmt: skip
 
 
 def demo_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -189,4 +204,5 @@ def demo_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
                 "view": r["view"],
             }
         )
-    return {"runs": runs}
+    return {"runs": runs, "seed": reports[0]["pretraining"]["seed"], "pretraining": reports[0]["pretraining"],
+            "cpu": cpu_info().as_json()}  # fmt: skip

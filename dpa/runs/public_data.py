@@ -35,13 +35,14 @@ def public_clip(artifacts: Path, public_faces: Path) -> float:
 
 def pretrained_weights(
     folder: Path, *, identities: int, per_identity: int, image_size: int, width: float, epochs: int, seed: int,
-    say: Callable[[str], None] = print,
+    mixed_precision: bool = False, say: Callable[[str], None] = print,
 ) -> tuple[Path, Path]:  # fmt: skip
     """(weights, the public faces they were trained on): pretrained once in ``folder`` (``dpa pretrain``),
     reused while the settings are the same."""
     pcfg = PretrainConfig(
         out=folder / "weights.pt", identities=identities, per_identity=per_identity, image_size=image_size,
         width=width, epochs=epochs, seed=seed, cache_dir=folder / "faces",
+        mixed_precision=mixed_precision,
     )  # fmt: skip
     faces = public_faces(folder / "faces", identities, per_identity, image_size)
     where = ("out", "cache_dir")  # a copied folder is the same pretraining

@@ -43,3 +43,10 @@ def test_bench_reports_every_figure():
     assert report["wire_bytes_per_step_float16"] == (152 + act // 2) + (464 + act)
     assert report["torch_loaded"] is False  # the measured device client never imported torch
     assert 0 < report["client_peak_rss_mb"] < 2000 and np.isfinite(report["head_step_ratio"])
+    # Which CPU it ran on, as BENCHMARKS.md keeps its figures per CPU kind (issue 22).
+    assert report["machine"]["cpu"]["summary"] and report["machine"]["torch_cpu_capability"] in (
+        "AVX512",
+        "AVX2",
+        "DEFAULT",
+    )
+    assert report["machine"]["threads"] >= 1

@@ -45,6 +45,9 @@ def test_demo_runs_and_its_json_has_every_field(tmp_path):
         assert run["chance"] == pytest.approx(0.25) and 0 <= run["clean_test_accuracy"] <= 1
         if run["release"] == "examples":
             assert len(load_view(run["view"]).releases) >= 1
+    # What the figures depend on is in the JSON: the seed, float32 pretraining (bf16 only on request), the CPU.
+    assert data["seed"] == 0 and data["pretraining"]["precision"] == "float32"
+    assert {"model", "avx512", "bf16", "summary"} <= set(data["cpu"])
     # A second run reuses the pretrained weights instead of training them again.
     messages: list[str] = []
     with warnings.catch_warnings():

@@ -1,16 +1,17 @@
-"""DP-A training learns on the built-in synthetic faces, and noise costs accuracy.
+"""DP-A training learns on the built-in synthetic faces, with noise and without.
 
 The earlier demo's configuration (64x64 VGG-Face, width 0.25, cut conv1_1, 10 identities, from scratch),
-run through the real server on loopback, without noise and with noise at SNR 4.8 per
-element (epsilon 3e6 per release; README explains why conv1_1 needs it this large).
-Fixed seeds make the run repeatable; the figures are printed.
+run through the real server on loopback, without noise and with noise at SNR 4.8 per element (epsilon
+3e6 per release; README explains why conv1_1 needs it this large). The figures are printed.
 
-Whether a noisy run from scratch takes off within 12 epochs, and when, depends on the
-seed and even on float rounding: after the tail's conv gradients changed kernels (same
-gradients to 1e-6), seed 1 stayed at chance for 12 epochs while seeds 0 and 2 learned,
-and seed 0's held-out accuracy reached 0.15-0.25 over its last epochs where it had
-ended at 0.35. So "learns" is asserted on the training loss against the chance loss
-ln(10), and on the held-out accuracy averaged over the last epochs, not on one epoch.
+This test used AdamW at lr 1e-3, which sits on the take-off edge of a plain 13-conv VGG without batch
+norm: whether a run left chance, and when, depended on the seed and on the CPU's float rounding (it
+failed on an AMD EPYC without AVX-512, issue 22, and here at seeds 0, 1 and 2 once it was tried: the
+ReLUs die and the loss sits at ln(10)). At lr 3e-4 all three seeds learned with room to spare (noisy
+run, 12 epochs: final train loss 0.49 / 0.36 / 0.84, held-out accuracy over the last four epochs
+0.50 / 0.58 / 0.46), so the bounds below sit far from every run we saw: loss ln(10) - 1 = 1.30, accuracy
+chance + 0.2 = 0.30. Learning broken fails them: with the labels randomised away (``label_epsilon``
+1e-6; RRWithPrior then sends the model's own guesses) both runs sat at 0.10 held out, the accuracy bound.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from exporter.export import ExportConfig, export
 from runtime_client.config import ClientConfig
 
 EPOCHS = 12
+LR = 3e-4  # far from the take-off edge (module docstring); 1e-3 is on it
 
 
 def _run(tmp_path, artifacts, epsilon):  # type: ignore[no-untyped-def]
@@ -44,7 +46,7 @@ def _run(tmp_path, artifacts, epsilon):  # type: ignore[no-untyped-def]
 def test_noisy_and_clean_runs_learn(tmp_path):
     artifacts = tmp_path / "artifacts"
     arch = ArchConfig(image_size=64, width=0.25, num_classes=10, dropout=0.0)
-    export(ExportConfig(arch=arch, cut="conv1_1", optimizer=OptimizerConfig(name=OptimizerName.ADAMW, lr=1e-3),
+    export(ExportConfig(arch=arch, cut="conv1_1", optimizer=OptimizerConfig(name=OptimizerName.ADAMW, lr=LR),
                         out=artifacts, seed=0))  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fixed seed and epsilon = inf warn by design
@@ -55,14 +57,13 @@ def test_noisy_and_clean_runs_learn(tmp_path):
     print(f"held-out accuracy per epoch (chance {chance:.2f}): {acc}; final train loss {loss}")
     assert noisy["privacy"]["noise_scale"] > 0 and clean["privacy"]["noise_scale"] == 0
     # Guessing gives a cross-entropy of ln(10) = 2.30 at best; a run stuck at chance stays there.
-    assert loss["noisy"] < math.log(clean["data"]["identities"]) - 0.3
+    assert loss["noisy"] < math.log(clean["data"]["identities"]) - 1.0
     # 100 held-out images: one epoch's accuracy at chance (0.10) has a standard deviation of 0.03.
-    assert np.mean(acc["noisy"][-4:]) >= chance + 0.07
-    # Without noise it learns too. Which of the two ends lower depends on the noise draw at SNR 4.8: with
-    # PCG64 streams the clean run ended 0.1 lower; with the AES-CTR streams and snapping of issue 15, the
-    # noisy one did (1.25 vs 1.28, held-out 0.33 vs 0.31 over the last epochs). So no order is asserted.
-    assert loss["clean"] < math.log(clean["data"]["identities"]) - 0.3
-    assert np.mean(acc["clean"][-4:]) >= chance + 0.07
+    assert np.mean(acc["noisy"][-4:]) >= chance + 0.2
+    # Without noise it learns too. Which of the two ends lower depends on the noise draw at SNR 4.8, so no
+    # order is asserted.
+    assert loss["clean"] < math.log(clean["data"]["identities"]) - 1.0
+    assert np.mean(acc["clean"][-4:]) >= chance + 0.2
     # Both accuracies, measured two ways: private split inference through the server's tail, and the
     # trained head + tail run offline on clean activations. Without noise the two paths see the same
     # inputs and must agree exactly; with noise on they differ.
