@@ -447,7 +447,9 @@ def _view_recorder(cfg: ClientConfig, setup: _Setup, state: _RunState, trainer: 
     current = _ViewSources([], 0)
 
     def on_sent(step: int, activation: np.ndarray, labels: np.ndarray) -> None:
-        if not recorder.full:
+        if recorder.full:
+            recorder.skip(step)  # view.json then says it is not the whole run
+        else:
             release = {"kind": "train", "epoch": current.epoch, **params, "label_epsilon": cfg.label_epsilon}
             recorder.record(
                 step=step, activation=activation, labels=labels, head=setup.head.parameters(), release=release,

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dpa.audit.class_sum_membership import class_sum_membership
 from dpa.audit.config import InversionConfig
 from dpa.audit.inversion import ATTACKS, ProgressFn, face_sets, load_images, ticks_per_setting
 from dpa.audit.report import image_metrics
@@ -108,9 +109,28 @@ def audit_class_sum_view(
             recon = ATTACKS[name](cfg, head, dp, aux, victim, lambda loss, name=name: tick(name, loss)).reconstructions
             recon_by[name] = recon
             by_attack[name] = _scores(recon, classes, members, held, prior)
+        strongest = max(by_attack, key=lambda a: by_attack[a]["member_ssim_mean"])
+        # The same attacks' power without noise: the same images' exact class means (a blind attack's
+        # "at the baseline" says nothing about the noise; issue 27).
+        acts = _clipped_activations(head, clip)
+        exact = np.stack([acts(truth["members"][str(k)]).mean(axis=0) for k in classes])
+        clean_dp = DPConfig(clip=clip, epsilon=1.0, fixed_noise_multiplier=1e-12)
+        clean_victim = (exact * np.float32(clean_dp.release_scale(elements))).astype(np.float32)
+        noiseless = {}
+        for name in cfg.attacks:
+            clean = clean_victim.reshape(len(classes), *head.activation_shape)
+            recon = ATTACKS[name](cfg, head, clean_dp, aux, clean, lambda loss, name=name: tick(name, loss))
+            noiseless[name] = {k: v for k, v in _scores(recon.reconstructions, classes, members, held, prior).items()
+                               if k != "per_class"}  # fmt: skip
+        public_mean = acts_of_images(head, aux[0], clip).mean(axis=0)
+        membership = class_sum_membership(
+            sums=sums.reshape(len(sums), -1), counts=counts, noise_multiplier=float(h["noise_multiplier"]), clip=clip,
+            activations=acts, public_mean=public_mean,
+            members={k: truth["members"][str(k)] for k in classes},
+            held_out={k: truth.get("held_out", {}).get(str(k), []) for k in classes},
+        )  # fmt: skip
     finally:
         torch.set_num_threads(previous)
-    strongest = max(by_attack, key=lambda a: by_attack[a]["member_ssim_mean"])
     best = by_attack[strongest]
     return {
         "view": str(view_dir),
@@ -125,6 +145,13 @@ def audit_class_sum_view(
         **{k: v for k, v in best.items() if k != "per_class"},
         "per_class": best["per_class"],
         "by_attack": {a: {k: v for k, v in s.items() if k != "per_class"} for a, s in by_attack.items()},
+        # The strongest attack without noise, on the exact class means of the same images: its power.
+        "noiseless": {
+            "strongest_attack": max(noiseless, key=lambda a: noiseless[a]["member_ssim_mean"]),
+            **max(noiseless.values(), key=lambda s: s["member_ssim_mean"]),
+            "by_attack": noiseless,
+        },
+        "membership": membership,
         "attacker": {"identities": names[: cfg.aux_identities], "images": len(aux_paths), "data_seed": cfg.data_seed},
         "reconstructions": recon_by[strongest],
         "members": {k: v.transpose(0, 2, 3, 1) for k, v in members.items()},
@@ -132,6 +159,24 @@ def audit_class_sum_view(
         "prior": prior,
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def acts_of_images(head: Any, x: np.ndarray, clip: float) -> np.ndarray:
+    """Clipped (L2, to ``clip``), centred head activations (N, d) of preprocessed images, as the device's."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(x), 64):
+            a = head.module(torch.from_numpy(np.ascontiguousarray(x[start : start + 64]))).double().flatten(1)
+            a = a * torch.clamp(clip / a.norm(dim=1, keepdim=True).clamp_min(1e-30), max=1.0)
+            out.append(a.numpy())
+    return np.concatenate(out) if out else np.zeros((0, math.prod(head.activation_shape)))
+
+
+def _clipped_activations(head: Any, clip: float) -> Any:
+    def acts(paths: list[str]) -> np.ndarray:
+        return acts_of_images(head, load_images([Path(p) for p in paths], head)[0], clip)
+
+    return acts
 
 
 def _scores(

@@ -90,7 +90,10 @@ class ViewRecorder:
             self._view = json.loads(index.read_text())
             self._truth = json.loads((self.directory / TRUTH_FILE).read_text())
         else:
-            self._view = {"format": VIEW_FORMAT, "version": VIEW_VERSION, **dict(header), "releases": []}
+            # record_limit: --record-view-limit (None: every release); "truncated" is added, true, once a
+            # release past it was not recorded, so a reader knows the view is not the whole run.
+            self._view = {"format": VIEW_FORMAT, "version": VIEW_VERSION, **dict(header), "record_limit": limit,
+                          "truncated": False, "releases": []}  # fmt: skip
             self._truth = {"note": "device-only: never sent to the server; for scoring attacks", "releases": {}}
         self._heads: set[str] = {p.stem for p in (self.directory / HEADS_DIR).glob("*.npz")}
 
@@ -106,6 +109,13 @@ class ViewRecorder:
     @property
     def full(self) -> bool:
         return self.limit is not None and len(self._view["releases"]) >= self.limit
+
+    def skip(self, step: int) -> None:
+        """A release past the limit went unrecorded: ``view.json`` says so (``truncated``), once."""
+        on_record = self._view["releases"]
+        if not self._view.get("truncated") and (not on_record or step > on_record[-1]["step"]):
+            self._view["truncated"] = True
+            atomic_write_bytes(self.directory / VIEW_FILE, (json.dumps(self._view, indent=1) + "\n").encode())
 
     def record(
         self,
@@ -123,6 +133,7 @@ class ViewRecorder:
         ``release``: its public parameters (mechanism, clip, noise_std, release_scale, epsilon, delta...).
         Returns False (nothing written) once ``limit`` releases are on record."""
         if self.full:
+            self.skip(step)
             return False
         releases = self._view["releases"]
         if releases and releases[-1]["step"] >= step:  # a retried or replayed step: already on record
