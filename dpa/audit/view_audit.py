@@ -22,11 +22,20 @@ import numpy as np
 import torch
 
 from dpa.audit.config import InversionConfig
-from dpa.audit.inversion import ProgressFn, face_sets, load_images, make_report, score_setting, ticks_per_setting
+from dpa.audit.inversion import (
+    ProgressFn,
+    face_sets,
+    load_images,
+    make_report,
+    release_all,
+    score_setting,
+    ticks_per_setting,
+)
 from dpa.audit.report import InversionReport, image_metrics
 from dpa.audit.victim import head_from_weights
 from dpa.contract.errors import UserError
 from dpa.contract.server_view import load_view
+from dpa.privacy.mechanism import DPConfig
 from dpa.privacy.public_parameters import config_from_parameters
 
 __all__ = ["audit_view"]
@@ -92,10 +101,16 @@ def audit_view(
                 progress(f"view: {'MAP attack' if attack == 'map' else f'decoder loss {loss:.4f}'}", done, ticks)
 
         result, grid = score_setting(cfg, head, dp, aux, releases, originals, baseline[:, 1], tick)
+        # The attack's power without noise: the same attacks on the same images' noiseless releases (clipped
+        # only). Where it too sits at the baseline (through fc7 it does), the first result says nothing
+        # about the noise (issue 27); the report carries both, this one at epsilon inf.
+        clean_dp = DPConfig(clip=dp.clip, epsilon=math.inf, delta=dp.delta)
+        clean = release_all(head, clean_dp, load_images(paths, head)[0], (0,), 64)
+        clean_result, clean_grid = score_setting(cfg, head, clean_dp, aux, clean, originals, baseline[:, 1], tick)
     finally:
         torch.set_num_threads(previous_threads)
     return make_report(
         cfg, head, started, aux_names=names[: cfg.aux_identities], victim_names=sorted({p.parent.name for p in paths}),
-        aux_images=len(aux_paths), victim_images=len(paths), baseline=baseline, results=(result,),
-        originals=originals, grids=(grid,),
+        aux_images=len(aux_paths), victim_images=len(paths), baseline=baseline, results=(result, clean_result),
+        originals=originals, grids=(grid, clean_grid),
     )  # fmt: skip
