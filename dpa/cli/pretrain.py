@@ -24,10 +24,15 @@ def pretrain_command(
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
     threads: Annotated[int, typer.Option(help="torch threads: part of the result (reductions split by thread).")] = 2,
     mixed_precision: Annotated[
-        bool, typer.Option("--mixed-precision", help="bfloat16 autocast (CPUs with native bf16 only): faster, "
-                           "but the weights then depend on the CPU; the sidecar says so.")
+        bool,
+        typer.Option(
+            "--mixed-precision",
+            help="bfloat16 autocast (CPUs with native bf16 only): faster, "
+            "but the weights then depend on the CPU; the sidecar says so.",
+        ),
     ] = False,
     seed: Annotated[int, typer.Option(help="Initialisation and shuffling.")] = 0,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (1e-3 often never takes off).")] = 3e-4,
 ) -> None:
     """Pretrain the whole network on public faces; then `dpa export --weights OUT --pixel-std 64`."""
     from rich.progress import Progress
@@ -37,7 +42,7 @@ def pretrain_command(
     with user_errors():
         cfg = PretrainConfig(out=out, data=data, identities=identities, per_identity=per_identity,
                              image_size=image_size, width=width, epochs=epochs, threads=threads,
-                             mixed_precision=mixed_precision, seed=seed)  # fmt: skip
+                             mixed_precision=mixed_precision, seed=seed, lr=lr)  # fmt: skip
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("pretraining", total=epochs)
             info = pretrain(cfg, progress=lambda e, loss, acc: bar.update(
