@@ -272,6 +272,7 @@ def _run_point(
                 cache_dir=cfg.workdir / "attack-faces",
             ),
             max_examples=cfg.batch_size,
+            noiseless=False,
         )
         (r,) = inv.results
         _write_json(run_dir / "inversion.json", inv.to_json())
