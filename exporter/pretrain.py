@@ -11,10 +11,13 @@ of another class count), with a JSON sidecar saying what they were trained on.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +26,42 @@ import torch
 
 from dpa.contract.architecture import ArchConfig
 from dpa.contract.atomic import atomic_write_bytes, atomic_write_with
+from dpa.contract.choices import Choice
 from dpa.contract.errors import UserError
-from dpa.faces.lfw import index_faces, load_batch
+from dpa.faces.lfw import FaceIndex, index_faces, load_batch
 from dpa.faces.synth import SynthConfig, cached_faces
+from dpa.faces.verification import cosine_scores, sample_pairs, verification
+from exporter.augment import flip_and_shift
 from exporter.export import VGGFACE_MEAN
+from exporter.margin_loss import cosface_logits, margin_at
 from exporter.vggface import build_parts, init_weights
 
-__all__ = ["PUBLIC_SEED", "PretrainConfig", "native_bf16", "pretrain", "public_faces"]
+__all__ = [
+    "PUBLIC_SEED",
+    "VALIDATION_SEED",
+    "PretrainConfig",
+    "PretrainLoss",
+    "embed",
+    "native_bf16",
+    "pretrain",
+    "public_faces",
+]
 
 #: The built-in generator's seed for public faces; devices' built-in faces use seed 0.
 PUBLIC_SEED = 1
+#: The seed of the held-out public identities pretraining validates on (neither public training nor device).
+VALIDATION_SEED = 2
 #: Pixel scale the pretrained network is trained with (as an export from scratch); ``--pixel-std``.
 PRETRAIN_PIXEL_STD = 64.0
 #: The torch thread count pretraining runs with: this machine kind's 2 cores.
 PRETRAIN_THREADS = 2
+
+
+class PretrainLoss(Choice):
+    """What the public network is trained on (``exporter.margin_loss``)."""
+
+    SOFTMAX = "softmax"  # cross-entropy over the public identities (fc8)
+    COSFACE = "cosface"  # a cosine margin on the normalised fc7 embedding (CosFace, CVPR 2018)
 
 
 @dataclass(frozen=True)
@@ -53,7 +78,7 @@ class PretrainConfig:
     # and 2 never left chance (train accuracy 0.02 after 10 epochs; seed 0 0.37), so the demo's figures
     # swung with the seed and the CPU's rounding (issue 22). At 3e-4 seeds 0-2 reached 0.63-0.74.
     lr: float = 3e-4
-    seed: int = 0  # initialisation and shuffling
+    seed: int = 0  # initialisation, shuffling and augmentation
     cache_dir: Path | None = None  # synthetic faces; default next to ``out``
     #: torch threads. Fixed, not "all cores": oneDNN splits a convolution's weight-gradient reduction
     #: by thread, so the thread count changes the float32 rounding and, over ten epochs, the weights.
@@ -62,24 +87,96 @@ class PretrainConfig:
     #: CPUs (AVX512-BF16/AMX, where a step ran 2.2x faster), so with it on the weights, and every figure
     #: after them, would depend on which CPU the newcomer has (issue 22). The sidecar records it.
     mixed_precision: bool = False
+    loss: PretrainLoss = PretrainLoss.SOFTMAX
+    margin: float = 0.35  # CosFace's m (the paper's 0.35)
+    scale: float = 30.0  # CosFace's s: logits of a 1024-d cosine need a scale to reach a confident softmax
+    margin_ramp_epochs: float = 2.0  # the margin grows from 0 over these first epochs (take-off first)
+    augment: bool = False  # mirror and shift each training image (``exporter.augment``)
+    cosine_schedule: bool = False  # the learning rate falls from ``lr`` to 0 along a half cosine
+    warmup_epochs: float = 0.0  # the learning rate rises linearly from 0 to ``lr`` over these first epochs
+    #: Held-out PUBLIC identities (seed ``VALIDATION_SEED``, synthetic data only) whose pairs measure
+    #: verification after each epoch; 0: none. Never the device's identities.
+    val_identities: int = 0
+    val_per_identity: int = 8
+    keep_classifier: bool = True  # False: the weights file leaves out fc8 (a public classifier no device uses)
 
     def __post_init__(self) -> None:
-        for name in ("identities", "per_identity", "epochs", "batch_size"):
+        for name in ("identities", "per_identity", "epochs", "batch_size", "val_per_identity"):
             if getattr(self, name) < 1:
                 raise UserError(f"pretrain {name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        if self.val_identities < 0 or self.val_identities == 1:
+            raise UserError(f"pretrain validation identities must be 0 or >= 2, got {self.val_identities}")
         if not self.lr > 0:
             raise UserError(f"pretrain learning rate must be > 0, got {self.lr}")
         if self.threads < 1:
             raise UserError(f"pretrain threads must be >= 1, got {self.threads}")
         if self.mixed_precision and not native_bf16():
             raise UserError("--mixed-precision needs a CPU that computes bfloat16 natively (AVX512-BF16 or AMX)")
+        object.__setattr__(self, "loss", PretrainLoss.parse(self.loss))
+        if not (0 <= self.margin < 1 and self.scale > 0):
+            raise UserError(f"CosFace needs 0 <= margin < 1 and scale > 0, got {self.margin}, {self.scale}")
 
 
-def public_faces(root: Path, identities: int, per_identity: int, size: int) -> Path:
-    """The built-in PUBLIC faces (seed ``PUBLIC_SEED``), generated once under ``root``."""
-    return cached_faces(
-        root, SynthConfig(identities=identities, per_identity=per_identity, size=size, seed=PUBLIC_SEED)
-    )
+def reproduce_command(cfg: PretrainConfig) -> str:
+    """The ``dpa pretrain`` command line that trains exactly ``cfg`` (every option spelled out), for the
+    sidecar: shipped weights name the command that reproduces them."""
+    flags = {"augment": "--augment", "cosine_schedule": "--cosine-schedule", "mixed_precision": "--mixed-precision"}
+    parts = ["dpa pretrain"]
+    for key, value in asdict(cfg).items():
+        if key == "cache_dir":
+            continue
+        if key == "keep_classifier":
+            parts += [] if value else ["--no-classifier"]
+        elif key in flags:
+            parts += [flags[key]] if value else []
+        else:
+            shown = value.value if isinstance(value, Enum) else value
+            parts.append(f"--{key.replace('_', '-')} {shown}")
+    return " ".join(parts)
+
+
+def public_faces(root: Path, identities: int, per_identity: int, size: int, seed: int = PUBLIC_SEED) -> Path:
+    """The built-in PUBLIC faces (seed ``PUBLIC_SEED``; validation: ``VALIDATION_SEED``), generated once under
+    ``root``."""
+    return cached_faces(root, SynthConfig(identities=identities, per_identity=per_identity, size=size, seed=seed))
+
+
+def _load(root: Path, cfg: PretrainConfig) -> tuple[FaceIndex, np.ndarray]:
+    index = index_faces(root, min_faces_per_person=2)
+    return index, load_batch(list(index.paths), size=cfg.image_size, mean=VGGFACE_MEAN, std=(PRETRAIN_PIXEL_STD,) * 3)
+
+
+def embed(head: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> np.ndarray:
+    """The head's fc7 output (the embedding a device at cut fc7 releases), in eval mode."""
+    head.eval()
+    with torch.no_grad():
+        return torch.cat([head(x[i : i + batch]) for i in range(0, len(x), batch)]).numpy()
+
+
+def _validate(head: torch.nn.Module, val: tuple[torch.Tensor, np.ndarray] | None) -> dict[str, float]:
+    """Verification on held-out public pairs (``dpa.faces.verification``); {} without validation faces."""
+    if val is None:
+        return {}
+    x, labels = val
+    pairs = sample_pairs(labels, np.random.default_rng(0), genuine=3000, impostor=10000)
+    scores = cosine_scores(embed(head, x), pairs)
+    return {f"val_{k}": v for k, v in verification(scores, pairs.same).items() if not k.endswith("_pairs")}
+
+
+class _Objective(torch.nn.Module):
+    """The loss on top of head (conv1_1..fc7): fc8's softmax, or CosFace on fc7 with fc8's rows as directions."""
+
+    def __init__(self, tail: torch.nn.Module, cfg: PretrainConfig) -> None:
+        super().__init__()
+        self.tail, self.cfg = tail, cfg
+
+    def forward(self, emb: torch.Tensor, y: torch.Tensor, epoch: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.loss is PretrainLoss.SOFTMAX:
+            logits = self.tail(emb)
+        else:
+            m = margin_at(epoch, margin=self.cfg.margin, ramp_epochs=self.cfg.margin_ramp_epochs)
+            logits = cosface_logits(emb, self.tail.fc8.weight, y, scale=self.cfg.scale, margin=m)
+        return torch.nn.functional.cross_entropy(logits.float(), y), logits
 
 
 def pretrain(cfg: PretrainConfig, *, progress: Callable[[int, float, float], None] | None = None) -> dict[str, Any]:
@@ -89,65 +186,106 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[int, float, float], Non
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
     try:
-        if cfg.data == "synthetic":
-            root = public_faces(cfg.cache_dir or cfg.out.parent / "faces", cfg.identities, cfg.per_identity,
-                                cfg.image_size)  # fmt: skip
-        else:
-            root = Path(cfg.data)
-        index = index_faces(root, min_faces_per_person=2)
-        images = load_batch(list(index.paths), size=cfg.image_size, mean=VGGFACE_MEAN, std=(PRETRAIN_PIXEL_STD,) * 3)
-        labels = index.labels.astype(np.int64)
+        cache = cfg.cache_dir or cfg.out.parent / "faces"
+        synthetic = cfg.data == "synthetic"
+        root = public_faces(cache, cfg.identities, cfg.per_identity, cfg.image_size) if synthetic else Path(cfg.data)
+        index, images = _load(root, cfg)
+        val = None
+        if cfg.val_identities and synthetic:
+            vroot = public_faces(cache, cfg.val_identities, cfg.val_per_identity, cfg.image_size, VALIDATION_SEED)
+            vindex, vimages = _load(vroot, cfg)
+            val = (torch.from_numpy(vimages).contiguous(memory_format=torch.channels_last), vindex.labels)
         arch = ArchConfig(image_size=cfg.image_size, width=cfg.width, num_classes=len(index.names), dropout=0.0)
         head, tail = build_parts(arch, "fc7")
         init_weights((head, tail), cfg.seed)
-        # Channels-last: oneDNN's convolutions run 1.3x faster on it than on NCHW at these sizes.
-        net = torch.nn.Sequential(head, tail).to(memory_format=torch.channels_last)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
-        x = torch.from_numpy(images).contiguous(memory_format=torch.channels_last)
-        y = torch.from_numpy(labels)
-        bf16 = cfg.mixed_precision
-        rng = np.random.default_rng(cfg.seed)
-        history = []
-        for epoch in range(cfg.epochs):
-            net.train()
-            order = rng.permutation(len(x))
-            loss_sum, correct = 0.0, 0
-            for start in range(0, len(order), cfg.batch_size):
-                rows = order[start : start + cfg.batch_size]
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    logits = net(x[rows])
-                    loss = torch.nn.functional.cross_entropy(logits.float(), y[rows])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += float(loss.detach()) * len(rows)
-                correct += int((logits.argmax(1) == y[rows]).sum())
-            history.append({"epoch": epoch + 1, "loss": loss_sum / len(x), "train_accuracy": correct / len(x)})
-            if progress is not None:
-                progress(epoch + 1, history[-1]["loss"], history[-1]["train_accuracy"])
+        history = _train(cfg, head, tail, images, index.labels.astype(np.int64), val, progress)
         state = {k: v.detach().contiguous().clone() for part in (head, tail) for k, v in part.state_dict().items()}
+        if not cfg.keep_classifier:
+            state = {k: v for k, v in state.items() if not k.startswith("fc8.")}
         cfg.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_with(cfg.out, lambda tmp: torch.save(state, tmp))
         info = {
             "what": "VGG-Face trained on public faces only (dpa pretrain)",
+            "command": reproduce_command(cfg),
             "identities": list(index.names),
             "images": len(index.paths),
             "data": str(root),
-            "public_seed": PUBLIC_SEED if cfg.data == "synthetic" else None,
+            "public_seed": PUBLIC_SEED if synthetic else None,
+            "validation": None
+            if val is None
+            else {
+                "seed": VALIDATION_SEED,
+                "identities": cfg.val_identities,
+                "per_identity": cfg.val_per_identity,
+            },  # fmt: skip
             "pixel_mean": list(VGGFACE_MEAN),
             "pixel_std": PRETRAIN_PIXEL_STD,
-            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+            "config": {
+                k: v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v
+                for k, v in asdict(cfg).items()
+            },  # fmt: skip
             "history": history,
             "seconds": round(time.perf_counter() - started, 1),
-            "bfloat16": bf16,
-            "precision": "bfloat16 autocast" if bf16 else "float32",
+            "bfloat16": cfg.mixed_precision,
+            "precision": "bfloat16 autocast" if cfg.mixed_precision else "float32",
             "threads": cfg.threads,
+            "sha256": hashlib.sha256(cfg.out.read_bytes()).hexdigest(),
         }
         atomic_write_bytes(sidecar(cfg.out), (json.dumps(info, indent=1) + "\n").encode())
         return info
     finally:
         torch.set_num_threads(previous[0])
         torch.use_deterministic_algorithms(previous[1])
+
+
+def _lr_at(cfg: PretrainConfig, step: int, total: int, steps_per_epoch: int) -> float:
+    """Linear warmup over ``warmup_epochs``, then constant or a half cosine to 0 (insightface's schedule)."""
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if not cfg.cosine_schedule:
+        return cfg.lr
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+
+
+def _train(
+    cfg: PretrainConfig, head: torch.nn.Module, tail: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
+    val: tuple[torch.Tensor, np.ndarray] | None, progress: Callable[[int, float, float], None] | None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    # Channels-last: oneDNN's convolutions run 1.3x faster on it than on NCHW at these sizes.
+    head.to(memory_format=torch.channels_last)
+    objective = _Objective(tail, cfg)
+    params = list(head.parameters()) + list(tail.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    steps_per_epoch = -(-len(images) // cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    x = torch.from_numpy(images).contiguous(memory_format=torch.channels_last)
+    y = torch.from_numpy(labels)
+    rng = np.random.default_rng(cfg.seed)
+    history, step = [], 0
+    for epoch in range(cfg.epochs):
+        head.train()
+        tail.train()
+        order = rng.permutation(len(x))
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(order), cfg.batch_size):
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(cfg, step, total, steps_per_epoch)
+            rows = torch.from_numpy(order[start : start + cfg.batch_size])
+            batch = flip_and_shift(x[rows], rng) if cfg.augment else x[rows]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.mixed_precision):
+                loss, logits = objective(head(batch), y[rows], epoch + start / len(order))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            loss_sum += float(loss.detach()) * len(rows)
+            correct += int((logits.argmax(1) == y[rows]).sum())
+        history.append({"epoch": epoch + 1, "loss": loss_sum / len(x), "train_accuracy": correct / len(x),
+                        **_validate(head, val)})  # fmt: skip
+        if progress is not None:
+            progress(epoch + 1, history[-1]["loss"], history[-1]["train_accuracy"])
+    return history
 
 
 def native_bf16() -> bool:

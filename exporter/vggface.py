@@ -114,13 +114,16 @@ def load_weights(parts: tuple[nn.Module, ...], path: Path, seed: int = 0) -> Non
     ]
     problems += [f"unexpected tensor {n}" for n in state if n not in expected]
     # A classifier for other identities (pretrained on public faces) is no use here: an fc8 of
-    # another class count is initialised from ``seed`` instead, and only it.
+    # another class count is initialised from ``seed`` instead, and only it. So is a missing fc8: an
+    # embedding-only file (``dpa pretrain`` without its public classifier, as the shipped weights are).
     fresh: set[str] = set()
     if "fc8.weight" in expected and "fc8.weight" in state and "fc8.bias" in state:
         w, b = tuple(state["fc8.weight"].shape), tuple(state["fc8.bias"].shape)
         if len(w) == 2 and w[1] == expected["fc8.weight"].shape[1] and b == (w[0],):
             fresh = {n for n in ("fc8.weight", "fc8.bias") if tuple(state[n].shape) != tuple(expected[n].shape)}
-    problems = [p for p in problems if not any(p.startswith(f"{n} has shape") for n in fresh)]
+    elif "fc8.weight" in expected and "fc8.weight" not in state and "fc8.bias" not in state:
+        fresh = {"fc8.weight", "fc8.bias"}
+    problems = [p for p in problems if not any(p.startswith((f"{n} has shape", f"missing {n} ")) for n in fresh)]
     if problems:
         raise UserError(f"weights file {path} does not fit this network: " + "; ".join(problems))
     if fresh:

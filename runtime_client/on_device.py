@@ -11,8 +11,15 @@ term is mostly noise itself, and centred releases of different identities have s
 
 from __future__ import annotations
 
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
+from dpa.contract.atomic import atomic_write_bytes
+from dpa.contract.errors import UserError
 from dpa.contract.manifest import Manifest
 from dpa.faces.lfw import FaceIndex
 from dpa.privacy.clipping import clip_factors, l2_norms, scale_examples
@@ -20,7 +27,53 @@ from dpa.privacy.mechanism import DPConfig
 from runtime_client.dataset import load_examples
 from runtime_client.head import HeadModel
 
-__all__ = ["template_scores", "template_accuracy"]
+__all__ = ["GALLERY_FILE", "Gallery", "clean_embeddings", "load_gallery", "save_gallery", "template_scores",
+           "template_accuracy"]  # fmt: skip
+
+#: In the device's state dir: the server's templates as the device keeps them, to recognise new images
+#: locally (``dpa recognize``) and to measure verification and open-set figures.
+GALLERY_FILE = "gallery.npz"
+
+
+@dataclass(frozen=True)
+class Gallery:
+    """The server's class templates kept on the device, with what a probe must be made like to match them."""
+
+    templates: np.ndarray  # (classes, *activation_shape), float32
+    counts: np.ndarray  # (classes,) releases (or noisy counts) behind each template
+    names: tuple[str, ...]  # the identity of each class, as the device's data names it
+    clip: float  # the probe is clipped to this norm ...
+    scale: float  # ... and multiplied by this public constant, as a release is
+    # Thresholds chosen on PUBLIC faces (dpa.runs.recognition), NaN until then: a probe's best cosine to a
+    # template above ``open_set_threshold`` is that identity, else "unknown"; two images whose cosine is
+    # at least ``pair_threshold`` are the same person.
+    open_set_threshold: float = math.nan
+    pair_threshold: float = math.nan
+
+
+def save_gallery(path: Path, gallery: Gallery) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, templates=gallery.templates, counts=gallery.counts, names=np.array(gallery.names, dtype=str),
+             clip=np.float64(gallery.clip), scale=np.float64(gallery.scale),
+             open_set_threshold=np.float64(gallery.open_set_threshold),
+             pair_threshold=np.float64(gallery.pair_threshold))  # fmt: skip
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_gallery(path: Path) -> Gallery:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return Gallery(z["templates"], z["counts"], tuple(str(n) for n in z["names"]), float(z["clip"]),
+                           float(z["scale"]), float(z["open_set_threshold"]), float(z["pair_threshold"]))  # fmt: skip
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"no readable gallery at {path} ({exc}): enrol first (dpa client with the server's "
+                        "templates)") from None  # fmt: skip
+
+
+def clean_embeddings(head: HeadModel, images: np.ndarray, clip: float, scale: float) -> np.ndarray:
+    """Clean probes as templates are made: the head's (centred) activation, clipped, times the public scale."""
+    a = head.forward(images)
+    return scale_examples(a, clip_factors(l2_norms(a), clip=clip)) * np.float32(scale)
 
 
 def template_scores(x: np.ndarray, templates: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -47,7 +100,6 @@ def template_accuracy(
     for start in range(0, len(test.paths), batch):
         rows = np.arange(start, min(start + batch, len(test.paths)))
         images, labels = load_examples(test, rows, manifest)
-        a = head.forward(images)
-        x = scale_examples(a, clip_factors(l2_norms(a), clip=dp.clip)) * np.float32(scale)
+        x = clean_embeddings(head, images, dp.clip, scale)
         correct += int((template_scores(x, templates, counts).argmax(axis=1) == labels).sum())
     return correct / max(len(test.paths), 1)

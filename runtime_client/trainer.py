@@ -43,7 +43,7 @@ from runtime_client.dataset import TestActivations, evaluate, load_examples, noi
 from runtime_client.edge import EdgeClient, EdgeError
 from runtime_client.head import HEAD_CHECKPOINT, HeadModel
 from runtime_client.label_privacy import LabelPrivacy
-from runtime_client.on_device import template_accuracy
+from runtime_client.on_device import GALLERY_FILE, Gallery, save_gallery, template_accuracy
 from runtime_client.privacy_plan import RANDOM_FROZEN_HEAD, THREAT_MODEL, privacy_plan, privacy_summary, run_warnings
 from runtime_client.release_cache import ReleaseCache
 from runtime_client.resume import RunProgress, attach_session
@@ -336,6 +336,10 @@ async def _on_device_accuracy(
         say("[yellow]the server keeps no class templates (start it with --templates): no on-device classifier")
         return None
     acc = template_accuracy(setup.head, dp, setup.test, setup.manifest, means, counts)
+    scale = dp.release_scale(setup.manifest.activation_numel)
+    names = tuple(setup.train.names)  # the export may have more classes than the data has identities
+    names += tuple(f"class {k}" for k in range(len(names), len(means)))
+    save_gallery(setup.ckpt.parent / GALLERY_FILE, Gallery(means, counts, names, dp.clip, scale))
     say(f"on the device, with the server's class templates: clean test acc {acc:.3f}")
     return {"classifier": classifier, "test_accuracy": acc,
             "templates_global_step": at_step, "releases_in_templates": int(counts.sum())}  # fmt: skip

@@ -34,7 +34,7 @@ def main() -> None:
     summaries = []
     for seed in range(seeds):
         console.print(f"[bold cyan]>[/] seed {seed}")
-        cfg = DemoConfig(workdir=workdir / f"seed-{seed}", seed=seed)
+        cfg = DemoConfig(workdir=workdir / f"seed-{seed}", seed=seed)  # the shipped weights: one public network
         summaries.append(demo_summary(run_demo(cfg, say=lambda msg: console.print(f"  {msg}"))))
     spread = {}
     for i, run in enumerate(summaries[0]["runs"]):

@@ -16,6 +16,7 @@ from dpa.cli.demo import demo_command
 from dpa.cli.export import export_command
 from dpa.cli.pretrain import pretrain_command
 from dpa.cli.privacy import privacy_command
+from dpa.cli.recognize import recognize_command, verify_command
 from dpa.cli.serve import serve_command, token_app
 from dpa.cli.sweep import sweep_command
 
@@ -41,6 +42,8 @@ app.command("demo")(demo_command)
 app.command("privacy")(privacy_command)
 app.command("sweep")(sweep_command)
 app.command("bench")(bench_command)
+app.command("recognize")(recognize_command)
+app.command("verify")(verify_command)
 app.add_typer(data_app, name="data")
 app.add_typer(attack_app, name="attack")
 app.add_typer(token_app, name="token")

@@ -22,6 +22,7 @@ def pretrain_command(
     image_size: Annotated[int, typer.Option(help="Input side in pixels.")] = 64,
     width: Annotated[float, typer.Option(help="Channel multiplier.")] = 0.25,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
     threads: Annotated[int, typer.Option(help="torch threads: part of the result (reductions split by thread).")] = 2,
     mixed_precision: Annotated[
         bool,
@@ -33,6 +34,25 @@ def pretrain_command(
     ] = False,
     seed: Annotated[int, typer.Option(help="Initialisation and shuffling.")] = 0,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (1e-3 often never takes off).")] = 3e-4,
+    # A string, parsed by PretrainConfig: an Enum here would import torch into every `dpa` command.
+    loss: Annotated[str, typer.Option(help="'softmax' over the public identities, or 'cosface' (a margin).")] = (
+        "softmax"
+    ),
+    margin: Annotated[float, typer.Option(help="CosFace margin m (reached after --margin-ramp-epochs).")] = 0.35,
+    scale: Annotated[float, typer.Option(help="CosFace scale s.")] = 30.0,
+    margin_ramp_epochs: Annotated[float, typer.Option(help="Epochs over which the margin grows from 0.")] = 2.0,
+    augment: Annotated[bool, typer.Option("--augment", help="Mirror and shift each training image.")] = False,
+    cosine_schedule: Annotated[
+        bool, typer.Option("--cosine-schedule", help="Learning rate along a half cosine to 0.")
+    ] = False,
+    warmup_epochs: Annotated[float, typer.Option(help="Linear learning-rate warmup over these first epochs.")] = 0.0,
+    val_identities: Annotated[
+        int, typer.Option(help="Held-out public identities (seed 2) for verification after each epoch; 0: none.")
+    ] = 0,
+    val_per_identity: Annotated[int, typer.Option(help="Images per validation identity.")] = 8,
+    no_classifier: Annotated[
+        bool, typer.Option("--no-classifier", help="Leave the public fc8 out of the file (an embedding).")
+    ] = False,
 ) -> None:
     """Pretrain the whole network on public faces; then `dpa export --weights OUT --pixel-std 64`."""
     from rich.progress import Progress
@@ -41,13 +61,22 @@ def pretrain_command(
 
     with user_errors():
         cfg = PretrainConfig(out=out, data=data, identities=identities, per_identity=per_identity,
-                             image_size=image_size, width=width, epochs=epochs, threads=threads,
-                             mixed_precision=mixed_precision, seed=seed, lr=lr)  # fmt: skip
+                             image_size=image_size, width=width, epochs=epochs, threads=threads, batch_size=batch_size,
+                             mixed_precision=mixed_precision, seed=seed, lr=lr, loss=loss, margin=margin,
+                             scale=scale, margin_ramp_epochs=margin_ramp_epochs, augment=augment,
+                             cosine_schedule=cosine_schedule, warmup_epochs=warmup_epochs,
+                             val_identities=val_identities,
+                             val_per_identity=val_per_identity, keep_classifier=not no_classifier)  # fmt: skip
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("pretraining", total=epochs)
             info = pretrain(cfg, progress=lambda e, loss, acc: bar.update(
                 task, completed=e, description=f"epoch {e}: loss {loss:.3f}, train acc {acc:.2f}"))  # fmt: skip
     last = info["history"][-1]
+    if "val_auc" in last:
+        console.print(
+            f"verification on held-out public pairs: ROC AUC {last['val_auc']:.4f}, TAR at FAR 1e-3 "
+            f"{last['val_tar_at_far_1e-3']:.3f}, accuracy {last['val_accuracy']:.3f}"
+        )
     console.print(
         f"[green]pretrained[/] on {info['images']} public images of {len(info['identities'])} identities in "
         f"{info['seconds']:.0f} s in {info['precision']} (train acc {last['train_accuracy']:.2f}); "

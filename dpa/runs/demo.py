@@ -41,9 +41,12 @@ from dpa.faces.synth import SynthConfig, cached_faces
 from dpa.privacy.mechanism import DPConfig
 from dpa.runs.loopback import serve_and_train
 from dpa.runs.public_data import pretrained_weights, public_clip
+from dpa.runs.recognition import calibrate_gallery, recognition_data, recognition_metrics
+from dpa.runs.shipped_weights import shipped_weights
 from exporter.export import ExportConfig, export
-from exporter.pretrain import PRETRAIN_PIXEL_STD, sidecar
+from exporter.pretrain import PRETRAIN_PIXEL_STD, public_faces, sidecar
 from runtime_client.config import ClientConfig, ReleaseKind
+from runtime_client.dataset import prepare_data
 
 __all__ = ["DemoConfig", "demo_summary", "run_demo"]
 
@@ -71,10 +74,24 @@ class DemoConfig:
     # bfloat16 autocast in pretraining: only on request, since it is native on some CPUs only and the
     # weights, and so every figure, would then depend on the CPU (issue 22); the report says which.
     mixed_precision: bool = False
+    # Load the shipped public weights (weights/, trained by `dpa pretrain` at scale: dpa.runs.shipped_weights)
+    # where they fit the architecture; True pretrains in the work folder instead (the pretrain_* fields).
+    pretrain: bool = False
+    public_centre_identities: int = 40  # public faces (seed 1) the export's release centre and clip come from
+    public_centre_per_identity: int = 10
+    recognition_public_identities: int = 100  # held-out public identities the thresholds are chosen on
+    recognition_strangers: int = 20  # never-enrolled identities the open-set figure is measured on
     view_releases: int = 8  # training releases of each run recorded as the server's view (docs/server_view.md)
 
 
 def _pretrained(cfg: DemoConfig, say: Any) -> tuple[Path, Path]:
+    """(public weights, public faces for the export's centre and clip): the shipped ones, or pretrained here."""
+    shipped = None if cfg.pretrain else shipped_weights(cfg.arch.image_size, cfg.arch.width)
+    if shipped is not None:
+        say(f"loading the shipped public weights {shipped.name} (dpa pretrain at scale; command in its sidecar)")
+        faces = public_faces(cfg.workdir / "public", cfg.public_centre_identities, cfg.public_centre_per_identity,
+                             cfg.arch.image_size)  # fmt: skip
+        return shipped, faces
     return pretrained_weights(
         cfg.workdir / "pretrained", identities=cfg.pretrain_identities, per_identity=cfg.pretrain_per_identity,
         image_size=cfg.arch.image_size, width=cfg.arch.width, epochs=cfg.pretrain_epochs, seed=cfg.seed,
@@ -101,6 +118,9 @@ def run_demo(cfg: DemoConfig, say: Any = print) -> list[dict[str, Any]]:
     weights, faces = _pretrained(cfg, say)
     pretraining = _pretraining_facts(weights, cfg)
     private_faces = _private_faces(cfg)
+    recognition = recognition_data(cfg.workdir / "recognition", cfg.arch.image_size,
+                                   public_identities=cfg.recognition_public_identities,
+                                   strangers=cfg.recognition_strangers)  # fmt: skip
     sums, examples = ReleaseKind.CLASS_SUMS, ReleaseKind.EXAMPLES
     plans = [
         ("non-private", cfg.cut, False, examples),
@@ -152,6 +172,9 @@ def run_demo(cfg: DemoConfig, say: Any = print) -> list[dict[str, Any]]:
             ArchConfig(image_size=m.image_size, width=m.width, num_classes=m.num_classes), m.cut
         ).head_flops_share
         report["pretraining"] = pretraining
+        _, test = prepare_data(client, m)
+        calibrate_gallery(art, client.state_dir, recognition)
+        report["recognition"] = recognition_metrics(art, client.state_dir, test, recognition)
         reports.append(report)
     return reports
 
@@ -159,8 +182,12 @@ def run_demo(cfg: DemoConfig, say: Any = print) -> list[dict[str, Any]]:
 def _pretraining_facts(weights: Path, cfg: DemoConfig) -> dict[str, Any]:
     """What the report says of the public weights: their precision (bf16 only on request) and seed."""
     info = json.loads(sidecar(weights).read_text())
+    last = info["history"][-1]
     return {"precision": info.get("precision", "float32"), "seed": cfg.seed, "weights": str(weights),
-            "train_accuracy": info["history"][-1]["train_accuracy"]}  # fmt: skip
+            "shipped": not cfg.pretrain and weights == shipped_weights(cfg.arch.image_size, cfg.arch.width),
+            "identities": len(info["identities"]), "command": info.get("command"),
+            "train_accuracy": last["train_accuracy"],
+            "validation": {k: v for k, v in last.items() if k.startswith("val_")}}  # fmt: skip
 
 
 def demo_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -200,6 +227,8 @@ def demo_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
                 # held-out images released with the same noise, classified by the tail (None: no tail trained)
                 "private_test_accuracy": r.get("private_test_accuracy"),
                 "chance": 1 / r["data"]["identities"],
+                # The field's figures (dpa.runs.recognition): thresholds chosen on public faces only.
+                **{k: v for k, v in r["recognition"].items() if k not in ("roc", "pairs")},
                 "device_flops_share": r["device_flops_share"],
                 "view": r["view"],
             }

@@ -15,7 +15,8 @@ from dpa.runs.demo import DemoConfig, demo_summary, run_demo
 def test_demo_runs_and_its_json_has_every_field(tmp_path):
     cfg = DemoConfig(
         workdir=tmp_path, identities=4, per_identity=12, pretrain_identities=6, pretrain_per_identity=6,
-        pretrain_epochs=1, nonprivate_epochs=1,
+        pretrain_epochs=1, nonprivate_epochs=1, pretrain=True, recognition_public_identities=10,
+        recognition_strangers=4,
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -45,6 +46,12 @@ def test_demo_runs_and_its_json_has_every_field(tmp_path):
         assert run["chance"] == pytest.approx(0.25) and 0 <= run["clean_test_accuracy"] <= 1
         if run["release"] == "examples":
             assert len(load_view(run["view"]).releases) >= 1
+    # The field's figures, per run, with thresholds from public faces (dpa.runs.recognition).
+    for run in data["runs"]:
+        assert 0 <= run["verification_auc"] <= 1 and 0 <= run["tar_at_far_1e-3"] <= 1
+        assert 0 <= run["open_set_rejection"] <= 1 and run["open_set_far_public"] == 0.01
+        assert 0 <= run["identification_accuracy"] <= 1
+    assert private["identification_accuracy"] == private["clean_test_accuracy"]  # the device's own classifier
     # What the figures depend on is in the JSON: the seed, float32 pretraining (bf16 only on request), the CPU.
     assert data["seed"] == 0 and data["pretraining"]["precision"] == "float32"
     assert {"model", "avx512", "bf16", "summary"} <= set(data["cpu"])

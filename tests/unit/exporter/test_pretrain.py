@@ -49,3 +49,34 @@ def test_mixed_precision_is_only_used_on_request_and_recorded(tmp_path):
 def test_threads_are_checked():
     with pytest.raises(UserError, match="pretrain threads must be >= 1"):
         PretrainConfig(threads=0)
+
+
+def test_an_embedding_only_file_loads_with_a_fresh_classifier_and_a_broken_one_is_refused(tmp_path):
+    from dpa.contract.architecture import ArchConfig
+    from exporter.vggface import build_parts, load_weights
+
+    state, _ = _run(tmp_path, "a", keep_classifier=False)
+    assert not any(k.startswith("fc8.") for k in state)
+    arch = ArchConfig(image_size=64, width=0.25, num_classes=7, dropout=0.0)
+    head, tail = build_parts(arch, "fc7")
+    load_weights((head, tail), tmp_path / "a" / "w.pt", seed=3)
+    assert torch.equal(head.state_dict()["conv1_1.weight"], state["conv1_1.weight"])
+    assert tail.state_dict()["fc8.weight"].shape == (7, state["fc7.weight"].shape[0])
+    del state["conv1_1.weight"]
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(UserError, match=r"missing conv1_1\.weight"):
+        load_weights(build_parts(arch, "fc7"), tmp_path / "broken.pt")
+
+
+def test_the_sidecar_names_a_command_dpa_pretrain_accepts(tmp_path):
+    """Every option of the reproducing command is one `dpa pretrain` has (shipped weights name it)."""
+    from typer.testing import CliRunner
+
+    from dpa.cli.app import app
+
+    _, info = _run(tmp_path, "a", loss="cosface", augment=True, cosine_schedule=True, keep_classifier=False)
+    assert info["command"].startswith("dpa pretrain ") and "--loss cosface" in info["command"]
+    assert info["sha256"] == __import__("hashlib").sha256((tmp_path / "a" / "w.pt").read_bytes()).hexdigest()
+    help_text = CliRunner().invoke(app, ["pretrain", "--help"], terminal_width=200).output
+    flags = [w for w in info["command"].split() if w.startswith("--")]
+    assert flags and all(f in help_text for f in flags), [f for f in flags if f not in help_text]

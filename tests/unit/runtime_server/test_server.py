@@ -47,7 +47,15 @@ def test_checkpoint_every_n_steps_and_resume(small_export, start_server, tmp_pat
     assert second.state.tail.examples_seen == 8
     for name, value in weights.items():
         np.testing.assert_array_equal(second.state.tail.parameters()[name], value)
-    want = [CHECKPOINT_NAME, CHECKPOINT_NAME + ".sha256", "export.json", "journal", "replies", "sessions.json", STATE_LOCK]
+    want = [
+        CHECKPOINT_NAME,
+        CHECKPOINT_NAME + ".sha256",
+        "export.json",
+        "journal",
+        "replies",
+        "sessions.json",
+        STATE_LOCK,
+    ]
     assert sorted(p.name for p in state.iterdir()) == sorted(want)  # with the checkpoint's checksum and the export
     assert list((state / "journal").iterdir()) == []  # the shutdown checkpoint holds every journalled step
 

@@ -1,0 +1,146 @@
+"""The field's figures for a device that enrolled: identification, verification and open-set rejection.
+
+After a run the device keeps the server's templates (``runtime_client.on_device.GALLERY_FILE``) and
+classifies its clean images with them. Face recognition is judged on more than that closed-set
+accuracy (issue 23):
+
+* **verification**: pairs of the device's held-out images (identities the public network never saw)
+  scored by the cosine of their clean embeddings: ROC AUC, TAR at FAR 1e-3, and the accuracy at the
+  threshold chosen on *public* pairs (held-out public identities, ``VALIDATION_SEED``);
+* **open set**: strangers (identities the device never enrolled, ``STRANGER_SEED``) must be rejected.
+  A probe's score is its best cosine to a template; the threshold is the one that accepts at most
+  ``OPEN_SET_FAR`` of *public* strangers against a gallery of public identities, chosen before any
+  private image is scored.
+
+Every threshold comes from public faces; the private test images only ever get scored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_curve
+
+from dpa.contract.devices import DeviceProfile, resolve_device
+from dpa.contract.errors import UserError
+from dpa.contract.manifest import load_manifest
+from dpa.faces.lfw import FaceIndex, index_faces, load_batch
+from dpa.faces.synth import SynthConfig, cached_faces
+from dpa.faces.verification import cosine_scores, far_threshold, open_set, sample_pairs, verification
+from exporter.pretrain import VALIDATION_SEED
+from runtime_client.head import HeadModel
+from runtime_client.on_device import GALLERY_FILE, clean_embeddings, load_gallery, save_gallery
+
+__all__ = [
+    "OPEN_SET_FAR",
+    "STRANGER_SEED",
+    "RecognitionData",
+    "calibrate_gallery",
+    "recognition_data",
+    "recognition_metrics",
+]
+
+#: The built-in generator's seed for strangers: people a device meets but never enrolled.
+STRANGER_SEED = 3
+#: The share of public strangers the open-set threshold accepts.
+OPEN_SET_FAR = 0.01
+
+
+@dataclass(frozen=True)
+class RecognitionData:
+    public: Path  # held-out public identities: thresholds are chosen on them
+    strangers: Path  # never-enrolled identities, device side
+
+
+def recognition_data(root: Path, size: int, *, public_identities: int = 100, strangers: int = 20) -> RecognitionData:
+    """The built-in public validation faces and strangers (drawn once under ``root``)."""
+    return RecognitionData(
+        cached_faces(root, SynthConfig(identities=public_identities, per_identity=8, size=size, seed=VALIDATION_SEED)),
+        cached_faces(root, SynthConfig(identities=strangers, per_identity=5, size=size, seed=STRANGER_SEED)),
+    )
+
+
+def _embed(head: HeadModel, index: FaceIndex, manifest: Any, clip: float, scale: float) -> np.ndarray:
+    out = []
+    for start in range(0, len(index.paths), 64):
+        x = load_batch(list(index.paths[start : start + 64]), size=manifest.image_size, mean=manifest.pixel_mean,
+                       std=manifest.pixel_std)  # fmt: skip
+        out.append(clean_embeddings(head, x, clip, scale).reshape(len(x), -1))
+    return np.concatenate(out).astype(np.float64)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _public_thresholds(e: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(pair threshold: best accuracy on public pairs; open-set threshold at OPEN_SET_FAR): half the public
+    identities enrolled (templates from half their images), the other half strangers."""
+    pairs = sample_pairs(labels, np.random.default_rng(0), genuine=3000, impostor=10000)
+    pair_threshold = verification(cosine_scores(e, pairs), pairs.same)["threshold"]
+    ids = np.unique(labels)
+    enrolled, strangers = ids[: len(ids) // 2], ids[len(ids) // 2 :]
+    templates = _unit(np.stack([e[labels == k][::2].mean(axis=0) for k in enrolled]))
+    stranger_best = (_unit(e[np.isin(labels, strangers)]) @ templates.T).max(axis=1)
+    return pair_threshold, far_threshold(stranger_best, OPEN_SET_FAR)
+
+
+def calibrate_gallery(artifacts: Path, state_dir: Path, data: RecognitionData) -> None:
+    """Choose the gallery's two thresholds on public faces and keep them in it (``dpa recognize`` and
+    ``dpa verify`` use them): the pair threshold of best accuracy on public pairs, and the open-set
+    threshold that accepts ``OPEN_SET_FAR`` of public strangers."""
+    manifest = load_manifest(artifacts, verify=("head",))
+    path = Path(state_dir) / GALLERY_FILE
+    gallery = load_gallery(path)
+    head = HeadModel(artifacts, manifest, resolve_device(DeviceProfile.CPU))
+    public = index_faces(data.public, min_faces_per_person=2)
+    pair_t, open_t = _public_thresholds(_embed(head, public, manifest, gallery.clip, gallery.scale), public.labels)
+    save_gallery(path, replace(gallery, open_set_threshold=open_t, pair_threshold=pair_t))
+
+
+def recognition_metrics(artifacts: Path, state_dir: Path, test: FaceIndex, data: RecognitionData) -> dict[str, Any]:
+    """Identification, verification and open-set figures of a device that kept a gallery in ``state_dir``,
+    at the thresholds ``calibrate_gallery`` chose on public faces."""
+    manifest = load_manifest(artifacts, verify=("head",))
+    gallery = load_gallery(Path(state_dir) / GALLERY_FILE)
+    if not math.isfinite(gallery.open_set_threshold):
+        raise UserError(f"the gallery in {state_dir} has no thresholds yet: calibrate it on public faces first")
+    head = HeadModel(artifacts, manifest, resolve_device(DeviceProfile.CPU))
+    pair_t, open_t = gallery.pair_threshold, gallery.open_set_threshold
+    e = _embed(head, test, manifest, gallery.clip, gallery.scale)
+    pairs = sample_pairs(test.labels, np.random.default_rng(0), genuine=3000, impostor=10000)
+    ver = verification(cosine_scores(e, pairs), pairs.same, threshold=pair_t)
+    t = gallery.templates.reshape(len(gallery.templates), -1).astype(np.float64)
+    scores = e @ t.T  # the device's classifier: <x, t_c> (runtime_client.on_device)
+    scores[:, gallery.counts <= 0] = -np.inf
+    ident = float(np.mean(scores.argmax(axis=1) == test.labels))
+    unit_t = _unit(t)
+    cos = _unit(e) @ unit_t.T
+    strangers = _embed(head, index_faces(data.strangers, min_faces_per_person=2), manifest, gallery.clip,
+                       gallery.scale)  # fmt: skip
+    opened = open_set(cos.max(axis=1), scores.argmax(axis=1) == test.labels, (_unit(strangers) @ unit_t.T).max(axis=1),
+                      threshold=open_t)  # fmt: skip
+    return {
+        "identification_accuracy": ident,
+        "verification_auc": ver["auc"],
+        "tar_at_far_1e-3": ver["tar_at_far_1e-3"],
+        "verification_accuracy": ver["accuracy"],
+        "verification_threshold": pair_t,
+        "open_set_rejection": opened["open_set_rejection"],
+        "open_set_identification_rate": opened["identification_rate_at_threshold"],
+        "open_set_threshold": open_t,
+        "open_set_far_public": OPEN_SET_FAR,
+        "pairs": {"genuine": ver["genuine_pairs"], "impostor": ver["impostor_pairs"]},
+        "strangers": opened["strangers"],
+        "roc": _roc(cosine_scores(e, pairs), pairs.same),
+    }
+
+
+def _roc(scores: np.ndarray, same: np.ndarray) -> dict[str, list[float]]:
+    fpr, tpr, _ = roc_curve(same, scores)
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).astype(int))
+    return {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist()}
