@@ -91,6 +91,7 @@ def demo_command(
         "strangers rejected at the threshold that accepts 1% of public strangers. Recorded views: "
         + ", ".join(str(r["view"]) for r in summary["runs"])
     )
+    console.print(f"verification ROC: {workdir / 'roc.png'}")
     pre = summary["pretraining"]
     console.print(
         f"seed {summary['seed']}; public pretraining in {pre['precision']} (train acc {pre['train_accuracy']:.2f}); "

@@ -42,6 +42,7 @@ from dpa.privacy.mechanism import DPConfig
 from dpa.runs.loopback import serve_and_train
 from dpa.runs.public_data import pretrained_weights, public_clip
 from dpa.runs.recognition import calibrate_gallery, recognition_data, recognition_metrics
+from dpa.runs.roc_figure import write_roc
 from dpa.runs.shipped_weights import shipped_weights
 from exporter.export import ExportConfig, export
 from exporter.pretrain import PRETRAIN_PIXEL_STD, public_faces, sidecar
@@ -176,6 +177,7 @@ def run_demo(cfg: DemoConfig, say: Any = print) -> list[dict[str, Any]]:
         calibrate_gallery(art, client.state_dir, recognition)
         report["recognition"] = recognition_metrics(art, client.state_dir, test, recognition)
         reports.append(report)
+    write_roc(reports, cfg.workdir / "roc.png")
     return reports
 
 

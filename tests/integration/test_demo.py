@@ -52,6 +52,7 @@ def test_demo_runs_and_its_json_has_every_field(tmp_path):
         assert 0 <= run["open_set_rejection"] <= 1 and run["open_set_far_public"] == 0.01
         assert 0 <= run["identification_accuracy"] <= 1
     assert private["identification_accuracy"] == private["clean_test_accuracy"]  # the device's own classifier
+    assert (tmp_path / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # What the figures depend on is in the JSON: the seed, float32 pretraining (bf16 only on request), the CPU.
     assert data["seed"] == 0 and data["pretraining"]["precision"] == "float32"
     assert {"model", "avx512", "bf16", "summary"} <= set(data["cpu"])
