@@ -21,14 +21,22 @@ import numpy as np
 from dpa.contract.atomic import atomic_write_bytes
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import Manifest
-from dpa.faces.lfw import FaceIndex
+from dpa.faces.lfw import FaceIndex, load_batch
 from dpa.privacy.clipping import clip_factors, l2_norms, scale_examples
 from dpa.privacy.mechanism import DPConfig
 from runtime_client.dataset import load_examples
 from runtime_client.head import HeadModel
 
-__all__ = ["GALLERY_FILE", "Gallery", "clean_embeddings", "load_gallery", "save_gallery", "template_scores",
-           "template_accuracy"]  # fmt: skip
+__all__ = [
+    "GALLERY_FILE",
+    "Gallery",
+    "clean_embeddings",
+    "embed_files",
+    "load_gallery",
+    "save_gallery",
+    "template_scores",
+    "template_accuracy",
+]
 
 #: In the device's state dir: the server's templates as the device keeps them, to recognise new images
 #: locally (``dpa recognize``) and to measure verification and open-set figures.
@@ -74,6 +82,18 @@ def clean_embeddings(head: HeadModel, images: np.ndarray, clip: float, scale: fl
     """Clean probes as templates are made: the head's (centred) activation, clipped, times the public scale."""
     a = head.forward(images)
     return scale_examples(a, clip_factors(l2_norms(a), clip=clip)) * np.float32(scale)
+
+
+def embed_files(
+    head: HeadModel, manifest: Manifest, paths: list[Path], clip: float, scale: float, batch: int = 64
+) -> np.ndarray:
+    """``clean_embeddings`` of image files, preprocessed as the manifest says: (N, elements), float64."""
+    out = [np.zeros((0, manifest.activation_numel))]
+    for start in range(0, len(paths), batch):
+        x = load_batch(list(paths[start : start + batch]), size=manifest.image_size, mean=manifest.pixel_mean,
+                       std=manifest.pixel_std)  # fmt: skip
+        out.append(clean_embeddings(head, x, clip, scale).reshape(len(x), -1))
+    return np.concatenate(out).astype(np.float64)
 
 
 def template_scores(x: np.ndarray, templates: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -19,9 +19,9 @@ import numpy as np
 from dpa.contract.devices import DeviceProfile, resolve_device
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import load_manifest
-from dpa.faces.lfw import load_batch
+from dpa.faces.verification import unit_rows
 from runtime_client.head import HeadModel
-from runtime_client.on_device import GALLERY_FILE, Gallery, clean_embeddings, load_gallery
+from runtime_client.on_device import GALLERY_FILE, Gallery, embed_files, load_gallery
 
 __all__ = ["UNKNOWN", "Recognition", "recognize", "verify"]
 
@@ -51,9 +51,7 @@ def _embed(head: HeadModel, gallery: Gallery, manifest, paths: list[Path]) -> np
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
         raise UserError(f"no such image: {', '.join(missing)}")
-    x = load_batch(paths, size=manifest.image_size, mean=manifest.pixel_mean, std=manifest.pixel_std)
-    e = clean_embeddings(head, x, gallery.clip, gallery.scale).reshape(len(x), -1).astype(np.float64)
-    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    return unit_rows(embed_files(head, manifest, paths, gallery.clip, gallery.scale))
 
 
 def _threshold(given: float | None, kept: float, what: str) -> float:
@@ -69,9 +67,7 @@ def recognize(
     """Each image's identity among the enrolled ones, or UNKNOWN below the open-set threshold."""
     head, gallery, manifest = _setup(artifacts, state_dir)
     t = _threshold(threshold, gallery.open_set_threshold, "open-set")
-    templates = gallery.templates.reshape(len(gallery.templates), -1).astype(np.float64)
-    templates = templates / np.maximum(np.linalg.norm(templates, axis=1, keepdims=True), 1e-12)
-    cos = _embed(head, gallery, manifest, paths) @ templates.T
+    cos = _embed(head, gallery, manifest, paths) @ unit_rows(gallery.templates).T
     cos[:, gallery.counts <= 0] = -np.inf  # a class the server never received
     best = cos.argmax(axis=1)
     return [

@@ -24,6 +24,7 @@ __all__ = [
     "far_threshold",
     "open_set",
     "sample_pairs",
+    "unit_rows",
     "verification",
 ]
 
@@ -68,10 +69,15 @@ def sample_pairs(labels: np.ndarray, rng: np.random.Generator, *, genuine: int, 
     )
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row (flattened) scaled to unit L2 norm, in float64; an all-zero row stays zero."""
+    e = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+
 def cosine_scores(embeddings: np.ndarray, pairs: VerificationPairs) -> np.ndarray:
     """The cosine similarity of each pair (embeddings flattened per row)."""
-    e = np.asarray(embeddings, dtype=np.float64).reshape(len(embeddings), -1)
-    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    e = unit_rows(embeddings)
     return np.einsum("ij,ij->i", e[pairs.first], e[pairs.second])
 
 

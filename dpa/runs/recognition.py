@@ -28,12 +28,12 @@ from sklearn.metrics import roc_curve
 from dpa.contract.devices import DeviceProfile, resolve_device
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import load_manifest
-from dpa.faces.lfw import FaceIndex, index_faces, load_batch
+from dpa.faces.lfw import FaceIndex, index_faces
 from dpa.faces.synth import SynthConfig, cached_faces
-from dpa.faces.verification import cosine_scores, far_threshold, open_set, sample_pairs, verification
+from dpa.faces.verification import cosine_scores, far_threshold, open_set, sample_pairs, unit_rows, verification
 from exporter.pretrain import VALIDATION_SEED
 from runtime_client.head import HeadModel
-from runtime_client.on_device import GALLERY_FILE, clean_embeddings, load_gallery, save_gallery
+from runtime_client.on_device import GALLERY_FILE, embed_files, load_gallery, save_gallery
 
 __all__ = [
     "OPEN_SET_FAR",
@@ -65,16 +65,7 @@ def recognition_data(root: Path, size: int, *, public_identities: int = 100, str
 
 
 def _embed(head: HeadModel, index: FaceIndex, manifest: Any, clip: float, scale: float) -> np.ndarray:
-    out = []
-    for start in range(0, len(index.paths), 64):
-        x = load_batch(list(index.paths[start : start + 64]), size=manifest.image_size, mean=manifest.pixel_mean,
-                       std=manifest.pixel_std)  # fmt: skip
-        out.append(clean_embeddings(head, x, clip, scale).reshape(len(x), -1))
-    return np.concatenate(out).astype(np.float64)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return embed_files(head, manifest, list(index.paths), clip, scale)
 
 
 def _public_thresholds(e: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -84,8 +75,8 @@ def _public_thresholds(e: np.ndarray, labels: np.ndarray) -> tuple[float, float]
     pair_threshold = verification(cosine_scores(e, pairs), pairs.same)["threshold"]
     ids = np.unique(labels)
     enrolled, strangers = ids[: len(ids) // 2], ids[len(ids) // 2 :]
-    templates = _unit(np.stack([e[labels == k][::2].mean(axis=0) for k in enrolled]))
-    stranger_best = (_unit(e[np.isin(labels, strangers)]) @ templates.T).max(axis=1)
+    templates = unit_rows(np.stack([e[labels == k][::2].mean(axis=0) for k in enrolled]))
+    stranger_best = (unit_rows(e[np.isin(labels, strangers)]) @ templates.T).max(axis=1)
     return pair_threshold, far_threshold(stranger_best, OPEN_SET_FAR)
 
 
@@ -118,12 +109,12 @@ def recognition_metrics(artifacts: Path, state_dir: Path, test: FaceIndex, data:
     scores = e @ t.T  # the device's classifier: <x, t_c> (runtime_client.on_device)
     scores[:, gallery.counts <= 0] = -np.inf
     ident = float(np.mean(scores.argmax(axis=1) == test.labels))
-    unit_t = _unit(t)
-    cos = _unit(e) @ unit_t.T
+    unit_t = unit_rows(t)
+    cos = unit_rows(e) @ unit_t.T
     strangers = _embed(head, index_faces(data.strangers, min_faces_per_person=2), manifest, gallery.clip,
                        gallery.scale)  # fmt: skip
-    opened = open_set(cos.max(axis=1), scores.argmax(axis=1) == test.labels, (_unit(strangers) @ unit_t.T).max(axis=1),
-                      threshold=open_t)  # fmt: skip
+    stranger_best = (unit_rows(strangers) @ unit_t.T).max(axis=1)
+    opened = open_set(cos.max(axis=1), scores.argmax(axis=1) == test.labels, stranger_best, threshold=open_t)
     return {
         "identification_accuracy": ident,
         "verification_auc": ver["auc"],
