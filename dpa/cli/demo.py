@@ -82,8 +82,8 @@ def demo_command(
     n = reports[0]["data"]["identities"]
     console.print(
         f"{n} identities. clean acc: the device classifying its clean held-out images (private runs: with the "
-        "class templates the server learned from what it received; non-private: the better of those and head + "
-        "tail). private: the class sums released once (labels inside their guarantee); per-example: every "
+        "class templates the server learned from what it received; non-private: the best non-private recipe, "
+        "below). private: the class sums released once (labels inside their guarantee); per-example: every "
         "example's activation and randomised label released once (DP-A). private acc: held-out images released "
         "with the same noise, classified by the server's tail (-: no tail trained). ε whole run composes every "
         "release of an example (dp-accounting PLD). verif. AUC / TAR@1e-3: pairs of held-out images of the device's "
@@ -91,6 +91,14 @@ def demo_command(
         "strangers rejected at the threshold that accepts 1% of public strangers. Recorded views: "
         + ", ".join(str(r["view"]) for r in summary["runs"])
     )
+    for run in summary["runs"]:
+        if run["epsilon_total"] is None:
+            recipes = ", ".join(f"{k} {v:.3f}" for k, v in run["recipes"].items())
+            console.print(f"non-private recipes ({run['name']}, hyperparameters chosen on public faces): {recipes}; "
+                          f"the best, {run['clean_classifier']}, is the reference")  # fmt: skip
+        elif run["share_of_nonprivate"] is not None:
+            console.print(f"{run['name']}: {run['share_of_nonprivate']:.0%} of the non-private reference "
+                          f"at whole-run epsilon {_num(run['epsilon_total'])}, delta {run['delta']:g}")  # fmt: skip
     console.print(f"verification ROC: {workdir / 'roc.png'}")
     pre = summary["pretraining"]
     console.print(

@@ -10,6 +10,7 @@ import pytest
 from dpa.audit.class_sum_audit import is_class_sum_view
 from dpa.contract.server_view import load_view
 from dpa.runs.demo import DemoConfig, demo_summary, run_demo
+from dpa.runs.reference import ReferenceConfig
 
 
 def test_demo_runs_and_its_json_has_every_field(tmp_path):
@@ -17,6 +18,8 @@ def test_demo_runs_and_its_json_has_every_field(tmp_path):
         workdir=tmp_path, identities=4, per_identity=12, pretrain_identities=6, pretrain_per_identity=6,
         pretrain_epochs=1, nonprivate_epochs=1, pretrain=True, recognition_public_identities=10,
         recognition_strangers=4,
+        reference=ReferenceConfig(lrs=(1e-3, 1e-2), epochs=1, probe_cs=(0.1, 1.0), tuning_identities=3,
+                                  tuning_per_identity=8),
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -26,12 +29,16 @@ def test_demo_runs_and_its_json_has_every_field(tmp_path):
     assert names == ["non-private", "private", "private, per-example", "private, conv1_1"]
     nonprivate, private, per_example, seed_cut = data["runs"]
     assert nonprivate["epsilon_total"] is None and nonprivate["label_epsilon"] is None
-    assert nonprivate["clean_test_accuracy"] == max(
-        nonprivate["tail_clean_test_accuracy"], nonprivate["clean_test_accuracy"]
-    )
+    # The reference is the best of every non-private recipe, and names it; private runs are shares of it.
+    recipes = nonprivate["recipes"]
+    assert set(recipes) == {"class templates", "head + tail", "linear probe", "fine-tune"}
+    assert recipes["head + tail"] == nonprivate["tail_clean_test_accuracy"]
+    assert nonprivate["clean_test_accuracy"] == max(recipes.values()) == recipes[nonprivate["clean_classifier"]]
+    for run in data["runs"]:
+        assert run["share_of_nonprivate"] == pytest.approx(run["clean_test_accuracy"] / max(recipes.values()))
     for run in (private, per_example, seed_cut):
         assert 0 < run["epsilon_total"] <= 8.0 and run["delta"] == 1e-5 and run["releases_per_example"] == 1
-        assert run["clean_classifier"] == "class templates, on the device"
+        assert run["clean_classifier"] == "class templates" and set(run["recipes"]) == {"class templates"}
     for run in (private, seed_cut):  # the class sums: labels inside their guarantee, no tail trained
         assert run["release"] == "class-sums" and run["label_epsilon"] == "in class sums"
         assert run["epsilon_activations"] == run["epsilon_total"] and run["private_test_accuracy"] is None
@@ -62,3 +69,4 @@ def test_demo_runs_and_its_json_has_every_field(tmp_path):
         warnings.simplefilter("ignore")
         run_demo(cfg, say=messages.append)
     assert any(m.startswith("reusing the public pretrained weights") for m in messages)
+    assert not any(m.startswith("choosing the reference's") for m in messages)  # the public tuning is cached
