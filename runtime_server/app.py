@@ -38,6 +38,7 @@ from runtime_server.auth import TokenStore
 from runtime_server.budget import ByteBudget
 from runtime_server.class_sums import ClassSumStore
 from runtime_server.config import ServerConfig
+from runtime_server.cors import add_cors_headers, cors_middleware
 from runtime_server.handlers import (
     close_session,
     describe_session,
@@ -130,7 +131,11 @@ def init_app(config: ServerConfig) -> web.Application:
     digest = manifest_sha256(config.artifacts)
     tokens = TokenStore.load(config.tokens) if config.tokens is not None else None
     max_body = max_body_bytes(manifest, config.max_batch)
-    app = web.Application(client_max_size=max_body, middlewares=[errors, auth])
+    origins = frozenset(config.allow_origins)
+    middlewares = ([cors_middleware(origins)] if origins else []) + [errors, auth]
+    app = web.Application(client_max_size=max_body, middlewares=middlewares)
+    if origins:
+        app.on_response_prepare.append(add_cors_headers(origins))
     state_dir = config.resolved_state_dir
     open_state_dir(state_dir, digest)
     class_sums = (  # read here, so that an unreadable release stops the start with its name

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dpa.contract.devices import DeviceProfile
 from dpa.contract.errors import UserError
+from runtime_server.cors import check_origin
 
 __all__ = ["ServerConfig", "is_loopback"]
 
@@ -67,6 +68,8 @@ class ServerConfig:
     min_transfer_rate: float = 256 * 2**10  # bytes per second
     # Bytes of request bodies held in memory at once; None: 4 full-batch bodies (max_body_bytes).
     max_inflight_body_bytes: int | None = None
+    # Page origins a browser device may call from (runtime_server.cors); none: no CORS header at all.
+    allow_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.device, str) and not isinstance(self.device, DeviceProfile):
@@ -95,6 +98,7 @@ class ServerConfig:
             raise UserError(f"minimum transfer rate must be > 0 bytes/s, got {self.min_transfer_rate}")
         if self.max_inflight_body_bytes is not None and self.max_inflight_body_bytes < 1:
             raise UserError(f"in-flight body bytes must be >= 1, got {self.max_inflight_body_bytes}")
+        object.__setattr__(self, "allow_origins", tuple(check_origin(o) for o in self.allow_origins))
         if self.min_free_bytes < 0:
             raise UserError(f"minimum free space must be >= 0 bytes, got {self.min_free_bytes}")
         if (self.tls_cert is None) != (self.tls_key is None):

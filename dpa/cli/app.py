@@ -19,6 +19,7 @@ from dpa.cli.privacy import privacy_command
 from dpa.cli.recognize import recognize_command, verify_command
 from dpa.cli.serve import serve_command, token_app
 from dpa.cli.sweep import sweep_command
+from dpa.cli.web_device import web_device_command
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -44,6 +45,7 @@ app.command("sweep")(sweep_command)
 app.command("bench")(bench_command)
 app.command("recognize")(recognize_command)
 app.command("verify")(verify_command)
+app.command("web-device")(web_device_command)
 app.add_typer(data_app, name="data")
 app.add_typer(attack_app, name="attack")
 app.add_typer(token_app, name="token")

@@ -76,6 +76,13 @@ def serve_command(
     log_format: Annotated[
         LogFormat, typer.Option(help="json (one object per line) or text.", case_sensitive=False)
     ] = LogFormat.JSON,
+    allow_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A browser device's page origin (dpa web-device prints it) allowed to call the API "
+            "(CORS); repeat for several. None by default."
+        ),
+    ] = None,
 ) -> None:
     """Serve the tail: train it on DP activations from devices, return activation gradients."""
     from aiohttp import web
@@ -113,6 +120,7 @@ def serve_command(
             transfer_base_s=transfer_base_s,
             min_transfer_rate=min_transfer_kib_s * 2**10,
             max_inflight_body_bytes=None if max_inflight_body_mb is None else int(max_inflight_body_mb * 2**20),
+            allow_origins=tuple(allow_origin or ()),
         )
         ssl_context = server_ssl_context(config)
         load_manifest(artifacts)  # a wrong --artifacts fails here, before a token file is created

@@ -1,0 +1,267 @@
+// The dpa device in a browser (issue 24): what `dpa client --release class-sums` does, from docs/protocol.md.
+// The head runs in onnxruntime-web (WASM) from the export's own artifacts, checked against the manifest's
+// SHA-256s; the images never leave the page; one class-sum release with Gaussian noise is all it sends.
+import * as ort from "/ort/ort.training.wasm.min.mjs";
+import { parseNpy } from "./npy.js";
+import { gaussianEpsilon, gaussianZ, roundHalfEven, secureNormals, snapStep } from "./privacy.js";
+import { decode, encode } from "./wire.js";
+
+ort.env.wasm.wasmPaths = "/ort/";
+ort.env.wasm.numThreads = 1;  // no cross-origin isolation needed, and the same sums on every run
+
+const $ = (id) => document.getElementById(id);
+const state = { config: null, manifest: null, manifestSha: null, head: null, centre: null, prepared: null,
+                templates: null, sent: false };
+window.dpa = state;  // the page's state, for people with a console and for the test
+
+class PageError extends Error {}
+
+function say(text, kind = "info") {
+  const box = $("status");
+  box.textContent = text;
+  box.className = kind;
+}
+
+async function sha256Hex(buf) {
+  const digest = await crypto.subtle.digest("SHA-256", buf);
+  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+async function fetchChecked(path) {  // a head file, checked against the manifest as a Python device does
+  const buf = await (await fetch(`/artifacts/${path}`)).arrayBuffer();
+  if ((await sha256Hex(buf)) !== state.manifest.files[path]) throw new PageError(`${path} does not match its SHA-256 in the manifest`);
+  return buf;
+}
+
+async function loadHead() {
+  const raw = await (await fetch("/artifacts/manifest.json")).arrayBuffer();
+  state.manifestSha = await sha256Hex(raw);
+  state.manifest = JSON.parse(new TextDecoder().decode(raw));
+  if (state.manifest.schema_version !== 1) throw new PageError(`manifest schema ${state.manifest.schema_version} is not 1`);
+  const [checkpoint, training, evaluation] = await Promise.all(
+    ["head/checkpoint", "head/training_model.onnx", "head/eval_model.onnx"].map(fetchChecked));
+  state.head = await ort.TrainingSession.create({ checkpointState: new Uint8Array(checkpoint),
+    trainModel: new Uint8Array(training), evalModel: new Uint8Array(evaluation) }, { executionProviders: ["wasm"] });
+  state.centre = state.manifest.release_centre ? parseNpy(await fetchChecked(state.manifest.release_centre)).data : null;
+  $("clip").value = state.manifest.release_clip ?? "";
+  $("head").textContent = `head: ${state.manifest.cut} of VGG-Face ${state.manifest.image_size}px, width ${state.manifest.width}, ` +
+    `${state.manifest.num_classes} classes, manifest ${state.manifestSha.slice(0, 12)}…, onnxruntime-web ${ort.env.versions.web}`;
+}
+
+// docs/protocol.md 2.3: RGB, centre-cropped square, resized to H x W, (pixel - mean) / std, channel-first.
+async function preprocess(blob, label) {
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(blob, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+  } catch {
+    throw new PageError(`cannot decode image ${label}: not an image this browser reads`);
+  }
+  const m = state.manifest, size = m.image_size, side = Math.min(bitmap.width, bitmap.height);
+  const canvas = new OffscreenCanvas(size, size), ctx = canvas.getContext("2d", { willReadFrequently: true });
+  ctx.imageSmoothingQuality = "high";
+  ctx.drawImage(bitmap, (bitmap.width - side) >> 1, (bitmap.height - side) >> 1, side, side, 0, 0, size, size);
+  const rgba = ctx.getImageData(0, 0, size, size).data, out = new Float32Array(3 * size * size);
+  for (let c = 0; c < 3; c++) {
+    const mean = Math.fround(m.pixel_mean[c]), std = Math.fround(m.pixel_std[c]);
+    for (let i = 0; i < size * size; i++) out[c * size * size + i] = Math.fround(Math.fround(rgba[4 * i + c] - mean) / std);
+  }
+  return out;
+}
+
+// The head's activations of images (Float32Arrays), minus the release centre, clipped to L2 norm C: Float64Arrays.
+async function clippedActivations(images, clip) {
+  const m = state.manifest, d = m.activation_shape.reduce((a, b) => a * b, 1), per = 3 * m.image_size ** 2;
+  const out = [];
+  for (let start = 0; start < images.length; start += 16) {
+    const batch = images.slice(start, start + 16), data = new Float32Array(batch.length * per);
+    batch.forEach((x, i) => data.set(x, i * per));
+    const feeds = { images: new ort.Tensor("float32", data, [batch.length, 3, m.image_size, m.image_size]) };
+    // onnxruntime-web 1.19's runEvalStep names its results after the TRAINING model's outputs (here
+    // "vjp_surrogate"), so the eval model's one output, "activation", is taken by position and its shape checked.
+    const outputs = Object.values(await state.head.runEvalStep(feeds));
+    const want = [batch.length, ...m.activation_shape];
+    if (outputs.length !== 1 || outputs[0].dims.join() !== want.join()) {
+      throw new Error(`the head's eval model answered ${outputs.map((o) => `[${o.dims}]`)}, not an activation of [${want}]`);
+    }
+    const act = outputs[0].data;
+    for (let i = 0; i < batch.length; i++) {
+      const a = Float64Array.from(act.subarray(i * d, (i + 1) * d), (v, j) => state.centre ? Math.fround(v - state.centre[j]) : v);
+      const norm = Math.sqrt(a.reduce((s, v) => s + v * v, 0));
+      const f = norm > clip ? clip / norm : 1;
+      out.push(a.map((v) => Math.fround(v * f)));
+    }
+  }
+  return out;
+}
+
+function readNumber(id, what, check) {
+  const v = Number($(id).value);
+  if (!check(v)) throw new PageError(`${what} must be ${check.rule}, got "${$(id).value}"`);
+  return v;
+}
+const positive = Object.assign((v) => v > 0 && Number.isFinite(v), { rule: "a positive number" });
+const probability = Object.assign((v) => v > 0 && v < 1, { rule: "in (0, 1)" });
+
+// {identity: [File|{url, name}]} from the folder picker (LFW layout: <root>/<identity>/<image>) or the built-in faces.
+async function enrolmentSet() {
+  const files = Array.from($("folder").files);
+  if (files.length) {
+    const by = {};
+    for (const f of files) {
+      const parts = f.webkitRelativePath.split("/");
+      if (parts.length < 3 || f.name.startsWith(".")) continue;
+      (by[parts[parts.length - 2]] ??= []).push({ blob: f, name: f.webkitRelativePath });
+    }
+    return by;
+  }
+  if (!state.config.builtin) throw new PageError("pick a folder of face images (one subfolder per identity)");
+  const index = await (await fetch("/faces/index.json")).json(), by = {};
+  for (const [name, urls] of Object.entries(index.enrol)) by[name] = urls.map((url) => ({ url, name: url }));
+  return by;
+}
+
+async function blobOf(item) { return item.blob ?? (await (await fetch(item.url)).blob()); }
+
+// Prepare: images -> head -> centre, clip -> per-identity sums and counts -> noise. Nothing is sent.
+async function prepare() {
+  state.prepared = null;
+  const epsilon = readNumber("epsilon", "epsilon", positive), delta = readNumber("delta", "delta", probability);
+  const clip = readNumber("clip", "the clip C", positive);
+  const set = await enrolmentSet(), names = Object.keys(set).sort();
+  const m = state.manifest, K = m.num_classes, d = m.activation_shape.reduce((a, b) => a * b, 1);
+  if (!names.length) throw new PageError("no identities found: one subfolder of images per identity");
+  if (names.length > K) throw new PageError(`${names.length} identities, but this head's export classifies ${K}`);
+  for (const n of names) if (set[n].length < 2) throw new PageError(`identity ${n} has ${set[n].length} image; each needs at least 2`);
+  const images = [], labels = [];
+  for (const [label, n] of names.entries()) {
+    for (const item of set[n]) { images.push(await preprocess(await blobOf(item), item.name)); labels.push(label); }
+    say(`read ${images.length} images of ${label + 1} / ${names.length} identities`);
+  }
+  say(`running the head on ${images.length} images…`);
+  const clipped = await clippedActivations(images, clip);
+  const totals = new Float64Array(K * (d + 1));  // rows [sum of x, C * count], docs/protocol.md section 5
+  clipped.forEach((x, i) => {
+    const row = labels[i] * (d + 1);
+    for (let j = 0; j < d; j++) totals[row + j] += x[j];
+    totals[row + d] += clip;
+  });
+  const z = gaussianZ(epsilon, delta), sigma = 2 * z * clip, step = snapStep(sigma);
+  const noise = secureNormals(totals.length), noisy = new Float64Array(totals.length);
+  for (let i = 0; i < totals.length; i++) noisy[i] = roundHalfEven((totals[i] + noise[i] * sigma) / step) * step;
+  const sums = new Float32Array(K * d), counts = new Float32Array(K);
+  for (let k = 0; k < K; k++) {
+    for (let j = 0; j < d; j++) sums[k * d + j] = noisy[k * (d + 1) + j];
+    counts[k] = noisy[k * (d + 1) + d] / clip;
+  }
+  state.prepared = { names, labels, sums, counts, z, sigma, clip, epsilon: gaussianEpsilon(z, delta), delta, d,
+                     images: images.length };
+  if (state.config.test_hooks) state.noiseless = { totals: Array.from(totals), noisy: Array.from(noisy) };
+  $("privacy").textContent = `one release of ${names.length} identities' sums (${images.length} images): ` +
+    `epsilon ${state.prepared.epsilon.toFixed(4)}, delta ${delta} for the whole run, labels inside ` +
+    `(Gaussian, z ${z.toFixed(4)}, sigma ${sigma.toFixed(3)} = 2 z C, C ${clip})`;
+  $("send").disabled = false;
+  say("ready: nothing has left this page. Check the privacy line, then send.", "ok");
+}
+
+async function api(path, init = {}) {
+  const url = `${$("server").value.replace(/\/+$/, "")}/v1/${path}`;
+  const headers = { Authorization: `Bearer ${$("token").value.trim()}`, ...(init.headers ?? {}) };
+  let reply;
+  try {
+    reply = await fetch(url, { ...init, headers });
+  } catch (e) {
+    throw new PageError(`cannot reach the edge server at ${$("server").value} (${e.message}); is it running, with --allow-origin ${location.origin}?`);
+  }
+  if (!reply.ok) {
+    let detail = "";
+    try { const body = await reply.json(); detail = `${body.error}: ${body.message}`; } catch { detail = reply.statusText; }
+    throw new PageError(`the edge server answered ${reply.status} to ${path} (${detail})`);
+  }
+  return reply;
+}
+
+async function send() {
+  if (!state.prepared) throw new PageError("prepare the release first");
+  if (state.sent) throw new PageError("this page has released already: a second draw of noise would be a second privacy cost");
+  if (!$("token").value.trim()) throw new PageError("enter this device's token (dpa token add on the server's machine)");
+  const status = await (await api("status")).json();
+  if (status.manifest_sha256 !== state.manifestSha) {
+    throw new PageError(`the server does not know this head: it serves manifest ${status.manifest_sha256.slice(0, 12)}…, ` +
+      `this page's head is ${state.manifestSha.slice(0, 12)}…`);
+  }
+  const p = state.prepared, m = state.manifest;
+  const body = encode([{ name: "class_sums", dtype: "float32", shape: [m.num_classes, ...m.activation_shape], data: p.sums },
+                       { name: "counts", dtype: "float32", shape: [m.num_classes], data: p.counts }]);
+  const session = await (await api("sessions", { method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ manifest_sha256: state.manifestSha, client: "dpa web device",
+                           labels: { mechanism: "in-class-sums" } }) })).json();
+  state.sent = true;  // from here a retry must send these same bytes (the server keeps them once)
+  const answer = await (await api(`sessions/${session.session_id}/class-sums`, { method: "POST",
+    headers: { "Content-Type": "application/x-dpa-tensors" }, body })).json();
+  const t = decode(await (await api("templates")).arrayBuffer());
+  state.templates = { templates: t.tensors.templates.data, counts: Array.from(t.tensors.counts.data, Number) };
+  state.session = session.session_id;
+  $("send").disabled = true;
+  $("recognise").disabled = false;
+  say(`released once (session ${session.session_id}, ${answer.class_sum_releases} release(s) on the server); ` +
+      "templates received: recognise images on this page", "ok");
+}
+
+async function probes() {
+  const files = Array.from($("probes").files);
+  if (files.length) return files.map((f) => ({ blob: f, name: f.name }));
+  if (!state.config.builtin) throw new PageError("pick images to recognise");
+  return (await (await fetch("/faces/index.json")).json()).probe.map((p) => ({ url: p.url, name: p.url, truth: p.identity }));
+}
+
+async function recognise() {
+  if (!state.templates) throw new PageError("send the release first: recognition uses the server's templates");
+  const items = await probes(), p = state.prepared, { templates, counts } = state.templates;
+  const images = [];
+  for (const item of items) images.push(await preprocess(await blobOf(item), item.name));
+  const x = await clippedActivations(images, p.clip);
+  state.recognised = x.map((e, i) => {
+    let best = -1, score = -Infinity;
+    for (let k = 0; k < counts.length; k++) {
+      if (counts[k] === 0) continue;  // a class the server never received
+      let s = 0;
+      for (let j = 0; j < p.d; j++) s += e[j] * templates[k * p.d + j];
+      if (s > score) { score = s; best = k; }
+    }
+    return { image: items[i].name, label: best, identity: p.names[best] ?? null, score, truth: items[i].truth ?? null };
+  });
+  const known = state.recognised.some((r) => r.truth !== null);
+  const cell = (text) => { const td = document.createElement("td"); td.textContent = text; return td; };
+  const table = $("results");
+  table.replaceChildren();
+  const head = table.insertRow();
+  for (const h of ["image", "identity", "score", ...(known ? ["true identity"] : [])]) head.appendChild(cell(h));
+  for (const r of state.recognised) {  // textContent, never innerHTML: a file name is not markup
+    const row = table.insertRow();
+    row.append(cell(r.image.split("/").pop()), cell(r.identity), cell(r.score.toFixed(1)));
+    if (known) row.appendChild(cell(r.truth === r.identity ? `✓ ${r.truth}` : `✗ ${r.truth}`));
+  }
+  say(`recognised ${items.length} images on this page with the server's templates`, "ok");
+}
+
+function guarded(action) {
+  return async () => {
+    try { await action(); } catch (e) { say(e instanceof PageError ? e.message : `error: ${e.message}`, "error"); }
+    document.body.dataset.busy = "no";
+  };
+}
+for (const [id, action] of [["prepare", prepare], ["send", send], ["recognise", recognise]]) {
+  const run = guarded(action);
+  $(id).addEventListener("click", () => { document.body.dataset.busy = "yes"; run(); });
+}
+
+guarded(async () => {
+  state.config = await (await fetch("/config.json")).json();
+  $("server").value = state.config.server ?? "";
+  $("epsilon").value = state.config.epsilon; $("delta").value = state.config.delta;
+  $("builtin").textContent = state.config.builtin ? `built-in faces: ${state.config.builtin}` : "";
+  await loadHead();
+  $("prepare").disabled = false;
+  say("head loaded and checked; pick a folder of faces (or use the built-in ones) and prepare the release", "ok");
+  document.body.dataset.ready = "yes";
+})();
