@@ -44,29 +44,36 @@ class ClassSumStore:
         self._digests: dict[str, str] = {}
         if self.dir.is_dir():
             for path in sorted(self.dir.glob("*.npz")):
-                sums, counts, digest = self._read(path)
-                self._add(path.stem, sums, counts, digest)
+                sums, counts, digest, rows = self._read(path)
+                self._add(path.stem, sums, counts, digest, rows)
 
     def __len__(self) -> int:
         return len(self._digests)
 
-    def _read(self, path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    def _read(self, path: Path) -> tuple[np.ndarray, np.ndarray, str, np.ndarray]:
         try:
             with np.load(path, allow_pickle=False) as z:
                 sums, counts, digest = z["sums"], z["counts"], str(z["digest"])
+                rows = z["rows"] if "rows" in z.files else np.arange(len(self.counts))
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"{path} is unreadable ({exc}); restore it from a backup or move it away") from None
-        if sums.shape != self.sums.shape or counts.shape != self.counts.shape:
+        fits = rows.ndim == 1 and len(rows) and rows.min() >= 0 and rows.max() < len(self.counts)
+        if not fits or sums.shape != (len(rows), self.sums.shape[1]) or counts.shape != rows.shape:
             raise UserError(f"{path} holds class sums of shape {sums.shape}, not {self.sums.shape}: another export?")
-        return sums, counts, digest
+        return sums, counts, digest, rows
 
-    def _add(self, session_id: str, sums: np.ndarray, counts: np.ndarray, digest: str) -> None:
-        self.sums += sums
-        self.counts += counts
+    def _add(self, session_id: str, sums: np.ndarray, counts: np.ndarray, digest: str, rows: np.ndarray) -> None:
+        self.sums[rows] += sums
+        self.counts[rows] += counts
         self._digests[session_id] = digest
 
-    def add(self, session_id: str, body: bytes | bytearray, sums: np.ndarray, counts: np.ndarray) -> bool:
+    def add(
+        self, session_id: str, body: bytes | bytearray, sums: np.ndarray, counts: np.ndarray,
+        rows: np.ndarray | None = None,
+    ) -> bool:  # fmt: skip
         """Keep one session's release (durable when this returns); False if these bytes are kept already.
+        ``rows``: the classes of the store that ``sums`` and ``counts`` hold (distinct; default every class, in
+        order), for a release of some classes only (a federated device's identities, ``dpa.federation``).
 
         ReleaseConflict if the session released other bytes before; nothing changes then."""
         digest = hashlib.sha256(body).hexdigest()
@@ -76,11 +83,12 @@ class ClassSumStore:
             return False
         if digest in self._digests.values():  # the same release re-sent in another session: kept once
             return False
+        rows = np.arange(len(self.counts)) if rows is None else np.asarray(rows, dtype=np.int64)
         self.dir.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
-        np.savez(buf, sums=sums.astype(np.float32), counts=counts.astype(np.float32), digest=np.str_(digest))
+        np.savez(buf, sums=sums.astype(np.float32), counts=counts.astype(np.float32), digest=np.str_(digest), rows=rows)
         atomic_write_bytes(self.dir / f"{session_id}.npz", buf.getvalue())
-        self._add(session_id, sums, counts, digest)
+        self._add(session_id, sums, counts, digest, rows)
         return True
 
     def templates(self) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ from dpa.cli.client import client_command, eval_command
 from dpa.cli.data import data_app
 from dpa.cli.demo import demo_command
 from dpa.cli.export import export_command
+from dpa.cli.federate import federate_command
 from dpa.cli.pretrain import pretrain_command
 from dpa.cli.privacy import privacy_command
 from dpa.cli.recognize import recognize_command, verify_command
@@ -46,6 +47,7 @@ app.command("bench")(bench_command)
 app.command("recognize")(recognize_command)
 app.command("verify")(verify_command)
 app.command("web-device")(web_device_command)
+app.command("federate")(federate_command)
 app.add_typer(data_app, name="data")
 app.add_typer(attack_app, name="attack")
 app.add_typer(token_app, name="token")

@@ -1,0 +1,1 @@
+"""Class sums over Flower (issue 25): many devices, several edge servers, one gallery."""
