@@ -109,6 +109,18 @@ class TailModel:
         """Copies of the current weights, by name (tests compare them against torch)."""
         return {name: np.array(p.data) for name, p in self.state.parameters}
 
+    def load_parameters(self, values: dict[str, np.ndarray]) -> None:
+        """Replace every weight (by name, same shapes), e.g. with the average of several edge servers' tails
+        (SplitFed, ``dpa.federation.splitfed``). ValueError naming what does not fit; nothing changes then."""
+        have = {name: p.data.shape for name, p in self.state.parameters}
+        bad = sorted(set(have) ^ set(values)) + [
+            f"{n} {np.shape(v)} != {have[n]}" for n, v in values.items() if n in have and np.shape(v) != have[n]
+        ]
+        if bad:
+            raise ValueError(f"tail parameters do not fit this export: {', '.join(bad)}")
+        for name, value in values.items():
+            self.state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
+
     def save(self, sessions: dict[str, list[int]] | None = None) -> Path:
         """Write weights, optimizer state, counters and session steps to one file, atomically."""
         self.state_dir.mkdir(parents=True, exist_ok=True)

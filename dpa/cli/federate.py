@@ -32,11 +32,20 @@ def federate_command(
     round_timeout_s: Annotated[float, typer.Option(help="A round goes on without devices silent this long.")] = 600.0,
     seed: Annotated[int | None, typer.Option(help="Reproducible noise (experiments only).")] = None,
     actors: Annotated[int, typer.Option(help="ClientApps run at once (cores).")] = 2,
+    splitfed: Annotated[
+        bool,
+        typer.Option(
+            "--splitfed",
+            help="SplitFed instead: per-example DP-A releases, one tail per edge server, "
+            "FedAvg each round (the export classifies every identity).",
+        ),
+    ] = False,
+    label_epsilon: Annotated[float, typer.Option(help="SplitFed: each label's epsilon, inside the budget.")] = 4.0,
 ) -> None:
-    """Enrol many devices' class sums through Flower's simulation engine into one gallery."""
-    from dpa.contract.manifest import load_manifest
+    """Enrol many devices' class sums through Flower's simulation engine into one gallery (or run SplitFed)."""
     from dpa.federation.config import FederationConfig
     from dpa.federation.simulation import federate
+    from dpa.federation.splitfed import splitfed as run_splitfed
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     warnings.filterwarnings("ignore", message=".*(deprecated|seed).*")
@@ -44,12 +53,23 @@ def federate_command(
     with user_errors():
         cfg = FederationConfig(
             artifacts=artifacts, state_dir=state_dir, devices=devices, edge_servers=edge_servers,
-            identities_per_device=load_manifest(artifacts).num_classes, shared_per_device=shared_per_device,
+            identities_per_device=identities_per_device(artifacts, devices, shared_per_device, splitfed),
+            shared_per_device=shared_per_device, label_epsilon=label_epsilon,
             images_per_identity=images_per_identity, total_epsilon=total_epsilon, delta=delta, rounds=rounds,
             drop_devices=tuple(drop_device or ()), round_timeout_s=round_timeout_s, seed=seed, actors=actors,
         )  # fmt: skip
         with console.status(f"Flower simulation: {devices} devices, {edge_servers} edge servers"):
-            report = federate(cfg, say=lambda msg: console.print(f"[bold cyan]>[/] {msg}"))
+            if splitfed:
+                report = run_splitfed(cfg)
+            else:
+                report = federate(cfg, say=lambda msg: console.print(f"[bold cyan]>[/] {msg}"))
+    if splitfed:
+        losses = ", ".join(f"round {r}: {v:.3f}" for r, v in sorted(report["train_loss"].items()))
+        console.print(f"SplitFed over Flower: {devices} devices, {edge_servers} edge servers, FedAvg of the tails; "
+                      f"train loss {losses}; each device's whole-run epsilon <= {report['epsilon']:.4g} at delta "
+                      f"{delta:g} (one release per example, labels at {label_epsilon:g} inside)")  # fmt: skip
+        console.print(f"averaged tail: {report['tail']}")
+        return
     table = Table(title=f"class sums over Flower: {devices} devices, {edge_servers} edge servers")
     for col in ("round", "kept", "replayed (kept once)", "refused", "missing devices", "seconds"):
         table.add_column(col, justify="right")
@@ -71,3 +91,22 @@ def federate_command(
         )
     )
     console.print(f"report: {state_dir / 'report.json'}; gallery: {report['gallery']}; {report['seconds']:.0f} s")
+
+
+def identities_per_device(artifacts: Path, devices: int, shared: int, splitfed: bool) -> int:
+    """Class sums: the export classifies one device's identities. SplitFed: it classifies the whole gallery,
+    devices x (k - shared) + the shared pool, so k is solved from its class count."""
+    from dpa.contract.manifest import load_manifest
+    from dpa.federation.config import FederationConfig
+
+    classes = load_manifest(artifacts).num_classes
+    if not splitfed:
+        return classes
+    for k in range(shared + 1, classes + 1):
+        cfg = FederationConfig(artifacts=artifacts, devices=devices, identities_per_device=k, shared_per_device=shared)
+        if cfg.identities == classes:
+            return k
+    raise typer.BadParameter(
+        f"no identities per device make a gallery of the export's {classes} classes "
+        f"with {devices} devices and {shared} shared each"
+    )

@@ -27,9 +27,23 @@ class FederationConfig:
     round_timeout_s: float = 600.0  # a round goes on without the devices that have not answered by then
     seed: int | None = None  # None: noise from OS entropy (deployments); an int: reproducible (experiments)
     actors: int = 2  # Flower simulation's parallel ClientApps (the machine's cores)
+    # SplitFed (per-example DP-A releases, one tail per edge server, FedAvg through Flower): each label's
+    # epsilon inside the budget, the edge servers' local epochs over their devices' releases per round, batch.
+    label_epsilon: float = 4.0
+    local_epochs: int = 1
+    batch_size: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("devices", "identities_per_device", "images_per_identity", "edge_servers", "rounds", "actors"):
+        for name in (
+            "devices",
+            "identities_per_device",
+            "images_per_identity",
+            "edge_servers",
+            "rounds",
+            "actors",
+            "local_epochs",
+            "batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise UserError(f"federation {name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.shared_per_device < self.identities_per_device:
@@ -44,6 +58,8 @@ class FederationConfig:
             raise UserError(f"the budget needs epsilon > 0 and delta in (0, 1), got {self.total_epsilon}, {self.delta}")
         if not (math.isfinite(self.round_timeout_s) and self.round_timeout_s > 0):
             raise UserError(f"round timeout must be > 0 seconds, got {self.round_timeout_s}")
+        if not self.label_epsilon > 0:
+            raise UserError(f"label epsilon must be > 0 (inf: labels in clear), got {self.label_epsilon}")
         bad = [d for d in self.drop_devices if not 0 <= d < self.devices]
         if bad:
             raise UserError(f"devices to drop must be in 0..{self.devices - 1}, got {bad}")
@@ -55,7 +71,7 @@ class FederationConfig:
     @property
     def shared_pool(self) -> int:
         """Identities enrolled from several devices: each device holds ``shared_per_device`` consecutive ones."""
-        return 0 if not self.shared_per_device else max(self.shared_per_device, self.devices // 5)
+        return 0 if not self.shared_per_device else max(2, self.shared_per_device, self.devices // 5)
 
     @property
     def identities(self) -> int:

@@ -104,3 +104,63 @@ def test_each_device_epsilon_is_what_dpa_privacy_says_for_its_release(federation
         assert account["noise_multiplier"] == pytest.approx(z, rel=1e-12)
         assert account["epsilon"] == pytest.approx(want, rel=1e-9) and account["epsilon"] <= 8.0
         assert account["delta"] == 1e-5
+
+
+def test_splitfed_averages_the_edge_servers_tails_as_fedavg_does(tmp_path):
+    """2 edge servers, 2 rounds: the tail Flower averaged equals FedAvg of two tails trained here in torch on
+    the same kept releases (SGD at the manifest's rate, the same batches), weighted by examples."""
+    import torch
+
+    from dpa.contract.manifest import load_manifest
+    from dpa.federation.splitfed import RELEASES, splitfed
+    from exporter.export import ExportConfig, export
+    from exporter.pretrain import PRETRAIN_PIXEL_STD, public_faces
+
+    cfg = FederationConfig(artifacts=tmp_path / "artifacts", state_dir=tmp_path / "state", devices=8,
+                           identities_per_device=4, shared_per_device=1, images_per_identity=4, edge_servers=2,
+                           rounds=2, batch_size=4, seed=0)  # fmt: skip
+    export(ExportConfig(arch=ArchConfig(image_size=64, width=0.25, num_classes=cfg.identities, dropout=0.0),
+                        cut="fc7", optimizer=OptimizerConfig(lr=0.05), out=cfg.artifacts, weights=SHIPPED_WEIGHTS,
+                        pixel_std=PRETRAIN_PIXEL_STD, centre_faces=public_faces(tmp_path / "public", 6, 4, 64),
+                        seed=0))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = splitfed(cfg)
+    with np.load(report["tail"]) as z:
+        got = {k: z[k] for k in z.files}
+    # The reference: the export's fc8 at its start, two rounds of (each edge server's SGD, then FedAvg).
+    from dpa.contract.devices import DeviceProfile, resolve_device
+    from runtime_server.tail import TailModel
+
+    start = TailModel(cfg.artifacts, load_manifest(cfg.artifacts), resolve_device(DeviceProfile.CPU),
+                      tmp_path / "ref").parameters()  # fmt: skip
+    data = {}
+    for d in range(cfg.devices):
+        with np.load(device_dir(cfg, d) / RELEASES) as z:
+            data[d] = (torch.from_numpy(z["activation"]), torch.from_numpy(z["labels"]))
+    glob = {k: torch.from_numpy(v).double() for k, v in start.items()}
+    for _ in range(cfg.rounds):
+        tails, sizes = [], []
+        for edge in range(cfg.edge_servers):
+            w = {k: v.clone().requires_grad_(True) for k, v in glob.items()}
+            n = 0
+            for d in [d for d in range(cfg.devices) if cfg.edge_of(d) == edge]:
+                act, labels = data[d]
+                n += len(labels)
+                for s in range(0, len(labels), cfg.batch_size):
+                    logits = act[s : s + cfg.batch_size].double() @ w["fc8.weight"].T + w["fc8.bias"]
+                    loss = torch.nn.functional.cross_entropy(logits, labels[s : s + cfg.batch_size])
+                    names = sorted(w)
+                    grads = torch.autograd.grad(loss, [w[k] for k in names])
+                    with torch.no_grad():
+                        w = {k: (w[k] - 0.05 * g).requires_grad_(True) for k, g in zip(names, grads, strict=True)}
+            tails.append({k: v.detach() for k, v in w.items()})
+            sizes.append(n)
+        glob = {k: sum(t[k] * n for t, n in zip(tails, sizes, strict=True)) / sum(sizes) for k in glob}
+    assert set(got) == set(glob) == {"fc8.weight", "fc8.bias"} and report["changed_from_start"]
+    for k in glob:
+        np.testing.assert_allclose(got[k], glob[k].numpy(), rtol=1e-4, atol=1e-5, err_msg=k)
+    # Accounting as on one server: each example released once, its label at 4 inside the whole-run epsilon 8.
+    z = calibrate_noise_multiplier(mechanism="gaussian", total_epsilon=8.0, delta=1e-5, releases=1, label_epsilon=4.0)
+    for account in report["accounts"].values():
+        assert account["noise_multiplier"] == pytest.approx(z, rel=1e-12) and account["epsilon"] <= 8.0 + 1e-9
