@@ -104,7 +104,8 @@ def recognition_metrics(artifacts: Path, state_dir: Path, test: FaceIndex, data:
     pair_t, open_t = gallery.pair_threshold, gallery.open_set_threshold
     e = _embed(head, test, manifest, gallery.clip, gallery.scale)
     pairs = sample_pairs(test.labels, np.random.default_rng(0), genuine=3000, impostor=10000)
-    ver = verification(cosine_scores(e, pairs), pairs.same, threshold=pair_t)
+    pair_scores = cosine_scores(e, pairs)
+    ver = verification(pair_scores, pairs.same, threshold=pair_t)
     t = gallery.templates.reshape(len(gallery.templates), -1).astype(np.float64)
     scores = e @ t.T  # the device's classifier: <x, t_c> (runtime_client.on_device)
     scores[:, gallery.counts <= 0] = -np.inf
@@ -127,7 +128,7 @@ def recognition_metrics(artifacts: Path, state_dir: Path, test: FaceIndex, data:
         "open_set_far_public": OPEN_SET_FAR,
         "pairs": {"genuine": ver["genuine_pairs"], "impostor": ver["impostor_pairs"]},
         "strangers": opened["strangers"],
-        "roc": _roc(cosine_scores(e, pairs), pairs.same),
+        "roc": _roc(pair_scores, pairs.same),
     }
 
 
