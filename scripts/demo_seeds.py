@@ -22,7 +22,7 @@ from rich.table import Table
 
 from dpa.runs.demo import DemoConfig, demo_summary, run_demo
 
-_FIGURES = ("clean_test_accuracy", "private_test_accuracy", "epsilon_total")
+_FIGURES = ("clean_test_accuracy", "share_of_nonprivate", "private_test_accuracy", "verification_auc", "epsilon_total")
 
 
 def main() -> None:
@@ -39,19 +39,29 @@ def main() -> None:
     spread = {}
     for i, run in enumerate(summaries[0]["runs"]):
         values = {k: [s["runs"][i][k] for s in summaries] for k in _FIGURES}
-        spread[run["name"]] = {
-            k: None if any(x is None for x in v) else {"mean": mean(v), "min": min(v), "max": max(v), "values": v}
-            for k, v in values.items()
-        }
+        spread[run["name"]] = {k: None if any(x is None for x in v) else _spread(v) for k, v in values.items()}
+    ref = next(i for i, r in enumerate(summaries[0]["runs"]) if r["epsilon_total"] is None)  # non-private
+    recipes = {  # the reference's every recipe (class templates, head + tail, linear probe, fine-tune)
+        name: _spread([s["runs"][ref]["recipes"][name] for s in summaries])
+        for name in summaries[0]["runs"][ref]["recipes"]
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"seeds": summaries, "spread": spread, "cpu": summaries[0]["cpu"]}, indent=1) + "\n")
+    out.write_text(
+        json.dumps({"seeds": summaries, "spread": spread, "recipes": recipes, "cpu": summaries[0]["cpu"]}, indent=1)
+        + "\n"
+    )
     table = Table(title=f"dpa demo over seeds 0-{seeds - 1} on {summaries[0]['cpu']['summary']}")
-    for col in ("run", "clean acc: mean (range)", "private acc", "ε whole run"):
+    for col in ("run", "clean acc: mean (range)", "share of non-private", "private acc", "verif. AUC", "ε whole run"):
         table.add_column(col, justify="right")
     for name, figs in spread.items():
         table.add_row(name, *(_cell(figs[k]) for k in _FIGURES))
     console.print(table)
+    console.print("non-private recipes: " + ", ".join(f"{k} {_cell(v)}" for k, v in recipes.items()))
     console.print(f"wrote {out}")
+
+
+def _spread(v: list[float]) -> dict:
+    return {"mean": mean(v), "min": min(v), "max": max(v), "values": v}
 
 
 def _cell(f: dict | None) -> str:
