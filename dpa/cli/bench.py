@@ -65,6 +65,15 @@ def bench_command(
         if clients != "1":
             target = ">= 2" if clients == "4" else ""
             rows.append((f"6. {clients} clients' steps/s / 1 client's", f"{ratio:.2f}", target))
+    for cut, c in report["class_sum_device"].items():  # the seed's phone figures are for conv1_1
+        phone = cut == "conv1_1"
+        rows += [
+            (f"7. class sums at {cut}: head forward, batch {report['config']['batch']} (s)", f"{c['forward_s']:.3f}",
+             f"< {SEED_PHONE['forward_s']}" if phone else ""),
+            ("7. the same, ours / torch inference", f"{c['forward_ratio']:.2f}", "<= 1.0"),
+            (f"7. class sums at {cut}: device peak RSS (MB)", f"{c['peak_rss_mb']:.0f}",
+             f"< {SEED_PHONE['memory_mb']}" if phone else ""),
+        ]  # fmt: skip
     rows += [
         ("crash safety: journal entry per step (s)", f"{report['journal_append_s']:.3f}", ""),
         ("crash safety: stored reply per step (s)", f"{report['reply_write_s']:.3f}", ""),

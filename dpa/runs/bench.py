@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from dpa.contract.ort_training import CheckpointState, Module, Optimizer, ort_ve
 from dpa.faces.lfw import load_batch
 from dpa.faces.synth import SynthConfig, write_synthetic_faces
 from dpa.privacy.mechanism import DPActivations, DPConfig
+from dpa.runs.device_cost import forward_cost
 from dpa.runs.loopback import free_port, wait_until_healthy
 from exporter.export import ExportConfig, export
 from exporter.vggface import build_parts, init_weights
@@ -422,6 +424,31 @@ def _client_rss_and_load(cfg: BenchConfig, artifacts: Path, report: dict[str, An
     )
 
 
+def _class_sum_device(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> None:
+    """7. The class-sum recipe's device cost: its frozen head's forward per batch (onnxruntime, in a fresh
+    process, with that process's peak RSS) against torch inference of the same head, at the bench's cut (the
+    seed's phone figures are for conv1_1) and at fc7 (the recipe's default cut: the head is nearly all of
+    the network)."""
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((cfg.batch, 3, cfg.arch.image_size,
+                                                                   cfg.arch.image_size), dtype=np.float32))  # fmt: skip
+    report["class_sum_device"] = {}
+    for cut in dict.fromkeys((cfg.cut, "fc7")):
+        art = artifacts if cut == cfg.cut else artifacts.parent / f"artifacts-{cut}"
+        if cut != cfg.cut:
+            export(ExportConfig(arch=cfg.arch, cut=cut, optimizer=OptimizerConfig(lr=1e-3), out=art, verify=False))
+        measured = forward_cost(art, batch=cfg.batch, repeats=cfg.repeats)
+        head, rest = build_parts(cfg.arch, cut)
+        init_weights((head, rest), 0)
+        head.eval()
+        with torch.no_grad():
+            t_torch = _median_time(lambda h=head: h(x), cfg.repeats)
+        report["class_sum_device"][cut] = {**measured, "torch_forward_s": t_torch,
+                                           "forward_ratio": measured["forward_s"] / t_torch}  # fmt: skip
+        del head, rest
+        if cut != cfg.cut:
+            shutil.rmtree(art, ignore_errors=True)  # the paper size's fc7 export is over a gigabyte
+
+
 def _step_tensors(manifest: Any, batch: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Zero-filled tensors of one train request and its reply, at the export's shapes."""
     act = np.zeros((batch, *manifest.activation_shape), np.float32)
@@ -475,6 +502,8 @@ def run_bench(cfg: BenchConfig, *, say: Callable[[str], None] = print) -> dict[s
         del torch_full
         say("device client peak RSS (own process) and batch loading")
         _client_rss_and_load(cfg, artifacts, report)
+        say("class sums on the device: the frozen head's forward and peak RSS, at the cut and at fc7")
+        _class_sum_device(cfg, artifacts, report)
         say("crash safety: journal entry, stored reply and tail checkpoint writes")
         _durability(cfg, artifacts, report)
     return report

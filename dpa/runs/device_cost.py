@@ -17,7 +17,7 @@ from dpa.contract.devices import DeviceProfile, resolve_device
 from dpa.contract.manifest import load_manifest
 from runtime_client.head import HeadModel
 
-__all__ = ["device_cost"]
+__all__ = ["device_cost", "forward_cost"]
 
 
 def _measure(artifacts: str, batch: int, repeats: int) -> dict[str, float]:
@@ -52,3 +52,24 @@ def device_cost(artifacts: Path, *, batch: int, repeats: int = 5) -> dict[str, A
         "wire_bytes_per_example": info.bytes_per_example,
         **measured,
     }
+
+
+def _measure_forward(artifacts: str, batch: int, repeats: int) -> dict[str, float]:
+    """In the child: what a class-sum device runs per batch, the frozen head's forward."""
+    manifest = load_manifest(Path(artifacts), verify=("head",))
+    head = HeadModel(Path(artifacts), manifest, resolve_device(DeviceProfile.CPU), frozen=True)
+    images = np.random.default_rng(0).standard_normal((batch, *manifest.input_shape)).astype(np.float32)
+    times = []
+    for _ in range(repeats + 1):  # the first call warms onnxruntime up
+        t0 = time.perf_counter()
+        head.forward(images)
+        times.append(time.perf_counter() - t0)
+    return {"forward_s": statistics.median(times[1:]),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+
+
+def forward_cost(artifacts: Path, *, batch: int, repeats: int = 5) -> dict[str, float]:
+    """The frozen head's forward per batch (median of ``repeats``) and the device process's peak RSS,
+    measured in a fresh process: the class-sum recipe's whole cost on the device, beside a clip and a sum."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return dict(pool.apply(_measure_forward, (str(artifacts), batch, repeats)))

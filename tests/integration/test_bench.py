@@ -50,3 +50,9 @@ def test_bench_reports_every_figure():
         "DEFAULT",
     )
     assert report["machine"]["threads"] >= 1
+    # The class-sum recipe's device cost (issue 23): the frozen head's forward at the bench's cut and at fc7.
+    costs = report["class_sum_device"]
+    assert set(costs) == {"conv1_1", "fc7"}
+    for c in costs.values():
+        assert c["forward_s"] > 0 and c["torch_forward_s"] > 0 and 0 < c["peak_rss_mb"] < 2000
+        assert c["forward_ratio"] == c["forward_s"] / c["torch_forward_s"]
