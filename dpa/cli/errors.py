@@ -46,6 +46,22 @@ def option_check(check: Callable[[T], T]) -> Callable[[T | None], T | None]:
     return callback
 
 
+def parse_positive_list(name: str, text: str) -> tuple[float, ...]:
+    """'0.5,1,2' -> (0.5, 1.0, 2.0); each a finite number > 0, at least one."""
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise UserError(f"{name} {part!r} is not a number (use e.g. 0.5,1,2)") from None
+        values.append(checks.positive_finite(name, value))
+    if not values:
+        raise UserError(f"give at least one {name}")
+    return tuple(values)
+
+
 def parse_epsilons(text: str) -> tuple[float, ...]:
     """'0.5,1,inf' -> (0.5, 1.0, inf); each must be > 0 (inf: no noise)."""
     values = []

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from dpa.cli.errors import console, parse_epsilons, user_errors
+from dpa.cli.errors import console, parse_epsilons, parse_positive_list, user_errors
 from dpa.contract.errors import UserError
 
 
@@ -21,6 +21,13 @@ def _sizes(text: str) -> tuple[tuple[int, int], ...]:
             raise UserError(f"a data size is IDENTITIESxIMAGES (e.g. 10x40), got {part.strip()!r}") from None
         out.append((ids, per))
     return tuple(out)
+
+
+def _field_figures(p: dict[str, Any]) -> tuple[str, str, str]:
+    """A public point's verification AUC, TAR at FAR 1e-3 and open-set rejection, as the table shows them."""
+    if "verification_auc" not in p:
+        return ("-", "-", "-")
+    return f"{p['verification_auc']:.3f}", f"{p['tar_at_far_1e-3']:.3f}", f"{p['open_set_rejection']:.2f}"
 
 
 def sweep_command(
@@ -45,6 +52,16 @@ def sweep_command(
     label_epsilon: Annotated[
         float, typer.Option(help="Randomise the private runs' labels at this epsilon per release (in the budget).")
     ] = float("inf"),
+    clip_scales: Annotated[
+        str,
+        typer.Option(
+            help="The private runs' clips as multiples of the public median norm, comma-separated (a lever "
+            "chosen on public data; each gets its own non-private run)."
+        ),
+    ] = "1",
+    pretrain: Annotated[
+        bool, typer.Option(help="Public recipes: pretrain here instead of loading the shipped public weights.")
+    ] = False,
     out: Annotated[Path, typer.Option(help="Work and results folder (re-running resumes).")] = Path("runs/sweep"),
 ) -> None:
     """The frontier: clean accuracy vs whole-run epsilon per cut and data size, with attack SSIM and device cost."""
@@ -66,21 +83,28 @@ def sweep_command(
             max_steps_per_epoch=max_steps,
             label_epsilon=label_epsilon,
             recipe=recipe,
+            clip_scales=parse_positive_list("clip scale", clip_scales),
+            pretrain=pretrain,
         )
         results = run_sweep(cfg, say=lambda msg: console.print(f"[bold cyan]>[/] {msg}"))
     table = Table(title=f"DP-A frontier ({epochs} releases per example, delta {delta:g})")
-    for col in ("cut", "data", "ε whole run", "clean", "/ non-private", "private", "attack SSIM", "baseline",
+    field = any("verification_auc" in p for p in results["points"])
+    for col in ("cut", "data", "clip x", "ε whole run", "clean", "/ non-private", "private",
+                *(("verif. AUC", "TAR@FAR 1e-3", "open-set rej.") if field else ()), "attack SSIM", "baseline",
                 "FLOPs on device", "head step ms", "peak MB", "wire KiB/ex"):  # fmt: skip
         table.add_column(col, justify="right")
     for p in results["points"]:
         rel = p["relative_clean_accuracy"]
+        figures = _field_figures(p) if field else ()
         table.add_row(
             p["cut"],
             f"{p['identities']}x{p['per_identity']}",
+            f"{p.get('clip_scale', 1.0):g}",
             "none" if p["epsilon_budget"] is None else f"{p['epsilon_total']:.3g}",
             f"{p['clean_test_accuracy']:.3f}",
             "-" if rel is None else f"{rel:.2f}",
             "-" if p["private_test_accuracy"] is None else f"{p['private_test_accuracy']:.3f}",
+            *figures,
             f"{p['attack_ssim']:.3f}" if "attack_ssim" in p else "-",
             f"{p['baseline_ssim']:.3f}" if "baseline_ssim" in p else "-",
             f"{p['head_flops_share']:.1%}",
@@ -91,8 +115,9 @@ def sweep_command(
     console.print(table)
     for row in results["smallest_epsilon_at"]:
         e80, e50 = row["epsilon_for_80pct"], row["epsilon_for_50pct"]
+        scale = "" if row.get("clip_scale", 1.0) == 1.0 else f" clip x{row['clip_scale']:g}"
         console.print(
-            f"{row['cut']} {row['identities']}x{row['per_identity']}: 80% of non-private at ε "
+            f"{row['cut']} {row['identities']}x{row['per_identity']}{scale}: 80% of non-private at ε "
             f"{'not reached' if e80 is None else f'{e80:g}'}; 50% at ε {'not reached' if e50 is None else f'{e50:g}'}"
         )
     console.print(f"results: {out}/frontier.csv, frontier.json, frontier.png")

@@ -11,7 +11,14 @@ releases), each through the real server and client on loopback. Each point repor
 * the device's cost of the cut: FLOPs and parameter share, head step time, peak memory, wire bytes.
 
 The clip of each cut is the median activation norm of the initial head on PUBLIC faces (the
-built-in generator's other identities, seed 1), so choosing it spends no privacy.
+built-in generator's other identities, seed 1), so choosing it spends no privacy; ``clip_scales``
+sweeps multiples of it (a lever chosen on public data, issue 23).
+
+The public recipes (``public``, ``class-sums``) load the shipped public weights where they fit the
+input size and width, as ``dpa demo`` does (``pretrain=True``: pretrain in the work folder instead),
+and report the field's figures per point beside the closed-set accuracy: verification ROC AUC,
+TAR at FAR 1e-3, accuracy at the public threshold, and open-set rejection of strangers
+(``dpa.runs.recognition``, every threshold chosen on public faces).
 
 Every point is saved as it finishes (``points/<key>.json``); a re-run with the same settings
 skips the points already done. Writes ``frontier.csv``, ``frontier.json`` and ``frontier.png``.
@@ -51,9 +58,12 @@ from dpa.privacy.mechanism import DPConfig
 from dpa.runs.device_cost import device_cost
 from dpa.runs.loopback import serve_and_train
 from dpa.runs.public_data import pretrained_weights, public_clip
+from dpa.runs.recognition import RecognitionData, calibrate_gallery, recognition_data, recognition_metrics
+from dpa.runs.shipped_weights import shipped_weights
 from exporter.export import ExportConfig, export
-from exporter.pretrain import PRETRAIN_PIXEL_STD
+from exporter.pretrain import PRETRAIN_PIXEL_STD, public_faces
 from runtime_client.config import ClientConfig, ReleaseKind
+from runtime_client.dataset import prepare_data
 
 __all__ = ["SweepConfig", "run_sweep", "write_frontier_plot", "PUBLIC_SEED"]
 
@@ -88,9 +98,20 @@ class SweepConfig:
     # "class-sums": the public recipe, with the class sums released once instead of each example
     # (``dpa client --release class-sums``); the attack rebuilds faces from each class's noisy mean.
     recipe: str = "scratch"
+    # The public recipes load the shipped public weights where they fit (dpa.runs.shipped_weights);
+    # True, or a size or width they were not trained for: pretrain here (the pretrain_* fields).
+    pretrain: bool = False
     pretrain_identities: int = 40  # the public recipe's pretraining (exporter.pretrain)
     pretrain_per_identity: int = 40
     pretrain_epochs: int = 10
+    public_centre_identities: int = 40  # with the shipped weights: public faces for the centre and clip
+    public_centre_per_identity: int = 10
+    # Each private point's clip as multiples of the public median norm (1.0: the export's release_clip).
+    clip_scales: tuple[float, ...] = (1.0,)
+    # The public recipes' field figures (verification, open set), thresholds on these public faces.
+    recognition: bool = True
+    recognition_public_identities: int = 100
+    recognition_strangers: int = 20
 
     def __post_init__(self) -> None:
         if self.recipe not in ("scratch", "public", "class-sums"):
@@ -108,6 +129,10 @@ class SweepConfig:
             raise UserError(f"epochs must be >= 1, got {self.epochs}")
         checks.delta(self.delta, allow_zero=False)
         checks.epsilon(self.label_epsilon, allow_inf=True, name="label epsilon")
+        if not self.clip_scales:
+            raise UserError("the sweep needs at least one clip scale (1 is the public median norm)")
+        for scale in self.clip_scales:
+            checks.positive_finite("clip scale", scale)
 
     @property
     def classes(self) -> int:
@@ -129,7 +154,9 @@ class SweepConfig:
             "classes": self.classes,
             "label_epsilon": self.label_epsilon,
             "recipe": self.recipe,
-            **({"pretrain": [self.pretrain_identities, self.pretrain_per_identity, self.pretrain_epochs]}
+            **({"pretrain": [self.pretrain, self.pretrain_identities, self.pretrain_per_identity,
+                             self.pretrain_epochs],
+                "recognition": [self.recognition, self.recognition_public_identities, self.recognition_strangers]}
                if self.recipe != "scratch" else {}),
         }  # fmt: skip
 
@@ -138,8 +165,8 @@ def _acc(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _tag(eps: float | None) -> str:
-    return "nonprivate" if eps is None else f"eps{eps:g}"
+def _tag(eps: float | None, clip_scale: float = 1.0) -> str:
+    return ("nonprivate" if eps is None else f"eps{eps:g}") + ("" if clip_scale == 1.0 else f"-clip{clip_scale:g}")
 
 
 def _json_safe(value: Any) -> Any:
@@ -182,12 +209,35 @@ def _export(cfg: SweepConfig, cut: str, pretrained: tuple[Path, Path] | None) ->
     return out
 
 
+#: The field's figures a public point carries (``dpa.runs.recognition``), beside its closed-set accuracy.
+_FIELD_FIGURES = ("verification_auc", "tar_at_far_1e-3", "verification_accuracy", "open_set_rejection",
+                  "open_set_identification_rate")  # fmt: skip
+
+
+def _public_weights(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Path, Path]:
+    """(public weights, public faces for the export's centre and clip): the shipped ones where they fit, as
+    ``dpa demo`` loads them, else pretrained in the work folder."""
+    shipped = None if cfg.pretrain else shipped_weights(cfg.image_size, cfg.width)
+    if shipped is not None:
+        say(f"the shipped public weights {shipped.name} (dpa pretrain at scale; command in its sidecar)")
+        faces = public_faces(cfg.workdir / "public", cfg.public_centre_identities, cfg.public_centre_per_identity,
+                             cfg.image_size)  # fmt: skip
+        return shipped, faces
+    return pretrained_weights(
+        cfg.workdir / "pretrained", identities=cfg.pretrain_identities, per_identity=cfg.pretrain_per_identity,
+        image_size=cfg.image_size, width=cfg.width, epochs=cfg.pretrain_epochs, seed=cfg.seed, say=say,
+    )  # fmt: skip
+
+
 def _run_point(
-    cfg: SweepConfig, artifacts: Path, data: Path, clip: float, size: tuple[int, int], eps: float | None
-) -> dict[str, Any]:
-    """Train one run (eps: whole-run budget; None: no noise), measure both accuracies, attack its view."""
+    cfg: SweepConfig, artifacts: Path, data: Path, clip: float, size: tuple[int, int], eps: float | None,
+    clip_scale: float = 1.0, recognition: RecognitionData | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Train one run (eps: whole-run budget; None: no noise) at ``clip_scale`` times the public ``clip``,
+    measure both accuracies (and, for a public recipe, the field's figures), attack its view."""
     ids, per = size
-    run_dir = cfg.workdir / "runs" / f"{artifacts.name}-{ids}x{per}-{_tag(eps)}"
+    clip = clip * clip_scale
+    run_dir = cfg.workdir / "runs" / f"{artifacts.name}-{ids}x{per}-{_tag(eps, clip_scale)}"
     shutil.rmtree(run_dir, ignore_errors=True)
     public = cfg.recipe != "scratch"
     sums = cfg.recipe == "class-sums"
@@ -233,6 +283,7 @@ def _run_point(
         else p["label_epsilon_per_release"],
         "noise_multiplier": p["noise_multiplier"],
         "clip": clip,
+        "clip_scale": clip_scale,
         "snr_per_element": p["snr_per_element"],
         "clean_test_accuracy": report["on_device"]["test_accuracy"] if public else report["clean_test_accuracy"],
         "clean_classifier": "class templates on the device" if public else "head + tail",
@@ -242,6 +293,11 @@ def _run_point(
         "train_seconds": report["seconds"],
         "run_dir": str(run_dir),
     }
+    if public and recognition is not None:
+        calibrate_gallery(artifacts, client.state_dir, recognition)
+        _, test = prepare_data(client, load_manifest(artifacts))
+        rec = recognition_metrics(artifacts, client.state_dir, test, recognition)
+        point |= {k: rec[k] for k in _FIELD_FIGURES}
     if cfg.attack and sums:
         attack_cfg = InversionConfig(
             data_seed=PUBLIC_SEED, aux_identities=cfg.attack_aux_identities, victim_identities=1,
@@ -292,21 +348,23 @@ def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print, progress:
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     settings = cfg.point_settings()
     public = cached_faces(cfg.workdir / "data", SynthConfig(4, 8, cfg.image_size, PUBLIC_SEED))
-    pretrained = None
+    pretrained, recognition = None, None
     if cfg.recipe != "scratch":
-        pretrained = pretrained_weights(
-            cfg.workdir / "pretrained", identities=cfg.pretrain_identities, per_identity=cfg.pretrain_per_identity,
-            image_size=cfg.image_size, width=cfg.width, epochs=cfg.pretrain_epochs, seed=cfg.seed, say=say,
-        )  # fmt: skip
+        pretrained = _public_weights(cfg, say)
         public = pretrained[1]
-    plan = [(cut, size, eps) for cut in cfg.cuts for size in cfg.sizes for eps in (None, *cfg.total_epsilons)]
+        if cfg.recognition:
+            recognition = recognition_data(cfg.workdir / "recognition", cfg.image_size,
+                                           public_identities=cfg.recognition_public_identities,
+                                           strangers=cfg.recognition_strangers)  # fmt: skip
+    plan = [(cut, size, eps, scale) for cut in cfg.cuts for size in cfg.sizes for scale in cfg.clip_scales
+            for eps in (None, *cfg.total_epsilons)]  # fmt: skip
     points: list[dict[str, Any]] = []
     costs: dict[str, dict[str, Any]] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("frontier", total=len(plan))
-        for cut, size, eps in plan:
-            key = f"{cut}-{size[0]}x{size[1]}-{_tag(eps)}"
+        for cut, size, eps, scale in plan:
+            key = f"{cut}-{size[0]}x{size[1]}-{_tag(eps, scale)}"
             saved = cfg.workdir / "points" / f"{key}.json"
             bar.update(task, description=f"frontier: {key}")
             point = _saved_point(saved, settings)
@@ -316,7 +374,7 @@ def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print, progress:
                     costs[cut] = device_cost(artifacts, batch=cfg.batch_size)
                 data = cached_faces(cfg.workdir / "data", SynthConfig(size[0], size[1], cfg.image_size, 0))
                 clip = public_clip(artifacts, public)
-                point = _run_point(cfg, artifacts, data, clip, size, eps) | costs[cut]
+                point = _run_point(cfg, artifacts, data, clip, size, eps, scale, recognition) | costs[cut]
                 _write_json(saved, {"settings": settings, "point": point})
                 say(
                     f"{key}: clean {point['clean_test_accuracy']:.3f}, private {_acc(point['private_test_accuracy'])}"
@@ -347,15 +405,16 @@ def _saved_point(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     return point
 
 
+def _group(p: dict[str, Any]) -> tuple[str, int, int, float]:
+    """A frontier's points: one cut, data size and clip scale (1 for points saved before clip scales)."""
+    return p["cut"], p["identities"], p["per_identity"], p.get("clip_scale", 1.0)
+
+
 def _relative(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each point's clean accuracy as a fraction of the non-private run of the same cut and data."""
-    base = {
-        (p["cut"], p["identities"], p["per_identity"]): p["clean_test_accuracy"]
-        for p in points
-        if p["epsilon_budget"] is None
-    }
+    """Each point's clean accuracy as a fraction of the non-private run of the same cut, data and clip."""
+    base = {_group(p): p["clean_test_accuracy"] for p in points if p["epsilon_budget"] is None}
     for p in points:
-        ref = base.get((p["cut"], p["identities"], p["per_identity"]))
+        ref = base.get(_group(p))
         p["nonprivate_clean_accuracy"] = ref
         p["relative_clean_accuracy"] = None if not ref else p["clean_test_accuracy"] / ref
         # The same with chance taken out of both: a run at chance against a reference at chance is 0, not 1.
@@ -364,19 +423,19 @@ def _relative(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return points
 
 
-def _private_points(points: list[dict[str, Any]], group: tuple[str, int, int]) -> list[dict[str, Any]]:
-    """The private points of one (cut, identities, per identity), by whole-run epsilon."""
-    mine = [p for p in points if (p["cut"], p["identities"], p["per_identity"]) == group and p["epsilon_budget"]]
+def _private_points(points: list[dict[str, Any]], group: tuple[str, int, int, float]) -> list[dict[str, Any]]:
+    """The private points of one (cut, identities, per identity, clip scale), by whole-run epsilon."""
+    mine = [p for p in points if _group(p) == group and p["epsilon_budget"]]
     return sorted(mine, key=lambda p: p["epsilon_budget"])
 
 
 def _smallest_epsilon(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per cut and data size: the smallest whole-run epsilon reaching 80% and 50% of non-private accuracy."""
     out = []
-    groups = sorted({(p["cut"], p["identities"], p["per_identity"]) for p in points})
-    for cut, ids, per in groups:
-        private = _private_points(points, (cut, ids, per))
-        row: dict[str, Any] = {"cut": cut, "identities": ids, "per_identity": per}
+    groups = sorted({_group(p) for p in points})
+    for cut, ids, per, scale in groups:
+        private = _private_points(points, (cut, ids, per, scale))
+        row: dict[str, Any] = {"cut": cut, "identities": ids, "per_identity": per, "clip_scale": scale}
         for share in (0.8, 0.5):
             # Judged above chance: a reference barely above chance makes any run look like a large share.
             hit = next((p for p in private if (p["relative_above_chance"] or 0) >= share), None)
@@ -388,8 +447,9 @@ def _smallest_epsilon(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 _CSV_COLUMNS = (
     "cut", "identities", "per_identity", "epsilon_budget", "epsilon_total", "delta", "epsilon_per_release",
-    "releases_per_example", "clip", "clean_test_accuracy", "private_test_accuracy", "nonprivate_clean_accuracy",
-    "relative_clean_accuracy", "relative_above_chance", "clean_classifier",
+    "releases_per_example", "clip", "clip_scale", "clean_test_accuracy", "private_test_accuracy",
+    "nonprivate_clean_accuracy",
+    "relative_clean_accuracy", "relative_above_chance", "clean_classifier", *_FIELD_FIGURES,
     "chance", "attack", "attack_ssim", "baseline_ssim", "head_flops_share",
     "head_params_share", "head_step_ms", "peak_rss_mb", "wire_bytes_per_example", "train_seconds",
 )  # fmt: skip
@@ -414,19 +474,20 @@ def write_frontier_plot(results: dict[str, Any], path: Path) -> Path:
     points = results["points"]
     fig = Figure(figsize=(8, 5), dpi=120)
     ax = fig.subplots()
-    groups = sorted({(p["cut"], p["identities"], p["per_identity"]) for p in points})
+    groups = sorted({_group(p) for p in points})
     cmap = colormaps["RdYlGn_r"]
     scatter = None
-    for cut, ids, per in groups:
-        mine = _private_points(points, (cut, ids, per))
+    for cut, ids, per, scale in groups:
+        mine = _private_points(points, (cut, ids, per, scale))
         if not mine:
             continue
+        name = f"{cut}, {ids}x{per}" + ("" if scale == 1.0 else f", clip x{scale:g}")
         xs = [p["epsilon_budget"] for p in mine]
         if all(p["relative_above_chance"] is None for p in mine):  # the non-private run itself is at chance
-            ax.plot([], [], " ", label=f"{cut}, {ids}x{per}: non-private at chance (not drawn)")
+            ax.plot([], [], " ", label=f"{name}: non-private at chance (not drawn)")
             continue
         ys = [p["relative_above_chance"] if p["relative_above_chance"] is not None else np.nan for p in mine]
-        (line,) = ax.plot(xs, ys, lw=1.2, alpha=0.7, label=f"{cut}, {ids}x{per}")
+        (line,) = ax.plot(xs, ys, lw=1.2, alpha=0.7, label=name)
         if all("attack_over_baseline" in p for p in mine):
             over = [p["attack_over_baseline"] for p in mine]
             scatter = ax.scatter(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpa.cli.errors import parse_epsilons
+from dpa.cli.errors import parse_epsilons, parse_positive_list
 from dpa.privacy.accountant import calibrate_noise_multiplier, epsilon_spent
 from dpa.runs.sweep import SweepConfig, run_sweep
 
@@ -78,6 +78,14 @@ def test_sweep_config_is_checked():
         SweepConfig(sizes=((1, 10),))
 
 
+def test_parse_positive_list():
+    assert parse_positive_list("clip scale", "0.5, 1,2") == (0.5, 1.0, 2.0)
+    for bad, message in (("0", "clip scale must be > 0"), ("x", "clip scale 'x' is not a number"),
+                         ("inf", "must be finite"), ("", "give at least one clip scale")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            parse_positive_list("clip scale", bad)
+
+
 def test_parse_epsilons():
     assert parse_epsilons("0.5, 1,inf") == (0.5, 1.0, math.inf)
     for bad, message in (("0", "must be > 0"), ("x", "is not a number"), ("-1", "must be > 0")):
@@ -91,14 +99,30 @@ def test_parse_epsilons():
 
 def test_the_class_sum_recipe_sweeps_with_its_own_attack(tmp_path):
     """`--recipe class-sums`: one release of each class's sum per point (no tail trained), the whole-run
-    epsilon of one Gaussian release, and the class-sum attack's figures beside each point."""
+    epsilon of one Gaussian release, the class-sum attack's figures beside each point, the field's figures
+    (verification, open set), and the clip lever: each clip scale its own frontier against its own
+    non-private run."""
     cfg = SweepConfig(
         workdir=tmp_path, total_epsilons=(8.0,), cuts=("pool5",), sizes=((4, 8),), batch_size=4, attack_epochs=1,
         image_size=32, attack_aux_identities=2, attack_images_per_identity=4, recipe="class-sums",
-        pretrain_identities=4, pretrain_per_identity=4, pretrain_epochs=1,
+        pretrain_identities=4, pretrain_per_identity=4, pretrain_epochs=1, clip_scales=(1.0, 2.0),
+        recognition_public_identities=6, recognition_strangers=3,
     )  # fmt: skip
     results = run_sweep(cfg, say=lambda _msg: None, progress=False)
-    clear, private = results["points"]
+    clear, private, clear2, private2 = results["points"]
+    assert [p["clip_scale"] for p in results["points"]] == [1.0, 1.0, 2.0, 2.0]
+    assert clear2["clip"] == private2["clip"] == pytest.approx(2 * private["clip"])
+    assert private2["noise_multiplier"] == pytest.approx(private["noise_multiplier"])  # the clip moves sigma only
+    assert private2["nonprivate_clean_accuracy"] == clear2["clean_test_accuracy"]
+    assert private["nonprivate_clean_accuracy"] == clear["clean_test_accuracy"]
+    assert [r["clip_scale"] for r in results["smallest_epsilon_at"]] == [1.0, 2.0]
+    # Verification scores cosines of the frozen head's clean embeddings: clipping scales a vector, so every
+    # point of the cut has the same pairs' figures; open set depends on the point's templates.
+    for p in results["points"]:
+        assert p["verification_auc"] == clear["verification_auc"] and 0 <= p["verification_auc"] <= 1
+        assert 0 <= p["tar_at_far_1e-3"] <= 1 and 0 <= p["open_set_rejection"] <= 1
+    rows = list(csv.DictReader((tmp_path / "frontier.csv").open()))
+    assert [float(r["verification_auc"]) for r in rows] == pytest.approx([clear["verification_auc"]] * 4, rel=1e-5)
     z = calibrate_noise_multiplier(mechanism="gaussian", total_epsilon=8.0, delta=cfg.delta, releases=1)
     assert private["noise_multiplier"] == pytest.approx(z) and private["releases_per_example"] == 1
     assert private["epsilon_total"] == pytest.approx(
