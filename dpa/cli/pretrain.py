@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -69,9 +69,25 @@ def pretrain_command(
                              val_per_identity=val_per_identity, keep_classifier=not no_classifier)  # fmt: skip
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("pretraining", total=epochs)
-            info = pretrain(cfg, progress=lambda e, loss, acc: bar.update(
-                task, completed=e, description=f"epoch {e}: loss {loss:.3f}, train acc {acc:.2f}"))  # fmt: skip
+
+            def progress(row: dict[str, Any]) -> None:
+                e, loss, acc = row["epoch"], row["loss"], row["train_accuracy"]
+                # A line per epoch too: a run whose output goes to a file shows how it goes.
+                val = f", val AUC {row['val_auc']:.3f}" if "val_auc" in row else ""
+                bar.console.print(f"epoch {e}/{epochs}: loss {loss:.3f}, train acc {acc:.3f}{val}")
+                bar.update(task, completed=e, description=f"epoch {e}: loss {loss:.3f}, train acc {acc:.2f}")
+                if row["at_chance"] and e >= 2:
+                    bar.console.print(
+                        f"[yellow]warning:[/] after {e} epochs the loss is still that of guessing ({loss:.3f}) and "
+                        "train accuracy at chance: this run has not taken off and may never (a plain VGG "
+                        "without batch norm); stop it and try a lower --lr, --warmup-epochs or fewer identities"
+                    )
+
+            info = pretrain(cfg, progress=progress)
     last = info["history"][-1]
+    if last["at_chance"]:
+        console.print(f"[yellow]warning:[/] this pretraining never left chance (final loss {last['loss']:.3f}): "
+                      "its weights are no better than random features")  # fmt: skip
     if "val_auc" in last:
         console.print(
             f"verification on held-out public pairs: ROC AUC {last['val_auc']:.4f}, TAR at FAR 1e-3 "

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dpa.contract.errors import UserError
-from exporter.pretrain import PretrainConfig, native_bf16, pretrain, sidecar
+from exporter.pretrain import PretrainConfig, at_chance, native_bf16, pretrain, sidecar
 
 
 def _run(tmp_path, name, **kw):  # type: ignore[no-untyped-def]
@@ -80,3 +80,20 @@ def test_the_sidecar_names_a_command_dpa_pretrain_accepts(tmp_path):
     help_text = CliRunner().invoke(app, ["pretrain", "--help"], terminal_width=200).output
     flags = [w for w in info["command"].split() if w.startswith("--")]
     assert flags and all(f in help_text for f in flags), [f for f in flags if f not in help_text]
+
+
+def test_a_run_that_never_leaves_chance_says_so_in_its_history(tmp_path):
+    """Guessing is loss ln(K) and accuracy 1/K: a run at a learning rate too small to move (1e-12) is flagged
+    every epoch; the shipped weights' own history (they learned: loss 0.40, accuracy 0.87 over 800
+    identities) is not."""
+    import math
+
+    _, info = _run(tmp_path, "stuck", lr=1e-12)
+    assert [row["at_chance"] for row in info["history"]] == [True, True]
+    assert info["history"][-1]["loss"] == pytest.approx(math.log(4), rel=0.02)
+    assert at_chance(math.log(2000), 0.0005, 2000) and at_chance(0.99 * math.log(10), 0.2, 10)
+    assert not at_chance(0.97 * math.log(10), 0.1, 10) and not at_chance(math.log(10), 0.21, 10)
+    from dpa.runs.shipped_weights import shipped_info
+
+    shipped = shipped_info()["history"][-1]
+    assert not at_chance(shipped["loss"], shipped["train_accuracy"], 800)
