@@ -106,9 +106,15 @@ class Browser:
         return await self.status()
 
     async def set_files(self, selector: str, files: list[Path]) -> None:
+        """Give a file input these files (or folders) and wait for its ``change`` event: Chromium lists a
+        folder for a ``webkitdirectory`` input after the call returns, and a click before that still
+        sees the input's previous files (seen once: the page answered for the folder picked before)."""
+        await self.js(f"window.__dpaFilesChanged = false; document.querySelector({json.dumps(selector)})"
+                      ".addEventListener('change', () => { window.__dpaFilesChanged = true; }, { once: true })")  # fmt: skip
         doc = await self.call("DOM.getDocument")
         node = await self.call("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector=selector)
         await self.call("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(f) for f in files])
+        await self.wait_for("window.__dpaFilesChanged === true")
 
     async def fill(self, field: str, value: str) -> None:
         await self.js(f"document.getElementById('{field}').value = {json.dumps(value)}")
