@@ -109,8 +109,8 @@ class Browser:
         """Give a file input these files (or folders) and wait for its ``change`` event: Chromium lists a
         folder for a ``webkitdirectory`` input after the call returns, and a click before that still
         sees the input's previous files (seen once: the page answered for the folder picked before)."""
-        await self.js(f"window.__dpaFilesChanged = false; document.querySelector({json.dumps(selector)})"
-                      ".addEventListener('change', () => { window.__dpaFilesChanged = true; }, { once: true })")  # fmt: skip
+        listen = "addEventListener('change', () => { window.__dpaFilesChanged = true; }, { once: true })"
+        await self.js(f"window.__dpaFilesChanged = false; document.querySelector({json.dumps(selector)}).{listen}")
         doc = await self.call("DOM.getDocument")
         node = await self.call("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector=selector)
         await self.call("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(f) for f in files])

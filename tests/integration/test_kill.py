@@ -133,13 +133,11 @@ def test_sigkilled_server_and_device_end_with_the_uninterrupted_weights(
     """With --micro-batch the request is produced while it uploads and the reply consumed per example. With
     the frozen head (the default recipe, noise on) each example is released once and the later epochs
     re-send those bytes: the tail ends equal only if a killed device re-sent exactly what it had sent."""
+    # The uninterrupted reference runs beside the killed run (its own server, port and folders): each spends
+    # most of its time starting processes and waiting on the other side, so side by side takes less wall time.
     reference = Run(small_export, tmp_path / "reference", micro_batch, frozen)
     reference.start_server()
     reference.start_client()
-    reference.finish()
-    want = reference.weights()
-    want_step = json.loads((reference.device / "report.json").read_text())["resilience"]["session_steps"]
-    assert want_step == EPOCHS * 14
 
     run = Run(small_export, tmp_path / "killed", micro_batch, frozen)
     run.start_server()
@@ -164,6 +162,10 @@ def test_sigkilled_server_and_device_end_with_the_uninterrupted_weights(
         kills[target] += 1
         last = run.global_step() or last
     run.finish()
+    reference.finish()
+    want = reference.weights()
+    want_step = json.loads((reference.device / "report.json").read_text())["resilience"]["session_steps"]
+    assert want_step == EPOCHS * 14
     got = run.weights()
     report = json.loads((run.device / "report.json").read_text())
     replayed = sum(
