@@ -46,8 +46,8 @@ def option_check(check: Callable[[T], T]) -> Callable[[T | None], T | None]:
     return callback
 
 
-def parse_positive_list(name: str, text: str) -> tuple[float, ...]:
-    """'0.5,1,2' -> (0.5, 1.0, 2.0); each a finite number > 0, at least one."""
+def _parse_numbers(text: str, name: str, example: str, check: Callable[[float], float]) -> tuple[float, ...]:
+    """A comma-separated list of numbers, each passed through ``check``; at least one."""
     values = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -55,24 +55,18 @@ def parse_positive_list(name: str, text: str) -> tuple[float, ...]:
         try:
             value = float(part)
         except ValueError:
-            raise UserError(f"{name} {part!r} is not a number (use e.g. 0.5,1,2)") from None
-        values.append(checks.positive_finite(name, value))
+            raise UserError(f"{name} {part!r} is not a number (use e.g. {example})") from None
+        values.append(check(value))
     if not values:
         raise UserError(f"give at least one {name}")
     return tuple(values)
 
 
+def parse_positive_list(name: str, text: str) -> tuple[float, ...]:
+    """'0.5,1,2' -> (0.5, 1.0, 2.0); each a finite number > 0, at least one."""
+    return _parse_numbers(text, name, "0.5,1,2", lambda v: checks.positive_finite(name, v))
+
+
 def parse_epsilons(text: str) -> tuple[float, ...]:
     """'0.5,1,inf' -> (0.5, 1.0, inf); each must be > 0 (inf: no noise)."""
-    values = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            value = float(part)
-        except ValueError:
-            raise UserError(f"epsilon {part!r} is not a number (use e.g. 0.5,1,8,inf)") from None
-        values.append(checks.epsilon(value, allow_inf=True))
-    if not values:
-        raise UserError("give at least one epsilon")
-    return tuple(values)
+    return _parse_numbers(text, "epsilon", "0.5,1,8,inf", lambda v: checks.epsilon(v, allow_inf=True))

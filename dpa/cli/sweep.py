@@ -55,8 +55,8 @@ def sweep_command(
     clip_scales: Annotated[
         str,
         typer.Option(
-            help="The private runs' clips as multiples of the public median norm, comma-separated (a lever "
-            "chosen on public data; each gets its own non-private run)."
+            help="Each run's clip as multiples of the public clip (the export's release_clip), comma-separated "
+            "(a lever chosen on public data; each gets its own non-private run)."
         ),
     ] = "1",
     pretrain: Annotated[

@@ -115,9 +115,10 @@ class Manifest:
     # activation_shape, .npy) holding a PUBLIC mean activation the device subtracts before clipping
     # (docs/protocol.md section 5); None: releases are not centred.
     release_centre: str | None = None
-    # The clip C a device uses unless told otherwise: the median L2 norm of the (centred) head activations
-    # on the PUBLIC faces the centre came from, so that about half the examples are clipped; None: not
-    # computed (the device's default clip applies).
+    # The clip C a device uses unless told otherwise: half the median L2 norm of the (centred) head
+    # activations on the PUBLIC faces the centre came from, so that (nearly) every example is clipped to
+    # its direction times C (exporter.export.RELEASE_CLIP_SHARE_OF_MEDIAN); None: not computed (the
+    # device's default clip applies).
     release_clip: float | None = None
     schema_version: int = SCHEMA_VERSION
 

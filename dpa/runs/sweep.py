@@ -11,8 +11,8 @@ releases), each through the real server and client on loopback. Each point repor
 * the device's cost of the cut: FLOPs and parameter share, head step time, peak memory, wire bytes.
 
 The clip of each cut is the median activation norm of the initial head on PUBLIC faces (the
-built-in generator's other identities, seed 1), so choosing it spends no privacy; ``clip_scales``
-sweeps multiples of it (a lever chosen on public data, issue 23).
+built-in generator's other identities, seed 1), so choosing it spends no privacy (a centred public
+export's ``release_clip``: half that median); ``clip_scales`` sweeps multiples of it (a lever, issue 23).
 
 The public recipes (``public``, ``class-sums``) load the shipped public weights where they fit the
 input size and width, as ``dpa demo`` does (``pretrain=True``: pretrain in the work folder instead),
@@ -106,7 +106,7 @@ class SweepConfig:
     pretrain_epochs: int = 10
     public_centre_identities: int = 40  # with the shipped weights: public faces for the centre and clip
     public_centre_per_identity: int = 10
-    # Each private point's clip as multiples of the public median norm (1.0: the export's release_clip).
+    # Each point's clip as multiples of the public clip (dpa.runs.public_data.public_clip; 1.0: that clip).
     clip_scales: tuple[float, ...] = (1.0,)
     # The public recipes' field figures (verification, open set), thresholds on these public faces.
     recognition: bool = True
@@ -130,7 +130,7 @@ class SweepConfig:
         checks.delta(self.delta, allow_zero=False)
         checks.epsilon(self.label_epsilon, allow_inf=True, name="label epsilon")
         if not self.clip_scales:
-            raise UserError("the sweep needs at least one clip scale (1 is the public median norm)")
+            raise UserError("the sweep needs at least one clip scale (1 is the public clip)")
         for scale in self.clip_scales:
             checks.positive_finite("clip scale", scale)
 

@@ -157,7 +157,7 @@ def test_a_pretrained_centred_run_beats_a_from_scratch_run_at_the_same_epsilon(r
 
 
 def test_the_export_carries_the_public_clip_the_device_defaults_to(recipe):
-    """The exporter's release_clip is the median norm of the centred activations on the public faces,
+    """The exporter's release_clip is half the median norm of the centred activations on the public faces,
     recomputed here with the device's own head (onnxruntime); `dpa client` without --clip uses it."""
     from dpa.cli.device_options import DeviceOptions, _clip
     from dpa.contract.devices import DeviceProfile, resolve_device
@@ -168,7 +168,7 @@ def test_the_export_carries_the_public_clip_the_device_defaults_to(recipe):
     index = index_faces(root / "pub" / "synthetic-8x6-64px-s1", min_faces_per_person=1)
     images = load_batch(list(index.paths), size=m.image_size, mean=m.pixel_mean, std=m.pixel_std)
     norms = l2_norms(HeadModel(art, m, resolve_device(DeviceProfile.CPU)).forward(images))
-    assert m.release_clip == pytest.approx(float(np.median(norms)), rel=1e-4)
+    assert m.release_clip == pytest.approx(0.5 * float(np.median(norms)), rel=1e-4)
     assert _clip(DeviceOptions(artifacts=art)) == m.release_clip
     assert _clip(DeviceOptions(artifacts=art, clip=3.0)) == 3.0
     assert _clip(DeviceOptions(artifacts=root / "no-export")) == 10.0
