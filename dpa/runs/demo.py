@@ -40,13 +40,13 @@ from dpa.contract.manifest import OptimizerConfig, OptimizerName, load_manifest
 from dpa.faces.synth import SynthConfig, cached_faces
 from dpa.privacy.mechanism import DPConfig
 from dpa.runs.loopback import serve_and_train
-from dpa.runs.public_data import pretrained_weights, public_clip
+from dpa.runs.public_data import PublicWeights, public_clip, public_weights
 from dpa.runs.recognition import calibrate_gallery, recognition_data, recognition_metrics
 from dpa.runs.reference import Preprocess, ReferenceConfig, reference_accuracies, tune_reference, tuning_path
 from dpa.runs.roc_figure import write_roc
 from dpa.runs.shipped_weights import shipped_weights
 from exporter.export import ExportConfig, export
-from exporter.pretrain import PRETRAIN_PIXEL_STD, public_faces, sidecar
+from exporter.pretrain import PRETRAIN_PIXEL_STD, sidecar
 from runtime_client.config import ClientConfig, ReleaseKind
 from runtime_client.dataset import prepare_data
 
@@ -91,17 +91,12 @@ class DemoConfig:
 
 def _pretrained(cfg: DemoConfig, say: Any) -> tuple[Path, Path]:
     """(public weights, public faces for the export's centre and clip): the shipped ones, or pretrained here."""
-    shipped = None if cfg.pretrain else shipped_weights(cfg.arch.image_size, cfg.arch.width)
-    if shipped is not None:
-        say(f"loading the shipped public weights {shipped.name} (dpa pretrain at scale; command in its sidecar)")
-        faces = public_faces(cfg.workdir / "public", cfg.public_centre_identities, cfg.public_centre_per_identity,
-                             cfg.arch.image_size)  # fmt: skip
-        return shipped, faces
-    return pretrained_weights(
-        cfg.workdir / "pretrained", identities=cfg.pretrain_identities, per_identity=cfg.pretrain_per_identity,
-        image_size=cfg.arch.image_size, width=cfg.arch.width, epochs=cfg.pretrain_epochs, seed=cfg.seed,
-        mixed_precision=cfg.mixed_precision, say=say,
-    )  # fmt: skip
+    return public_weights(cfg.workdir, PublicWeights(
+        image_size=cfg.arch.image_size, width=cfg.arch.width, pretrain=cfg.pretrain,
+        centre_identities=cfg.public_centre_identities, centre_per_identity=cfg.public_centre_per_identity,
+        pretrain_identities=cfg.pretrain_identities, pretrain_per_identity=cfg.pretrain_per_identity,
+        pretrain_epochs=cfg.pretrain_epochs, seed=cfg.seed, mixed_precision=cfg.mixed_precision,
+    ), say)  # fmt: skip
 
 
 def _export(cfg: DemoConfig, cut: str, weights: Path, faces: Path) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +13,44 @@ from dpa.contract.devices import DeviceProfile, resolve_device
 from dpa.contract.manifest import load_manifest
 from dpa.faces.lfw import index_faces, load_batch
 from dpa.privacy.clipping import l2_norms
+from dpa.runs.shipped_weights import shipped_weights
 from exporter.pretrain import PretrainConfig, pretrain, public_faces, sidecar
 from runtime_client.head import HeadModel
 
-__all__ = ["pretrained_weights", "public_clip"]
+__all__ = ["PublicWeights", "pretrained_weights", "public_clip", "public_weights"]
+
+
+@dataclass(frozen=True)
+class PublicWeights:
+    """Where a run's public network comes from: the shipped file (``dpa.runs.shipped_weights``) where it fits
+    the input size and width, unless ``pretrain``; else pretrained in the work folder (the pretrain_* fields)."""
+
+    image_size: int
+    width: float
+    pretrain: bool = False
+    centre_identities: int = 40  # with the shipped weights: public faces for the export's centre and clip
+    centre_per_identity: int = 10
+    pretrain_identities: int = 40
+    pretrain_per_identity: int = 40
+    pretrain_epochs: int = 10
+    seed: int = 0
+    mixed_precision: bool = False
+
+
+def public_weights(workdir: Path, cfg: PublicWeights, say: Callable[[str], None] = print) -> tuple[Path, Path]:
+    """(public weights, public faces for the export's centre and clip): the shipped ones where they fit, else
+    pretrained once under ``workdir / "pretrained"`` (``pretrained_weights``). ``dpa demo`` and ``dpa sweep``
+    both take theirs from here."""
+    shipped = None if cfg.pretrain else shipped_weights(cfg.image_size, cfg.width)
+    if shipped is not None:
+        say(f"loading the shipped public weights {shipped.name} (dpa pretrain at scale; command in its sidecar)")
+        faces = public_faces(workdir / "public", cfg.centre_identities, cfg.centre_per_identity, cfg.image_size)
+        return shipped, faces
+    return pretrained_weights(
+        workdir / "pretrained", identities=cfg.pretrain_identities, per_identity=cfg.pretrain_per_identity,
+        image_size=cfg.image_size, width=cfg.width, epochs=cfg.pretrain_epochs, seed=cfg.seed,
+        mixed_precision=cfg.mixed_precision, say=say,
+    )  # fmt: skip
 
 
 def public_clip(artifacts: Path, public_faces: Path) -> float:

@@ -57,11 +57,10 @@ from dpa.privacy import checks
 from dpa.privacy.mechanism import DPConfig
 from dpa.runs.device_cost import device_cost
 from dpa.runs.loopback import serve_and_train
-from dpa.runs.public_data import pretrained_weights, public_clip
+from dpa.runs.public_data import PublicWeights, public_clip, public_weights
 from dpa.runs.recognition import RecognitionData, calibrate_gallery, recognition_data, recognition_metrics
-from dpa.runs.shipped_weights import shipped_weights
 from exporter.export import ExportConfig, export
-from exporter.pretrain import PRETRAIN_PIXEL_STD, public_faces
+from exporter.pretrain import PRETRAIN_PIXEL_STD
 from runtime_client.config import ClientConfig, ReleaseKind
 from runtime_client.dataset import prepare_data
 
@@ -215,18 +214,13 @@ _FIELD_FIGURES = ("verification_auc", "tar_at_far_1e-3", "verification_accuracy"
 
 
 def _public_weights(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Path, Path]:
-    """(public weights, public faces for the export's centre and clip): the shipped ones where they fit, as
-    ``dpa demo`` loads them, else pretrained in the work folder."""
-    shipped = None if cfg.pretrain else shipped_weights(cfg.image_size, cfg.width)
-    if shipped is not None:
-        say(f"the shipped public weights {shipped.name} (dpa pretrain at scale; command in its sidecar)")
-        faces = public_faces(cfg.workdir / "public", cfg.public_centre_identities, cfg.public_centre_per_identity,
-                             cfg.image_size)  # fmt: skip
-        return shipped, faces
-    return pretrained_weights(
-        cfg.workdir / "pretrained", identities=cfg.pretrain_identities, per_identity=cfg.pretrain_per_identity,
-        image_size=cfg.image_size, width=cfg.width, epochs=cfg.pretrain_epochs, seed=cfg.seed, say=say,
-    )  # fmt: skip
+    """(public weights, public faces for the export's centre and clip), as ``dpa demo`` takes them."""
+    return public_weights(cfg.workdir, PublicWeights(
+        image_size=cfg.image_size, width=cfg.width, pretrain=cfg.pretrain,
+        centre_identities=cfg.public_centre_identities, centre_per_identity=cfg.public_centre_per_identity,
+        pretrain_identities=cfg.pretrain_identities, pretrain_per_identity=cfg.pretrain_per_identity,
+        pretrain_epochs=cfg.pretrain_epochs, seed=cfg.seed,
+    ), say)  # fmt: skip
 
 
 def _run_point(
