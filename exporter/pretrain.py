@@ -34,7 +34,7 @@ from dpa.faces.verification import cosine_scores, sample_pairs, verification
 from exporter.augment import flip_and_shift
 from exporter.export import VGGFACE_MEAN
 from exporter.margin_loss import cosface_logits, margin_at
-from exporter.vggface import build_parts, init_weights
+from exporter.vggface import build_parts, init_weights, load_weights
 
 __all__ = [
     "PUBLIC_SEED",
@@ -99,6 +99,11 @@ class PretrainConfig:
     val_identities: int = 0
     val_per_identity: int = 8
     keep_classifier: bool = True  # False: the weights file leaves out fc8 (a public classifier no device uses)
+    #: Start from these weights (an earlier ``dpa pretrain``'s, e.g. on fewer identities) instead of a fresh
+    #: initialisation; an fc8 of another class count or none is initialised from ``seed``. A plain VGG without
+    #: batch norm does not take off from scratch on 2000 identities (it sat at ln 2000 for 20 epochs); from
+    #: features that already separate 800 it need not. The sidecar records the file's hash and command.
+    init: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("identities", "per_identity", "epochs", "batch_size", "val_per_identity"):
@@ -113,6 +118,8 @@ class PretrainConfig:
         if self.mixed_precision and not native_bf16():
             raise UserError("--mixed-precision needs a CPU that computes bfloat16 natively (AVX512-BF16 or AMX)")
         object.__setattr__(self, "loss", PretrainLoss.parse(self.loss))
+        if self.init is not None and not Path(self.init).is_file():
+            raise UserError(f"pretrain --init: no weights file at {self.init}")
         if not (0 <= self.margin < 1 and self.scale > 0):
             raise UserError(f"CosFace needs 0 <= margin < 1 and scale > 0, got {self.margin}, {self.scale}")
 
@@ -123,7 +130,7 @@ def reproduce_command(cfg: PretrainConfig) -> str:
     flags = {"augment": "--augment", "cosine_schedule": "--cosine-schedule", "mixed_precision": "--mixed-precision"}
     parts = ["dpa pretrain"]
     for key, value in asdict(cfg).items():
-        if key == "cache_dir":
+        if key == "cache_dir" or (key == "init" and value is None):
             continue
         if key == "keep_classifier":
             parts += [] if value else ["--no-classifier"]
@@ -207,6 +214,8 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
         arch = ArchConfig(image_size=cfg.image_size, width=cfg.width, num_classes=len(index.names), dropout=0.0)
         head, tail = build_parts(arch, "fc7")
         init_weights((head, tail), cfg.seed)
+        if cfg.init is not None:
+            load_weights((head, tail), cfg.init, cfg.seed)
         history = _train(cfg, head, tail, images, index.labels.astype(np.int64), val, progress)
         state = {k: v.detach().contiguous().clone() for part in (head, tail) for k, v in part.state_dict().items()}
         if not cfg.keep_classifier:
@@ -233,6 +242,7 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
                 k: v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v
                 for k, v in asdict(cfg).items()
             },  # fmt: skip
+            "init": None if cfg.init is None else _init_facts(Path(cfg.init)),
             "history": history,
             "seconds": round(time.perf_counter() - started, 1),
             "bfloat16": cfg.mixed_precision,
@@ -245,6 +255,18 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
     finally:
         torch.set_num_threads(previous[0])
         torch.use_deterministic_algorithms(previous[1])
+
+
+def _init_facts(path: Path) -> dict[str, Any]:
+    """What a run started from: the file, its SHA-256 and, from its own sidecar, the command that made it
+    (so the chain that reproduces these weights is on record: that command, then this one)."""
+    facts: dict[str, Any] = {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    side = sidecar(path)
+    if side.is_file():
+        earlier = json.loads(side.read_text())
+        facts.update(command=earlier.get("command"), seconds=earlier.get("seconds"),
+                     last_epoch=(earlier.get("history") or [None])[-1])  # fmt: skip
+    return facts
 
 
 def _lr_at(cfg: PretrainConfig, step: int, total: int, steps_per_epoch: int) -> float:

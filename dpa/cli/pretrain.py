@@ -53,6 +53,10 @@ def pretrain_command(
     no_classifier: Annotated[
         bool, typer.Option("--no-classifier", help="Leave the public fc8 out of the file (an embedding).")
     ] = False,
+    init: Annotated[
+        Path | None,
+        typer.Option(help="Start from these weights (an earlier dpa pretrain's) instead of a fresh initialisation."),
+    ] = None,
 ) -> None:
     """Pretrain the whole network on public faces; then `dpa export --weights OUT --pixel-std 64`."""
     from rich.progress import Progress
@@ -65,8 +69,8 @@ def pretrain_command(
                              mixed_precision=mixed_precision, seed=seed, lr=lr, loss=loss, margin=margin,
                              scale=scale, margin_ramp_epochs=margin_ramp_epochs, augment=augment,
                              cosine_schedule=cosine_schedule, warmup_epochs=warmup_epochs,
-                             val_identities=val_identities,
-                             val_per_identity=val_per_identity, keep_classifier=not no_classifier)  # fmt: skip
+                             val_identities=val_identities, val_per_identity=val_per_identity,
+                             keep_classifier=not no_classifier, init=init)  # fmt: skip
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("pretraining", total=epochs)
 

@@ -17,8 +17,9 @@ from exporter.pretrain import PretrainConfig, at_chance, native_bf16, pretrain, 
 
 
 def _run(tmp_path, name, **kw):  # type: ignore[no-untyped-def]
-    cfg = PretrainConfig(out=tmp_path / name / "w.pt", identities=4, per_identity=4, epochs=2,
-                         cache_dir=tmp_path / "pub", **kw)  # fmt: skip
+    kw = {"identities": 4, **kw}
+    cfg = PretrainConfig(out=tmp_path / name / "w.pt", per_identity=4, epochs=2, cache_dir=tmp_path / "pub",
+                         **kw)  # fmt: skip
     info = pretrain(cfg)
     return torch.load(cfg.out, weights_only=True), info
 
@@ -97,3 +98,23 @@ def test_a_run_that_never_leaves_chance_says_so_in_its_history(tmp_path):
 
     shipped = shipped_info()["history"][-1]
     assert not at_chance(shipped["loss"], shipped["train_accuracy"], 800)
+
+
+def test_a_run_started_from_earlier_weights_starts_there_and_records_them(tmp_path):
+    """--init: at a learning rate too small to move (1e-12) the result is the init file's backbone, bit for
+    bit up to that step, and not the fresh initialisation (seed 0); fc8 for the new identities is fresh;
+    the sidecar names the init file's hash and the command that made it (the chain that reproduces)."""
+    import hashlib
+
+    first, first_info = _run(tmp_path, "first", keep_classifier=False, seed=5)
+    second, info = _run(tmp_path, "second", init=tmp_path / "first" / "w.pt", lr=1e-12, identities=6)
+    fresh, _ = _run(tmp_path, "fresh", lr=1e-12, identities=6)
+    for name in ("conv1_1.weight", "fc7.weight"):
+        torch.testing.assert_close(second[name], first[name], rtol=0, atol=1e-9)
+        assert not torch.allclose(fresh[name], first[name])
+    assert second["fc8.weight"].shape[0] == 6 and "fc8.weight" not in first
+    init = info["init"]
+    assert init["sha256"] == hashlib.sha256((tmp_path / "first" / "w.pt").read_bytes()).hexdigest()
+    assert init["command"] == first_info["command"] and "--init " in info["command"]
+    with pytest.raises(UserError, match="pretrain --init: no weights file at"):
+        PretrainConfig(init=tmp_path / "missing.pt")
