@@ -118,3 +118,27 @@ def test_a_run_started_from_earlier_weights_starts_there_and_records_them(tmp_pa
     assert init["command"] == first_info["command"] and "--init " in info["command"]
     with pytest.raises(UserError, match="pretrain --init: no weights file at"):
         PretrainConfig(init=tmp_path / "missing.pt")
+
+
+def test_cosface_accuracy_is_the_nearest_direction_and_its_guessing_loss_is_its_own():
+    """Scored with its margin, a CosFace run that learned well read 0.000 train accuracy on 1600 identities,
+    and its loss sat above ln K, so `at_chance` misfired; guessing (every cosine 0) costs s m + ln(e^-sm + K-1)."""
+    import math
+
+    from exporter.pretrain import PretrainLoss, _Objective
+
+    cfg = PretrainConfig(loss=PretrainLoss.COSFACE, margin=0.35, scale=30.0, margin_ramp_epochs=0.0)
+    tail = torch.nn.Module()
+    tail.fc8 = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        tail.fc8.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]]))
+    objective = _Objective(tail, cfg)
+    # nearer its own identity (0) than identity 1, but not by the margin:
+    emb = torch.tensor([[0.9, 0.8, 0.0, 0.0]])  # cosines 0.747 and 0.664: 0.747 - m < 0.664
+    loss, logits, guess = objective(emb, torch.tensor([0]), epoch=5.0)
+    assert logits.argmax(1).item() == 0
+    torch.testing.assert_close(logits, 30.0 * torch.nn.functional.normalize(emb, dim=1) @ tail.fc8.weight.T)
+    orthogonal = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    loss0, _, guess0 = objective(orthogonal, torch.tensor([0]), epoch=5.0)
+    assert guess0 == pytest.approx(float(loss0), rel=1e-6) and guess0 > math.log(3)
+    assert at_chance(float(loss0), 0.0, 3, guess0) and not at_chance(float(loss0), 0.0, 3 * 10**6, math.log(3 * 10**6))
