@@ -33,7 +33,7 @@ from dpa.faces.synth import SynthConfig, cached_faces
 from dpa.faces.verification import cosine_scores, far_threshold, open_set, sample_pairs, unit_rows, verification
 from exporter.pretrain import VALIDATION_SEED
 from runtime_client.head import HeadModel
-from runtime_client.on_device import GALLERY_FILE, embed_files, load_gallery, save_gallery
+from runtime_client.on_device import GALLERY_FILE, embed_files, load_gallery, save_gallery, template_scores
 
 __all__ = [
     "OPEN_SET_FAR",
@@ -107,8 +107,7 @@ def recognition_metrics(artifacts: Path, state_dir: Path, test: FaceIndex, data:
     pair_scores = cosine_scores(e, pairs)
     ver = verification(pair_scores, pairs.same, threshold=pair_t)
     t = gallery.templates.reshape(len(gallery.templates), -1).astype(np.float64)
-    scores = e @ t.T  # the device's classifier: <x, t_c> (runtime_client.on_device)
-    scores[:, gallery.counts <= 0] = -np.inf
+    scores = template_scores(e, t, np.maximum(gallery.counts, 0))  # the device's classifier (on_device)
     ident = float(np.mean(scores.argmax(axis=1) == test.labels))
     unit_t = unit_rows(t)
     cos = unit_rows(e) @ unit_t.T

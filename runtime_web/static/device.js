@@ -224,8 +224,11 @@ async function recognise() {
     let best = -1, score = -Infinity;
     for (let k = 0; k < counts.length; k++) {
       if (counts[k] === 0) continue;  // a class the server never received
-      let s = 0;
-      for (let j = 0; j < p.d; j++) s += e[j] * templates[k * p.d + j];
+      // The cosine to the template, as runtime_client.on_device.template_scores (a noisy count only
+      // rescales a class-sum template); the probe is clipped like a release.
+      let s = 0, tt = 0;
+      for (let j = 0; j < p.d; j++) { const t = templates[k * p.d + j]; s += e[j] * t; tt += t * t; }
+      s /= Math.max(Math.sqrt(tt), 1e-30);
       if (s > score) { score = s; best = k; }
     }
     return { image: items[i].name, label: best, identity: p.names[best] ?? null, score, truth: items[i].truth ?? null };
@@ -238,7 +241,7 @@ async function recognise() {
   for (const h of ["image", "identity", "score", ...(known ? ["true identity"] : [])]) head.appendChild(cell(h));
   for (const r of state.recognised) {  // textContent, never innerHTML: a file name is not markup
     const row = table.insertRow();
-    row.append(cell(r.image.split("/").pop()), cell(r.identity), cell(r.score.toFixed(1)));
+    row.append(cell(r.image.split("/").pop()), cell(r.identity), cell(r.score.toFixed(3)));
     if (known) row.appendChild(cell(r.truth === r.identity ? `✓ ${r.truth}` : `✗ ${r.truth}`));
   }
   say(`recognised ${items.length} images on this page with the server's templates`, "ok");
