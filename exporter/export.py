@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +57,11 @@ class ExportConfig:
     # Centred releases: a folder of PUBLIC faces (LFW layout) whose mean head activation the device
     # subtracts before clipping (head/release_centre.npy); None: not centred.
     centre_faces: Path | None = None
+    # A public projection before the release: the head ends in y = W (a - centre), W the top
+    # ``release_dims`` principal directions of the centred activations of the same public faces
+    # (``exporter.vggface.RELEASE_PROJECTION``, frozen); the release, the tail's input and the templates
+    # are then k-dimensional, under the same sensitivity 2C. None: releases are the cut's activation.
+    release_dims: int | None = None
 
 
 def _versions() -> dict[str, str]:
@@ -89,13 +95,17 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
     import torch
 
     from exporter.ort_artifacts import OPSET, export_onnx, write_part_artifacts
-    from exporter.vggface import build_parts, init_weights, load_weights
+    from exporter.vggface import build_parts, init_weights, load_weights, project_parts
 
     onnxruntime.set_default_logger_severity(3)  # onnxblock's graph builders are very chatty at INFO
     info = cut_info(cfg.arch, cfg.cut)
     _check_out_dir(cfg.out)
     if cfg.weights is not None and not Path(cfg.weights).is_file():
         raise UserError(f"weights file {cfg.weights} does not exist")
+    if cfg.release_dims is not None and cfg.centre_faces is None:
+        raise UserError("--release-dims needs --centre-from: the projection's directions come from public faces")
+    if cfg.release_dims is not None and cfg.release_dims < 1:
+        raise UserError(f"--release-dims must be >= 1, got {cfg.release_dims}")
 
     parts = build_parts(cfg.arch, cfg.cut)
     if cfg.weights is not None:
@@ -117,6 +127,14 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
         if cfg.centre_faces is not None:
             progress("computing the release centre and clip on public faces")
             centre, clip = _public_centre(head, Path(cfg.centre_faces), size, std)
+        if cfg.release_dims is not None:
+            progress(f"projecting the release on {cfg.release_dims} public principal directions")
+            basis = _public_basis(head, Path(cfg.centre_faces), size, std, centre, cfg.release_dims)  # type: ignore[arg-type]
+            head, tail = project_parts(cfg.arch, cfg.cut, (head, tail), basis, centre, cfg.seed)  # type: ignore[arg-type]
+            # The projection centres (its bias is -W centre): no centre file; the clip is measured again.
+            centre, clip = None, _public_clip(head, Path(cfg.centre_faces), size, std)
+            with torch.no_grad():
+                activation = head.eval()(example)
         progress("exporting head to ONNX")
         write_part_artifacts(
             export_onnx(head, example, GraphNames.IMAGES, GraphNames.ACTIVATION),
@@ -143,7 +161,7 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
             num_classes=cfg.arch.num_classes,
             dropout=cfg.arch.dropout,
             input_shape=(3, size, size),
-            activation_shape=info.activation_shape,
+            activation_shape=info.activation_shape if cfg.release_dims is None else (cfg.release_dims,),
             opset=OPSET,
             optimizer=cfg.optimizer,
             pixel_mean=VGGFACE_MEAN,
@@ -154,6 +172,7 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
             versions=_versions(),
             release_centre=RELEASE_CENTRE_FILE if centre is not None else None,
             release_clip=clip,
+            release_dims=cfg.release_dims,
         )
         manifest.write(staging)
         report = None
@@ -184,28 +203,53 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
 RELEASE_CLIP_SHARE_OF_MEDIAN = 0.5
 
 
-def _public_centre(head: object, faces: Path, size: int, std: float) -> tuple[np.ndarray, float]:
-    """(the mean head activation over a folder of public faces, float32 of one example's shape;
-    ``RELEASE_CLIP_SHARE_OF_MEDIAN`` times the median L2 norm of the activations centred on it): the
-    release centre and the clip a device uses by default, both from public faces only. Two passes, so
-    that no batch of activations is kept."""
+def _activations(head: object, faces: Path, size: int, std: float) -> Iterator[Any]:
+    """The head's activations (float64 torch tensors, 64 images at a time) on a folder of public faces."""
     import torch
 
     index = index_faces(faces, min_faces_per_person=1)
     if not len(index.paths):
         raise UserError(f"no faces in {faces} to compute the release centre from")
+    for start in range(0, len(index.paths), 64):
+        batch = load_batch(list(index.paths[start : start + 64]), size=size, mean=VGGFACE_MEAN, std=(std,) * 3)
+        with torch.no_grad():
+            yield head.eval()(torch.from_numpy(batch)).double()  # type: ignore[attr-defined]
 
-    def activations() -> Iterator[torch.Tensor]:
-        for start in range(0, len(index.paths), 64):
-            batch = load_batch(list(index.paths[start : start + 64]), size=size, mean=VGGFACE_MEAN, std=(std,) * 3)
-            with torch.no_grad():
-                yield head.eval()(torch.from_numpy(batch)).double()  # type: ignore[operator]
 
-    total = sum(a.sum(dim=0) for a in activations())
-    centre = (total / len(index.paths)).float()
-    norms = torch.cat([(a.float() - centre).flatten(1).norm(dim=1) for a in activations()])
-    median = float(np.median(norms.numpy()))  # numpy: the mean of the two middle ones
-    return centre.numpy(), RELEASE_CLIP_SHARE_OF_MEDIAN * median
+def _public_centre(head: object, faces: Path, size: int, std: float) -> tuple[np.ndarray, float]:
+    """(the mean head activation over a folder of public faces, float32 of one example's shape;
+    ``RELEASE_CLIP_SHARE_OF_MEDIAN`` times the median L2 norm of the activations centred on it): the
+    release centre and the clip a device uses by default, both from public faces only. Two passes, so
+    that no batch of activations is kept."""
+    count, total = 0, 0.0
+    for a in _activations(head, faces, size, std):
+        count, total = count + len(a), total + a.sum(dim=0)
+    centre = (total / count).float()  # type: ignore[union-attr]
+    return centre.numpy(), _public_clip(head, faces, size, std, centre)
+
+
+def _public_clip(head: object, faces: Path, size: int, std: float, centre: Any = None) -> float:
+    """``RELEASE_CLIP_SHARE_OF_MEDIAN`` times the median L2 norm of the (centred) public activations."""
+    sub = (lambda a: a.float() - centre) if centre is not None else (lambda a: a.float())
+    norms = np.concatenate([sub(a).flatten(1).norm(dim=1).numpy() for a in _activations(head, faces, size, std)])
+    return RELEASE_CLIP_SHARE_OF_MEDIAN * float(np.median(norms))  # numpy: the mean of the two middle ones
+
+
+def _public_basis(head: object, faces: Path, size: int, std: float, centre: np.ndarray, k: int) -> np.ndarray:
+    """(k, d) float32: the top ``k`` principal directions (orthonormal rows) of the public activations
+    centred on ``centre``; each row's largest entry made positive, so the export does not depend on the
+    SVD's signs."""
+    a = np.concatenate([x.flatten(1).numpy() for x in _activations(head, faces, size, std)])
+    a -= np.ravel(centre).astype(np.float64)
+    if not 1 <= k <= min(len(a) - 1, a.shape[1]):
+        raise UserError(
+            f"--release-dims {k}: the {len(a)} public faces in {faces} give at most "
+            f"{min(len(a) - 1, a.shape[1])} principal directions of the {a.shape[1]}-element activation"
+        )
+    _, _, vt = np.linalg.svd(a, full_matrices=False)
+    basis = vt[:k]
+    signs = np.sign(basis[np.arange(k), np.abs(basis).argmax(axis=1)])
+    return (basis * signs[:, None]).astype(np.float32)
 
 
 def _publish(staging: Path, out: Path) -> None:

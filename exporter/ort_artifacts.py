@@ -40,6 +40,7 @@ from onnxruntime.training.onnxblock import model_accessor as accessor
 from dpa.contract.manifest import ARTIFACT_FILES, GraphNames, OptimizerConfig, OptimizerName
 from exporter.conv_grad import conv_input_gradients_as_convs
 from exporter.relu_grad import relu_gradients_as_masks
+from exporter.vggface import RELEASE_PROJECTION
 
 __all__ = ["write_part_artifacts", "export_onnx", "OPSET"]
 
@@ -211,7 +212,9 @@ def write_part_artifacts(
     params = [init.name for init in base.graph.initializer]
     block: onnxblock.TrainingBlock = _HeadBlock() if part == "head" else _TailBlock()
     for name in params:
-        block.requires_grad(name)
+        # The release projection (exporter.vggface.RELEASE_PROJECTION) is public and fixed: a frozen
+        # parameter, kept in the checkpoint (an audit rebuilds the head from it) but never trained.
+        block.requires_grad(name, not name.startswith(f"{RELEASE_PROJECTION}."))
     out_info = copy.deepcopy(base.graph.output[0])
     with _quiet_native_stderr(), onnxblock.base(base):
         block(out_info.name)

@@ -115,7 +115,8 @@ def verify_export(directory: Path, head: VGGFacePart, tail: VGGFacePart, *, batc
     head_module.lazy_reset_grad()
     head_module(images.numpy(), upstream.numpy())
     for name, param in head.named_parameters():
-        report.add(f"head.{name}.grad", head_state.parameters[name].grad, param.grad.numpy())
+        if param.requires_grad:  # a frozen release projection is a constant of the graphs, not trained
+            report.add(f"head.{name}.grad", head_state.parameters[name].grad, param.grad.numpy())
     return report
 
 

@@ -7,16 +7,22 @@ converted VGG-Face state dict, so one name means one tensor everywhere.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from dpa.contract.architecture import ArchConfig, LayerKind, cut_info, layers
 from dpa.contract.errors import UserError
 
-__all__ = ["VGGFacePart", "build_parts", "load_weights", "init_weights"]
+__all__ = ["RELEASE_PROJECTION", "VGGFacePart", "build_parts", "load_weights", "init_weights", "project_parts"]
+
+#: The head's last layer on an export with a public release projection (``dpa export --release-dims``):
+#: ``release_projection.weight`` (k, d) and ``.bias`` (k,), frozen, never trained.
+RELEASE_PROJECTION = "release_projection"
 
 
 class VGGFacePart(nn.Module):
@@ -25,7 +31,9 @@ class VGGFacePart(nn.Module):
     The ReLU of a conv/fc6/fc7 layer belongs to that layer.
     """
 
-    def __init__(self, cfg: ArchConfig, names: tuple[str, ...], *, is_head: bool) -> None:
+    def __init__(
+        self, cfg: ArchConfig, names: tuple[str, ...], *, is_head: bool, release_dims: int | None = None
+    ) -> None:
         super().__init__()
         self.names = names
         table = {layer.name: layer for layer in layers(cfg)}
@@ -38,9 +46,20 @@ class VGGFacePart(nn.Module):
             elif layer.kind is LayerKind.POOL:
                 self._ops.append((name, "pool"))
             else:
-                setattr(self, name, nn.Linear(layer.in_shape[0], layer.out_shape[0]))
+                # A tail after a release projection takes its k dimensions (a public bottleneck).
+                first_after_projection = not is_head and release_dims is not None and name == names[0]
+                features = release_dims if first_after_projection else layer.in_shape[0]
+                setattr(self, name, nn.Linear(features, layer.out_shape[0]))
                 # fc6's input is pool5's feature map: flatten it (B, C, H, W) -> (B, C*H*W).
                 self._ops.append((name, "fc"))
+        if is_head and release_dims is not None:
+            # y = W a + b on the flattened activation a: W's rows the public PCA directions, b = -W mu (the
+            # public centre), set by the export from public faces and frozen (requires_grad False here; the
+            # ORT artifacts leave it out of the trained parameters).
+            d = math.prod(table[names[-1]].out_shape)
+            setattr(self, RELEASE_PROJECTION, nn.Linear(d, release_dims))
+            getattr(self, RELEASE_PROJECTION).requires_grad_(False)
+            self._ops.append((RELEASE_PROJECTION, "projection"))
         # The device runs its forward twice (once for the activations, once inside the ORT training
         # step), so the head must be deterministic: dropout only ever runs in the tail. With cut fc7
         # this drops the dropout after fc6, which the docs state.
@@ -48,7 +67,9 @@ class VGGFacePart(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for name, op in self._ops:
-            if op == "conv":
+            if op == "projection":
+                x = getattr(self, name)(torch.flatten(x, 1))
+            elif op == "conv":
                 x = torch.relu(getattr(self, name)(x))
             elif op == "pool":
                 x = nn.functional.max_pool2d(x, 2, 2)
@@ -65,13 +86,35 @@ class VGGFacePart(nn.Module):
         return x
 
 
-def build_parts(cfg: ArchConfig, cut: str) -> tuple[VGGFacePart, VGGFacePart]:
-    """Head (device) and tail (edge server) for ``cut``."""
+def build_parts(cfg: ArchConfig, cut: str, release_dims: int | None = None) -> tuple[VGGFacePart, VGGFacePart]:
+    """Head (device) and tail (edge server) for ``cut``; with ``release_dims`` the head ends in the frozen
+    release projection to that many dimensions and the tail starts from them."""
     info = cut_info(cfg, cut)
     return (
-        VGGFacePart(cfg, info.head_layers, is_head=True),
-        VGGFacePart(cfg, info.tail_layers, is_head=False),
+        VGGFacePart(cfg, info.head_layers, is_head=True, release_dims=release_dims),
+        VGGFacePart(cfg, info.tail_layers, is_head=False, release_dims=release_dims),
     )
+
+
+def project_parts(
+    cfg: ArchConfig, cut: str, parts: tuple[VGGFacePart, VGGFacePart], basis: np.ndarray, centre: np.ndarray,
+    seed: int,
+) -> tuple[VGGFacePart, VGGFacePart]:  # fmt: skip
+    """``parts`` with the head ending in y = basis (a - centre) (``basis`` (k, d) public directions,
+    ``centre`` the public mean activation) and a tail that starts from k dimensions: the head's weights
+    and every tail tensor whose shape still fits are kept, the tail's first layer is initialised from
+    ``seed``."""
+    b = np.asarray(basis, dtype=np.float32)
+    head, tail = build_parts(cfg, cut, release_dims=len(b))
+    init_weights((tail,), seed)
+    head.load_state_dict({**head.state_dict(), **parts[0].state_dict()})
+    fits = {n: v for n, v in parts[1].state_dict().items() if v.shape == tail.state_dict()[n].shape}
+    tail.load_state_dict({**tail.state_dict(), **fits})
+    layer = getattr(head, RELEASE_PROJECTION)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(b))
+        layer.bias.copy_(torch.from_numpy(-(b.astype(np.float64) @ np.ravel(centre)).astype(np.float32)))
+    return head, tail
 
 
 def init_weights(parts: tuple[nn.Module, ...], seed: int) -> None:

@@ -20,7 +20,7 @@ from dpa.faces.lfw import FaceIndex, load_batch
 from dpa.privacy.clipping import clip_factors, l2_norms, scale_examples
 from dpa.privacy.mechanism import DPActivations, DPConfig, Mechanism
 from exporter.export import VGGFACE_MEAN
-from exporter.vggface import build_parts, init_weights
+from exporter.vggface import RELEASE_PROJECTION, build_parts, init_weights
 from runtime_client.head import HEAD_CHECKPOINT
 from runtime_server.tail import CHECKPOINT_NAME
 
@@ -86,7 +86,7 @@ def load_victim_head(cfg: InversionConfig) -> VictimHead:
         arch = ArchConfig(
             image_size=manifest.image_size, width=manifest.width, num_classes=manifest.num_classes, dropout=0.0
         )
-        head, _ = build_parts(arch, manifest.cut)
+        head, _ = build_parts(arch, manifest.cut, release_dims=manifest.release_dims)
         if cfg.head_checkpoint is not None:
             ckpt = checkpoint_file(cfg.head_checkpoint, HEAD_CHECKPOINT)
         else:
@@ -103,11 +103,16 @@ def load_victim_head(cfg: InversionConfig) -> VictimHead:
         if centre is not None:
             head = CentredHead(head, centre)
     head.eval()
-    info = cut_info(arch, cut)
     return VictimHead(
-        head, cut, arch.image_size, info.activation_shape, tuple(mean), tuple(std), source,  # type: ignore[arg-type]
+        head, cut, arch.image_size, _activation_shape(head, arch, cut), tuple(mean), tuple(std), source,  # type: ignore[arg-type]
         width=arch.width, num_classes=arch.num_classes,
     )  # fmt: skip
+
+
+def _activation_shape(head: torch.nn.Module, arch: ArchConfig, cut: str) -> tuple[int, ...]:
+    """The cut's activation shape, or (k,) for a head that ends in a release projection to k dimensions."""
+    projection = getattr(head, RELEASE_PROJECTION, None)
+    return cut_info(arch, cut).activation_shape if projection is None else (projection.out_features,)
 
 
 def head_from_weights(
@@ -116,7 +121,9 @@ def head_from_weights(
 ) -> VictimHead:  # fmt: skip
     """The head that made a recorded release, rebuilt from its stored parameters (torch, eval mode)."""
     arch = ArchConfig(image_size=image_size, width=width, num_classes=num_classes, dropout=0.0)
-    head, _ = build_parts(arch, cut)
+    # A head with a release projection recorded its frozen parameters with the rest (exporter.vggface).
+    projection = weights.get(f"{RELEASE_PROJECTION}.weight")
+    head, _ = build_parts(arch, cut, release_dims=None if projection is None else int(np.shape(projection)[0]))
     expected = head.state_dict()
     missing = [n for n in expected if n not in weights or tuple(weights[n].shape) != tuple(expected[n].shape)]
     if missing:
@@ -125,9 +132,8 @@ def head_from_weights(
     if centre is not None:
         head = CentredHead(head, centre)
     head.eval()
-    info = cut_info(arch, cut)
     return VictimHead(
-        head, cut, image_size, info.activation_shape, tuple(pixel_mean), tuple(pixel_std), source,  # type: ignore[arg-type]
+        head, cut, image_size, _activation_shape(head, arch, cut), tuple(pixel_mean), tuple(pixel_std), source,  # type: ignore[arg-type]
         width=width, num_classes=num_classes,
     )  # fmt: skip
 

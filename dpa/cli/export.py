@@ -62,6 +62,10 @@ def export_command(
         Path | None,
         typer.Option(help="Centred releases: PUBLIC faces (LFW layout) whose mean head activation devices subtract."),
     ] = None,
+    release_dims: Annotated[
+        int | None,
+        typer.Option(help="Project the release on this many principal directions of the --centre-from faces."),
+    ] = None,
 ) -> None:
     """Split VGG-Face at --cut and write head (device) and tail (edge) training artifacts."""
     with user_errors():
@@ -84,6 +88,7 @@ def export_command(
             ort_format=ort_format,
             pixel_std=pixel_std,
             centre_faces=centre_from,
+            release_dims=release_dims,
         )
         with console.status("exporting") as status:
             manifest, report = export(cfg, progress=lambda msg: status.update(msg))

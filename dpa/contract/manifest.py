@@ -120,7 +120,22 @@ class Manifest:
     # its direction times C (exporter.export.RELEASE_CLIP_SHARE_OF_MEDIAN); None: not computed (the
     # device's default clip applies).
     release_clip: float | None = None
+    # A public projection before the release (``dpa export --release-dims``): the head ends in
+    # y = W (a - mu), W the top release_dims principal directions of the cut's activation on the same
+    # public faces (frozen head parameters ``release_projection.weight`` / ``.bias``), so the head's
+    # output, every release and the tail's input are (release_dims,) and activation_shape says so; the
+    # head graph already centres, so such an export has no release_centre. None: no projection.
+    release_dims: int | None = None
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.release_dims is not None and (
+            self.release_dims < 1 or tuple(self.activation_shape) != (self.release_dims,)
+        ):
+            raise UserError(
+                f"manifest release_dims {self.release_dims} does not match its activation_shape "
+                f"{tuple(self.activation_shape)} (a projected export's activation is (release_dims,))"
+            )
 
     @property
     def activation_numel(self) -> int:
@@ -167,6 +182,7 @@ class Manifest:
                 versions={str(k): str(v) for k, v in data["versions"].items()},
                 release_centre=None if data.get("release_centre") is None else str(data["release_centre"]),
                 release_clip=None if data.get("release_clip") is None else _positive(data["release_clip"]),
+                release_dims=None if data.get("release_dims") is None else int(data["release_dims"]),
             )
         except KeyError as exc:
             raise UserError(f"manifest is missing field {exc.args[0]!r}") from None
