@@ -67,6 +67,17 @@ def parse_positive_list(name: str, text: str) -> tuple[float, ...]:
     return _parse_numbers(text, name, "0.5,1,2", lambda v: checks.positive_finite(name, v))
 
 
+def parse_dims_list(text: str) -> tuple[int, ...]:
+    """'0,16' -> (0, 16); each a whole number >= 0 (0: no projection), at least one."""
+
+    def whole(v: float) -> float:
+        if not (v >= 0 and float(v).is_integer()):
+            raise UserError(f"release dims must be whole numbers >= 0 (0: no projection), got {v:g}")
+        return v
+
+    return tuple(int(v) for v in _parse_numbers(text, "release dims", "0,16", whole))
+
+
 def parse_epsilons(text: str) -> tuple[float, ...]:
     """'0.5,1,inf' -> (0.5, 1.0, inf); each must be > 0 (inf: no noise)."""
     return _parse_numbers(text, "epsilon", "0.5,1,8,inf", lambda v: checks.epsilon(v, allow_inf=True))

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from dpa.cli.errors import console, parse_epsilons, parse_positive_list, user_errors
+from dpa.cli.errors import console, parse_dims_list, parse_epsilons, parse_positive_list, user_errors
 from dpa.contract.errors import UserError
 
 
@@ -59,13 +59,20 @@ def sweep_command(
             "(a lever chosen on public data; each gets its own non-private run)."
         ),
     ] = "1",
+    release_dims: Annotated[
+        str,
+        typer.Option(
+            help="Public recipes: project each export's release on this many public principal directions, "
+            "comma-separated (0: none; each gets its own non-private run)."
+        ),
+    ] = "0",
     pretrain: Annotated[
         bool, typer.Option(help="Public recipes: pretrain here instead of loading the shipped public weights.")
     ] = False,
     out: Annotated[Path, typer.Option(help="Work and results folder (re-running resumes).")] = Path("runs/sweep"),
 ) -> None:
     """The frontier: clean accuracy vs whole-run epsilon per cut and data size, with attack SSIM and device cost."""
-    from dpa.runs.sweep import SweepConfig, run_sweep
+    from dpa.runs.sweep import SweepConfig, lever_name, run_sweep
 
     with user_errors():
         eps = parse_epsilons(epsilons)
@@ -84,12 +91,14 @@ def sweep_command(
             label_epsilon=label_epsilon,
             recipe=recipe,
             clip_scales=parse_positive_list("clip scale", clip_scales),
+            release_dims=parse_dims_list(release_dims),
             pretrain=pretrain,
         )
         results = run_sweep(cfg, say=lambda msg: console.print(f"[bold cyan]>[/] {msg}"))
-    table = Table(title=f"DP-A frontier ({epochs} releases per example, delta {delta:g})")
+    releases = "the class sums released once" if recipe == "class-sums" else f"{epochs} releases per example"
+    table = Table(title=f"DP-A frontier ({releases}, delta {delta:g})")
     field = any("verification_auc" in p for p in results["points"])
-    for col in ("cut", "data", "clip x", "ε whole run", "clean", "/ non-private", "private",
+    for col in ("cut", "data", "clip x", "dims", "ε whole run", "clean", "/ non-private", "private",
                 *(("verif. AUC", "TAR@FAR 1e-3", "open-set rej.") if field else ()), "attack SSIM", "baseline",
                 "FLOPs on device", "head step ms", "peak MB", "wire KiB/ex"):  # fmt: skip
         table.add_column(col, justify="right")
@@ -100,6 +109,7 @@ def sweep_command(
             p["cut"],
             f"{p['identities']}x{p['per_identity']}",
             f"{p.get('clip_scale', 1.0):g}",
+            str(p.get("release_dims", 0) or "-"),
             "none" if p["epsilon_budget"] is None else f"{p['epsilon_total']:.3g}",
             f"{p['clean_test_accuracy']:.3f}",
             "-" if rel is None else f"{rel:.2f}",
@@ -115,7 +125,7 @@ def sweep_command(
     console.print(table)
     for row in results["smallest_epsilon_at"]:
         e80, e50 = row["epsilon_for_80pct"], row["epsilon_for_50pct"]
-        scale = "" if row.get("clip_scale", 1.0) == 1.0 else f" clip x{row['clip_scale']:g}"
+        scale = lever_name(row.get("clip_scale", 1.0), row.get("release_dims", 0)).replace(",", "")
         console.print(
             f"{row['cut']} {row['identities']}x{row['per_identity']}{scale}: 80% of non-private at ε "
             f"{'not reached' if e80 is None else f'{e80:g}'}; 50% at ε {'not reached' if e50 is None else f'{e50:g}'}"

@@ -12,7 +12,9 @@ releases), each through the real server and client on loopback. Each point repor
 
 The clip of each cut is the median activation norm of the initial head on PUBLIC faces (the
 built-in generator's other identities, seed 1), so choosing it spends no privacy (a centred public
-export's ``release_clip``: half that median); ``clip_scales`` sweeps multiples of it (a lever, issue 23).
+export's ``release_clip``: half that median); ``clip_scales`` sweeps multiples of it and ``release_dims``
+a public projection before the release (``dpa export --release-dims``; 0: none), both levers of issue 23:
+each (clip scale, release dims) is its own frontier against its own non-private run.
 
 The public recipes (``public``, ``class-sums``) load the shipped public weights where they fit the
 input size and width, as ``dpa demo`` does (``pretrain=True``: pretrain in the work folder instead),
@@ -107,6 +109,8 @@ class SweepConfig:
     public_centre_per_identity: int = 10
     # Each point's clip as multiples of the public clip (dpa.runs.public_data.public_clip; 1.0: that clip).
     clip_scales: tuple[float, ...] = (1.0,)
+    # Public recipes: each point's export projected on this many public principal directions (0: none).
+    release_dims: tuple[int, ...] = (0,)
     # The public recipes' field figures (verification, open set), thresholds on these public faces.
     recognition: bool = True
     recognition_public_identities: int = 100
@@ -132,6 +136,10 @@ class SweepConfig:
             raise UserError("the sweep needs at least one clip scale (1 is the public clip)")
         for scale in self.clip_scales:
             checks.positive_finite("clip scale", scale)
+        if not self.release_dims or any(k < 0 for k in self.release_dims):
+            raise UserError(f"release dims must be >= 0 (0: no projection), got {self.release_dims}")
+        if self.recipe == "scratch" and any(self.release_dims):
+            raise UserError("a release projection needs a public recipe (its directions come from public faces)")
 
     @property
     def classes(self) -> int:
@@ -168,6 +176,11 @@ def _tag(eps: float | None, clip_scale: float = 1.0) -> str:
     return ("nonprivate" if eps is None else f"eps{eps:g}") + ("" if clip_scale == 1.0 else f"-clip{clip_scale:g}")
 
 
+def lever_name(scale: float, dims: int) -> str:
+    """How a point's levers read in names and legends ("" for the defaults)."""
+    return ("" if scale == 1.0 else f", clip x{scale:g}") + (f", {dims} public dims" if dims else "")
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
@@ -183,15 +196,16 @@ def _write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(_json_safe(data), indent=2) + "\n").encode())
 
 
-def _export(cfg: SweepConfig, cut: str, pretrained: tuple[Path, Path] | None) -> Path:
-    out = cfg.workdir / "exports" / cut
+def _export(cfg: SweepConfig, cut: str, pretrained: tuple[Path, Path] | None, dims: int = 0) -> Path:
+    out = cfg.workdir / "exports" / (cut if not dims else f"{cut}-dims{dims}")
     arch = ArchConfig(image_size=cfg.image_size, width=cfg.width, num_classes=cfg.classes, dropout=0.0)
     weights = None if pretrained is None else sha256_file(pretrained[0])
     try:
         m = load_manifest(out, verify=("head", "tail"))
-        same = (m.cut, m.image_size, m.width, m.num_classes, m.optimizer, m.seed, m.weights_sha256) == (
+        same = (m.cut, m.image_size, m.width, m.num_classes, m.optimizer, m.seed, m.weights_sha256,
+                m.release_dims) == (
             cut, arch.image_size, arch.width, arch.num_classes, cfg.optimizer,
-            cfg.seed if pretrained is None else None, weights,
+            cfg.seed if pretrained is None else None, weights, dims or None,
         )  # fmt: skip
     except ValueError:
         same = False
@@ -203,7 +217,7 @@ def _export(cfg: SweepConfig, cut: str, pretrained: tuple[Path, Path] | None) ->
         else:
             export(ExportConfig(
                 arch=arch, cut=cut, optimizer=cfg.optimizer, out=out, seed=cfg.seed, weights=pretrained[0],
-                pixel_std=PRETRAIN_PIXEL_STD, centre_faces=pretrained[1],
+                pixel_std=PRETRAIN_PIXEL_STD, centre_faces=pretrained[1], release_dims=dims or None,
             ))  # fmt: skip
     return out
 
@@ -278,6 +292,7 @@ def _run_point(
         "noise_multiplier": p["noise_multiplier"],
         "clip": clip,
         "clip_scale": clip_scale,
+        "release_dims": load_manifest(artifacts).release_dims or 0,
         "snr_per_element": p["snr_per_element"],
         "clean_test_accuracy": report["on_device"]["test_accuracy"] if public else report["clean_test_accuracy"],
         "clean_classifier": "class templates on the device" if public else "head + tail",
@@ -350,25 +365,25 @@ def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print, progress:
             recognition = recognition_data(cfg.workdir / "recognition", cfg.image_size,
                                            public_identities=cfg.recognition_public_identities,
                                            strangers=cfg.recognition_strangers)  # fmt: skip
-    plan = [(cut, size, eps, scale) for cut in cfg.cuts for size in cfg.sizes for scale in cfg.clip_scales
-            for eps in (None, *cfg.total_epsilons)]  # fmt: skip
+    plan = [(cut, size, eps, scale, dims) for cut in cfg.cuts for size in cfg.sizes for dims in cfg.release_dims
+            for scale in cfg.clip_scales for eps in (None, *cfg.total_epsilons)]  # fmt: skip
     points: list[dict[str, Any]] = []
     costs: dict[str, dict[str, Any]] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("frontier", total=len(plan))
-        for cut, size, eps, scale in plan:
-            key = f"{cut}-{size[0]}x{size[1]}-{_tag(eps, scale)}"
+        for cut, size, eps, scale, dims in plan:
+            key = f"{cut}{f'-dims{dims}' if dims else ''}-{size[0]}x{size[1]}-{_tag(eps, scale)}"
             saved = cfg.workdir / "points" / f"{key}.json"
             bar.update(task, description=f"frontier: {key}")
             point = _saved_point(saved, settings)
             if point is None:
-                artifacts = _export(cfg, cut, pretrained)
-                if cut not in costs:
-                    costs[cut] = device_cost(artifacts, batch=cfg.batch_size)
+                artifacts = _export(cfg, cut, pretrained, dims)
+                if artifacts.name not in costs:
+                    costs[artifacts.name] = device_cost(artifacts, batch=cfg.batch_size)
                 data = cached_faces(cfg.workdir / "data", SynthConfig(size[0], size[1], cfg.image_size, 0))
                 clip = public_clip(artifacts, public)
-                point = _run_point(cfg, artifacts, data, clip, size, eps, scale, recognition) | costs[cut]
+                point = _run_point(cfg, artifacts, data, clip, size, eps, scale, recognition) | costs[artifacts.name]
                 _write_json(saved, {"settings": settings, "point": point})
                 say(
                     f"{key}: clean {point['clean_test_accuracy']:.3f}, private {_acc(point['private_test_accuracy'])}"
@@ -399,9 +414,10 @@ def _saved_point(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     return point
 
 
-def _group(p: dict[str, Any]) -> tuple[str, int, int, float]:
-    """A frontier's points: one cut, data size and clip scale (1 for points saved before clip scales)."""
-    return p["cut"], p["identities"], p["per_identity"], p.get("clip_scale", 1.0)
+def _group(p: dict[str, Any]) -> tuple[str, int, int, float, int]:
+    """A frontier's points: one cut, data size, clip scale and release dims (1 and 0 for points saved
+    before those levers)."""
+    return p["cut"], p["identities"], p["per_identity"], p.get("clip_scale", 1.0), p.get("release_dims", 0)
 
 
 def _relative(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -417,8 +433,8 @@ def _relative(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return points
 
 
-def _private_points(points: list[dict[str, Any]], group: tuple[str, int, int, float]) -> list[dict[str, Any]]:
-    """The private points of one (cut, identities, per identity, clip scale), by whole-run epsilon."""
+def _private_points(points: list[dict[str, Any]], group: tuple[str, int, int, float, int]) -> list[dict[str, Any]]:
+    """The private points of one (cut, identities, per identity, clip scale, release dims), by whole-run epsilon."""
     mine = [p for p in points if _group(p) == group and p["epsilon_budget"]]
     return sorted(mine, key=lambda p: p["epsilon_budget"])
 
@@ -427,9 +443,11 @@ def _smallest_epsilon(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per cut and data size: the smallest whole-run epsilon reaching 80% and 50% of non-private accuracy."""
     out = []
     groups = sorted({_group(p) for p in points})
-    for cut, ids, per, scale in groups:
-        private = _private_points(points, (cut, ids, per, scale))
-        row: dict[str, Any] = {"cut": cut, "identities": ids, "per_identity": per, "clip_scale": scale}
+    for group in groups:
+        cut, ids, per, scale, dims = group
+        private = _private_points(points, group)
+        row: dict[str, Any] = {"cut": cut, "identities": ids, "per_identity": per, "clip_scale": scale,
+                               "release_dims": dims}  # fmt: skip
         for share in (0.8, 0.5):
             # Judged above chance: a reference barely above chance makes any run look like a large share.
             hit = next((p for p in private if (p["relative_above_chance"] or 0) >= share), None)
@@ -441,7 +459,7 @@ def _smallest_epsilon(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 _CSV_COLUMNS = (
     "cut", "identities", "per_identity", "epsilon_budget", "epsilon_total", "delta", "epsilon_per_release",
-    "releases_per_example", "clip", "clip_scale", "clean_test_accuracy", "private_test_accuracy",
+    "releases_per_example", "clip", "clip_scale", "release_dims", "clean_test_accuracy", "private_test_accuracy",
     "nonprivate_clean_accuracy",
     "relative_clean_accuracy", "relative_above_chance", "clean_classifier", *_FIELD_FIGURES,
     "chance", "attack", "attack_ssim", "baseline_ssim", "head_flops_share",
@@ -471,11 +489,12 @@ def write_frontier_plot(results: dict[str, Any], path: Path) -> Path:
     groups = sorted({_group(p) for p in points})
     cmap = colormaps["RdYlGn_r"]
     scatter = None
-    for cut, ids, per, scale in groups:
-        mine = _private_points(points, (cut, ids, per, scale))
+    for group in groups:
+        cut, ids, per, scale, dims = group
+        mine = _private_points(points, group)
         if not mine:
             continue
-        name = f"{cut}, {ids}x{per}" + ("" if scale == 1.0 else f", clip x{scale:g}")
+        name = f"{cut}, {ids}x{per}" + lever_name(scale, dims)
         xs = [p["epsilon_budget"] for p in mine]
         if all(p["relative_above_chance"] is None for p in mine):  # the non-private run itself is at chance
             ax.plot([], [], " ", label=f"{name}: non-private at chance (not drawn)")

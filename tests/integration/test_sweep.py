@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpa.cli.errors import parse_epsilons, parse_positive_list
+from dpa.cli.errors import parse_dims_list, parse_epsilons, parse_positive_list
+from dpa.contract.manifest import load_manifest
 from dpa.privacy.accountant import calibrate_noise_multiplier, epsilon_spent
 from dpa.runs.sweep import SweepConfig, run_sweep
 
@@ -76,6 +77,10 @@ def test_sweep_config_is_checked():
         SweepConfig(cuts=("conv9",))
     with pytest.raises(ValueError, match="data size"):
         SweepConfig(sizes=((1, 10),))
+    with pytest.raises(ValueError, match="a release projection needs a public recipe"):
+        SweepConfig(release_dims=(0, 16))
+    with pytest.raises(ValueError, match="release dims must be >= 0"):
+        SweepConfig(recipe="class-sums", release_dims=(-1,))
 
 
 def test_parse_positive_list():
@@ -84,6 +89,10 @@ def test_parse_positive_list():
                          ("inf", "must be finite"), ("", "give at least one clip scale")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             parse_positive_list("clip scale", bad)
+    assert parse_dims_list("0, 16") == (0, 16)
+    for bad, message in (("1.5", "whole numbers >= 0"), ("-2", "whole numbers >= 0"), ("", "give at least one")):
+        with pytest.raises(ValueError, match=message):
+            parse_dims_list(bad)
 
 
 def test_parse_epsilons():
@@ -105,24 +114,32 @@ def test_the_class_sum_recipe_sweeps_with_its_own_attack(tmp_path):
     cfg = SweepConfig(
         workdir=tmp_path, total_epsilons=(8.0,), cuts=("pool5",), sizes=((4, 8),), batch_size=4, attack_epochs=1,
         image_size=32, attack_aux_identities=2, attack_images_per_identity=4, recipe="class-sums",
-        pretrain_identities=4, pretrain_per_identity=4, pretrain_epochs=1, clip_scales=(1.0, 2.0),
+        pretrain_identities=4, pretrain_per_identity=4, pretrain_epochs=1, clip_scales=(2.0,), release_dims=(0, 3),
         recognition_public_identities=6, recognition_strangers=3,
     )  # fmt: skip
     results = run_sweep(cfg, say=lambda _msg: None, progress=False)
     clear, private, clear2, private2 = results["points"]
-    assert [p["clip_scale"] for p in results["points"]] == [1.0, 1.0, 2.0, 2.0]
-    assert clear2["clip"] == private2["clip"] == pytest.approx(2 * private["clip"])
-    assert private2["noise_multiplier"] == pytest.approx(private["noise_multiplier"])  # the clip moves sigma only
+    assert [p["release_dims"] for p in results["points"]] == [0, 0, 3, 3]
+    assert {p["clip_scale"] for p in results["points"]} == {2.0}
+    # Each export's clip is twice its own public clip (the projected one measures it in its 3 dimensions).
+    plain, projected = (load_manifest(tmp_path / "exports" / name) for name in ("pool5", "pool5-dims3"))
+    assert projected.activation_shape == (3,) and plain.release_dims is None
+    assert clear["clip"] == private["clip"] == pytest.approx(2 * plain.release_clip)
+    assert clear2["clip"] == private2["clip"] == pytest.approx(2 * projected.release_clip)
+    assert private2["noise_multiplier"] == pytest.approx(private["noise_multiplier"])  # the levers move sigma only
     assert private2["nonprivate_clean_accuracy"] == clear2["clean_test_accuracy"]
     assert private["nonprivate_clean_accuracy"] == clear["clean_test_accuracy"]
-    assert [r["clip_scale"] for r in results["smallest_epsilon_at"]] == [1.0, 2.0]
+    assert [r["release_dims"] for r in results["smallest_epsilon_at"]] == [0, 3]
     # Verification scores cosines of the frozen head's clean embeddings: clipping scales a vector, so every
-    # point of the cut has the same pairs' figures; open set depends on the point's templates.
+    # point of one export has the same pairs' figures; open set depends on the point's templates.
     for p in results["points"]:
-        assert p["verification_auc"] == clear["verification_auc"] and 0 <= p["verification_auc"] <= 1
-        assert 0 <= p["tar_at_far_1e-3"] <= 1 and 0 <= p["open_set_rejection"] <= 1
+        assert p["verification_auc"] == (clear if p["release_dims"] == 0 else clear2)["verification_auc"]
+        assert 0 <= p["verification_auc"] <= 1 and 0 <= p["tar_at_far_1e-3"] <= 1 and 0 <= p["open_set_rejection"] <= 1
     rows = list(csv.DictReader((tmp_path / "frontier.csv").open()))
-    assert [float(r["verification_auc"]) for r in rows] == pytest.approx([clear["verification_auc"]] * 4, rel=1e-5)
+    assert [float(r["verification_auc"]) for r in rows] == pytest.approx(
+        [p["verification_auc"] for p in results["points"]], rel=1e-5
+    )
+    assert [r["release_dims"] for r in rows] == ["0", "0", "3", "3"]
     z = calibrate_noise_multiplier(mechanism="gaussian", total_epsilon=8.0, delta=cfg.delta, releases=1)
     assert private["noise_multiplier"] == pytest.approx(z) and private["releases_per_example"] == 1
     assert private["epsilon_total"] == pytest.approx(
