@@ -12,13 +12,14 @@ Identical weights on every machine also keep the demo's figures from depending o
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import sha256_file
 
-__all__ = ["SHIPPED_WEIGHTS", "shipped_weights", "shipped_info"]
+__all__ = ["SHIPPED_WEIGHTS", "reproduce_chain", "shipped_weights", "shipped_info"]
 
 #: The shipped file (64x64 input, width 0.25); its sidecar is the same path plus ``.json``.
 SHIPPED_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "public-vggface-64px-w0.25.pt"
@@ -35,9 +36,24 @@ def shipped_info(path: Path = SHIPPED_WEIGHTS) -> dict[str, Any]:
     if digest != info.get("sha256"):
         raise UserError(
             f"{path} does not match its sidecar {meta.name} (SHA-256 {digest[:12]}..., the sidecar says "
-            f"{str(info.get('sha256'))[:12]}...): restore it with git, or retrain it with: {info.get('command')}"
+            f"{str(info.get('sha256'))[:12]}...): restore it with git, or retrain it with: {reproduce_chain(info)}"
         )
     return info
+
+
+def reproduce_chain(info: dict[str, Any], out: str = "weights/public-vggface-64px-w0.25.pt") -> str:
+    """The commands that retrain a file from nothing, with the repository's paths: a file trained from
+    earlier weights (``dpa pretrain --init``) names, in its sidecar, the command that made those; that
+    one runs first, writing ``runs/public-stage1.pt``, then this file's own command starts from it. The
+    sidecar's commands keep the paths the runs actually used."""
+    command = re.sub(r"--out \S+", f"--out {out}", str(info.get("command")))
+    init = info.get("init")
+    if not init:
+        return command
+    stage1 = "runs/public-stage1.pt"
+    first = re.sub(r"--out \S+", f"--out {stage1}", str(init.get("command")))
+    second = re.sub(r"--init \S+", f"--init {stage1}", command)
+    return f"{first} && {second}"
 
 
 def shipped_weights(image_size: int, width: float, path: Path = SHIPPED_WEIGHTS) -> Path | None:
