@@ -105,6 +105,13 @@ class HeadModel:
             a -= self.centre
         return a
 
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) float32 -> the head's own output, NOT centred: the embedding the public network was
+        trained to compare by cosine (CosFace), which verification scores pairs with. A projected export
+        (``Manifest.release_dims``) centres inside its graph, so there it is the projected activation."""
+        self.module.eval()
+        return self.module(images)
+
     def backward_step(self, images: np.ndarray, upstream_gradient: np.ndarray) -> None:
         """Accumulate d loss / d head parameters = J^T upstream_gradient, then take an optimizer step."""
         self.accumulate(images, upstream_gradient)

@@ -38,6 +38,7 @@ __all__ = [
     "Gallery",
     "clean_embeddings",
     "embed_files",
+    "pair_embeddings",
     "load_gallery",
     "save_gallery",
     "template_scores",
@@ -100,6 +101,22 @@ def embed_files(
                        std=manifest.pixel_std)  # fmt: skip
         out.append(clean_embeddings(head, x, clip, scale).reshape(len(x), -1))
     return np.concatenate(out).astype(np.float64)
+
+
+def pair_embeddings(head: HeadModel, manifest: Manifest, paths: list[Path], batch: int = 64) -> np.ndarray:
+    """Unit-norm ``HeadModel.embed`` rows of image files (N, elements), float64: what verification compares.
+
+    Not the release's centred activation: the public network was trained (CosFace) on the cosine of its own
+    output, and on held-out public pairs (seed 2) that cosine scored ROC AUC 0.9826 where the centred one
+    scored 0.9816 (``dpa.runs.recognition`` chooses the pair threshold in this space too). Centring is for
+    the release, where it lifts the class sums at whole-run epsilon 1 (0.897 -> 0.936 on the public task)."""
+    out = [np.zeros((0, manifest.activation_numel))]
+    for start in range(0, len(paths), batch):
+        x = load_batch(list(paths[start : start + batch]), size=manifest.image_size, mean=manifest.pixel_mean,
+                       std=manifest.pixel_std)  # fmt: skip
+        out.append(head.embed(x).reshape(len(x), -1).astype(np.float64))
+    e = np.concatenate(out)
+    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
 
 
 def template_scores(x: np.ndarray, templates: np.ndarray, counts: np.ndarray) -> np.ndarray:

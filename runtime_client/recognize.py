@@ -4,7 +4,8 @@ What a device does with the templates it kept after enrolling (``on_device.Galle
 never leave it. A probe is embedded exactly as templates are made (the head's centred activation,
 clipped, times the public scale) and scored by its cosine to each template; above the gallery's
 open-set threshold the best template's identity is the answer, below it "unknown". Verification
-compares two probes' embeddings against the pair threshold. Both thresholds were chosen on public
+compares the cosine of two images' own embeddings (``on_device.pair_embeddings``: the head's output, not
+centred) against the pair threshold. Both thresholds were chosen on public
 faces (``dpa.runs.recognition``); ``threshold`` overrides them.
 """
 
@@ -21,7 +22,7 @@ from dpa.contract.errors import UserError
 from dpa.contract.manifest import load_manifest
 from dpa.faces.verification import unit_rows
 from runtime_client.head import HeadModel
-from runtime_client.on_device import GALLERY_FILE, Gallery, embed_files, load_gallery
+from runtime_client.on_device import GALLERY_FILE, Gallery, embed_files, load_gallery, pair_embeddings
 
 __all__ = ["UNKNOWN", "Recognition", "recognize", "verify"]
 
@@ -82,6 +83,9 @@ def verify(
     """(same person?, cosine of the two embeddings, the threshold used)."""
     head, gallery, manifest = _setup(artifacts, state_dir)
     t = _threshold(threshold, gallery.pair_threshold, "verification")
-    e = _embed(head, gallery, manifest, [Path(a), Path(b)])
+    missing = [str(p) for p in (a, b) if not Path(p).is_file()]
+    if missing:
+        raise UserError(f"no such image: {', '.join(missing)}")
+    e = pair_embeddings(head, manifest, [Path(a), Path(b)])
     score = float(e[0] @ e[1])
     return score >= t, score, t

@@ -5,7 +5,8 @@ classifies its clean images with them. Face recognition is judged on more than t
 accuracy (issue 23):
 
 * **verification**: pairs of the device's held-out images (identities the public network never saw)
-  scored by the cosine of their clean embeddings: ROC AUC, TAR at FAR 1e-3, and the accuracy at the
+  scored by the cosine of their embeddings (``on_device.pair_embeddings``: the head's own output, not
+  centred as releases are): ROC AUC, TAR at FAR 1e-3, and the accuracy at the
   threshold chosen on *public* pairs (held-out public identities, ``VALIDATION_SEED``);
 * **open set**: strangers (identities the device never enrolled, ``STRANGER_SEED``) must be rejected.
   A probe's score is its best cosine to a template; the threshold is the one that accepts at most
@@ -33,7 +34,14 @@ from dpa.faces.synth import SynthConfig, cached_faces
 from dpa.faces.verification import cosine_scores, far_threshold, open_set, sample_pairs, unit_rows, verification
 from exporter.pretrain import VALIDATION_SEED
 from runtime_client.head import HeadModel
-from runtime_client.on_device import GALLERY_FILE, embed_files, load_gallery, save_gallery, template_scores
+from runtime_client.on_device import (
+    GALLERY_FILE,
+    embed_files,
+    load_gallery,
+    pair_embeddings,
+    save_gallery,
+    template_scores,
+)
 
 __all__ = [
     "OPEN_SET_FAR",
@@ -68,11 +76,12 @@ def _embed(head: HeadModel, index: FaceIndex, manifest: Any, clip: float, scale:
     return embed_files(head, manifest, list(index.paths), clip, scale)
 
 
-def _public_thresholds(e: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(pair threshold: best accuracy on public pairs; open-set threshold at OPEN_SET_FAR): half the public
-    identities enrolled (templates from half their images), the other half strangers."""
+def _public_thresholds(e: np.ndarray, pair_e: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(pair threshold: best accuracy on public pairs of ``pair_e``; open-set threshold at OPEN_SET_FAR on
+    the template embeddings ``e``): half the public identities enrolled (templates from half their
+    images), the other half strangers."""
     pairs = sample_pairs(labels, np.random.default_rng(0), genuine=3000, impostor=10000)
-    pair_threshold = verification(cosine_scores(e, pairs), pairs.same)["threshold"]
+    pair_threshold = verification(cosine_scores(pair_e, pairs), pairs.same)["threshold"]
     ids = np.unique(labels)
     enrolled, strangers = ids[: len(ids) // 2], ids[len(ids) // 2 :]
     templates = unit_rows(np.stack([e[labels == k][::2].mean(axis=0) for k in enrolled]))
@@ -89,7 +98,8 @@ def calibrate_gallery(artifacts: Path, state_dir: Path, data: RecognitionData) -
     gallery = load_gallery(path)
     head = HeadModel(artifacts, manifest, resolve_device(DeviceProfile.CPU))
     public = index_faces(data.public, min_faces_per_person=2)
-    pair_t, open_t = _public_thresholds(_embed(head, public, manifest, gallery.clip, gallery.scale), public.labels)
+    pair_t, open_t = _public_thresholds(_embed(head, public, manifest, gallery.clip, gallery.scale),
+                                        pair_embeddings(head, manifest, list(public.paths)), public.labels)  # fmt: skip
     save_gallery(path, replace(gallery, open_set_threshold=open_t, pair_threshold=pair_t))
 
 
@@ -104,7 +114,7 @@ def recognition_metrics(artifacts: Path, state_dir: Path, test: FaceIndex, data:
     pair_t, open_t = gallery.pair_threshold, gallery.open_set_threshold
     e = _embed(head, test, manifest, gallery.clip, gallery.scale)
     pairs = sample_pairs(test.labels, np.random.default_rng(0), genuine=3000, impostor=10000)
-    pair_scores = cosine_scores(e, pairs)
+    pair_scores = cosine_scores(pair_embeddings(head, manifest, list(test.paths)), pairs)
     ver = verification(pair_scores, pairs.same, threshold=pair_t)
     t = gallery.templates.reshape(len(gallery.templates), -1).astype(np.float64)
     scores = template_scores(e, t, np.maximum(gallery.counts, 0))  # the device's classifier (on_device)

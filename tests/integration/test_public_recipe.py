@@ -73,6 +73,13 @@ def test_centred_releases_subtract_the_public_centre_before_clipping(recipe):
     raw.eval()
     images = np.random.default_rng(0).standard_normal((4, *m.input_shape)).astype(np.float32)
     np.testing.assert_array_equal(head.forward(images), raw(images) - centre)
+    np.testing.assert_array_equal(head.embed(images), raw(images))  # verification's embedding: not centred
+    from runtime_client.on_device import pair_embeddings
+
+    paths = list(index_faces(recipe[0] / "pub" / "synthetic-8x6-64px-s1").paths[:3])
+    want = raw(load_batch(paths, size=64, mean=m.pixel_mean, std=m.pixel_std)).reshape(3, -1).astype(np.float64)
+    np.testing.assert_allclose(pair_embeddings(head, m, paths), want / np.linalg.norm(want, axis=1, keepdims=True),
+                               rtol=1e-6, atol=1e-9)  # fmt: skip
     clip = 1.0
     a = head.forward(images)
     clipped = scale_examples(a, clip_factors(l2_norms(a), clip=clip))

@@ -101,6 +101,21 @@ def test_verify_says_same_for_one_image_twice_and_different_above_any_score(enro
     assert same.exit_code == 0 and "same person" in same.output and "cosine 1.000" in same.output
     other = _run("verify", a, b, "--artifacts", str(art), "--state-dir", str(state), "--threshold", "1.01")
     assert other.exit_code == 1 and "different people" in other.output
+    # The score is the cosine of the two images' uncentred head outputs (what the public network was trained
+    # to compare), computed here from the activation plus the export's centre, if it has one.
+    from dpa.contract.devices import DeviceProfile, resolve_device
+    from dpa.contract.manifest import load_manifest, load_release_centre
+    from dpa.faces.lfw import load_batch
+    from runtime_client.head import HeadModel
+    from runtime_client.recognize import verify
+
+    m = load_manifest(art)
+    x = load_batch([a, b], size=m.image_size, mean=m.pixel_mean, std=m.pixel_std)
+    centre = load_release_centre(art, m)
+    raw = HeadModel(art, m, resolve_device(DeviceProfile.CPU)).forward(x).astype(np.float64)
+    raw = (raw + (0 if centre is None else centre)).reshape(2, -1)  # (test_public_recipe: a centred one)
+    want = raw[0] @ raw[1] / np.linalg.norm(raw[0]) / np.linalg.norm(raw[1])
+    assert verify(art, state, a, b)[1] == pytest.approx(want, abs=1e-5)
 
 
 def test_bad_input_gets_one_clear_line(enrolled, tmp_path):
