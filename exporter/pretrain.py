@@ -12,6 +12,7 @@ of another class count), with a JSON sidecar saying what they were trained on.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import time
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from dpa.contract.architecture import ArchConfig
-from dpa.contract.atomic import atomic_write_bytes, atomic_write_with
+from dpa.contract.atomic import atomic_write_bytes
 from dpa.contract.choices import Choice
 from dpa.contract.errors import UserError
 from dpa.faces.lfw import FaceIndex, index_faces, load_batch
@@ -229,7 +230,7 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
         if not cfg.keep_classifier:
             state = {k: v for k, v in state.items() if not k.startswith("fc8.")}
         cfg.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_with(cfg.out, lambda tmp: torch.save(state, tmp))
+        atomic_write_bytes(cfg.out, _state_bytes(state))
         info = {
             "what": "VGG-Face trained on public faces only (dpa pretrain)",
             "command": reproduce_command(cfg),
@@ -263,6 +264,15 @@ def pretrain(cfg: PretrainConfig, *, progress: Callable[[dict[str, Any]], None] 
     finally:
         torch.set_num_threads(previous[0])
         torch.use_deterministic_algorithms(previous[1])
+
+
+def _state_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    """The state dict as ``torch.save`` writes it, to a buffer: saved to a file, the archive's folder is
+    named after the file, and through the atomic write's random temp name two runs with identical tensors
+    gave files with different SHA-256s (the shipped sidecar's hash would then never reproduce)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
 
 
 def _init_facts(path: Path) -> dict[str, Any]:
