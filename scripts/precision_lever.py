@@ -21,32 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from shipped_features import clip, features  # scripts/: run as python scripts/<name>.py
 
-from dpa.contract.architecture import ArchConfig
-from dpa.faces.lfw import index_faces, load_batch
-from dpa.faces.synth import SynthConfig, cached_faces
+from dpa.faces.synth import SynthConfig
 from dpa.privacy.accountant import calibrate_noise_multiplier
-from dpa.runs.shipped_weights import SHIPPED_WEIGHTS, shipped_info
-from exporter.export import VGGFACE_MEAN
-from exporter.pretrain import PRETRAIN_PIXEL_STD
-from exporter.vggface import build_parts, load_weights
+from dpa.runs.shipped_weights import shipped_info
 
-ARCH = ArchConfig(image_size=64, width=0.25, num_classes=10, dropout=0.0)
 LAMBDAS = (None, 1e-2, 1e-1, 1.0, 3.0, 10.0)  # None: the device's <x, t>
-
-
-def _features(root: Path, cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
-    index = index_faces(cached_faces(root, cfg), min_faces_per_person=1)
-    x = load_batch(list(index.paths), size=64, mean=VGGFACE_MEAN, std=(PRETRAIN_PIXEL_STD,) * 3)
-    head, tail = build_parts(ARCH, "fc7")
-    load_weights((head, tail), SHIPPED_WEIGHTS)
-    with torch.no_grad():
-        f = np.concatenate([head(torch.from_numpy(x[i : i + 256])).flatten(1).numpy() for i in range(0, len(x), 256)])
-    return f.astype(np.float64), np.asarray(index.labels)
-
-
-def _clip(g: np.ndarray, c: float) -> np.ndarray:
-    return g * np.minimum(1.0, c / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12))
 
 
 def _accuracies(f, y, centre, c, vals, vecs, epsilon, splits=6):  # type: ignore[no-untyped-def]
@@ -56,7 +37,7 @@ def _accuracies(f, y, centre, c, vals, vecs, epsilon, splits=6):  # type: ignore
         rng = np.random.default_rng(split)
         rows = [rng.permutation(np.flatnonzero(y == q)) for q in range(10)]
         tr, te = np.concatenate([r[:75] for r in rows]), np.concatenate([r[75:] for r in rows])
-        x, xt = _clip(f[tr] - centre, c), _clip(f[te] - centre, c)
+        x, xt = clip(f[tr] - centre, c), clip(f[te] - centre, c)
         sums = np.stack([x[y[tr] == q].sum(0) for q in range(10)])
         counts = np.bincount(y[tr], minlength=10).astype(np.float64)
         noisy = sums + rng.normal(0, sigma, sums.shape)
@@ -73,15 +54,15 @@ def main() -> None:
     torch.set_num_threads(2)
     public_ids = int(sys.argv[1]) if len(sys.argv) > 1 else 200
     root = Path(tempfile.mkdtemp(prefix="precision-lever-"))
-    centre_f, _ = _features(root, SynthConfig(identities=40, per_identity=10, size=64, seed=1))  # the export's
-    cov_f, cov_y = _features(root, SynthConfig(identities=public_ids, per_identity=10, size=64, seed=5))
+    centre_f, _ = features(root, SynthConfig(identities=40, per_identity=10, size=64, seed=1))  # the export's
+    cov_f, cov_y = features(root, SynthConfig(identities=public_ids, per_identity=10, size=64, seed=5))
     tasks = {
-        name: _features(root, SynthConfig(identities=10, per_identity=100, size=64, seed=seed))
+        name: features(root, SynthConfig(identities=10, per_identity=100, size=64, seed=seed))
         for name, seed in (("public task (seed 4)", 4), ("device (seed 0)", 0))
     }
     centre = centre_f.mean(0)
     c = float(np.median(np.linalg.norm(centre_f - centre, axis=1)))
-    g = _clip(cov_f - centre, c)
+    g = clip(cov_f - centre, c)
     sw = sum(np.cov(g[cov_y == q].T, bias=True) * np.mean(cov_y == q) for q in np.unique(cov_y))
     vals, vecs = np.linalg.eigh(sw)
     print("| whole-run ε | data | <x, t> | " + " | ".join(f"λ {lam:g}" for lam in LAMBDAS[1:]) + " |")

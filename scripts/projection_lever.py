@@ -20,34 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from shipped_features import clip, features  # scripts/: run as python scripts/<name>.py
 
-from dpa.contract.architecture import ArchConfig
-from dpa.faces.lfw import index_faces, load_batch
-from dpa.faces.synth import SynthConfig, cached_faces
+from dpa.faces.synth import SynthConfig
 from dpa.faces.verification import cosine_scores, sample_pairs, verification
 from dpa.privacy.accountant import calibrate_noise_multiplier
-from dpa.runs.shipped_weights import SHIPPED_WEIGHTS, shipped_info
-from exporter.export import RELEASE_CLIP_SHARE_OF_MEDIAN, VGGFACE_MEAN
-from exporter.pretrain import PRETRAIN_PIXEL_STD
-from exporter.vggface import build_parts, load_weights
+from dpa.runs.shipped_weights import shipped_info
+from exporter.export import RELEASE_CLIP_SHARE_OF_MEDIAN
 
-ARCH = ArchConfig(image_size=64, width=0.25, num_classes=10, dropout=0.0)
 DIMS = (None, 16, 32, 64, 128, 256)  # None: no projection
 SPLITS = 20
-
-
-def _features(root: Path, cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
-    index = index_faces(cached_faces(root, cfg), min_faces_per_person=1)
-    x = load_batch(list(index.paths), size=64, mean=VGGFACE_MEAN, std=(PRETRAIN_PIXEL_STD,) * 3)
-    head, tail = build_parts(ARCH, "fc7")
-    load_weights((head, tail), SHIPPED_WEIGHTS)
-    with torch.no_grad():
-        f = np.concatenate([head(torch.from_numpy(x[i : i + 256])).flatten(1).numpy() for i in range(0, len(x), 256)])
-    return f.astype(np.float64), np.asarray(index.labels)
-
-
-def _clip(g: np.ndarray, c: float) -> np.ndarray:
-    return g * np.minimum(1.0, c / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12))
 
 
 def _accuracy(x: np.ndarray, y: np.ndarray, c: float, epsilon: float) -> dict[str, float]:
@@ -58,7 +40,7 @@ def _accuracy(x: np.ndarray, y: np.ndarray, c: float, epsilon: float) -> dict[st
         rng = np.random.default_rng(split)
         rows = [rng.permutation(np.flatnonzero(y == q)) for q in range(10)]
         tr, te = np.concatenate([r[:75] for r in rows]), np.concatenate([r[75:] for r in rows])
-        xtr, xte = _clip(x[tr], c), _clip(x[te], c)
+        xtr, xte = clip(x[tr], c), clip(x[te], c)
         sums = np.stack([xtr[y[tr] == q].sum(0) for q in range(10)]) + rng.normal(0, sigma, (10, x.shape[1]))
         counts = np.bincount(y[tr], minlength=10) + rng.normal(0, sigma / c, 10)
         t = sums / np.maximum(np.rint(counts), 1)[:, None]
@@ -72,9 +54,9 @@ def main() -> None:
     shipped_info()  # the shipped file's hash, checked
     torch.set_num_threads(2)
     root = Path(tempfile.mkdtemp(prefix="projection-lever-"))
-    centre_f, _ = _features(root, SynthConfig(identities=40, per_identity=10, size=64, seed=1))  # the export's
-    val_f, val_y = _features(root, SynthConfig(identities=100, per_identity=8, size=64, seed=2))
-    tasks = {name: _features(root, SynthConfig(identities=10, per_identity=100, size=64, seed=seed))
+    centre_f, _ = features(root, SynthConfig(identities=40, per_identity=10, size=64, seed=1))  # the export's
+    val_f, val_y = features(root, SynthConfig(identities=100, per_identity=8, size=64, seed=2))
+    tasks = {name: features(root, SynthConfig(identities=10, per_identity=100, size=64, seed=seed))
              for name, seed in (("public task (seed 4)", 4), ("device (seed 0)", 0))}  # fmt: skip
     centre = centre_f.mean(0)
     _, _, vt = np.linalg.svd(centre_f - centre, full_matrices=False)  # as the export computes its basis
