@@ -126,15 +126,18 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
         centre, clip = None, None
         if cfg.centre_faces is not None:
             progress("computing the release centre and clip on public faces")
-            centre, clip = _public_centre(head, Path(cfg.centre_faces), size, std)
-        if cfg.release_dims is not None:
-            progress(f"projecting the release on {cfg.release_dims} public principal directions")
-            basis = _public_basis(head, Path(cfg.centre_faces), size, std, centre, cfg.release_dims)  # type: ignore[arg-type]
-            head, tail = project_parts(cfg.arch, cfg.cut, (head, tail), basis, centre, cfg.seed)  # type: ignore[arg-type]
-            # The projection centres (its bias is -W centre): no centre file; the clip is measured again.
-            centre, clip = None, _public_clip(head, Path(cfg.centre_faces), size, std)
-            with torch.no_grad():
-                activation = head.eval()(example)
+            faces = Path(cfg.centre_faces)
+            centre = _public_centre(head, faces, size, std)
+            if cfg.release_dims is None:
+                clip = _public_clip(head, faces, size, std, centre)
+            else:
+                progress(f"projecting the release on {cfg.release_dims} public principal directions")
+                basis = _public_basis(head, faces, size, std, centre, cfg.release_dims)
+                head, tail = project_parts(cfg.arch, cfg.cut, (head, tail), basis, centre, cfg.seed)
+                # The projection centres (its bias is -W centre): no centre file; the clip is its output's.
+                centre, clip = None, _public_clip(head, faces, size, std)
+                with torch.no_grad():
+                    activation = head.eval()(example)
         progress("exporting head to ONNX")
         write_part_artifacts(
             export_onnx(head, example, GraphNames.IMAGES, GraphNames.ACTIVATION),
@@ -216,21 +219,22 @@ def _activations(head: object, faces: Path, size: int, std: float) -> Iterator[A
             yield head.eval()(torch.from_numpy(batch)).double()  # type: ignore[attr-defined]
 
 
-def _public_centre(head: object, faces: Path, size: int, std: float) -> tuple[np.ndarray, float]:
-    """(the mean head activation over a folder of public faces, float32 of one example's shape;
-    ``RELEASE_CLIP_SHARE_OF_MEDIAN`` times the median L2 norm of the activations centred on it): the
-    release centre and the clip a device uses by default, both from public faces only. Two passes, so
-    that no batch of activations is kept."""
+def _public_centre(head: object, faces: Path, size: int, std: float) -> np.ndarray:
+    """The mean head activation over a folder of public faces, float32 of one example's shape: the release
+    centre, from public faces only (summed batch by batch, so that no batch of activations is kept)."""
     count, total = 0, 0.0
     for a in _activations(head, faces, size, std):
         count, total = count + len(a), total + a.sum(dim=0)
-    centre = (total / count).float()  # type: ignore[union-attr]
-    return centre.numpy(), _public_clip(head, faces, size, std, centre)
+    return (total / count).float().numpy()  # type: ignore[union-attr]
 
 
-def _public_clip(head: object, faces: Path, size: int, std: float, centre: Any = None) -> float:
-    """``RELEASE_CLIP_SHARE_OF_MEDIAN`` times the median L2 norm of the (centred) public activations."""
-    sub = (lambda a: a.float() - centre) if centre is not None else (lambda a: a.float())
+def _public_clip(head: object, faces: Path, size: int, std: float, centre: np.ndarray | None = None) -> float:
+    """``RELEASE_CLIP_SHARE_OF_MEDIAN`` times the median L2 norm of the (centred) public activations: the
+    clip a device uses by default, from public faces only."""
+    import torch
+
+    c = None if centre is None else torch.from_numpy(centre)
+    sub = (lambda a: a.float() - c) if c is not None else (lambda a: a.float())
     norms = np.concatenate([sub(a).flatten(1).norm(dim=1).numpy() for a in _activations(head, faces, size, std)])
     return RELEASE_CLIP_SHARE_OF_MEDIAN * float(np.median(norms))  # numpy: the mean of the two middle ones
 

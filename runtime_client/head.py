@@ -99,8 +99,7 @@ class HeadModel:
 
     def forward(self, images: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) float32 -> activation (B, *activation_shape), minus the release centre if any."""
-        self.module.eval()
-        a = self.module(images)
+        a = self.embed(images)
         if self.centre is not None:
             a -= self.centre
         return a

@@ -48,10 +48,14 @@ def _setup(artifacts: Path, state_dir: Path) -> tuple[HeadModel, Gallery, object
     return HeadModel(artifacts, manifest, resolve_device(DeviceProfile.CPU)), gallery, manifest
 
 
-def _embed(head: HeadModel, gallery: Gallery, manifest, paths: list[Path]) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _check_files(paths: list[Path]) -> None:
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
         raise UserError(f"no such image: {', '.join(missing)}")
+
+
+def _embed(head: HeadModel, gallery: Gallery, manifest, paths: list[Path]) -> np.ndarray:  # type: ignore[no-untyped-def]
+    _check_files(paths)
     return unit_rows(embed_files(head, manifest, paths, gallery.clip, gallery.scale))
 
 
@@ -83,9 +87,7 @@ def verify(
     """(same person?, cosine of the two embeddings, the threshold used)."""
     head, gallery, manifest = _setup(artifacts, state_dir)
     t = _threshold(threshold, gallery.pair_threshold, "verification")
-    missing = [str(p) for p in (a, b) if not Path(p).is_file()]
-    if missing:
-        raise UserError(f"no such image: {', '.join(missing)}")
+    _check_files([Path(a), Path(b)])
     e = pair_embeddings(head, manifest, [Path(a), Path(b)])
     score = float(e[0] @ e[1])
     return score >= t, score, t
