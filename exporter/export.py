@@ -1,4 +1,5 @@
-"""``dpa export``: build VGG-Face, split it, write and verify the artifacts, atomically.
+"""``dpa export``: build a network family (VGG-Face, dlib's ResNet), split it, write and verify the artifacts,
+atomically.
 
 Everything is built in a temporary folder beside ``--out``, verified against torch,
 and only then renamed into place. An existing export at ``--out`` is replaced as a
@@ -18,10 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from dpa.contract.architecture import ArchConfig, cut_info
+from dpa.contract.architecture import ArchConfig
+from dpa.contract.choices import NetworkName
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import GraphNames, Manifest, OptimizerConfig, sha256_file
 from dpa.faces.lfw import index_faces, load_batch
+from exporter.networks.vggface import VGGFACE_MEAN
 
 __all__ = ["ExportConfig", "export", "VGGFACE_MEAN"]
 
@@ -29,20 +32,19 @@ log = logging.getLogger(__name__)
 
 #: Where a centred export keeps its public release centre (``Manifest.release_centre``).
 RELEASE_CENTRE_FILE = "head/release_centre.npy"
-#: VGG-Face's training mean (RGB, 0..255), from the published model; images are centred on it.
-VGGFACE_MEAN = (129.186279296875, 104.76238250732422, 93.59396362304688)
-#: Scale for training from scratch: brings pixels to roughly unit variance for He initialisation.
-#: Published VGG-Face weights expect no scaling (std 1), which --weights selects.
-_FROM_SCRATCH_STD = 64.0
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    arch: ArchConfig = field(default_factory=ArchConfig)  # network shape
+    network: NetworkName = NetworkName.VGGFACE  # the family (exporter.networks); VGG-Face is the seed's
+    # VGG-Face's shape; the dlib family reads only num_classes (its tail's classifier) from it
+    arch: ArchConfig = field(default_factory=ArchConfig)
     cut: str = "conv1_1"  # the seed's cut: the device runs only the first convolution
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     out: Path = Path("artifacts")  # default export folder, shared by client and server on one machine
-    weights: Path | None = None  # a layer-named PyTorch state dict; None: seeded initialisation
+    # VGG-Face: a layer-named PyTorch state dict, None: seeded initialisation; dlib-resnet: its .dat file,
+    # None: the one face-recognition-models installs
+    weights: Path | None = None
     seed: int = 0  # initialisation seed (ignored with weights)
     verify: bool = True  # compare ORT against torch autograd before publishing the export
     verify_batch: int = 2  # examples in the verification batch
@@ -94,11 +96,13 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
     import onnxruntime
     import torch
 
+    from exporter.networks import family
     from exporter.ort_artifacts import OPSET, export_onnx, write_part_artifacts
-    from exporter.vggface import build_parts, init_weights, load_weights, project_parts
 
     onnxruntime.set_default_logger_severity(3)  # onnxblock's graph builders are very chatty at INFO
-    info = cut_info(cfg.arch, cfg.cut)
+    cuts = family(cfg.network).cuts()
+    if cfg.cut not in cuts:
+        raise UserError(f"unknown cut {cfg.cut!r}; valid cuts: {', '.join(cuts)}")
     _check_out_dir(cfg.out)
     if cfg.weights is not None and not Path(cfg.weights).is_file():
         raise UserError(f"weights file {cfg.weights} does not exist")
@@ -107,19 +111,17 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
     if cfg.release_dims is not None and cfg.release_dims < 1:
         raise UserError(f"--release-dims must be >= 1, got {cfg.release_dims}")
 
-    parts = build_parts(cfg.arch, cfg.cut)
-    if cfg.weights is not None:
-        load_weights(parts, Path(cfg.weights), seed=cfg.seed)
-        std = 1.0 if cfg.pixel_std is None else cfg.pixel_std
-    else:
-        init_weights(parts, cfg.seed)
-        std = _FROM_SCRATCH_STD if cfg.pixel_std is None else cfg.pixel_std
-    head, tail = parts
+    net = family(cfg.network)
+    split = net.build(cfg)
+    if net.check is not None:
+        progress(f"checking the {cfg.network.value} network against its own toolkit")
+        check_note = net.check(cfg, split)
+    head, tail, size = split.head, split.tail, split.image_size
+    mean, std = split.pixel_mean, split.pixel_std
 
     out = cfg.out.resolve()
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
     try:
-        size = cfg.arch.image_size
         example = torch.zeros(2, 3, size, size)
         with torch.no_grad():
             activation = head.eval()(example)  # (B, *activation_shape)
@@ -127,15 +129,20 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
         if cfg.centre_faces is not None:
             progress("computing the release centre and clip on public faces")
             faces = Path(cfg.centre_faces)
-            centre = _public_centre(head, faces, size, std)
+            pre = _Pre(size, mean, std)
+            centre = _public_centre(head, faces, pre)
             if cfg.release_dims is None:
-                clip = _public_clip(head, faces, size, std, centre)
+                clip = _public_clip(head, faces, pre, centre)
             else:
+                project = net.project
+                if project is None:
+                    raise UserError(f"--release-dims is not available for {cfg.network.value} yet")
                 progress(f"projecting the release on {cfg.release_dims} public principal directions")
-                basis = _public_basis(head, faces, size, std, centre, cfg.release_dims)
-                head, tail = project_parts(cfg.arch, cfg.cut, (head, tail), basis, centre, cfg.seed)
+                basis = _public_basis(head, faces, pre, centre, cfg.release_dims)
+                split = project(cfg, split, basis, centre)
+                head, tail = split.head, split.tail
                 # The projection centres (its bias is -W centre): no centre file; the clip is its output's.
-                centre, clip = None, _public_clip(head, faces, size, std)
+                centre, clip = None, _public_clip(head, faces, pre)
                 with torch.no_grad():
                     activation = head.eval()(example)
         progress("exporting head to ONNX")
@@ -157,25 +164,26 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
             np.save(staging / RELEASE_CENTRE_FILE, centre)
         files = {p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         manifest = Manifest(
-            arch="vggface",
+            arch=cfg.network.value,
             cut=cfg.cut,
             image_size=size,
-            width=cfg.arch.width,
+            width=split.width,
             num_classes=cfg.arch.num_classes,
-            dropout=cfg.arch.dropout,
+            dropout=split.dropout,
             input_shape=(3, size, size),
-            activation_shape=info.activation_shape if cfg.release_dims is None else (cfg.release_dims,),
+            activation_shape=split.activation_shape,
             opset=OPSET,
             optimizer=cfg.optimizer,
-            pixel_mean=VGGFACE_MEAN,
-            pixel_std=(std, std, std),
-            seed=None if cfg.weights is not None else cfg.seed,
-            weights_sha256=None if cfg.weights is None else sha256_file(Path(cfg.weights)),
+            pixel_mean=mean,
+            pixel_std=std,
+            seed=split.seed,
+            weights_sha256=None if split.weights is None else sha256_file(Path(split.weights)),
             files=files,
             versions=_versions(),
             release_centre=RELEASE_CENTRE_FILE if centre is not None else None,
             release_clip=clip,
             release_dims=cfg.release_dims,
+            alignment=split.alignment,
         )
         manifest.write(staging)
         report = None
@@ -184,6 +192,8 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
 
             progress("verifying against torch autograd")
             report = verify_export(staging, head, tail, batch=cfg.verify_batch, seed=cfg.seed)
+            if net.check is not None:
+                report.notes.append(check_note)
             for name, (_abs, rel) in report.errors.items():
                 limit = cfg.tolerance if name.endswith("grad") or "d_activation" in name else cfg.forward_tolerance
                 if rel > limit:
@@ -206,7 +216,16 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
 RELEASE_CLIP_SHARE_OF_MEDIAN = 0.5
 
 
-def _activations(head: object, faces: Path, size: int, std: float) -> Iterator[Any]:
+@dataclass(frozen=True)
+class _Pre:
+    """How the export's network reads an image: side, mean, std (the manifest's)."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def _activations(head: object, faces: Path, pre: _Pre) -> Iterator[Any]:
     """The head's activations (float64 torch tensors, 64 images at a time) on a folder of public faces."""
     import torch
 
@@ -214,36 +233,36 @@ def _activations(head: object, faces: Path, size: int, std: float) -> Iterator[A
     if not len(index.paths):
         raise UserError(f"no faces in {faces} to compute the release centre from")
     for start in range(0, len(index.paths), 64):
-        batch = load_batch(list(index.paths[start : start + 64]), size=size, mean=VGGFACE_MEAN, std=(std,) * 3)
+        batch = load_batch(list(index.paths[start : start + 64]), size=pre.size, mean=pre.mean, std=pre.std)
         with torch.no_grad():
             yield head.eval()(torch.from_numpy(batch)).double()  # type: ignore[attr-defined]
 
 
-def _public_centre(head: object, faces: Path, size: int, std: float) -> np.ndarray:
+def _public_centre(head: object, faces: Path, pre: _Pre) -> np.ndarray:
     """The mean head activation over a folder of public faces, float32 of one example's shape: the release
     centre, from public faces only (summed batch by batch, so that no batch of activations is kept)."""
     count, total = 0, 0.0
-    for a in _activations(head, faces, size, std):
+    for a in _activations(head, faces, pre):
         count, total = count + len(a), total + a.sum(dim=0)
     return (total / count).float().numpy()  # type: ignore[union-attr]
 
 
-def _public_clip(head: object, faces: Path, size: int, std: float, centre: np.ndarray | None = None) -> float:
+def _public_clip(head: object, faces: Path, pre: _Pre, centre: np.ndarray | None = None) -> float:
     """``RELEASE_CLIP_SHARE_OF_MEDIAN`` times the median L2 norm of the (centred) public activations: the
     clip a device uses by default, from public faces only."""
     import torch
 
     c = None if centre is None else torch.from_numpy(centre)
     sub = (lambda a: a.float() - c) if c is not None else (lambda a: a.float())
-    norms = np.concatenate([sub(a).flatten(1).norm(dim=1).numpy() for a in _activations(head, faces, size, std)])
+    norms = np.concatenate([sub(a).flatten(1).norm(dim=1).numpy() for a in _activations(head, faces, pre)])
     return RELEASE_CLIP_SHARE_OF_MEDIAN * float(np.median(norms))  # numpy: the mean of the two middle ones
 
 
-def _public_basis(head: object, faces: Path, size: int, std: float, centre: np.ndarray, k: int) -> np.ndarray:
+def _public_basis(head: object, faces: Path, pre: _Pre, centre: np.ndarray, k: int) -> np.ndarray:
     """(k, d) float32: the top ``k`` principal directions (orthonormal rows) of the public activations
     centred on ``centre``; each row's largest entry made positive, so the export does not depend on the
     SVD's signs."""
-    a = np.concatenate([x.flatten(1).numpy() for x in _activations(head, faces, size, std)])
+    a = np.concatenate([x.flatten(1).numpy() for x in _activations(head, faces, pre)])
     a -= np.ravel(centre).astype(np.float64)
     if not 1 <= k <= min(len(a) - 1, a.shape[1]):
         raise UserError(

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from dpa.contract.manifest import ARTIFACT_FILES, GraphNames
 from dpa.contract.ort_training import CheckpointState, Module
-from exporter.vggface import VGGFacePart
 
 __all__ = ["VerifyReport", "verify_export"]
 
@@ -66,7 +66,7 @@ def _load(part_dir: Path) -> tuple[CheckpointState, Module]:
     return state, module
 
 
-def verify_export(directory: Path, head: VGGFacePart, tail: VGGFacePart, *, batch: int, seed: int) -> VerifyReport:
+def verify_export(directory: Path, head: nn.Module, tail: nn.Module, *, batch: int, seed: int) -> VerifyReport:
     from dpa.contract.manifest import load_manifest
 
     manifest = load_manifest(directory, verify=("head", "tail"))
@@ -93,7 +93,7 @@ def verify_export(directory: Path, head: VGGFacePart, tail: VGGFacePart, *, batc
     # Backward of the tail: loss, d loss / d activation, parameter gradients.
     if manifest.dropout > 0:
         twin = copy.deepcopy(tail)
-        twin.dropout.p = 0.0
+        twin.dropout.p = 0.0  # type: ignore[union-attr]  # only VGG-Face has dropout (manifest.dropout > 0)
         report.notes.append("dropout > 0: tail backward checked on a dropout-free twin of the same weights")
         with tempfile.TemporaryDirectory() as tmp:
             from exporter.ort_artifacts import export_onnx, write_part_artifacts
@@ -120,10 +120,12 @@ def verify_export(directory: Path, head: VGGFacePart, tail: VGGFacePart, *, batc
     return report
 
 
-def _upstream(tail: VGGFacePart, act: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _upstream(tail: nn.Module, act: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """d loss / d activation from a dropout-free copy of the tail (the head's upstream gradient)."""
     twin = copy.deepcopy(tail).train()
-    twin.dropout.p = 0.0
+    for module in twin.modules():  # VGG-Face's tail has dropout; other families have none
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
     a = act.detach().clone().requires_grad_(True)
     torch.nn.functional.cross_entropy(twin(a), labels).backward()
     assert a.grad is not None
@@ -134,7 +136,7 @@ def _check_tail(
     report: VerifyReport,
     state: CheckpointState,
     module: Module,
-    tail: VGGFacePart,
+    tail: nn.Module,
     act: torch.Tensor,
     labels: torch.Tensor,
 ) -> None:

@@ -19,6 +19,14 @@ from dpa.runs.loopback import free_port, wait_until_healthy
 
 SMALL = ArchConfig(image_size=64, width=0.25, num_classes=6, dropout=0.0)
 
+#: Real photographs (Labeled Faces in the Wild, deep-funneled) beside the project, never inside it:
+#: ``../shared/data/lfw`` (its README); DPA_LFW overrides. CI has it; a newcomer's clone may not.
+LFW = Path(os.environ.get("DPA_LFW", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw"))
+LFW_IMAGES = LFW / "lfw-deepfunneled"
+needs_lfw = pytest.mark.skipif(
+    not LFW_IMAGES.is_dir(), reason=f"real faces: LFW is not at {LFW} (see ../shared/data/lfw/README.md)"
+)
+
 
 def export_small(out: Path, *, cut: str = "conv1_1", lr: float = 0.01, arch: ArchConfig = SMALL, **kw) -> Path:
     from exporter.export import ExportConfig, export

@@ -1,7 +1,9 @@
-"""``dpa export``: split VGG-Face at a cut and write ONNX Runtime training artifacts."""
+"""``dpa export``: split a network family (VGG-Face, dlib's face ResNet) at a cut and write ONNX Runtime
+training artifacts."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +12,9 @@ from rich.table import Table
 
 from dpa.cli.errors import console, user_errors
 from dpa.contract.architecture import ArchConfig, all_cuts, cut_names
-from dpa.contract.errors import UserError
+from dpa.contract.choices import NetworkName
+from dpa.contract.dlib_resnet import cut_names as dlib_cuts
+from dpa.contract.dlib_resnet import stages as dlib_stages
 from dpa.contract.manifest import OptimizerConfig, OptimizerName
 
 
@@ -37,9 +41,31 @@ def _print_cuts(arch: ArchConfig) -> None:
     console.print(table)
 
 
+def _print_dlib_cuts() -> None:
+    table = Table(title="dlib-resnet cuts at 150x150 (dlib's aligned chip)")
+    for col in ("cut", "activation", "bytes/example", "head FLOPs"):
+        table.add_column(col, justify="right" if col != "cut" else "left")
+    all_stages = dlib_stages()
+    total = sum(s.flops for s in all_stages)
+    done = 0
+    for stage in all_stages:
+        done += stage.flops
+        table.add_row(stage.name, "x".join(map(str, stage.out_shape)),
+                      _human_bytes(4 * math.prod(stage.out_shape)), f"{100 * done / total:.2f}%")  # fmt: skip
+    console.print(table)
+
+
 def export_command(
-    cut: Annotated[str, typer.Option(help=f"Layer to cut after: {', '.join(cut_names())}.")] = "conv1_1",
-    arch: Annotated[str, typer.Option(help="Network architecture (only vggface).")] = "vggface",
+    cut: Annotated[
+        str,
+        typer.Option(help=f"Where to cut. vggface: {', '.join(cut_names())}. dlib-resnet: {', '.join(dlib_cuts())}."),
+    ] = "conv1_1",
+    network: Annotated[
+        NetworkName,
+        typer.Option("--network", "--arch", help="Network family: vggface (the seed's) or dlib-resnet (dlib's "
+                     "public face ResNet, from face-recognition-models; --weights is its .dat file).",
+                     case_sensitive=False),
+    ] = NetworkName.VGGFACE,
     image_size: Annotated[int, typer.Option(help="Input side in pixels, a multiple of 32.")] = 224,
     width: Annotated[float, typer.Option(help="Channel multiplier (0.25 for CPU experiments).")] = 1.0,
     classes: Annotated[int, typer.Option(help="Identities the classifier distinguishes.")] = 2622,
@@ -67,17 +93,16 @@ def export_command(
         typer.Option(help="Project the release on this many principal directions of the --centre-from faces."),
     ] = None,
 ) -> None:
-    """Split VGG-Face at --cut and write head (device) and tail (edge) training artifacts."""
+    """Split a network at --cut and write head (device) and tail (edge) training artifacts."""
     with user_errors():
-        if arch != "vggface":
-            raise UserError(f"unknown arch {arch!r}; valid: vggface")
         arch_cfg = ArchConfig(image_size=image_size, width=width, num_classes=classes, dropout=dropout)
         if list_cuts:
-            _print_cuts(arch_cfg)
+            _print_cuts(arch_cfg) if network is NetworkName.VGGFACE else _print_dlib_cuts()
             return
         from exporter.export import ExportConfig, export
 
         cfg = ExportConfig(
+            network=network,
             arch=arch_cfg,
             cut=cut,
             optimizer=OptimizerConfig(name=optimizer, lr=lr, weight_decay=weight_decay),

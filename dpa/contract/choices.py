@@ -13,7 +13,7 @@ from typing import Self
 
 from dpa.contract.errors import UserError
 
-__all__ = ["Choice"]
+__all__ = ["Choice", "NetworkName"]
 
 
 class Choice(StrEnum):
@@ -35,3 +35,14 @@ class Choice(StrEnum):
             return cls(value.strip().lower())
         except ValueError:
             raise UserError(f"unknown {cls.what()} {value!r}; valid: {valid}") from None
+
+
+class NetworkName(Choice):
+    """The network families ``dpa export`` builds (``exporter.networks``' registry)."""
+
+    VGGFACE = "vggface"  # the seed's network (Parkhi et al., 2015): trained from scratch or from --weights
+    DLIB_RESNET = "dlib-resnet"  # dlib's public face ResNet (face-recognition-models, CC0): knows real people
+
+    @classmethod
+    def what(cls) -> str:
+        return "network"

@@ -126,6 +126,11 @@ class Manifest:
     # output, every release and the tail's input are (release_dims,) and activation_shape says so; the
     # head graph already centres, so such an export has no release_centre. None: no projection.
     release_dims: int | None = None
+    # The face alignment the network's input is (``dpa.faces.align.ALIGNMENT``: "dlib-5pt-150" is dlib's
+    # 5-landmark similarity transform to a 150x150 chip with padding 0.25): a device aligns each photo so
+    # before preprocessing, and releases nothing for a photo where no face is found. None: the image is
+    # centre-cropped to a square and resized (the key is then left out of the JSON).
+    alignment: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -144,6 +149,8 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["optimizer"] = {**data["optimizer"], "name": self.optimizer.name.value}
+        if self.alignment is None:
+            del data["alignment"]  # an unaligned export's manifest is byte for byte what it was before the field
         return data
 
     def write(self, directory: Path) -> Path:
@@ -183,6 +190,7 @@ class Manifest:
                 release_centre=None if data.get("release_centre") is None else str(data["release_centre"]),
                 release_clip=None if data.get("release_clip") is None else _positive(data["release_clip"]),
                 release_dims=None if data.get("release_dims") is None else int(data["release_dims"]),
+                alignment=None if data.get("alignment") is None else str(data["alignment"]),
             )
         except KeyError as exc:
             raise UserError(f"manifest is missing field {exc.args[0]!r}") from None
