@@ -58,6 +58,9 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str,
         # The TorchScript exporter is deprecated, but it is the one whose graphs onnxruntime-training
         # 1.19 is known to load and differentiate (the dynamo exporter targets newer IR versions).
         warnings.simplefilter("ignore", DeprecationWarning)
+        # The Slice of dlib's average pool (slice + reshape + mean) makes torch warn that it cannot fold it; nothing
+        # is folded here anyway (do_constant_folding=False), so torch's warning says nothing.
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
         torch.onnx.export(
             module,
             (example,),

@@ -13,7 +13,9 @@ from dpa.cli.bench import bench_command
 from dpa.cli.client import client_command, eval_command
 from dpa.cli.data import data_app
 from dpa.cli.demo import demo_command
+from dpa.cli.evaluate import evaluate_app
 from dpa.cli.export import export_command
+from dpa.cli.faces import faces_app
 from dpa.cli.federate import federate_command
 from dpa.cli.pretrain import pretrain_command
 from dpa.cli.privacy import privacy_command
@@ -50,6 +52,8 @@ app.command("web-device")(web_device_command)
 app.command("federate")(federate_command)
 app.add_typer(data_app, name="data")
 app.add_typer(attack_app, name="attack")
+app.add_typer(evaluate_app, name="evaluate")
+app.add_typer(faces_app, name="faces")
 app.add_typer(token_app, name="token")
 
 

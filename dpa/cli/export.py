@@ -62,9 +62,13 @@ def export_command(
     ] = "conv1_1",
     network: Annotated[
         NetworkName,
-        typer.Option("--network", "--arch", help="Network family: vggface (the seed's) or dlib-resnet (dlib's "
-                     "public face ResNet, from face-recognition-models; --weights is its .dat file).",
-                     case_sensitive=False),
+        typer.Option(
+            "--network",
+            "--arch",
+            help="Network family: vggface (the seed's) or dlib-resnet (dlib's "
+            "public face ResNet, from face-recognition-models; --weights is its .dat file).",
+            case_sensitive=False,
+        ),
     ] = NetworkName.VGGFACE,
     image_size: Annotated[int, typer.Option(help="Input side in pixels, a multiple of 32.")] = 224,
     width: Annotated[float, typer.Option(help="Channel multiplier (0.25 for CPU experiments).")] = 1.0,
