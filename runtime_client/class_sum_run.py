@@ -30,7 +30,15 @@ from dpa.contract.errors import UserError
 from dpa.contract.manifest import Manifest
 from dpa.contract.server_view import ClassSumViewFiles
 from dpa.faces.lfw import FaceIndex
-from dpa.privacy.class_sums import ClassSums, contributions, release_class_sums
+from dpa.privacy.accountant import epsilon_spent
+from dpa.privacy.class_sums import (
+    Adjacency,
+    ClassSums,
+    class_sums_sensitivity,
+    contributions,
+    release_class_sums,
+    replace_one_noise_multiplier,
+)
 from dpa.privacy.clipping import clip_factors, l2_norms, scale_examples
 from runtime_client.config import ClientConfig
 from runtime_client.dataset import load_examples
@@ -57,6 +65,7 @@ class ClassSumPlan:
 
     def __init__(self, cfg: ClientConfig) -> None:
         self.dp, self.accountant = privacy_plan(replace(cfg, label_epsilon=math.inf), {})
+        self.adjacency = cfg.adjacency
 
     @property
     def clip(self) -> float:
@@ -68,18 +77,31 @@ class ClassSumPlan:
 
     @property
     def noise_scale(self) -> float:
-        """sigma on every element of the sums: z times their sensitivity 2C (``class_sums_sensitivity``, the
-        same as one example's), the DPConfig's own."""
-        return self.dp.noise_scale
+        """sigma on every element of the sums: z times their sensitivity (``class_sums_sensitivity``: 2C under
+        replace-one, one example's and the DPConfig's own; C under add-remove)."""
+        return self.noise_multiplier * class_sums_sensitivity(self.clip, self.adjacency)
+
+    def replace_one(self) -> dict[str, float]:
+        """The same noise read under replace-one adjacency: its noise multiplier and whole-run epsilon."""
+        z = replace_one_noise_multiplier(self.noise_multiplier, self.adjacency)
+        eps = math.inf if z == 0 else epsilon_spent(mechanism=self.dp.mechanism, noise_multiplier=z, releases=1,
+                                                    delta=self.dp.delta)  # fmt: skip
+        return {"noise_multiplier": z, "epsilon": eps, "delta": self.dp.delta}
 
     def summary(self, elements: int, num_classes: int) -> dict[str, Any]:
         total = self.accountant.summary()
         total["labels"] = "inside the class sums (their sensitivity covers a changed label)"
+        total["adjacency"] = self.adjacency.value
+        total["replace_one"] = self.replace_one()
         total["covers"] = "activations and labels together: one Gaussian release of the class sums (PLD)"
         return {
             # snr_per_element: one example's clipped RMS per element over the noise on each element (a
             # class's sum of n examples has n times this), the same definition as a per-example release's
             **privacy_summary(self.dp, releases=1, elements=elements),
+            "noise_scale": self.noise_scale,
+            "sensitivity": class_sums_sensitivity(self.clip, self.adjacency),
+            "snr_per_element": math.inf if not self.noise_scale else self.clip / math.sqrt(elements) / self.noise_scale,
+            "adjacency": self.adjacency.value,
             "release": "class-sums",
             "epsilon_per_release": total["epsilon"],
             "elements_per_release": num_classes * (elements + 1),
@@ -110,10 +132,12 @@ def compute_class_sums(
         images, labels = load_examples(train, rows, manifest)
         a = head.forward(images)
         clipped = scale_examples(a, clip_factors(l2_norms(a), clip=plan.clip))
-        totals += contributions(clipped, labels, manifest.num_classes, plan.clip)
+        totals += contributions(clipped, labels, manifest.num_classes, plan.clip,
+                                counts=plan.adjacency is Adjacency.REPLACE_ONE)  # fmt: skip
         if on_batch is not None:
             on_batch(len(rows))
-    out = release_class_sums(totals, clip=plan.clip, noise_multiplier=plan.noise_multiplier, rng=rng)
+    out = release_class_sums(totals, clip=plan.clip, noise_multiplier=plan.noise_multiplier, rng=rng,
+                             adjacency=plan.adjacency)  # fmt: skip
     shape = (manifest.num_classes, *manifest.activation_shape)  # as the wire carries them
     return ClassSums(out.sums.reshape(shape), out.counts, out.noise_scale)
 

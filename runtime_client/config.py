@@ -12,6 +12,7 @@ from dpa.contract.devices import DeviceProfile
 from dpa.contract.errors import UserError
 from dpa.faces.synth import SynthConfig
 from dpa.privacy import checks
+from dpa.privacy.class_sums import Adjacency
 from dpa.privacy.mechanism import DPConfig, Mechanism
 from runtime_client.head import ModelFormat
 
@@ -88,6 +89,10 @@ class ClientConfig:
     # held-out accuracy of classifying on the device with them (runtime_client.on_device).
     on_device_templates: bool = False
     release: ReleaseKind = ReleaseKind.EXAMPLES
+    # Class sums only: which neighbouring data sets the guarantee is stated for (dpa.privacy.class_sums):
+    # replace-one (counts released, sensitivity 2C) or add-remove (no counts, sensitivity C). The report gives
+    # the epsilon under both either way.
+    adjacency: Adjacency = Adjacency.REPLACE_ONE
 
     @property
     def releases(self) -> int:
@@ -129,3 +134,6 @@ class ClientConfig:
                 raise UserError("--release class-sums uses the Gaussian mechanism (L2 clipping), not laplace")
             if self.releases_per_example not in (None, 1):
                 raise UserError("--release class-sums releases each example once: drop --releases-per-example")
+        object.__setattr__(self, "adjacency", Adjacency.parse(self.adjacency))
+        if self.adjacency is not Adjacency.REPLACE_ONE and self.release is not ReleaseKind.CLASS_SUMS:
+            raise UserError("--adjacency add-remove is for --release class-sums (per-example releases are replace-one)")

@@ -45,6 +45,17 @@ def is_class_sum_view(view_dir: Path) -> bool:
     return (Path(view_dir) / ClassSumViewFiles.BODY).is_file()
 
 
+def _membership_multiplier(h: dict[str, Any]) -> float:
+    """The noise multiplier ``class_sum_membership`` reads its limit from, for either adjacency: it takes a
+    member to move its class row by sqrt(2) C (the vector and the count), i.e. mu = 1 / (sqrt(2) z) with
+    sigma = 2 z C. An add-remove release has no counts, so a member moves the row by C and mu = C / sigma:
+    the same formula at z = sigma / (sqrt(2) C), a LARGER limit than the header's z would give."""
+    sigma, clip = float(h["noise_scale"]), float(h["clip"])
+    if h.get("adjacency", "replace-one") == "replace-one":
+        return float(h["noise_multiplier"])
+    return sigma / (math.sqrt(2.0) * clip)
+
+
 def _load(view_dir: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray, dict[str, Any], dict[str, np.ndarray]]:
     try:
         f = ClassSumViewFiles
@@ -124,7 +135,7 @@ def audit_class_sum_view(
                                if k != "per_class"}  # fmt: skip
         public_mean = acts_of_images(head, aux[0], clip).mean(axis=0)
         membership = class_sum_membership(
-            sums=sums.reshape(len(sums), -1), counts=counts, noise_multiplier=float(h["noise_multiplier"]), clip=clip,
+            sums=sums.reshape(len(sums), -1), counts=counts, noise_multiplier=_membership_multiplier(h), clip=clip,
             activations=acts, public_mean=public_mean,
             members={k: truth["members"][str(k)] for k in classes},
             held_out={k: truth.get("held_out", {}).get(str(k), []) for k in classes},

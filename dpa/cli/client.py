@@ -16,6 +16,7 @@ from dpa.cli.device_options import DeviceOptions, client_config, device_options
 from dpa.cli.errors import console, option_check, user_errors
 from dpa.contract.errors import UserError
 from dpa.privacy import checks
+from dpa.privacy.class_sums import Adjacency
 from dpa.privacy.mechanism import Mechanism
 from runtime_client.config import RECOMMENDED_TOTAL_EPSILON, ReleaseKind
 from runtime_client.head import ModelFormat
@@ -103,6 +104,15 @@ def client_command(
             case_sensitive=False,
         ),
     ] = None,
+    adjacency: Annotated[
+        Adjacency,
+        typer.Option(
+            help="Class sums: the neighbours the budget is stated for. 'replace-one' (one example changed; counts "
+            "released, sensitivity 2C) or 'add-remove' (one example added or removed, as Opacus; no counts, "
+            "sensitivity C). The report gives the epsilon under both.",
+            case_sensitive=False,
+        ),
+    ] = Adjacency.REPLACE_ONE,
 ) -> None:
     """Train privately: head on this device, DP-A releases to the edge server."""
     from runtime_client.trainer import run_training
@@ -116,7 +126,7 @@ def client_command(
         report=report, max_steps_per_epoch=max_steps, micro_batch=micro_batch, record_view=record_view,
         record_view_limit=record_view_limit, label_epsilon=label_epsilon, label_prior=label_prior,
         frozen_head=frozen_head, releases_per_example=releases_per_example, on_device_templates=on_device_templates,
-        release=release,
+        release=release, adjacency=adjacency,
     )  # fmt: skip
     p = result["privacy"]
     if release is ReleaseKind.CLASS_SUMS:

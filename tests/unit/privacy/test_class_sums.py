@@ -136,3 +136,47 @@ def test_class_sum_templates_carry_n_times_less_noise_than_averaged_per_example_
     assert accuracy(true) == 1.0
     print(f"\nclean accuracy: class sums {accuracy(from_sums):.3f}, per-example {accuracy(per_example):.3f}")
     assert accuracy(from_sums) > 0.9 and accuracy(per_example) < 0.6
+
+
+def test_add_remove_sensitivity_is_c_by_brute_force_over_every_neighbour() -> None:
+    """Add-remove, no counts: adding or removing any one example (any label) moves the totals by <= C; the
+    same release under replace-one moves them by up to 2C, which is what its replace-one epsilon reads."""
+    from dpa.privacy.class_sums import Adjacency, replace_one_noise_multiplier
+
+    rng = np.random.default_rng(3)
+    x, y = _clipped(rng, 12), rng.integers(0, K, 12)
+    base = contributions(x, y, K, C, counts=False)
+    assert np.all(base[:, -1] == 0)
+    worst_removed = max(
+        np.linalg.norm(contributions(np.delete(x, i, 0), np.delete(y, i), K, C, counts=False) - base)
+        for i in range(len(x))
+    )
+    extra = _clipped(rng, 1)
+    worst_added = max(
+        np.linalg.norm(contributions(np.vstack([x, extra]), np.append(y, k), K, C, counts=False) - base)
+        for k in range(K)
+    )
+    assert max(worst_removed, worst_added) <= class_sums_sensitivity(C, Adjacency.ADD_REMOVE) + 1e-9
+    assert class_sums_sensitivity(C, Adjacency.ADD_REMOVE) == pytest.approx(C)
+    replaced = np.linalg.norm(contributions(np.vstack([x[1:], -x[:1]]), np.append(y[1:], y[0]), K, C, counts=False)
+                              - base)  # fmt: skip
+    assert replaced == pytest.approx(2 * np.linalg.norm(x[0]))  # replacing x by -x: 2C, hence z / 2 under it
+    assert replace_one_noise_multiplier(3.0, Adjacency.ADD_REMOVE) == 1.5
+
+
+def test_add_remove_release_has_public_counts_and_noise_z_c() -> None:
+    from dpa.privacy.class_sums import Adjacency
+
+    rng = np.random.default_rng(4)
+    x, y = _clipped(rng, 30), rng.integers(0, K, 30)
+    exact = contributions(x, y, K, C, counts=False)
+    z = 1.7
+    draws = [release_class_sums(exact, clip=C, noise_multiplier=z, rng=np.random.default_rng(s),
+                                adjacency=Adjacency.ADD_REMOVE) for s in range(60)]  # fmt: skip
+    assert all(np.all(d.counts == 1) for d in draws)  # a public constant: nothing of the data, no noise
+    noise = np.stack([d.sums for d in draws]) - exact[:, :-1]
+    assert np.std(noise) == pytest.approx(z * C, rel=0.05)
+    assert draws[0].noise_scale == pytest.approx(z * C)
+    with pytest.raises(ValueError, match="carries no counts"):
+        release_class_sums(contributions(x, y, K, C), clip=C, noise_multiplier=z, rng=rng,
+                           adjacency=Adjacency.ADD_REMOVE)  # fmt: skip
