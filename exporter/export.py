@@ -129,6 +129,8 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
         if cfg.centre_faces is not None:
             progress("computing the release centre and clip on public faces")
             faces = Path(cfg.centre_faces)
+            if split.alignment is not None:
+                _check_chips(faces, size, split.alignment)
             pre = _Pre(size, mean, std)
             centre = _public_centre(head, faces, pre)
             if cfg.release_dims is None:
@@ -236,6 +238,19 @@ def _activations(head: object, faces: Path, pre: _Pre) -> Iterator[Any]:
         batch = load_batch(list(index.paths[start : start + 64]), size=pre.size, mean=pre.mean, std=pre.std)
         with torch.no_grad():
             yield head.eval()(torch.from_numpy(batch)).double()  # type: ignore[attr-defined]
+
+
+def _check_chips(faces: Path, size: int, alignment: str) -> None:
+    """An aligned network's public faces must be its chips: the centre and the clip are statistics of what the
+    device's head will see, and a centre crop of a photograph is not that."""
+    from PIL import Image
+
+    index = index_faces(faces, min_faces_per_person=1)
+    for path in index.paths[:1]:
+        with Image.open(path) as im:
+            if im.size != (size, size):
+                raise UserError(f"--centre-from {faces} holds {im.size[0]}x{im.size[1]} photos, not {alignment} "
+                                f"chips: align them first (dpa faces align {faces} CHIPS)")  # fmt: skip
 
 
 def _public_centre(head: object, faces: Path, pre: _Pre) -> np.ndarray:

@@ -58,6 +58,9 @@ class ClientConfig:
     seed: int | None = None  # None: unpredictable noise and shuffling (what deployments want)
     min_faces_per_person: int = 2  # identities with fewer images are skipped (as scikit-learn's LFW loader)
     test_fraction: float = 0.25  # held-out images per identity
+    # Enrol exactly this many images per identity and hold out the rest (overrides test_fraction): a phone
+    # that enrols a person from a few photos. None: test_fraction.
+    train_per_identity: int | None = None
     split_seed: int = 0  # fixed so that `dpa eval` sees the same held-out images as training
     synth: SynthConfig = field(default_factory=SynthConfig)  # the built-in data set (size follows the manifest)
     state_dir: Path = Path("runs/client")  # head checkpoint and synthetic-data cache

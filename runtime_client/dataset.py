@@ -36,7 +36,8 @@ def prepare_data(cfg: ClientConfig, manifest: Manifest) -> tuple[FaceIndex, Face
             f"{root} has {len(index.names)} identities but the export classifies {manifest.num_classes}: "
             f"export with --classes {len(index.names)} or raise --min-faces-per-person"
         )
-    return split_faces(index, test_fraction=cfg.test_fraction, seed=cfg.split_seed)
+    return split_faces(index, test_fraction=cfg.test_fraction, seed=cfg.split_seed,
+                       train_per_identity=cfg.train_per_identity)  # fmt: skip
 
 
 def load_examples(index: FaceIndex, rows: np.ndarray, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:

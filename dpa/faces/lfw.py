@@ -137,8 +137,13 @@ def _name_seed(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
 
 
-def split_faces(index: FaceIndex, *, test_fraction: float = 0.25, seed: int = 0) -> tuple[FaceIndex, FaceIndex]:
+def split_faces(
+    index: FaceIndex, *, test_fraction: float = 0.25, seed: int = 0, train_per_identity: int | None = None
+) -> tuple[FaceIndex, FaceIndex]:
     """Split by image within each identity into (train, test), deterministically.
+
+    ``train_per_identity``: exactly that many training images per identity and the rest held out (a phone
+    that enrols a person from a few photos); an identity with no more images than that is refused.
 
     Each identity's images are sorted by path, then shuffled by a generator seeded
     from ``seed`` and the identity's name, so the split depends on neither the
@@ -164,6 +169,10 @@ def split_faces(index: FaceIndex, *, test_fraction: float = 0.25, seed: int = 0)
         members.sort(key=lambda i: str(index.paths[i]))
         n = len(members)
         n_test = min(round(n * float(test_fraction)), n - 1)
+        if train_per_identity is not None:
+            if n <= train_per_identity:
+                raise UserError(f"{name} has {n} images: enrolling {train_per_identity} leaves none to test")
+            n_test = n - train_per_identity
         rng = np.random.default_rng(np.random.SeedSequence([seed, _name_seed(name)]))
         order = rng.permutation(n)
         chosen = set(order[:n_test].tolist())

@@ -7,6 +7,7 @@ Its input is dlib's aligned 150x150 chip (``dpa.faces.align``), so the manifest 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,7 @@ from dpa.contract import dlib_resnet as layout
 from dpa.contract.choices import NetworkName
 from dpa.contract.errors import UserError
 from dpa.faces.align import model_file
-from exporter.networks.dlib_resnet import build_parts, load_dat
+from exporter.networks.dlib_resnet import build_parts, load_dat, project_parts
 from exporter.networks.dlib_twin import MAX_ELEMENT_SHARE, MIN_COSINE, compare_with_dlib
 from exporter.networks.family import Family, Split
 
@@ -53,12 +54,21 @@ def _build(cfg: ExportConfig) -> Split:
 def _check(cfg: ExportConfig, split: Split) -> str:
     """The torch twin against dlib's ``compute_face_descriptor`` (:mod:`exporter.networks.dlib_twin`)."""
     report = compare_with_dlib(split.head, split.tail, Path(str(split.weights)), cfg.centre_faces)
-    line = (f"matches dlib's compute_face_descriptor on {report.chips} chips of {report.source}: max element "
-            f"error {report.max_element_share:.1e} of the descriptors' scale, min cosine {report.min_cosine:.8f}")
+    line = (
+        f"matches dlib's compute_face_descriptor on {report.chips} chips of {report.source}: max element "
+        f"error {report.max_element_share:.1e} of the descriptors' scale, min cosine {report.min_cosine:.8f}"
+    )
     if not report.passed:
-        raise UserError(f"the converted network does not match dlib's: {line.split(': ', 1)[1]} "
-                        f"(allowed {MAX_ELEMENT_SHARE:g} and {MIN_COSINE})")
+        raise UserError(
+            f"the converted network does not match dlib's: {line.split(': ', 1)[1]} "
+            f"(allowed {MAX_ELEMENT_SHARE:g} and {MIN_COSINE})"
+        )
     return line
 
 
-FAMILY = Family(name=NetworkName.DLIB_RESNET, cuts=layout.cut_names, build=_build, check=_check)
+def _project(cfg: ExportConfig, split: Split, basis: object, centre: object) -> Split:
+    head, tail = project_parts((split.head, split.tail), cfg.cut, cfg.arch.num_classes, basis, centre, cfg.seed)  # type: ignore[arg-type]
+    return replace(split, head=head, tail=tail, activation_shape=(len(basis),))  # type: ignore[arg-type]
+
+
+FAMILY = Family(name=NetworkName.DLIB_RESNET, cuts=layout.cut_names, build=_build, check=_check, project=_project)

@@ -8,6 +8,7 @@ The stages and their shapes are :mod:`dpa.contract.dlib_resnet`'s; the tensors c
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,9 @@ from torch import nn
 from dpa.contract import dlib_resnet as layout
 from dpa.contract.errors import UserError
 from exporter.networks.dlib_dat import DatLayer, read_dat
+from exporter.vggface import RELEASE_PROJECTION
 
-__all__ = ["DlibPart", "build_parts", "load_dat"]
+__all__ = ["DlibPart", "build_parts", "load_dat", "project_parts"]
 
 
 class Affine(nn.Module):
@@ -89,7 +91,10 @@ class Stem(nn.Module):
 class DlibPart(nn.Module):
     """A contiguous run of stages (the head or the tail); the tail ends in ``classifier``."""
 
-    def __init__(self, names: tuple[str, ...], *, in_shape: tuple[int, ...], num_classes: int | None) -> None:
+    def __init__(
+        self, names: tuple[str, ...], *, in_shape: tuple[int, ...], num_classes: int | None,
+        release_dims: int | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.names = names
         table = {s.name: s for s in layout.stages()}
@@ -103,20 +108,36 @@ class DlibPart(nn.Module):
             elif stage.kind == "embedding":
                 setattr(self, name, nn.Linear(shape[0], layout.EMBEDDING_DIMS, bias=False))
             shape = stage.out_shape
-        self.classifier = nn.Linear(shape[0], num_classes) if num_classes is not None else None
+        self.projected = False
+        if num_classes is None and release_dims is not None:
+            # The head ends in y = W (a - mu): W the public principal directions, frozen (exporter.export sets
+            # them; ort_artifacts leaves RELEASE_PROJECTION out of the trained parameters).
+            setattr(self, RELEASE_PROJECTION, nn.Linear(math.prod(shape), release_dims))
+            getattr(self, RELEASE_PROJECTION).requires_grad_(False)
+            self.projected = True
+        features = release_dims if (num_classes is not None and release_dims is not None) else shape[0]
+        self.classifier = nn.Linear(features, num_classes) if num_classes is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for name in self.names:
             x = x.mean(dim=(2, 3)) if name == "pool" else getattr(self, name)(x)  # pool: (B, 256, 2, 2) -> (B, 256)
+        if self.projected:
+            x = getattr(self, RELEASE_PROJECTION)(torch.flatten(x, 1))
         return x if self.classifier is None else self.classifier(x)
 
 
-def build_parts(cut: str, *, num_classes: int) -> tuple[DlibPart, DlibPart]:
-    """Head (device: stages up to ``cut``) and tail (server: the rest and a ``num_classes`` classifier)."""
+def build_parts(cut: str, *, num_classes: int, release_dims: int | None = None) -> tuple[DlibPart, DlibPart]:
+    """Head (device: stages up to ``cut``) and tail (server: the rest and a ``num_classes`` classifier). With
+    ``release_dims`` the head ends in the frozen release projection; only where the tail is the classifier
+    alone (cut ``embedding``), since no stage of this network takes a projected input."""
     head_stages, tail_stages = layout.stage_cut(cut)
+    if release_dims is not None and tail_stages:
+        raise UserError(f"--release-dims with {layout.NAME} needs --cut embedding (the tail is then its classifier)")
     size = layout.IMAGE_SIZE
-    head = DlibPart(tuple(s.name for s in head_stages), in_shape=(3, size, size), num_classes=None)
-    tail = DlibPart(tuple(s.name for s in tail_stages), in_shape=head_stages[-1].out_shape, num_classes=num_classes)
+    head = DlibPart(tuple(s.name for s in head_stages), in_shape=(3, size, size), num_classes=None,
+                    release_dims=release_dims)  # fmt: skip
+    tail = DlibPart(tuple(s.name for s in tail_stages), in_shape=head_stages[-1].out_shape, num_classes=num_classes,
+                    release_dims=release_dims)  # fmt: skip
     return head, tail
 
 
@@ -150,6 +171,9 @@ def load_dat(parts: tuple[DlibPart, DlibPart], path: Path, *, seed: int) -> None
         own = part.state_dict()
         new = {}
         for name, tensor in own.items():
+            if name.startswith(f"{RELEASE_PROJECTION}."):
+                new[name] = tensor  # set by the export from public faces
+                continue
             if name.startswith("classifier."):
                 new[name] = (torch.randn(tensor.shape, generator=gen) * tensor.shape[-1] ** -0.5
                              if name.endswith("weight") else torch.zeros_like(tensor))  # fmt: skip
@@ -162,3 +186,20 @@ def load_dat(parts: tuple[DlibPart, DlibPart], path: Path, *, seed: int) -> None
         part.load_state_dict(new)
     if placed != set(state):
         raise UserError(f"tensors of the .dat left unplaced: {sorted(set(state) - placed)}")
+
+
+def project_parts(
+    parts: tuple[DlibPart, DlibPart], cut: str, num_classes: int, basis: np.ndarray, centre: np.ndarray, seed: int
+) -> tuple[DlibPart, DlibPart]:
+    """``parts`` with the head ending in y = basis (a - centre) and a classifier over k dimensions (seeded)."""
+    b = np.asarray(basis, dtype=np.float32)
+    head, tail = build_parts(cut, num_classes=num_classes, release_dims=len(b))
+    head.load_state_dict({**head.state_dict(), **parts[0].state_dict()})
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer = getattr(head, RELEASE_PROJECTION)
+        layer.weight.copy_(torch.from_numpy(b))
+        layer.bias.copy_(torch.from_numpy(-(b.astype(np.float64) @ np.ravel(centre)).astype(np.float32)))
+        tail.classifier.weight.copy_(torch.randn(tail.classifier.weight.shape, generator=gen) * len(b) ** -0.5)
+        tail.classifier.bias.zero_()
+    return head, tail
