@@ -12,6 +12,7 @@ from dpa.contract.manifest import Manifest
 from dpa.faces.lfw import FaceIndex, index_faces, load_batch, split_faces
 from dpa.faces.synth import SynthConfig, cached_faces
 from dpa.privacy.noise_source import secure_generator
+from runtime_client.alignment import aligned_folder
 from runtime_client.config import ClientConfig
 from runtime_client.split_step import SplitTrainer
 
@@ -29,7 +30,7 @@ def prepare_data(cfg: ClientConfig, manifest: Manifest) -> tuple[FaceIndex, Face
         )
         root = cached_faces(cfg.state_dir / "data", synth)
     else:
-        root = Path(cfg.data)
+        root = aligned_folder(Path(cfg.data), manifest, cfg.state_dir)
     index = index_faces(root, min_faces_per_person=cfg.min_faces_per_person)
     if len(index.names) > manifest.num_classes:
         raise UserError(

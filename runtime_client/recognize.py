@@ -21,6 +21,7 @@ from dpa.contract.devices import DeviceProfile, resolve_device
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import load_manifest
 from dpa.faces.verification import unit_rows
+from runtime_client.alignment import aligned_photos
 from runtime_client.head import HeadModel
 from runtime_client.on_device import GALLERY_FILE, Gallery, embed_files, load_gallery, pair_embeddings
 
@@ -56,7 +57,7 @@ def _check_files(paths: list[Path]) -> None:
 
 def _embed(head: HeadModel, gallery: Gallery, manifest, paths: list[Path]) -> np.ndarray:  # type: ignore[no-untyped-def]
     _check_files(paths)
-    return unit_rows(embed_files(head, manifest, paths, gallery.clip, gallery.scale))
+    return unit_rows(embed_files(head, manifest, aligned_photos(paths, manifest), gallery.clip, gallery.scale))
 
 
 def _threshold(given: float | None, kept: float, what: str) -> float:
@@ -88,6 +89,6 @@ def verify(
     head, gallery, manifest = _setup(artifacts, state_dir)
     t = _threshold(threshold, gallery.pair_threshold, "verification")
     _check_files([Path(a), Path(b)])
-    e = pair_embeddings(head, manifest, [Path(a), Path(b)])
+    e = pair_embeddings(head, manifest, aligned_photos([Path(a), Path(b)], manifest))
     score = float(e[0] @ e[1])
     return score >= t, score, t

@@ -19,12 +19,21 @@ SEED_PHONE = {"batch_load_s": 0.4, "forward_s": 0.6, "backward_s_per_sample": 0.
 
 
 def bench_command(
-    config: Annotated[str, typer.Option(help="paper (224x224 VGG-Face, conv1_1, batch 8) or small.")] = "small",
+    config: Annotated[
+        str,
+        typer.Option(
+            help="paper (224x224 VGG-Face, conv1_1, batch 8), small, or dlib (dlib's face network "
+            "at 150x150, batch 8, against torch and dlib's own descriptor)."
+        ),
+    ] = "small",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
 ) -> None:
     """Measure head, tail and split steps against torch, wire bytes, client memory and server throughput."""
     from dpa.runs.bench import CONFIGS, run_bench
 
+    if config == "dlib":
+        _dlib_bench(json_out)
+        return
     with user_errors():
         if config not in CONFIGS:
             raise UserError(f"unknown config {config!r}; valid: {', '.join(CONFIGS)}")
@@ -91,3 +100,29 @@ def bench_command(
     if json_out is not None:
         atomic_write_bytes(json_out, (json.dumps(report, indent=2) + "\n").encode())
         console.print(f"figures: {json_out}")
+
+
+def _dlib_bench(json_out: Path | None) -> None:
+    """``dpa bench --config dlib``: the class-sum device's forward on dlib's network, beside torch and dlib."""
+    import tempfile
+
+    from dpa.contract.cpu import cpu_info
+    from dpa.runs.dlib_cost import dlib_device_cost
+    from dpa.runs.lfw_eval import default_export
+
+    with user_errors(), tempfile.TemporaryDirectory() as tmp:
+        art = default_export(Path(tmp), lambda msg: console.print(f"[bold cyan]>[/] {msg}"))
+        console.print("[bold cyan]>[/] timing the forward of 8 chips: ours (onnxruntime), torch, dlib")
+        report = dlib_device_cost(art)
+    report["cpu"] = cpu_info().as_json()
+    console.print(f"dlib-resnet, 150x150, batch 8, median of {report['repeats']}; {report['cpu']['summary']}")
+    for name in ("ours", "torch", "dlib"):
+        r = report[name]
+        console.print(f"  {name:<6} forward {r['forward_ms']:8.1f} ms   peak RSS {r['peak_rss_mb']:6.0f} MB")
+    console.print(f"  ours / torch: forward {report['forward_ratio_vs_torch']:.2f}, "
+                  f"RSS {report['rss_ratio_vs_torch']:.2f}")  # fmt: skip
+    console.print(f"  ours / dlib:  forward {report['forward_ratio_vs_dlib']:.2f}, "
+                  f"RSS {report['rss_ratio_vs_dlib']:.2f}")  # fmt: skip
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(json_out, (json.dumps(report, indent=2) + "\n").encode())

@@ -50,11 +50,11 @@ from dpa.privacy.class_sums import Adjacency
 from dpa.privacy.mechanism import DPConfig
 from dpa.runs.lfw_eval import images_root
 from dpa.runs.loopback import serve_and_train
-from dpa.runs.recognition import RecognitionData, TemplateNoise, calibrate_gallery, recognition_metrics
+from dpa.runs.recognition import RecognitionData, calibrate_gallery, recognition_metrics
 from exporter.export import ExportConfig, export
 from runtime_client.config import ClientConfig, ReleaseKind
 from runtime_client.head import HeadModel
-from runtime_client.on_device import GALLERY_FILE, embed_files, load_gallery, template_scores
+from runtime_client.on_device import embed_files, template_scores
 
 __all__ = ["RealFacesConfig", "run_real_faces"]
 
@@ -190,19 +190,24 @@ def _private(
     shutil.rmtree(run_dir, ignore_errors=True)
     clip = load_manifest(art).release_clip
     assert clip is not None
+    private = math.isfinite(eps)
     client = ClientConfig(
         artifacts=art, data=str(data), min_faces_per_person=min_faces, train_per_identity=train_per_identity,
-        epochs=1, dp=DPConfig(clip=clip, delta=cfg.delta), total_epsilon=eps, frozen_head=True,
-        on_device_templates=True, release=ReleaseKind.CLASS_SUMS, adjacency=cfg.adjacency, seed=cfg.seed,
+        epochs=1, dp=DPConfig(clip=clip, epsilon=1.0 if private else math.inf, delta=cfg.delta),
+        total_epsilon=eps if private else None, frozen_head=True,
+        # the clean run keeps counts, so that the export's classes without photos have no template
+        on_device_templates=True, release=ReleaseKind.CLASS_SUMS, seed=cfg.seed,
+        adjacency=cfg.adjacency if private else Adjacency.REPLACE_ONE,
         state_dir=run_dir / "client", report=run_dir / "report.json", record_view=run_dir / "view", progress=False,
     )  # fmt: skip
-    say(f"{name}: class sums released once at whole-run epsilon {eps:g} ({cfg.adjacency.value}), server on loopback")
+    say(
+        f"{name}: class sums released once at whole-run epsilon {eps:g} ({cfg.adjacency.value}), server on loopback"
+        if private
+        else f"{name}: the clean class sums (no noise: the local templates' gallery), server on loopback"
+    )
     report = asyncio.run(serve_and_train(art, run_dir / "server-state", client, templates=True, clean=False))
-    gallery = load_gallery(client.state_dir / GALLERY_FILE)
-    train, test = _split(client, art)
-    per_template = float(np.median(np.bincount(train.labels)))
-    noise = TemplateNoise(sigma=float(report["privacy"]["noise_scale"]) * gallery.scale, per_template=per_template)
-    calibrate_gallery(art, client.state_dir, recognition, noise)
+    _, test = _split(client, art)
+    calibrate_gallery(art, client.state_dir, recognition)
     report["recognition"] = recognition_metrics(art, client.state_dir, test, recognition)
     return report
 
@@ -213,6 +218,10 @@ def _split(client: ClientConfig, art: Path) -> tuple[FaceIndex, FaceIndex]:
     return prepare_data(client, load_manifest(art))
 
 
+_RECOGNITION = ("open_set_identification_rate", "open_set_rejection", "open_set_threshold", "verification_auc",
+                "tar_at_far_1e-3")  # fmt: skip
+
+
 def _row(name: str, report: dict[str, Any], best: float) -> dict[str, Any]:
     p = report["privacy"]
     acc = report["on_device"]["test_accuracy"]
@@ -221,9 +230,7 @@ def _row(name: str, report: dict[str, Any], best: float) -> dict[str, Any]:
         "name": name, "identification_accuracy": acc, "share_of_nonprivate": acc / best,
         "epsilon_total": p["total"]["epsilon"], "delta": p["total"]["delta"], "adjacency": p["adjacency"],
         "epsilon_replace_one": p["total"]["replace_one"]["epsilon"], "noise_scale": p["noise_scale"],
-        "clip": p["clip"], "labels": "inside the class sums",
-        **{k: rec[k] for k in ("open_set_identification_rate", "open_set_rejection", "verification_auc",
-                               "tar_at_far_1e-3")},
+        "clip": p["clip"], "labels": "inside the class sums", **{k: rec[k] for k in _RECOGNITION},
     }  # fmt: skip
 
 
@@ -267,8 +274,11 @@ def _experiment(
     say(f"{name}: {classes} people, {len(train.paths)} photos enrolled, {len(test.paths)} probes")
     recipes = _nonprivate(plain, train, test, probe_c)
     best = max(recipes.values())
+    # the local gallery's open-set figures: the same noiseless templates, kept by a server from clean sums
+    clean = _private(cfg, f"{name}-clean-sums", plain, data, math.inf, min_faces, recognition, enrol, say)
     rows = [{"name": "local templates (nothing released)", "identification_accuracy": recipes["class templates"],
-             "share_of_nonprivate": recipes["class templates"] / best, "epsilon_total": None}]  # fmt: skip
+             "share_of_nonprivate": recipes["class templates"] / best, "epsilon_total": None,
+             **{k: clean["recognition"][k] for k in _RECOGNITION}}]  # fmt: skip
     for eps in cfg.epsilons:
         report = _private(cfg, f"{name}-private-eps{eps:g}", art, data, eps, min_faces, recognition, enrol, say)
         rows.append(_row(f"private class sums, epsilon {eps:g}", report, best))

@@ -56,3 +56,16 @@ def test_bench_reports_every_figure():
     for c in costs.values():
         assert c["forward_s"] > 0 and c["torch_forward_s"] > 0 and 0 < c["peak_rss_mb"] < 2000
         assert c["forward_ratio"] == c["forward_s"] / c["torch_forward_s"]
+
+
+def test_dlib_device_cost_measures_all_three_in_their_own_processes(tmp_path) -> None:
+    """dpa bench --config dlib's figures: ours, torch and dlib each timed and their peak RSS read (no speed
+    target here: those live in BENCHMARKS.md)."""
+    from dpa.runs.dlib_cost import dlib_device_cost
+    from dpa.runs.lfw_eval import default_export
+
+    report = dlib_device_cost(default_export(tmp_path, lambda _m: None), batch=2, repeats=1)
+    for name in ("ours", "torch", "dlib"):
+        assert report[name]["forward_ms"] > 0 and report[name]["peak_rss_mb"] > 10
+    assert report["forward_ratio_vs_dlib"] == report["ours"]["forward_ms"] / report["dlib"]["forward_ms"]
+    assert report["batch"] == 2 and report["image_size"] == 150

@@ -96,3 +96,60 @@ def test_a_pairs_file_naming_a_missing_image_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "8 images the pairs name are not under" in result.output and "A/A_0001.jpg" in result.output
     assert not (tmp_path / "w").exists()
+
+
+def _subset_folder(out: Path) -> Path:
+    """Links to a few LFW people's photos (never copies): 4 with >= 20 photos (20 each), 24 with 2-9."""
+    counts = {p.name: len(list(p.glob("*.jpg"))) for p in LFW_IMAGES.iterdir() if p.is_dir()}
+    big = sorted(n for n, c in counts.items() if c >= 20)[:4]
+    small = sorted(n for n, c in counts.items() if 2 <= c < 10)[:24]
+    for name in big + small:
+        (out / name).mkdir(parents=True)
+        for photo in sorted((LFW_IMAGES / name).glob("*.jpg"))[:20]:
+            (out / name / photo.name).symlink_to(photo)
+    return out
+
+
+def test_demo_on_real_faces_keeps_the_device_and_the_public_people_apart(tmp_path: Path) -> None:
+    """The real-face demo end to end on a small LFW subset: alignment, dlib's export, a real server, the
+    device's class sums; every public set disjoint from the device's people; the figures' bookkeeping."""
+    from dpa.runs.real_faces import RealFacesConfig, run_real_faces
+
+    faces = _subset_folder(tmp_path / "lfw")
+    cfg = RealFacesConfig(faces=faces, workdir=tmp_path / "work", public_centre_identities=8,
+                          public_val_identities=10, strangers=6, epsilons=(8.0,), release_dims=8, runs=("main",),
+                          few_min_images=10)  # fmt: skip
+    out = run_real_faces(cfg, say=lambda _m: None)
+    sets = {p.name: {q.name for q in p.iterdir()} for p in (tmp_path / "work" / "sets").iterdir()}
+    assert len(sets["device"]) == 4
+    for public in ("public-centre", "public-val", "strangers"):
+        assert not sets[public] & sets["device"] and not sets[public] & sets["few"]
+    assert not sets["public-val"] & sets["strangers"] and not sets["public-centre"] & sets["public-val"]
+    main = out["main"]
+    assert main["identities"] == 4 and main["enrolled"] == 60 and main["probes"] == 20
+    local, private = main["runs"]
+    assert local["epsilon_total"] is None and local["identification_accuracy"] >= 0.9
+    assert private["epsilon_total"] <= 8.0 and private["delta"] == 1e-5 and private["adjacency"] == "add-remove"
+    assert private["epsilon_replace_one"] > private["epsilon_total"]  # the same noise read under replace-one
+    assert private["share_of_nonprivate"] == pytest.approx(private["identification_accuracy"]
+                                                           / main["best_nonprivate"])  # fmt: skip
+    assert 0 <= private["open_set_rejection"] <= 1 and 0 <= private["open_set_identification_rate"] <= 1
+    # dpa recognize / dpa verify on raw photographs: the device aligns them as the manifest says
+    from PIL import Image
+
+    from dpa.contract.errors import UserError
+    from runtime_client.recognize import recognize, verify
+
+    art, state = tmp_path / "work" / "artifacts-main", tmp_path / "work" / "main-private-eps8" / "client"
+    person = sorted(sets["device"])[0]
+    photos = sorted((faces / person).iterdir())
+    found = recognize(art, state, photos[-2:])
+    assert [r.identity for r in found] == [person, person]
+    same, _score, _t = verify(art, state, photos[0], photos[1])
+    other = sorted((faces / sorted(sets["device"])[1]).iterdir())[0]
+    different, _score, _t = verify(art, state, photos[0], other)
+    assert same and not different
+    blank = tmp_path / "blank.jpg"
+    Image.new("RGB", (250, 250), (90, 90, 90)).save(blank)
+    with pytest.raises(UserError, match=f"no face found in {blank}"):
+        recognize(art, state, [photos[0], blank])

@@ -1,0 +1,99 @@
+"""What dlib's face network costs the device at its real size (150x150 chips, batch 8): the device's head in
+onnxruntime beside the same network in torch and dlib's own ``compute_face_descriptor``, in one run.
+
+Each contender runs in a fresh spawned process, so its peak RSS (VmHWM) is its own; each times the forward of
+the same batch of 8 chips (rendered faces: the cost does not depend on who is in them), median of
+``repeats`` after one warm-up call.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpa.contract import dlib_resnet as layout
+from dpa.runs.device_cost import _own_peak_rss_mb
+
+__all__ = ["dlib_device_cost"]
+
+
+def _chips(batch: int) -> np.ndarray:
+    from dpa.faces.synth import SynthConfig, render_face
+
+    cfg = SynthConfig(identities=max(2, batch), size=layout.IMAGE_SIZE)
+    return np.stack([render_face(i, 0, cfg) for i in range(batch)]).astype(np.uint8)
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"forward_ms": 1000 * statistics.median(times), "peak_rss_mb": _own_peak_rss_mb()}
+
+
+def _preprocessed(chips: np.ndarray) -> np.ndarray:
+    x = (chips.astype(np.float32) - np.array(layout.PIXEL_MEAN, dtype=np.float32)) / np.float32(layout.PIXEL_STD[0])
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def _ours(artifacts: str, batch: int, repeats: int) -> dict[str, float]:
+    from dpa.contract.devices import DeviceProfile, resolve_device
+    from dpa.contract.manifest import load_manifest
+    from runtime_client.head import HeadModel
+
+    manifest = load_manifest(Path(artifacts), verify=("head",))
+    head = HeadModel(Path(artifacts), manifest, resolve_device(DeviceProfile.CPU), frozen=True)
+    x = _preprocessed(_chips(batch))
+    return _timed(lambda: head.forward(x), repeats)
+
+
+def _torch(batch: int, repeats: int) -> dict[str, float]:
+    import torch
+
+    from exporter.networks.dlib import default_dat
+    from exporter.networks.dlib_resnet import build_parts, load_dat
+
+    head, tail = build_parts("embedding", num_classes=2)
+    load_dat((head, tail), default_dat(), seed=0)
+    head.eval()
+    x = torch.from_numpy(_preprocessed(_chips(batch)))
+
+    def run() -> None:
+        with torch.no_grad():
+            head(x)
+
+    return _timed(run, repeats)
+
+
+def _dlib(batch: int, repeats: int) -> dict[str, float]:
+    import dlib
+
+    from dpa.faces.align import model_file
+
+    model = dlib.face_recognition_model_v1(str(model_file("dlib_face_recognition_resnet_model_v1.dat")))
+    chips = [np.ascontiguousarray(c) for c in _chips(batch)]
+    return _timed(lambda: model.compute_face_descriptor(chips), repeats)
+
+
+def dlib_device_cost(artifacts: Path, *, batch: int = 8, repeats: int = 7) -> dict[str, Any]:
+    """{"ours", "torch", "dlib"}: forward ms per batch and peak RSS, and ours / theirs ratios."""
+    ctx = multiprocessing.get_context("spawn")
+    out: dict[str, Any] = {"batch": batch, "image_size": layout.IMAGE_SIZE, "repeats": repeats}
+    jobs = {"ours": (_ours, (str(artifacts), batch, repeats)), "torch": (_torch, (batch, repeats)),
+            "dlib": (_dlib, (batch, repeats))}  # fmt: skip
+    for name, (fn, args) in jobs.items():
+        with ctx.Pool(1) as pool:
+            out[name] = pool.apply(fn, args)
+    for peer in ("torch", "dlib"):
+        out[f"forward_ratio_vs_{peer}"] = out["ours"]["forward_ms"] / out[peer]["forward_ms"]
+        out[f"rss_ratio_vs_{peer}"] = out["ours"]["peak_rss_mb"] / out[peer]["peak_rss_mb"]
+    return out
