@@ -193,7 +193,7 @@ def _private(
     private = math.isfinite(eps)
     client = ClientConfig(
         artifacts=art, data=str(data), min_faces_per_person=min_faces, train_per_identity=train_per_identity,
-        epochs=1, dp=DPConfig(clip=clip, epsilon=1.0 if private else math.inf, delta=cfg.delta),
+        split_seed=cfg.seed, epochs=1, dp=DPConfig(clip=clip, epsilon=1.0 if private else math.inf, delta=cfg.delta),
         total_epsilon=eps if private else None, frozen_head=True,
         # the clean run keeps counts, so that the export's classes without photos have no template
         on_device_templates=True, release=ReleaseKind.CLASS_SUMS, seed=cfg.seed,
@@ -269,7 +269,7 @@ def _experiment(
     classes = len(index.names)
     art = _export(cfg, cfg.workdir / f"artifacts-{name}", classes, centre, cfg.release_dims)
     same_split = ClientConfig(artifacts=plain, data=str(data), min_faces_per_person=min_faces,
-                              train_per_identity=enrol)  # fmt: skip
+                              train_per_identity=enrol, split_seed=cfg.seed)  # fmt: skip
     train, test = _split(same_split, plain)
     say(f"{name}: {classes} people, {len(train.paths)} photos enrolled, {len(test.paths)} probes")
     recipes = _nonprivate(plain, train, test, probe_c)
