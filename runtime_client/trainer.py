@@ -296,7 +296,8 @@ async def _run_class_sums(cfg: ClientConfig) -> dict[str, Any]:
     if cfg.record_view is not None:
         header = {
             "recorded_by": "dpa client (device side): what the edge server received", "kind": "class-sums",
-            "manifest_sha256": setup.digest, "cut": m.cut, "image_size": m.image_size, "width": m.width,
+            "manifest_sha256": setup.digest, "arch": m.arch, "cut": m.cut, "image_size": m.image_size,
+            "width": m.width,
             "num_classes": m.num_classes, "activation_shape": list(m.activation_shape),
             "pixel_mean": list(m.pixel_mean), "pixel_std": list(m.pixel_std), "clip": plan.clip,
             "noise_scale": plan.noise_scale, "noise_multiplier": plan.noise_multiplier,
@@ -436,6 +437,7 @@ def _view_recorder(cfg: ClientConfig, setup: _Setup, state: _RunState, trainer: 
     header = {
         "recorded_by": "dpa client (device side): what the edge server received",
         "manifest_sha256": setup.digest,
+        "arch": m.arch,
         "cut": m.cut,
         "image_size": m.image_size,
         "width": m.width,

@@ -81,6 +81,7 @@ def audit_class_sum_view(
         image_size=int(h["image_size"]), width=float(h["width"]), num_classes=int(h["num_classes"]),
         cut=str(h["cut"]), weights=weights, pixel_mean=tuple(h["pixel_mean"]), pixel_std=tuple(h["pixel_std"]),
         source=str(view_dir), centre=np.load(centre_path) if centre_path.is_file() else None,
+        network=str(h.get("arch", "vggface")),
     )  # fmt: skip
     clip, sigma = float(h["clip"]), float(h["noise_scale"])
     templates, n = class_templates(sums, counts)

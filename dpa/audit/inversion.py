@@ -118,12 +118,12 @@ def _decoder(activation_shape: tuple[int, ...], image_size: int, width: int):  #
         side = max(1, image_size // 16)
         layers += [nn.Linear(activation_shape[0], width * side * side), nn.ReLU(), nn.Unflatten(1, (width, side, side))]
         channels = width
-    ups = round(math.log2(image_size / side))
-    if side << ups != image_size:
-        raise UserError(f"cannot upsample a {side}x{side} activation to {image_size}x{image_size}")
+    ups = max(0, math.ceil(math.log2(image_size / side)))
     layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
     for _ in range(ups):
         layers += [nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+    if side << ups != image_size:  # a side that is no power-of-two fraction of the input (dlib's 35 of 150)
+        layers += [nn.Upsample(size=(image_size, image_size), mode="bilinear")]
     layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 3, 3, padding=1), nn.Sigmoid()]
     return nn.Sequential(*layers)
 

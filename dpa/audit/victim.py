@@ -20,6 +20,7 @@ from dpa.faces.lfw import FaceIndex, load_batch
 from dpa.privacy.clipping import clip_factors, l2_norms, scale_examples
 from dpa.privacy.mechanism import DPActivations, DPConfig, Mechanism
 from exporter.export import VGGFACE_MEAN
+from exporter.networks import family
 from exporter.vggface import RELEASE_PROJECTION, build_parts, init_weights
 from runtime_client.head import HEAD_CHECKPOINT
 from runtime_server.tail import CHECKPOINT_NAME
@@ -118,12 +119,16 @@ def _activation_shape(head: torch.nn.Module, arch: ArchConfig, cut: str) -> tupl
 def head_from_weights(
     *, image_size: int, width: float, num_classes: int, cut: str, weights: dict[str, np.ndarray],
     pixel_mean: tuple[float, ...], pixel_std: tuple[float, ...], source: str, centre: np.ndarray | None = None,
+    network: str = "vggface",
 ) -> VictimHead:  # fmt: skip
-    """The head that made a recorded release, rebuilt from its stored parameters (torch, eval mode)."""
-    arch = ArchConfig(image_size=image_size, width=width, num_classes=num_classes, dropout=0.0)
+    """The head that made a recorded release, rebuilt from its stored parameters (torch, eval mode), for the
+    network family the view's header names (a view recorded before headers named one is VGG-Face's)."""
     # A head with a release projection recorded its frozen parameters with the rest (exporter.vggface).
     projection = weights.get(f"{RELEASE_PROJECTION}.weight")
-    head, _ = build_parts(arch, cut, release_dims=None if projection is None else int(np.shape(projection)[0]))
+    dims = None if projection is None else int(np.shape(projection)[0])
+    rebuild = family(network).head
+    assert rebuild is not None
+    head = rebuild(cut, image_size, width, dims)
     expected = head.state_dict()
     missing = [n for n in expected if n not in weights or tuple(weights[n].shape) != tuple(expected[n].shape)]
     if missing:
@@ -132,8 +137,10 @@ def head_from_weights(
     if centre is not None:
         head = CentredHead(head, centre)
     head.eval()
+    with torch.no_grad():  # the release's shape, whatever the family: one forward of a blank image
+        shape = tuple(head(torch.zeros(1, 3, image_size, image_size)).shape[1:])
     return VictimHead(
-        head, cut, image_size, _activation_shape(head, arch, cut), tuple(pixel_mean), tuple(pixel_std), source,  # type: ignore[arg-type]
+        head, cut, image_size, shape, tuple(pixel_mean), tuple(pixel_std), source,  # type: ignore[arg-type]
         width=width, num_classes=num_classes,
     )  # fmt: skip
 

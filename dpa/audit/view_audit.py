@@ -79,6 +79,7 @@ def audit_view(
         pixel_std=tuple(h["pixel_std"]),
         source=f"{view_dir}/{first_head}",
         centre=view.centre(),
+        network=str(h.get("arch", "vggface")),
     )
     elements = math.prod(head.activation_shape)
     params = {k: view.releases[chosen[0]][k] for k in view.releases[chosen[0]]}

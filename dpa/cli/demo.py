@@ -41,13 +41,20 @@ def demo_command(
             "face network instead of the built-in synthetic faces (needs 'dpa[faces]').",
         ),
     ] = None,
+    runs: Annotated[
+        str,
+        typer.Option(
+            help="With --faces: which experiments, comma-separated: main (75% enrolled), few (5 photos "
+            "each), per-example (DP-A at an early cut, then the attacks)."
+        ),
+    ] = "main,few",
 ) -> None:
     """The pipeline on built-in (synthetic) faces, or on real photographs with --faces."""
     from dpa.contract.atomic import atomic_write_bytes
     from dpa.runs.demo import DemoConfig, demo_summary, run_demo
 
     if faces is not None:
-        _real_faces(faces, workdir / "real-faces", seed, json_out)
+        _real_faces(faces, workdir / "real-faces", seed, json_out, tuple(r.strip() for r in runs.split(",")))
         return
 
     # The demo's fixed seed, and its non-private run (no noise, labels in clear), are deliberate; the table says so.
@@ -131,7 +138,7 @@ def _num(x: float | str) -> str:
     return x if isinstance(x, str) else f"{x:.3g}"
 
 
-def _real_faces(faces: Path, workdir: Path, seed: int, json_out: Path | None) -> None:
+def _real_faces(faces: Path, workdir: Path, seed: int, json_out: Path | None, runs: tuple[str, ...]) -> None:
     """``dpa demo --faces``: dpa.runs.real_faces, printed in blocks that fit 80 columns."""
     from rich.progress import Progress
 
@@ -144,7 +151,7 @@ def _real_faces(faces: Path, workdir: Path, seed: int, json_out: Path | None) ->
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("aligning", total=None)
             out = run_real_faces(
-                RealFacesConfig(faces=faces, workdir=workdir, seed=seed),
+                RealFacesConfig(faces=faces, workdir=workdir, seed=seed, runs=runs),
                 say=lambda msg: console.print(f"[bold cyan]>[/] {msg}", highlight=False),
                 progress=lambda i, n: bar.update(task, completed=i, total=n),
             )

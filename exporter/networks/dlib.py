@@ -11,6 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 from dpa.contract import dlib_resnet as layout
 from dpa.contract.choices import NetworkName
 from dpa.contract.errors import UserError
@@ -71,4 +73,9 @@ def _project(cfg: ExportConfig, split: Split, basis: object, centre: object) -> 
     return replace(split, head=head, tail=tail, activation_shape=(len(basis),))  # type: ignore[arg-type]
 
 
-FAMILY = Family(name=NetworkName.DLIB_RESNET, cuts=layout.cut_names, build=_build, check=_check, project=_project)
+def _head(cut: str, _image_size: int, _width: float, release_dims: int | None) -> nn.Module:
+    return build_parts(cut, num_classes=2, release_dims=release_dims)[0]
+
+
+FAMILY = Family(name=NetworkName.DLIB_RESNET, cuts=layout.cut_names, build=_build, check=_check, project=_project,
+                head=_head)  # fmt: skip

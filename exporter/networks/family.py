@@ -44,3 +44,6 @@ class Family:
     # A network converted from another toolkit is checked against that toolkit's own output before anything
     # is published: (cfg, split) -> a line for the export's report; raises UserError when it disagrees.
     check: Callable[[ExportConfig, Split], str] | None = None
+    # An untrained head of an export's structure, for loading recorded weights into (the audit rebuilds the
+    # head that made a release): (cut, image_size, width, release_dims) -> the head module.
+    head: Callable[[str, int, float, int | None], nn.Module] | None = None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from dpa.contract.architecture import cut_info, cut_names
+from torch import nn
+
+from dpa.contract.architecture import ArchConfig, cut_info, cut_names
 from dpa.contract.choices import NetworkName
 from exporter.networks.family import Family, Split
 from exporter.vggface import build_parts, init_weights, load_weights, project_parts
@@ -49,4 +51,9 @@ def _project(cfg: ExportConfig, split: Split, basis: Any, centre: Any) -> Split:
     return Split(**{**split.__dict__, "head": head, "tail": tail, "activation_shape": (len(basis),)})
 
 
-FAMILY = Family(name=NetworkName.VGGFACE, cuts=cut_names, build=_build, project=_project)
+def _head(cut: str, image_size: int, width: float, release_dims: int | None) -> nn.Module:
+    arch = ArchConfig(image_size=image_size, width=width, num_classes=2, dropout=0.0)
+    return build_parts(arch, cut, release_dims=release_dims)[0]
+
+
+FAMILY = Family(name=NetworkName.VGGFACE, cuts=cut_names, build=_build, project=_project, head=_head)
