@@ -93,6 +93,7 @@ class RealFacesConfig:
     attack_epochs: int = 10  # the decoder attack's epochs (the MAP attack runs as configured)
     attack_aux_identities: int = 16  # public people whose photos the attacker trains its decoder on
     attack_victims: int = 16  # recorded releases attacked (each MAP inversion runs through the head at 150 px)
+    attack: bool = True  # False: the per-example run's figures only, its view kept for `dpa attack view`
 
     def __post_init__(self) -> None:
         unknown = set(self.runs) - {"main", "few", "per-example"}
@@ -304,24 +305,26 @@ def _per_example(
         f"{cfg.per_example_epsilon:g} (labels {cfg.per_example_label_epsilon:g} of it), the server training the rest"
     )
     report = asyncio.run(serve_and_train(art, run_dir / "server-state", client))
-    say("attacking the recorded releases (decoder and MAP inversion, against the public mean face)")
-    attack = audit_view(run_dir / "view", InversionConfig(data=str(public), epochs=cfg.attack_epochs, seed=cfg.seed,
-                                                          aux_identities=cfg.attack_aux_identities),
-                        max_examples=cfg.attack_victims)  # fmt: skip
     best = None if main is None else main["best_nonprivate"]
     p = report["privacy"]
-    noisy, clean = attack.results[0], attack.results[-1]
-    return {
+    out = {
         "cut": cfg.per_example_cut, "epsilon_total": p["total"]["epsilon"], "delta": p["total"]["delta"],
         "label_epsilon_per_release": p["label_epsilon_per_release"], "releases_per_example": p["total"]["releases"],
         "clean_test_accuracy": report.get("clean_test_accuracy"),
         "private_test_accuracy": report.get("private_test_accuracy"),
         "share_of_nonprivate": None if not best else (report.get("clean_test_accuracy") or 0.0) / best,
-        "chance": 1 / len(index.names),
-        "attack": {"strongest": noisy.strongest_attack, "ssim": noisy.ssim_mean,
-                   "ssim_without_noise": clean.ssim_mean, "baseline_ssim": attack.baseline_ssim_mean,
-                   "victims": attack.victim_images},
+        "chance": 1 / len(index.names), "view": str(run_dir / "view"),
     }  # fmt: skip
+    if not cfg.attack:
+        return out
+    say("attacking the recorded releases (decoder and MAP inversion, against the public mean face)")
+    attack = audit_view(run_dir / "view", InversionConfig(data=str(public), epochs=cfg.attack_epochs, seed=cfg.seed,
+                                                          aux_identities=cfg.attack_aux_identities),
+                        max_examples=cfg.attack_victims)  # fmt: skip
+    noisy, clean = attack.results[0], attack.results[-1]
+    return out | {"attack": {"strongest": noisy.strongest_attack, "ssim": noisy.ssim_mean,
+                             "ssim_without_noise": clean.ssim_mean, "baseline_ssim": attack.baseline_ssim_mean,
+                             "victims": attack.victim_images}}  # fmt: skip
 
 
 def _experiment(
