@@ -153,3 +153,37 @@ def test_demo_on_real_faces_keeps_the_device_and_the_public_people_apart(tmp_pat
     Image.new("RGB", (250, 250), (90, 90, 90)).save(blank)
     with pytest.raises(UserError, match=f"no face found in {blank}"):
         recognize(art, state, [photos[0], blank])
+
+
+def test_the_device_aligns_its_own_photos_as_the_manifest_says(tmp_path: Path) -> None:
+    """A dlib-resnet export names its alignment: the device indexes chips it made from its raw photos (kept
+    in its state folder), leaves out a photo without a face, and reads a folder of chips as it is."""
+    from PIL import Image
+
+    from dpa.contract.architecture import ArchConfig
+    from dpa.contract.choices import NetworkName
+    from dpa.contract.manifest import load_manifest
+    from exporter.export import ExportConfig, export
+    from runtime_client.config import ClientConfig
+    from runtime_client.dataset import prepare_data
+
+    art = tmp_path / "art"
+    export(ExportConfig(network=NetworkName.DLIB_RESNET, arch=ArchConfig(num_classes=2), cut="embedding", out=art,
+                        verify=False))  # fmt: skip
+    photos = tmp_path / "photos"
+    for name in ("Aaron_Peirsol", "Abdullah_Gul"):
+        (photos / name).mkdir(parents=True)
+        for photo in sorted((LFW_IMAGES / name).glob("*.jpg"))[:4]:
+            (photos / name / photo.name).symlink_to(photo)
+    Image.new("RGB", (250, 250), (90, 90, 90)).save(photos / "Abdullah_Gul" / "Abdullah_Gul_9999.jpg")
+    cfg = ClientConfig(artifacts=art, data=str(photos), state_dir=tmp_path / "state", min_faces_per_person=2)
+    train, test = prepare_data(cfg, load_manifest(art))
+    paths = [*train.paths, *test.paths]
+    assert len(paths) == 8 and all(p.suffix == ".png" and Image.open(p).size == (150, 150) for p in paths)
+    assert all((tmp_path / "state" / "chips" / "dlib-5pt-150") in p.parents for p in paths)
+    assert not any("9999" in p.name for p in paths)  # no face: left out, nothing released for it
+    chips_cfg = ClientConfig(artifacts=art, data=str(tmp_path / "state" / "chips" / "dlib-5pt-150"),
+                             state_dir=tmp_path / "state2", min_faces_per_person=2)  # fmt: skip
+    again = prepare_data(chips_cfg, load_manifest(art))
+    assert [p.name for p in again[0].paths] == [p.name for p in train.paths]  # chips are read as they are
+    assert not (tmp_path / "state2" / "chips").exists()
