@@ -154,9 +154,11 @@ def _chip_sets(cfg: RealFacesConfig, root: Path, people: dict[str, list[str]], s
     return {"folders": folders, "alignment": report.as_json()}
 
 
-def _export(cfg: RealFacesConfig, out: Path, classes: int, centre: Path, dims: int | None) -> Path:
-    export(ExportConfig(network=NetworkName.DLIB_RESNET, arch=ArchConfig(num_classes=classes), cut="embedding",
-                        out=out, centre_faces=centre, release_dims=dims, seed=cfg.seed))  # fmt: skip
+def _export(
+    cfg: RealFacesConfig, out: Path, classes: int, centre: Path, dims: int | None, cut: str = "embedding"
+) -> Path:  # fmt: skip
+    export(ExportConfig(network=NetworkName.DLIB_RESNET, arch=ArchConfig(num_classes=classes), cut=cut, out=out,
+                        centre_faces=centre, release_dims=dims, seed=cfg.seed))  # fmt: skip
     return out
 
 
@@ -288,7 +290,8 @@ def _per_example(
     from dpa.audit.view_audit import audit_view
 
     index = index_faces(data, min_faces_per_person=cfg.min_images)
-    art = _export(cfg, cfg.workdir / f"artifacts-{cfg.per_example_cut}", len(index.names), public, None)
+    art = _export(cfg, cfg.workdir / f"artifacts-{cfg.per_example_cut}", len(index.names), public, None,
+                  cfg.per_example_cut)  # fmt: skip
     clip = load_manifest(art).release_clip
     assert clip is not None
     run_dir = cfg.workdir / f"per-example-{cfg.per_example_cut}"

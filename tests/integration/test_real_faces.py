@@ -117,8 +117,8 @@ def test_demo_on_real_faces_keeps_the_device_and_the_public_people_apart(tmp_pat
 
     faces = _subset_folder(tmp_path / "lfw")
     cfg = RealFacesConfig(faces=faces, workdir=tmp_path / "work", public_centre_identities=8,
-                          public_val_identities=10, strangers=6, epsilons=(8.0,), release_dims=8, runs=("main",),
-                          few_min_images=10)  # fmt: skip
+                          public_val_identities=10, strangers=6, epsilons=(8.0,), release_dims=8,
+                          runs=("main", "per-example"), few_min_images=10, attack=False)  # fmt: skip
     out = run_real_faces(cfg, say=lambda _m: None)
     sets = {p.name: {q.name for q in p.iterdir()} for p in (tmp_path / "work" / "sets").iterdir()}
     assert len(sets["device"]) == 4
@@ -134,6 +134,14 @@ def test_demo_on_real_faces_keeps_the_device_and_the_public_people_apart(tmp_pat
     assert private["share_of_nonprivate"] == pytest.approx(private["identification_accuracy"]
                                                            / main["best_nonprivate"])  # fmt: skip
     assert 0 <= private["open_set_rejection"] <= 1 and 0 <= private["open_set_identification_rate"] <= 1
+    # DP-A per example at the early cut: the export and the server's view are that cut's
+    import json as _json
+
+    per = out["per_example"]
+    assert per["cut"] == "res3" and per["epsilon_total"] <= 8.0 and per["releases_per_example"] == 1
+    manifest = _json.loads((tmp_path / "work" / "artifacts-res3" / "manifest.json").read_text())
+    assert manifest["cut"] == "res3" and manifest["activation_shape"] == [32, 35, 35]
+    assert _json.loads((Path(per["view"]) / "view.json").read_text())["cut"] == "res3"
     # dpa recognize / dpa verify on raw photographs: the device aligns them as the manifest says
     from PIL import Image
 
