@@ -195,3 +195,31 @@ def test_the_device_aligns_its_own_photos_as_the_manifest_says(tmp_path: Path) -
     again = prepare_data(chips_cfg, load_manifest(art))
     assert [p.name for p in again[0].paths] == [p.name for p in train.paths]  # chips are read as they are
     assert not (tmp_path / "state2" / "chips").exists()
+
+
+def test_dpa_faces_align_writes_chips_and_names_the_photo_without_a_face(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from dpa.cli.app import app
+
+    src = tmp_path / "photos"
+    (src / "Aaron_Peirsol").mkdir(parents=True)
+    for photo in sorted((LFW_IMAGES / "Aaron_Peirsol").glob("*.jpg"))[:2]:
+        (src / "Aaron_Peirsol" / photo.name).symlink_to(photo)
+    Image.new("RGB", (250, 250), (90, 90, 90)).save(src / "Aaron_Peirsol" / "blank.jpg")
+    result = CliRunner().invoke(app, ["faces", "align", str(src), str(tmp_path / "chips"), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "no face found in" in result.output and "blank.jpg" in result.output and "2 chips in" in result.output
+    assert sorted(p.name for p in (tmp_path / "chips" / "Aaron_Peirsol").iterdir()) == [
+        "Aaron_Peirsol_0001.png", "Aaron_Peirsol_0002.png"]  # fmt: skip
+    again = CliRunner().invoke(app, ["faces", "align", str(src), str(tmp_path / "chips")])
+    assert again.exit_code == 2 and "exists: align into a new folder" in again.output
+
+
+def test_export_lists_dlibs_cuts_at_80_columns() -> None:
+    from dpa.cli.app import app
+
+    result = CliRunner().invoke(app, ["export", "--network", "dlib-resnet", "--list-cuts"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert all(cut in result.output for cut in ("stem", "res11", "256x4x4", "embedding"))
+    assert max(len(line) for line in result.output.splitlines()) <= 80
