@@ -24,6 +24,7 @@ from dpa.contract.choices import NetworkName
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import GraphNames, Manifest, OptimizerConfig, sha256_file
 from dpa.faces.lfw import index_faces, load_batch
+from exporter.networks import family
 from exporter.networks.vggface import VGGFACE_MEAN
 
 __all__ = ["ExportConfig", "export", "VGGFACE_MEAN"]
@@ -96,7 +97,6 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
     import onnxruntime
     import torch
 
-    from exporter.networks import family
     from exporter.ort_artifacts import OPSET, export_onnx, write_part_artifacts
 
     onnxruntime.set_default_logger_severity(3)  # onnxblock's graph builders are very chatty at INFO

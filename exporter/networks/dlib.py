@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -19,10 +18,7 @@ from dpa.contract.errors import UserError
 from dpa.faces.align import model_file
 from exporter.networks.dlib_resnet import build_parts, load_dat, project_parts
 from exporter.networks.dlib_twin import MAX_ELEMENT_SHARE, MIN_COSINE, compare_with_dlib
-from exporter.networks.family import Family, Split
-
-if TYPE_CHECKING:
-    from exporter.export import ExportConfig
+from exporter.networks.family import ExportSettings, Family, Split
 
 __all__ = ["FAMILY", "DAT_FILE"]
 
@@ -34,7 +30,7 @@ def default_dat() -> Path:
     return model_file(DAT_FILE)
 
 
-def _build(cfg: ExportConfig) -> Split:
+def _build(cfg: ExportSettings) -> Split:
     dat = Path(cfg.weights) if cfg.weights is not None else default_dat()
     head, tail = build_parts(cfg.cut, num_classes=cfg.arch.num_classes)
     load_dat((head, tail), dat, seed=cfg.seed)
@@ -53,7 +49,7 @@ def _build(cfg: ExportConfig) -> Split:
     )
 
 
-def _check(cfg: ExportConfig, split: Split) -> str:
+def _check(cfg: ExportSettings, split: Split) -> str:
     """The torch twin against dlib's ``compute_face_descriptor`` (:mod:`exporter.networks.dlib_twin`)."""
     report = compare_with_dlib(split.head, split.tail, Path(str(split.weights)), cfg.centre_faces)
     line = (
@@ -68,7 +64,7 @@ def _check(cfg: ExportConfig, split: Split) -> str:
     return line
 
 
-def _project(cfg: ExportConfig, split: Split, basis: object, centre: object) -> Split:
+def _project(cfg: ExportSettings, split: Split, basis: object, centre: object) -> Split:
     head, tail = project_parts((split.head, split.tail), cfg.cut, cfg.arch.num_classes, basis, centre, cfg.seed)  # type: ignore[arg-type]
     return replace(split, head=head, tail=tail, activation_shape=(len(basis),))  # type: ignore[arg-type]
 

@@ -19,7 +19,7 @@ from torch import nn
 from dpa.contract import dlib_resnet as layout
 from dpa.contract.errors import UserError
 from exporter.networks.dlib_dat import DatLayer, read_dat
-from exporter.vggface import RELEASE_PROJECTION
+from exporter.networks.family import RELEASE_PROJECTION
 
 __all__ = ["DlibPart", "build_parts", "load_dat", "project_parts"]
 

@@ -4,16 +4,30 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from torch import nn
 
+from dpa.contract.architecture import ArchConfig
 from dpa.contract.choices import NetworkName
 
-if TYPE_CHECKING:
-    from exporter.export import ExportConfig
+__all__ = ["ExportSettings", "Family", "RELEASE_PROJECTION", "Split"]
 
-__all__ = ["Family", "Split"]
+#: The head's last layer on an export with a public release projection (``dpa export --release-dims``):
+#: ``release_projection.weight`` (k, d) and ``.bias`` (k,), frozen, never trained; every family names it so.
+RELEASE_PROJECTION = "release_projection"
+
+
+class ExportSettings(Protocol):
+    """What a family reads of the export's configuration (``exporter.export.ExportConfig``)."""
+
+    arch: ArchConfig
+    cut: str
+    weights: Path | None
+    seed: int
+    pixel_std: float | None
+    centre_faces: Path | None
 
 
 @dataclass(frozen=True)
@@ -37,13 +51,13 @@ class Split:
 class Family:
     name: NetworkName
     cuts: Callable[[], list[str]]  # the names a user may cut after, forward order
-    build: Callable[[ExportConfig], Split]
+    build: Callable[[ExportSettings], Split]
     # A frozen public projection ending the head (``--release-dims``): (cfg, split, basis (k, d), centre) ->
     # the projected split; None where the family does not offer one yet.
-    project: Callable[[ExportConfig, Split, Any, Any], Split] | None = None
+    project: Callable[[ExportSettings, Split, Any, Any], Split] | None = None
     # A network converted from another toolkit is checked against that toolkit's own output before anything
     # is published: (cfg, split) -> a line for the export's report; raises UserError when it disagrees.
-    check: Callable[[ExportConfig, Split], str] | None = None
+    check: Callable[[ExportSettings, Split], str] | None = None
     # An untrained head of an export's structure, for loading recorded weights into (the audit rebuilds the
     # head that made a release): (cut, image_size, width, release_dims) -> the head module.
     head: Callable[[str, int, float, int | None], nn.Module] | None = None

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
 from dpa.contract.architecture import ArchConfig, cut_info, cut_names
 from dpa.contract.choices import NetworkName
-from exporter.networks.family import Family, Split
-from exporter.vggface import build_parts, init_weights, load_weights, project_parts
-
-if TYPE_CHECKING:
-    from exporter.export import ExportConfig
+from exporter.networks.family import ExportSettings, Family, Split
+from exporter.networks.vgg_parts import build_parts, init_weights, load_weights, project_parts
 
 __all__ = ["FAMILY", "VGGFACE_MEAN", "FROM_SCRATCH_STD"]
 
@@ -23,7 +20,7 @@ VGGFACE_MEAN = (129.186279296875, 104.76238250732422, 93.59396362304688)
 FROM_SCRATCH_STD = 64.0
 
 
-def _build(cfg: ExportConfig) -> Split:
+def _build(cfg: ExportSettings) -> Split:
     parts = build_parts(cfg.arch, cfg.cut)
     if cfg.weights is not None:
         load_weights(parts, cfg.weights, seed=cfg.seed)
@@ -46,7 +43,7 @@ def _build(cfg: ExportConfig) -> Split:
     )
 
 
-def _project(cfg: ExportConfig, split: Split, basis: Any, centre: Any) -> Split:
+def _project(cfg: ExportSettings, split: Split, basis: Any, centre: Any) -> Split:
     head, tail = project_parts(cfg.arch, cfg.cut, (split.head, split.tail), basis, centre, cfg.seed)  # type: ignore[arg-type]
     return Split(**{**split.__dict__, "head": head, "tail": tail, "activation_shape": (len(basis),)})
 
