@@ -106,15 +106,20 @@ class Aligner:
         left, top, right, bottom = CENTRE_BOX
         return self._dlib.rectangle(round(left * w), round(top * h), round(right * w), round(bottom * h)), "centre"
 
-    def chip(self, rgb: np.ndarray) -> tuple[np.ndarray | None, bool]:
-        """(chip (size, size, 3) uint8 or None when no face, whether the centre box stood in for a detection)."""
+    def detected_chip(self, rgb: np.ndarray) -> tuple[np.ndarray | None, str]:
+        """(chip (size, size, 3) uint8 or None when no face, the detector that found it: hog, cnn or centre)."""
         rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
         box, detector = self.locate(rgb)
         if box is None:
-            return None, False
+            return None, detector
         shape = self._landmarks(rgb, box)
         chip = self._dlib.get_face_chip(rgb, shape, size=self.spec.size, padding=self.spec.padding)
-        return np.asarray(chip, dtype=np.uint8), detector == "centre"
+        return np.asarray(chip, dtype=np.uint8), detector
+
+    def chip(self, rgb: np.ndarray) -> tuple[np.ndarray | None, bool]:
+        """(chip or None when no face, whether the centre box stood in for a detection)."""
+        chip, detector = self.detected_chip(rgb)
+        return chip, chip is not None and detector == "centre"
 
     def chip_file(self, path: Path) -> tuple[np.ndarray | None, bool]:
         return self.chip(_read_rgb(path))
@@ -151,14 +156,11 @@ def _align_one(job: tuple[Path, Path]) -> tuple[Path, str | None]:
 
     src, out = job
     assert _WORKER is not None
-    rgb = _read_rgb(src)
-    box, detector = _WORKER.locate(np.ascontiguousarray(rgb))
-    if box is None:
+    chip, detector = _WORKER.detected_chip(_read_rgb(src))
+    if chip is None:
         return src, None
-    chip = _WORKER._dlib.get_face_chip(rgb, _WORKER._landmarks(rgb, box), size=_WORKER.spec.size,
-                                       padding=_WORKER.spec.padding)  # fmt: skip
     buf = BytesIO()
-    Image.fromarray(np.asarray(chip, dtype=np.uint8)).save(buf, format="PNG")
+    Image.fromarray(chip).save(buf, format="PNG")
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, buf.getvalue())
     return src, detector

@@ -23,6 +23,7 @@ __all__ = [
     "cosine_scores",
     "far_threshold",
     "open_set",
+    "roc_points",
     "sample_pairs",
     "unit_rows",
     "verification",
@@ -139,3 +140,11 @@ def open_set(
         "threshold": float(threshold),
         "strangers": int(st.size),
     }
+
+
+def roc_points(scores: np.ndarray, same: np.ndarray, points: int = 200) -> dict[str, list[float]]:
+    """At most ``points`` evenly spaced points of the ROC curve (false- and true-accept rates), for plots and
+    reports."""
+    fpr, tpr, _ = roc_curve(same, scores)
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), points)).astype(int))
+    return {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist()}

@@ -19,15 +19,9 @@ import numpy as np
 
 from dpa.contract import dlib_resnet as layout
 from dpa.runs.device_cost import _own_peak_rss_mb
+from exporter.networks.dlib_twin import preprocess_chips, rendered_chips
 
 __all__ = ["dlib_device_cost"]
-
-
-def _chips(batch: int) -> np.ndarray:
-    from dpa.faces.synth import SynthConfig, render_face
-
-    cfg = SynthConfig(identities=max(2, batch), size=layout.IMAGE_SIZE)
-    return np.stack([render_face(i, 0, cfg) for i in range(batch)]).astype(np.uint8)
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
@@ -40,11 +34,6 @@ def _timed(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
     return {"forward_ms": 1000 * statistics.median(times), "peak_rss_mb": _own_peak_rss_mb()}
 
 
-def _preprocessed(chips: np.ndarray) -> np.ndarray:
-    x = (chips.astype(np.float32) - np.array(layout.PIXEL_MEAN, dtype=np.float32)) / np.float32(layout.PIXEL_STD[0])
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-
-
 def _ours(artifacts: str, batch: int, repeats: int) -> dict[str, float]:
     from dpa.contract.devices import DeviceProfile, resolve_device
     from dpa.contract.manifest import load_manifest
@@ -52,7 +41,7 @@ def _ours(artifacts: str, batch: int, repeats: int) -> dict[str, float]:
 
     manifest = load_manifest(Path(artifacts), verify=("head",))
     head = HeadModel(Path(artifacts), manifest, resolve_device(DeviceProfile.CPU), frozen=True)
-    x = _preprocessed(_chips(batch))
+    x = preprocess_chips(rendered_chips(batch))
     return _timed(lambda: head.forward(x), repeats)
 
 
@@ -65,7 +54,7 @@ def _torch(batch: int, repeats: int) -> dict[str, float]:
     head, tail = build_parts("embedding", num_classes=2)
     load_dat((head, tail), default_dat(), seed=0)
     head.eval()
-    x = torch.from_numpy(_preprocessed(_chips(batch)))
+    x = torch.from_numpy(preprocess_chips(rendered_chips(batch)))
 
     def run() -> None:
         with torch.no_grad():
@@ -80,7 +69,7 @@ def _dlib(batch: int, repeats: int) -> dict[str, float]:
     from dpa.faces.align import model_file
 
     model = dlib.face_recognition_model_v1(str(model_file("dlib_face_recognition_resnet_model_v1.dat")))
-    chips = [np.ascontiguousarray(c) for c in _chips(batch)]
+    chips = [np.ascontiguousarray(c) for c in rendered_chips(batch)]
     return _timed(lambda: model.compute_face_descriptor(chips), repeats)
 
 

@@ -27,7 +27,7 @@ from dpa.contract.errors import UserError
 from dpa.contract.manifest import load_manifest
 from dpa.faces.align import ALIGNMENT, align_images, chip_path
 from dpa.faces.lfw_protocol import image_path, read_pairs, ten_fold_accuracy
-from dpa.faces.verification import verification
+from dpa.faces.verification import roc_points, verification
 from runtime_client.head import HeadModel
 from runtime_client.on_device import pair_embeddings
 
@@ -125,17 +125,9 @@ def evaluate_lfw(
         "score": "cosine",
         "alignment": manifest.alignment,
         "alignment_report": alignment,
-        "roc": _roc(scores, pairs.same),
+        "roc": roc_points(scores, pairs.same, 300),
         "cpu": cpu_info().as_json(),
     }
-
-
-def _roc(scores: np.ndarray, same: np.ndarray) -> dict[str, list[float]]:
-    from sklearn.metrics import roc_curve
-
-    fpr, tpr, _ = roc_curve(same, scores)
-    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 300)).astype(int))
-    return {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist()}
 
 
 def write_lfw_roc(report: dict[str, Any], path: Path) -> Path:

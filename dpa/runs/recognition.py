@@ -24,14 +24,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_curve
 
 from dpa.contract.devices import DeviceProfile, resolve_device
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import load_manifest
 from dpa.faces.lfw import FaceIndex, index_faces
 from dpa.faces.synth import SynthConfig, cached_faces
-from dpa.faces.verification import cosine_scores, far_threshold, open_set, sample_pairs, unit_rows, verification
+from dpa.faces.verification import (
+    cosine_scores,
+    far_threshold,
+    open_set,
+    roc_points,
+    sample_pairs,
+    unit_rows,
+    verification,
+)
 from exporter.pretrain import VALIDATION_SEED
 from runtime_client.head import HeadModel
 from runtime_client.on_device import (
@@ -146,11 +153,5 @@ def recognition_metrics(artifacts: Path, state_dir: Path, test: FaceIndex, data:
         "open_set_far_public": OPEN_SET_FAR,
         "pairs": {"genuine": ver["genuine_pairs"], "impostor": ver["impostor_pairs"]},
         "strangers": opened["strangers"],
-        "roc": _roc(pair_scores, pairs.same),
+        "roc": roc_points(pair_scores, pairs.same),
     }
-
-
-def _roc(scores: np.ndarray, same: np.ndarray) -> dict[str, list[float]]:
-    fpr, tpr, _ = roc_curve(same, scores)
-    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).astype(int))
-    return {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist()}

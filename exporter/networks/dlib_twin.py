@@ -21,7 +21,10 @@ from dpa.contract.errors import UserError
 from dpa.faces.align import Aligner
 from dpa.faces.lfw import index_faces
 
-__all__ = ["TwinReport", "chips_for_check", "compare_with_dlib", "MAX_ELEMENT_SHARE", "MIN_COSINE"]
+__all__ = [
+    "TwinReport", "chips_for_check", "compare_with_dlib", "preprocess_chips", "rendered_chips", "MAX_ELEMENT_SHARE",
+    "MIN_COSINE",
+]  # fmt: skip
 
 MAX_ELEMENT_SHARE = 1e-4
 MIN_COSINE = 0.99999
@@ -58,17 +61,28 @@ def chips_for_check(faces: Path | None, count: int = 8) -> tuple[np.ndarray, str
             if len(chips) == count:
                 return np.stack(chips), f"public faces {faces}"
         raise UserError(f"fewer than {count} faces found in {faces} for the check against dlib")
+    return rendered_chips(count), "rendered faces"
+
+
+def rendered_chips(count: int) -> np.ndarray:
+    """(count, 150, 150, 3) uint8 faces drawn by ``dpa.faces.synth``: not photographs, but any image
+    exercises every tensor and every timing."""
     from dpa.faces.synth import SynthConfig, render_face
 
-    cfg = SynthConfig(identities=max(2, count), size=size)
-    return np.stack([render_face(i, 0, cfg) for i in range(count)]).astype(np.uint8), "rendered faces"
+    cfg = SynthConfig(identities=max(2, count), size=layout.IMAGE_SIZE)
+    return np.stack([render_face(i, 0, cfg) for i in range(count)]).astype(np.uint8)
+
+
+def preprocess_chips(chips: np.ndarray) -> np.ndarray:
+    """(N, 150, 150, 3) uint8 chips -> (N, 3, 150, 150) float32, as dlib's input layer: (p - mean) / 256."""
+    x = (chips.astype(np.float32) - np.array(layout.PIXEL_MEAN, dtype=np.float32)) / np.float32(layout.PIXEL_STD[0])
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def _embedding(head: torch.nn.Module, tail: torch.nn.Module, chips: np.ndarray) -> np.ndarray:
     """The twin's descriptor: the head, then the tail's stages without its classifier."""
-    x = (chips.astype(np.float32) - np.array(layout.PIXEL_MEAN, dtype=np.float32)) / np.float32(layout.PIXEL_STD[0])
     with torch.no_grad():
-        a = head.eval()(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
+        a = head.eval()(torch.from_numpy(preprocess_chips(chips)))
         for name in tail.names:  # type: ignore[attr-defined]
             a = a.mean(dim=(2, 3)) if name == "pool" else getattr(tail, name)(a)
     return a.double().numpy()
