@@ -24,6 +24,7 @@ from dpa.contract.choices import NetworkName
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import GraphNames, Manifest, OptimizerConfig, sha256_file
 from dpa.faces.lfw import index_faces, load_batch
+from dpa.privacy.release_clip import public_clip_from_norms
 from exporter.networks import family
 from exporter.networks.vggface import VGGFACE_MEAN
 
@@ -60,6 +61,9 @@ class ExportConfig:
     # Centred releases: a folder of PUBLIC faces (LFW layout) whose mean head activation the device
     # subtracts before clipping (head/release_centre.npy); None: not centred.
     centre_faces: Path | None = None
+    # Without centring: a folder of PUBLIC faces to measure only ``release_clip`` on (the trained-from-scratch
+    # recipe's exports); ignored with centre_faces, which measures it on the centred activations.
+    clip_faces: Path | None = None
     # A public projection before the release: the head ends in y = W (a - centre), W the top
     # ``release_dims`` principal directions of the centred activations of the same public faces
     # (``exporter.vggface.RELEASE_PROJECTION``, frozen); the release, the tail's input and the templates
@@ -126,6 +130,9 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
         with torch.no_grad():
             activation = head.eval()(example)  # (B, *activation_shape)
         centre, clip = None, None
+        if cfg.centre_faces is None and cfg.clip_faces is not None:
+            progress("measuring the release clip on public faces")
+            clip = _public_clip(head, Path(cfg.clip_faces), _Pre(size, mean, std))
         if cfg.centre_faces is not None:
             progress("computing the release centre and clip on public faces")
             faces = Path(cfg.centre_faces)
@@ -209,15 +216,6 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
         raise
 
 
-#: The export's release clip as a share of the median centred norm on the public faces. Half the median
-#: sits below every public activation's norm at fc7 of the shipped weights (the smallest is 0.54 of the
-#: median), so each release is its activation's direction times C: the normalised embedding that face
-#: recognition scores by cosine. Chosen on PUBLIC data (the public task of seed 4, the class-sum release
-#: simulated, 20 splits): any share from 0.125 to 0.5 scored 0.815 at whole-run epsilon 8 and 0.734 at
-#: epsilon 1, the median itself 0.807 and 0.715, twice it 0.790 and 0.605 (README "On the shipped weights").
-RELEASE_CLIP_SHARE_OF_MEDIAN = 0.5
-
-
 @dataclass(frozen=True)
 class _Pre:
     """How the export's network reads an image: side, mean, std (the manifest's)."""
@@ -263,14 +261,14 @@ def _public_centre(head: object, faces: Path, pre: _Pre) -> np.ndarray:
 
 
 def _public_clip(head: object, faces: Path, pre: _Pre, centre: np.ndarray | None = None) -> float:
-    """``RELEASE_CLIP_SHARE_OF_MEDIAN`` times the median L2 norm of the (centred) public activations: the
-    clip a device uses by default, from public faces only."""
+    """The export's ``release_clip``: ``dpa.privacy.release_clip``'s policy applied to the L2 norms of the
+    (centred) public activations, from public faces only."""
     import torch
 
     c = None if centre is None else torch.from_numpy(centre)
     sub = (lambda a: a.float() - c) if c is not None else (lambda a: a.float())
     norms = np.concatenate([sub(a).flatten(1).norm(dim=1).numpy() for a in _activations(head, faces, pre)])
-    return RELEASE_CLIP_SHARE_OF_MEDIAN * float(np.median(norms))  # numpy: the mean of the two middle ones
+    return public_clip_from_norms(norms)
 
 
 def _public_basis(head: object, faces: Path, pre: _Pre, centre: np.ndarray, k: int) -> np.ndarray:

@@ -17,12 +17,15 @@ import hashlib
 import io
 import json
 import math
+import time
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dpa.contract import messages
 from dpa.contract.atomic import atomic_write_bytes, atomic_write_many
@@ -41,12 +44,15 @@ from dpa.privacy.class_sums import (
 )
 from dpa.privacy.clipping import clip_factors, l2_norms, scale_examples
 from runtime_client.config import ClientConfig
-from runtime_client.dataset import load_examples
+from runtime_client.dataset import load_examples, noise_generator
 from runtime_client.edge import EdgeClient, EdgeError
 from runtime_client.head import HeadModel
-from runtime_client.privacy_plan import privacy_plan, privacy_summary
+from runtime_client.privacy_plan import RANDOM_FROZEN_HEAD, THREAT_MODEL, privacy_plan, privacy_summary, run_warnings
+from runtime_client.retry import RetryPolicy
+from runtime_client.run_setup import on_device_accuracy, report_head, set_up, write_report
 
 __all__ = [
+    "run_class_sums",
     "ClassSumPlan",
     "plan_class_sums",
     "compute_class_sums",
@@ -214,3 +220,65 @@ def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.asarray(array, dtype=np.float32))
     return buf.getvalue()
+
+
+async def run_class_sums(cfg: ClientConfig) -> dict[str, Any]:
+    """One class-sum release of the training set through the frozen head, then the device classifies its
+    clean held-out images with the templates the server made of it (``runtime_client.class_sum_run``)."""
+    setup = set_up(cfg, from_checkpoint=False)
+    if setup.manifest.weights_sha256 is None:
+        warnings.warn(RANDOM_FROZEN_HEAD, UserWarning, stacklevel=3)
+    plan = plan_class_sums(cfg)  # BudgetExceeded here: nothing computed, nothing sent
+    noise, _ = noise_generator(cfg, 0)
+    started = time.perf_counter()
+    columns = (TextColumn("[bold]class sums"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not cfg.progress, transient=False) as progress:
+        task = progress.add_task("class sums", total=len(setup.train.paths))
+
+        def say(text: str) -> None:
+            progress.console.print(text)
+
+        def release() -> Any:
+            return compute_class_sums(
+                setup.head, setup.train, setup.manifest, plan, noise,
+                on_batch=lambda n: progress.update(task, advance=n),
+            )  # fmt: skip
+
+        retry = RetryPolicy(total_s=cfg.retry_s)
+        async with EdgeClient(cfg.server, token=cfg.token, ca=cfg.ca, retry=retry) as edge:
+            session_id, body, resent = await send_class_sums(cfg, edge, setup.digest, release, say)
+            progress.update(task, completed=len(setup.train.paths))
+            on_device = None
+            if cfg.on_device_templates:
+                on_device = await on_device_accuracy(
+                    edge, setup, plan.dp, say, classifier="class templates of the class sums (GET /v1/templates)"
+                )
+            await edge.close_session(session_id)
+            retries = edge.retries
+    m = setup.manifest
+    if cfg.record_view is not None:
+        header = {
+            "recorded_by": "dpa client (device side): what the edge server received", "kind": "class-sums",
+            "manifest_sha256": setup.digest, "arch": m.arch, "cut": m.cut, "image_size": m.image_size,
+            "width": m.width,
+            "num_classes": m.num_classes, "activation_shape": list(m.activation_shape),
+            "pixel_mean": list(m.pixel_mean), "pixel_std": list(m.pixel_std), "clip": plan.clip,
+            "noise_scale": plan.noise_scale, "noise_multiplier": plan.noise_multiplier,
+            "adjacency": plan.adjacency.value,
+        }  # fmt: skip
+        record_class_sum_view(cfg.record_view, body, header, setup.train, setup.test, setup.head)
+    report = {
+        **report_head(cfg, setup),
+        "training": {"release": cfg.release.value, "seed": cfg.seed},
+        "privacy": plan.summary(m.activation_numel, m.num_classes),
+        "threat_model": THREAT_MODEL,
+        "warnings": run_warnings(cfg, m),
+        "epochs": [],
+        "resilience": {"retried_requests": retries, "kept_release_resent": resent},
+        "final_test_accuracy": None,
+        "on_device": on_device,
+        "view": str(cfg.record_view) if cfg.record_view is not None else None,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_report(cfg, report)
+    return report

@@ -14,17 +14,16 @@ from dpa.faces.synth import SynthConfig
 from dpa.privacy import checks
 from dpa.privacy.class_sums import Adjacency
 from dpa.privacy.mechanism import DPConfig, Mechanism
+from dpa.privacy.release_plan import check_budget
 from runtime_client.head import ModelFormat
 
-__all__ = ["ClientConfig", "ReleaseKind", "RECOMMENDED_TOTAL_EPSILON", "FALLBACK_CLIP"]
+__all__ = ["ClientConfig", "ReleaseKind", "RECOMMENDED_TOTAL_EPSILON"]
 
 #: ``dpa client``'s defaults are the frontier's best recipe (README, "Where the frontier is"): the
 #: exported public head frozen, each example released once, activations and labels together within this
 #: whole-run epsilon (delta 1e-5), and the device classifying with the server's class templates.
 #: ``ClientConfig``'s own field defaults stay plain (no budget, a trained head) for programs and tests.
 RECOMMENDED_TOTAL_EPSILON = 8.0
-#: The clip when the export carries none (``Manifest.release_clip``: exports centred on public faces do).
-FALLBACK_CLIP = 10.0
 
 
 class ReleaseKind(Choice):
@@ -69,7 +68,8 @@ class ClientConfig:
     model_format: ModelFormat = ModelFormat.AUTO
     max_steps_per_epoch: int | None = None  # cap for quick runs; None: whole epoch
     # Whole-run budget: calibrate the noise so that `epochs` releases of each example stay within
-    # this epsilon (dp-accounting's PLD accountant); None: `dp.epsilon` is per release, no budget.
+    # this epsilon (dp-accounting's PLD accountant; dp.epsilon is then None); None: `dp.epsilon` is per
+    # release, no budget (dpa.privacy.release_plan).
     total_epsilon: float | None = None
     # Examples per head call on the device; None: the whole batch. 1 keeps one example's
     # activations in memory instead of the batch's (a phone's setting; same update).
@@ -129,6 +129,7 @@ class ClientConfig:
             raise UserError(f"label prior must be 'logits' or 'uniform', got {self.label_prior!r}")
         if self.total_epsilon is not None:
             checks.epsilon(self.total_epsilon, allow_inf=False, name="total epsilon")
+        check_budget(self.dp, self.total_epsilon)
         object.__setattr__(self, "release", ReleaseKind.parse(self.release))
         if self.release is ReleaseKind.CLASS_SUMS:
             if not self.frozen_head:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
-from dpa.contract.errors import UserError
 from dpa.contract.manifest import Manifest
-from dpa.privacy.accountant import PrivacyAccountant, calibrate_noise_multiplier, epsilon_spent
+from dpa.privacy.accountant import PrivacyAccountant
 from dpa.privacy.mechanism import DPConfig
+from dpa.privacy.release_plan import plan_releases
 from runtime_client.config import ClientConfig, ReleaseKind
 
 __all__ = ["THREAT_MODEL", "privacy_plan", "privacy_summary", "run_warnings"]
@@ -48,45 +47,11 @@ def privacy_summary(dp: DPConfig, releases: int, elements: int) -> dict[str, Any
 
 
 def privacy_plan(cfg: ClientConfig, saved: dict[str, Any]) -> tuple[DPConfig, PrivacyAccountant]:
-    """The release's noise and the run's accountant (restored from ``saved`` on --resume).
-
-    With ``total_epsilon`` the noise multiplier is calibrated once, for ``epochs`` releases of
-    each example, when the run starts. A resumed run keeps that noise and that budget (both
-    saved with the head), so asking for more epochs than were planned runs into the budget
-    and is refused, instead of being silently re-budgeted; other privacy settings than the
-    saved ones are refused by the accountant.
-    """
-    dp = cfg.dp
-    if not any(key.startswith("accountant.") for key in saved):
-        budget = math.inf
-        if cfg.total_epsilon is not None:
-            z = calibrate_noise_multiplier(
-                mechanism=dp.mechanism, total_epsilon=cfg.total_epsilon, delta=dp.delta, releases=cfg.releases,
-                label_epsilon=cfg.label_epsilon,
-            )  # fmt: skip
-            dp = with_noise_multiplier(dp, z)
-            budget = cfg.total_epsilon
-        z = 0.0 if math.isinf(dp.epsilon) else dp.noise_multiplier
-        return dp, PrivacyAccountant(
-            mechanism=dp.mechanism, noise_multiplier=z, delta=dp.delta, budget_epsilon=budget,
-            label_epsilon=cfg.label_epsilon,
-        )  # fmt: skip
-    saved_budget = float(saved.get("accountant.budget_epsilon", math.inf))
-    asked_budget = math.inf if cfg.total_epsilon is None else cfg.total_epsilon
-    if not math.isclose(saved_budget, asked_budget, rel_tol=1e-6) and saved_budget != asked_budget:
-        raise UserError(f"--resume: the run was started with a total budget of {saved_budget:g}, not {asked_budget:g}")
-    if cfg.total_epsilon is not None:
-        dp = with_noise_multiplier(dp, float(saved["accountant.noise_multiplier"]))
-    z = 0.0 if math.isinf(dp.epsilon) else dp.noise_multiplier
-    accountant = PrivacyAccountant.from_state(
-        saved, mechanism=dp.mechanism, noise_multiplier=z, delta=dp.delta, label_epsilon=cfg.label_epsilon
-    )
-    return dp, accountant
-
-
-def with_noise_multiplier(dp: DPConfig, z: float) -> DPConfig:
-    per_release = epsilon_spent(mechanism=dp.mechanism, noise_multiplier=z, releases=1, delta=dp.delta)
-    return replace(dp, epsilon=per_release, fixed_noise_multiplier=z)
+    """The release's noise and the run's accountant for this run (restored from ``saved`` on --resume):
+    ``dpa.privacy.release_plan`` owns the calibration; this only says what the run releases."""
+    plan = plan_releases(cfg.dp, total_epsilon=cfg.total_epsilon, releases=cfg.releases,
+                         label_epsilon=cfg.label_epsilon, saved=saved)  # fmt: skip
+    return plan.dp, plan.accountant
 
 
 #: Said when a frozen head has no pretrained weights: it would release random features.
@@ -101,7 +66,7 @@ def run_warnings(cfg: ClientConfig, manifest: Manifest | None = None) -> list[st
     out = ["labels are sent to the server in clear"] if math.isinf(cfg.label_epsilon) and not class_sums else []
     if cfg.frozen_head and manifest is not None and manifest.weights_sha256 is None:
         out.append(RANDOM_FROZEN_HEAD)
-    if math.isinf(cfg.dp.epsilon):
+    if cfg.dp.epsilon is not None and math.isinf(cfg.dp.epsilon):
         out.append("epsilon = inf: activations were sent without noise")
     if cfg.seed is not None:
         out.append("fixed --seed: noise is reproducible (experiments only)")

@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from dpa.contract.devices import DeviceProfile
+from dpa.contract.manifest import load_manifest
 from dpa.privacy.mechanism import DPConfig
+from dpa.privacy.release_clip import release_clip
 from dpa.runs.demo import DemoConfig, _export, _private_faces
 from dpa.runs.loopback import serve_and_train
-from dpa.runs.public_data import public_clip
 from runtime_client.config import ClientConfig, ReleaseKind
 
 CUTS = ("conv1_1", "fc7")
@@ -46,7 +47,7 @@ def _run(art: Path, run: Path, clip: float, private: Path, seed: int, eps: float
     label_eps = min(4.0, eps / 2) if noisy and release is ReleaseKind.EXAMPLES else math.inf
     client = ClientConfig(
         artifacts=art, device=DeviceProfile.CPU, epochs=1, batch_size=8,
-        dp=DPConfig(clip=clip, epsilon=1.0 if noisy else math.inf), total_epsilon=eps if noisy else None,
+        dp=DPConfig(clip=clip, epsilon=None if noisy else math.inf), total_epsilon=eps if noisy else None,
         label_epsilon=label_eps, frozen_head=True, on_device_templates=True, release=release, data=str(private),
         seed=seed, state_dir=run / "client", progress=False,
     )  # fmt: skip
@@ -71,7 +72,7 @@ def main() -> None:
         art = workdir / f"artifacts-{cut}"
         if not art.is_dir():
             _export(cfg, cut, weights, public)
-        clip = public_clip(art, public)
+        clip = release_clip(load_manifest(art), source=art)
         plan = [(ReleaseKind.CLASS_SUMS, e) for e in EPSILONS] + [
             (ReleaseKind.EXAMPLES, e) for e in PER_EXAMPLE_EPSILONS
         ]

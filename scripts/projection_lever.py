@@ -20,34 +20,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from shipped_features import clip, features  # scripts/: run as python scripts/<name>.py
+from shipped_features import (
+    clip,
+    device_accuracy,
+    features,
+    released_templates,
+)  # scripts/: run as python scripts/<name>.py
 
 from dpa.faces.synth import SynthConfig
 from dpa.faces.verification import cosine_scores, sample_pairs, verification
 from dpa.privacy.accountant import calibrate_noise_multiplier
+from dpa.privacy.release_clip import public_clip_from_norms
 from dpa.runs.shipped_weights import shipped_info
-from exporter.export import RELEASE_CLIP_SHARE_OF_MEDIAN
 
 DIMS = (None, 16, 32, 64, 128, 256)  # None: no projection
 SPLITS = 20
 
 
-def _accuracy(x: np.ndarray, y: np.ndarray, c: float, epsilon: float) -> dict[str, float]:
+def _accuracy(x: np.ndarray, y: np.ndarray, c: float, epsilon: float) -> float:
     """Mean held-out accuracy over the splits of the class-sum release of projected, centred features ``x``."""
     z = calibrate_noise_multiplier(mechanism="gaussian", total_epsilon=epsilon, delta=1e-5, releases=1)
-    sigma, out = 2 * z * c, {"cosine": [], "inner product": []}
+    out = []
     for split in range(SPLITS):
         rng = np.random.default_rng(split)
         rows = [rng.permutation(np.flatnonzero(y == q)) for q in range(10)]
         tr, te = np.concatenate([r[:75] for r in rows]), np.concatenate([r[75:] for r in rows])
-        xtr, xte = clip(x[tr], c), clip(x[te], c)
-        sums = np.stack([xtr[y[tr] == q].sum(0) for q in range(10)]) + rng.normal(0, sigma, (10, x.shape[1]))
-        counts = np.bincount(y[tr], minlength=10) + rng.normal(0, sigma / c, 10)
-        t = sums / np.maximum(np.rint(counts), 1)[:, None]
-        out["inner product"].append(np.mean((xte @ t.T).argmax(1) == y[te]))
-        unit = t / np.linalg.norm(t, axis=1, keepdims=True)
-        out["cosine"].append(np.mean((xte @ unit.T).argmax(1) == y[te]))
-    return {k: float(np.mean(v)) for k, v in out.items()}
+        templates, counts = released_templates(clip(x[tr], c), y[tr], 10, c, z, rng)
+        out.append(device_accuracy(clip(x[te], c), y[te], templates, counts))
+    return float(np.mean(out))
 
 
 def main() -> None:
@@ -61,16 +61,15 @@ def main() -> None:
     centre = centre_f.mean(0)
     _, _, vt = np.linalg.svd(centre_f - centre, full_matrices=False)  # as the export computes its basis
     pairs = sample_pairs(val_y, np.random.default_rng(0), genuine=3000, impostor=10000)
-    print("| release dims | public pairs: AUC | data | ε 8: cosine (<x, t>) | ε 1: cosine (<x, t>) |")
+    print("| release dims | public pairs: AUC | data | ε 8 | ε 1 |")
     print("|---|---|---|---|---|")
     for k in DIMS:
         project = (lambda f: f - centre) if k is None else (lambda f, w=vt[:k]: (f - centre) @ w.T)
-        c = RELEASE_CLIP_SHARE_OF_MEDIAN * float(np.median(np.linalg.norm(project(centre_f), axis=1)))
+        c = public_clip_from_norms(np.linalg.norm(project(centre_f), axis=1))
         auc = verification(cosine_scores(project(val_f), pairs), pairs.same)["auc"]
         for name, (f, y) in tasks.items():
             r8, r1 = _accuracy(project(f), y, c, 8.0), _accuracy(project(f), y, c, 1.0)
-            print(f"| {k or 'none'} | {auc:.4f} | {name} | {r8['cosine']:.3f} ({r8['inner product']:.3f}) | "
-                  f"{r1['cosine']:.3f} ({r1['inner product']:.3f}) |", flush=True)  # fmt: skip
+            print(f"| {k or 'none'} | {auc:.4f} | {name} | {r8:.3f} | {r1:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,11 @@ import warnings
 from pathlib import Path
 
 from dpa.contract.devices import DeviceProfile
+from dpa.contract.manifest import load_manifest
 from dpa.privacy.mechanism import DPConfig
+from dpa.privacy.release_clip import release_clip
 from dpa.runs.demo import DemoConfig, _export, _private_faces
 from dpa.runs.loopback import serve_and_train
-from dpa.runs.public_data import public_clip
 from runtime_client.config import ClientConfig
 
 
@@ -44,14 +45,14 @@ def main() -> None:
         art = workdir / f"artifacts-{cut}"
         if not art.is_dir():
             _export(cfg, cut, weights, public)
-        clip = public_clip(art, public)
+        clip = release_clip(load_manifest(art), source=art)
         accs = []
         for seed in range(seeds):
             run = workdir / "seed-spread" / f"{cut}-{seed}"
             shutil.rmtree(run, ignore_errors=True)
             client = ClientConfig(
                 artifacts=art, device=DeviceProfile.CPU, epochs=1, batch_size=cfg.batch_size,
-                dp=DPConfig(clip=clip, epsilon=1.0, delta=cfg.delta), total_epsilon=cfg.total_epsilon,
+                dp=DPConfig(clip=clip, epsilon=None, delta=cfg.delta), total_epsilon=cfg.total_epsilon,
                 label_epsilon=label_epsilon, frozen_head=True, on_device_templates=True, data=str(private),
                 seed=seed, state_dir=run / "client", progress=False,
             )  # fmt: skip

@@ -90,7 +90,7 @@ def audit_class_sum_view(
         raise UserError(f"{view_dir}: no class has a count above 0")
     typical = float(np.median(n[classes]))
     # One mechanism for every class mean: the noise of a sum over the median count (counts differ little).
-    dp = DPConfig(clip=clip, epsilon=1.0, fixed_noise_multiplier=max(sigma / typical / (2 * clip), 1e-12))
+    dp = DPConfig(clip=clip, epsilon=None, fixed_noise_multiplier=max(sigma / typical / (2 * clip), 1e-12))
     elements = math.prod(head.activation_shape)
     scale = dp.release_scale(elements)
     victim = (templates[classes] * np.float32(scale)).astype(np.float32).reshape(len(classes), *head.activation_shape)
@@ -126,7 +126,7 @@ def audit_class_sum_view(
         # "at the baseline" says nothing about the noise; issue 27).
         acts = _clipped_activations(head, clip)
         exact = np.stack([acts(truth["members"][str(k)]).mean(axis=0) for k in classes])
-        clean_dp = DPConfig(clip=clip, epsilon=1.0, fixed_noise_multiplier=1e-12)
+        clean_dp = DPConfig(clip=clip, epsilon=None, fixed_noise_multiplier=1e-12)
         clean_victim = (exact * np.float32(clean_dp.release_scale(elements))).astype(np.float32)
         noiseless = {}
         for name in cfg.attacks:

@@ -84,7 +84,9 @@ class InversionConfig:
     cut: str = "conv1_1"  # without artifacts
     arch_seed: int = 0  # init_weights seed, without artifacts
     epsilons: tuple[float, ...] = (math.inf, 1e5, 1e3, 8.0)  # per release; inf: clipping only
-    clip: float = 10.0  # C, as the client's --clip (the client's default)
+    # C, as the client's --clip. None: a recorded view's own, or for run_inversion the export's public clip
+    # (dpa.privacy.release_clip's policy; refused without one).
+    clip: float | None = None
     delta: float = 1e-5
     data: str = "synthetic"  # "synthetic" or an LFW-layout folder
     aux_identities: int = 16  # the attacker's faces: the first identities (sorted by folder name)
@@ -120,7 +122,8 @@ class InversionConfig:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
-        checks.positive_finite("clip", self.clip)
+        if self.clip is not None:
+            checks.positive_finite("clip", self.clip)
         checks.delta(self.delta, allow_zero=False)
         for name in ("aux_identities", "victim_identities", "epochs", "batch_size", "decoder_width", "grid_columns"):
             if getattr(self, name) < 1:

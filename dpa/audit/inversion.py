@@ -31,7 +31,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +44,13 @@ from dpa.audit.map_inversion import calibrate_tv_weight, map_reconstruct
 from dpa.audit.report import HE2021_RECOGNISABLE_SSIM, EpsilonResult, InversionReport, image_metrics, verdict
 from dpa.audit.victim import CentredHead, VictimHead, load_victim_head
 from dpa.contract.errors import UserError
+from dpa.contract.manifest import load_manifest
 from dpa.contract.server_view import ViewRecorder
 from dpa.faces.lfw import index_faces, load_batch
 from dpa.faces.synth import SynthConfig, cached_faces
 from dpa.privacy.mechanism import DPActivations, DPConfig
 from dpa.privacy.public_parameters import release_parameters
+from dpa.privacy.release_clip import release_clip
 
 __all__ = [
     "InversionConfig",
@@ -134,6 +136,12 @@ def _activations(head: VictimHead, x: np.ndarray) -> np.ndarray:
         return head.module(torch.from_numpy(x)).numpy()
 
 
+def _epsilon_key(dp: DPConfig) -> float:
+    """What names a setting's seed: its per-release epsilon, or for a mechanism given only by its noise
+    multiplier (the class-sum audit's), that multiplier."""
+    return dp.epsilon if dp.epsilon is not None else dp.noise_multiplier
+
+
 def _setting_seed(eps: float) -> int:
     """A seed per epsilon that does not depend on its position in the list (a view audited later,
     at one epsilon, draws exactly what the live audit drew)."""
@@ -169,7 +177,7 @@ def _decoder_attack(
 ) -> AttackOutcome:
     """Train an inverse network on the attacker's own releases of its faces, decode the victims'."""
 
-    key = _setting_seed(dp.epsilon)
+    key = _setting_seed(_epsilon_key(dp))
     attacker = _mechanism(dp, (cfg.seed, 1, key))
     order_rng = np.random.default_rng([cfg.seed, 3, key])
     x_aux, y_aux = aux
@@ -216,7 +224,7 @@ def _map_attack(
     scale = dp.release_scale(math.prod(head.activation_shape))
     x_aux, y_aux = aux
     n = min(settings.calibration_images, len(x_aux))
-    calibration = release_all(head, dp, x_aux[:n], (cfg.seed, 4, _setting_seed(dp.epsilon)), cfg.batch_size)
+    calibration = release_all(head, dp, x_aux[:n], (cfg.seed, 4, _setting_seed(_epsilon_key(dp))), cfg.batch_size)
     colour = y_aux.mean(axis=(0, 2, 3))  # the attacker's mean face colour: the constant start
 
     def reconstruct(releases: np.ndarray, tv_weight: float | np.ndarray) -> np.ndarray:
@@ -347,6 +355,9 @@ def run_inversion(cfg: InversionConfig, *, progress: ProgressFn | None = None) -
     With ``cfg.record_view`` each epsilon's victim releases are written as a recorded view
     (``<record_view>/eps-<epsilon>``), which :func:`audit_view` attacks to the same figures."""
 
+    manifest = None if cfg.artifacts is None else load_manifest(cfg.artifacts)
+    source = cfg.artifacts if cfg.artifacts is not None else "an untrained head (no --artifacts)"
+    cfg = replace(cfg, clip=release_clip(manifest, cfg.clip, source=source))
     started = time.perf_counter()
     previous_threads = torch.get_num_threads()
     if cfg.threads is not None:

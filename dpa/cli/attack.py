@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -37,7 +36,9 @@ def inversion_command(
     epsilons: Annotated[
         str, typer.Option(help="Comma-separated epsilons per release; inf = no noise.")
     ] = "inf,1e5,1e3,8",
-    clip: Annotated[float, typer.Option(help="Clip C, as the client's --clip.")] = 10.0,
+    clip: Annotated[
+        float | None, typer.Option(help="Clip C, as the client's --clip (default: the export's public clip).")
+    ] = None,
     delta: Annotated[float, typer.Option(help="delta per release.")] = 1e-5,
     epochs: Annotated[int, typer.Option(help="Decoder training epochs per epsilon.")] = 20,
     data: Annotated[str, typer.Option(help="'synthetic' or an LFW-layout folder.")] = "synthetic",
@@ -291,65 +292,33 @@ def membership_command(
     identities: Annotated[int, typer.Option(help="Synthetic identities (as the client's).")] = 10,
     per_identity: Annotated[int, typer.Option(help="Synthetic images per identity (as the client's).")] = 40,
     min_faces_per_person: Annotated[int, typer.Option(help="As the client's.")] = 2,
-    epsilon: Annotated[float, typer.Option(help="The client's --epsilon (sets the public scale and the noise).")] = 8.0,
-    clip: Annotated[float, typer.Option(help="The client's --clip.")] = 10.0,
+    epsilon: Annotated[
+        float,
+        typer.Option(
+            help="The client's --epsilon (sets the public scale and the noise).",
+            callback=option_check(partial(checks.epsilon, allow_inf=True)),
+        ),
+    ] = 8.0,
+    clip: Annotated[float | None, typer.Option(help="The client's --clip (default: the export's public clip).")] = None,
     delta: Annotated[float, typer.Option(help="The client's --delta.")] = 1e-5,
     seed: Annotated[int | None, typer.Option(help="Seed of the noise of the deployed-pipeline row.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     out: Annotated[Path, typer.Option(help="Writes membership.json here.")] = Path("runs/attack"),
 ) -> None:
     """Loss-threshold membership inference (Yeom et al. 2018) on the client's train/test split."""
-    import numpy as np
     from rich.table import Table
 
-    from dpa.audit.membership import membership_scores
-    from dpa.audit.victim import TrainedSplitModel
-    from dpa.contract.manifest import load_manifest
-    from dpa.faces.synth import SynthConfig
-    from dpa.privacy.mechanism import DPConfig
-    from runtime_client.config import ClientConfig
-    from runtime_client.dataset import prepare_data
+    from dpa.audit.membership_run import MembershipConfig, run_membership
 
-    option_check(partial(checks.epsilon, allow_inf=True))(epsilon)
     with user_errors():
-        dp = DPConfig(clip=clip, epsilon=epsilon, delta=delta)
-        manifest = load_manifest(artifacts)
-        client = ClientConfig(
-            artifacts=artifacts,
-            data=data,
-            synth=SynthConfig(identities=identities, per_identity=per_identity),
-            state_dir=client_state,
-            min_faces_per_person=min_faces_per_person,
-        )
-        model = TrainedSplitModel(
-            artifacts,
-            tail_checkpoint=server_state if server_state is not None else artifacts / "server-state",
-            head_checkpoint=client_state,
-        )
-        train, test = prepare_data(client, manifest)  # the client's split (synthetic faces cached in its state)
-        rows = {}
-        for name, noisy in (("tail on clean activations", False), ("head+tail with DP-A release", True)):
-            rng = np.random.default_rng(None if seed is None else [seed, 7])
-            members = model.losses(train, dp, noisy=noisy, rng=rng, batch_size=batch_size)
-            nonmembers = model.losses(test, dp, noisy=noisy, rng=rng, batch_size=batch_size)
-            result = membership_scores(members, nonmembers)
-            rows[name] = {
-                **result.to_json(),
-                "member_loss_mean": float(members.mean()),
-                "nonmember_loss_mean": float(nonmembers.mean()),
-            }
-        report = {
-            "attack": "loss threshold (Yeom et al., CSF 2018): member iff loss <= t; best t in hindsight",
-            "artifacts": str(artifacts),
-            "head_checkpoint": str(model.head_source),
-            "tail_checkpoint": str(model.tail_source),
-            "data": data,
-            "privacy": {"clip": clip, "epsilon": epsilon if math.isfinite(epsilon) else "inf", "delta": delta},
-            "results": rows,
-        }
-        _write_json(out / "membership.json", report)
-
-    table = Table(title=f"membership inference: {len(train.paths)} members, {len(test.paths)} non-members")
+        cfg = MembershipConfig(
+            artifacts=artifacts, server_state=server_state, client_state=client_state, data=data,
+            identities=identities, per_identity=per_identity, min_faces_per_person=min_faces_per_person,
+            epsilon=epsilon, clip=clip, delta=delta, seed=seed, batch_size=batch_size,
+        )  # fmt: skip
+        report = run_membership(cfg, out)
+    rows = report["results"]
+    table = Table(title=f"membership inference: {report['members']} members, {report['nonmembers']} non-members")
     for name in ("model", "AUC", "advantage", "threshold", "loss (members)", "loss (non-members)"):
         table.add_column(name, justify="left" if name == "model" else "right")
     for name, r in rows.items():

@@ -56,7 +56,7 @@ class DeviceOptions:
     delta: Annotated[float, _opt("delta of one release (gaussian).")] = 1e-5
     clip: Annotated[
         float | None,
-        _opt("Per-example activation norm bound C (sensitivity 2C); default the export's public clip, else 10."),
+        _opt("Per-example activation norm bound C (sensitivity 2C); default the export's public clip."),
     ] = None
     seed: Annotated[int | None, _opt("Reproducible noise and shuffling (experiments only).")] = None
     min_faces_per_person: Annotated[int, _opt("Skip identities with fewer images.")] = 2
@@ -98,17 +98,18 @@ def device_options(command: Callable[..., None]) -> Callable[..., None]:
 
 
 def _clip(opts: DeviceOptions) -> float:
-    """--clip, or the export's public clip (``Manifest.release_clip``), or ``FALLBACK_CLIP``."""
+    """--clip, or the export's public clip: ``dpa.privacy.release_clip``'s policy (refused when neither)."""
     from dpa.contract.manifest import load_manifest
-    from runtime_client.config import FALLBACK_CLIP
+    from dpa.privacy.release_clip import release_clip
 
     if opts.clip is not None:
-        return opts.clip
-    try:
-        clip = load_manifest(opts.artifacts).release_clip
-    except UserError:  # no export there: the run reports that itself, naming the folder
-        clip = None
-    return clip if clip is not None else FALLBACK_CLIP
+        return release_clip(None, opts.clip)
+    return release_clip(load_manifest(opts.artifacts), source=opts.artifacts)
+
+
+def _per_release(opts: DeviceOptions, fields: dict[str, Any]) -> float | None:
+    """--epsilon, unless a whole-run budget (--total-epsilon) plans each release instead."""
+    return None if fields.get("total_epsilon") is not None else opts.epsilon
 
 
 def client_config(opts: DeviceOptions, **fields: Any) -> Any:
@@ -127,7 +128,7 @@ def client_config(opts: DeviceOptions, **fields: Any) -> Any:
         data=opts.data,
         device=opts.device,
         batch_size=opts.batch_size,
-        dp=DPConfig(mechanism=opts.mechanism, clip=_clip(opts), epsilon=opts.epsilon, delta=opts.delta),
+        dp=DPConfig(mechanism=opts.mechanism, clip=_clip(opts), epsilon=_per_release(opts, fields), delta=opts.delta),
         seed=opts.seed,
         min_faces_per_person=opts.min_faces_per_person,
         synth=SynthConfig(identities=opts.identities, per_identity=opts.per_identity),

@@ -96,6 +96,10 @@ def export_command(
         int | None,
         typer.Option(help="Project the release on this many principal directions of the --centre-from faces."),
     ] = None,
+    clip_from: Annotated[
+        Path | None,
+        typer.Option(help="Without --centre-from: PUBLIC faces to measure only the release clip on."),
+    ] = None,
 ) -> None:
     """Split a network at --cut and write head (device) and tail (edge) training artifacts."""
     with user_errors():
@@ -117,6 +121,7 @@ def export_command(
             ort_format=ort_format,
             pixel_std=pixel_std,
             centre_faces=centre_from,
+            clip_faces=clip_from,
             release_dims=release_dims,
         )
         with console.status("exporting") as status:

@@ -117,8 +117,8 @@ class Manifest:
     release_centre: str | None = None
     # The clip C a device uses unless told otherwise: half the median L2 norm of the (centred) head
     # activations on the PUBLIC faces the centre came from, so that (nearly) every example is clipped to
-    # its direction times C (exporter.export.RELEASE_CLIP_SHARE_OF_MEDIAN); None: not computed (the
-    # device's default clip applies).
+    # its direction times C (dpa.privacy.release_clip.SHARE_OF_PUBLIC_MEDIAN); None: not computed (a
+    # device must then be given its clip).
     release_clip: float | None = None
     # A public projection before the release (``dpa export --release-dims``): the head ends in
     # y = W (a - mu), W the top release_dims principal directions of the cut's activation on the same

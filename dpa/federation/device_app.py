@@ -13,7 +13,6 @@ is spent once.
 from __future__ import annotations
 
 import hashlib
-import math
 from functools import cache
 from pathlib import Path
 
@@ -27,13 +26,14 @@ from dpa.contract.devices import DeviceProfile, resolve_device
 from dpa.contract.manifest import load_manifest
 from dpa.federation.config import FederationConfig
 from dpa.federation.population import DeviceData, device_data
-from dpa.privacy.mechanism import DPConfig
 from dpa.privacy.noise_source import secure_generator
+from dpa.privacy.release_clip import release_clip
 from runtime_client.class_sum_run import ClassSumPlan, compute_class_sums
-from runtime_client.config import ClientConfig, ReleaseKind
+from runtime_client.config import ClientConfig
 from runtime_client.dataset import load_examples
 from runtime_client.head import HeadModel
 from runtime_client.on_device import clean_embeddings, template_scores
+from runtime_client.recipes import Budget, Recipe
 
 __all__ = ["device_app", "device_dir", "RELEASE", "HELLO", "ENROL", "GALLERY"]
 
@@ -51,13 +51,11 @@ def _head(artifacts: Path) -> HeadModel:  # one per worker process: loading it i
 
 
 def _client_config(cfg: FederationConfig, device: int) -> ClientConfig:
-    manifest = load_manifest(cfg.artifacts)
-    clip = manifest.release_clip
-    if clip is None:
-        raise ValueError(f"{cfg.artifacts} has no public release clip: export it with --centre-faces")
-    return ClientConfig(artifacts=cfg.artifacts, dp=DPConfig(clip=clip, epsilon=1.0, delta=cfg.delta),
-                        total_epsilon=cfg.total_epsilon, label_epsilon=math.inf, frozen_head=True,
-                        release=ReleaseKind.CLASS_SUMS, state_dir=device_dir(cfg, device), progress=False)  # fmt: skip
+    return Recipe.CLASS_SUMS.client_config(
+        artifacts=cfg.artifacts, clip=release_clip(load_manifest(cfg.artifacts), source=cfg.artifacts),
+        budget=Budget(cfg.total_epsilon, delta=cfg.delta), on_device_templates=False,
+        state_dir=device_dir(cfg, device), progress=False,
+    )  # fmt: skip
 
 
 def _release(cfg: FederationConfig, data: DeviceData, plan: ClassSumPlan) -> bytes:

@@ -37,10 +37,11 @@ from dpa.federation.device_app import _head, device_dir
 from dpa.federation.population import device_data, draw_faces
 from dpa.privacy.mechanism import DPActivations, DPConfig
 from dpa.privacy.noise_source import secure_generator
-from runtime_client.config import ClientConfig
+from dpa.privacy.release_clip import release_clip
 from runtime_client.dataset import load_examples
 from runtime_client.label_privacy import LabelPrivacy
 from runtime_client.privacy_plan import privacy_plan
+from runtime_client.recipes import Budget, Recipe
 from runtime_server.tail import TailModel
 
 __all__ = ["splitfed", "device_releases", "RELEASES", "TAIL_FILE"]
@@ -50,13 +51,11 @@ TAIL_FILE = "splitfed_tail.npz"  # the averaged tail after the last round
 
 
 def _plan(cfg: FederationConfig) -> tuple[DPConfig, Any]:
-    manifest = load_manifest(cfg.artifacts)
-    if manifest.release_clip is None:
-        raise UserError(f"{cfg.artifacts} has no public release clip: export it with --centre-faces")
-    dp = DPConfig(clip=manifest.release_clip, epsilon=1.0, delta=cfg.delta)
-    client = ClientConfig(artifacts=cfg.artifacts, dp=dp, total_epsilon=cfg.total_epsilon,
-                          label_epsilon=cfg.label_epsilon, frozen_head=True, releases_per_example=1, epochs=1,
-                          progress=False)  # fmt: skip
+    client = Recipe.PUBLIC.client_config(
+        artifacts=cfg.artifacts, clip=release_clip(load_manifest(cfg.artifacts), source=cfg.artifacts),
+        budget=Budget(cfg.total_epsilon, delta=cfg.delta, label_epsilon=cfg.label_epsilon),
+        releases_per_example=1, on_device_templates=False, progress=False,
+    )  # fmt: skip
     return privacy_plan(client, {})
 
 

@@ -144,8 +144,9 @@ class DPConfig:
     # laplace); 1.0 suits normalised activations, rescale to the cut's typical norm.
     clip: float = 1.0
     # Privacy loss of one release of one example; math.inf sends without noise
-    # (clipping only, no privacy) and makes DPActivations warn.
-    epsilon: float = 1.0
+    # (clipping only, no privacy) and makes DPActivations warn. None: not chosen here but planned
+    # from a whole-run budget (dpa.privacy.release_plan, which fills it in with the noise multiplier).
+    epsilon: float | None = 1.0
     # Gaussian only (Laplace is pure epsilon-DP and ignores it); 1e-5 is the usual
     # choice for data sets of up to ~1e5 examples (delta should be << 1/n).
     delta: float = 1e-5
@@ -162,7 +163,7 @@ class DPConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "mechanism", Mechanism.parse(self.mechanism))
         clip = checks.positive_finite("clip", self.clip)
-        eps = checks.epsilon(self.epsilon, allow_inf=True)
+        eps = None if self.epsilon is None else checks.epsilon(self.epsilon, allow_inf=True)
         laplace = self.mechanism is Mechanism.LAPLACE
         delta = checks.delta(self.delta, allow_zero=laplace, mechanism=self.mechanism.value)
         if self.fixed_noise_multiplier is not None:
@@ -186,6 +187,8 @@ class DPConfig:
 
         With ``fixed_noise_multiplier`` z: sigma = 2C z, or b = 2C z / sqrt(2) (Laplace's std is sqrt(2) b).
         """
+        if self.epsilon is None and self.fixed_noise_multiplier is None:
+            raise ValueError("this DPConfig has no noise yet: plan it from its budget (dpa.privacy.release_plan)")
         if self.fixed_noise_multiplier is not None:
             return noise_scale_for(
                 noise_multiplier=self.fixed_noise_multiplier, clip=self.clip, mechanism=self.mechanism
@@ -274,7 +277,7 @@ class DPActivations:
         self.config = config
         self._rng = rng
         self._scale = float(config.noise_scale)
-        if math.isinf(config.epsilon):
+        if config.epsilon is not None and math.isinf(config.epsilon):
             warnings.warn(
                 "DP-A with epsilon = inf: activations are clipped but sent WITHOUT noise (no differential privacy)",
                 UserWarning,

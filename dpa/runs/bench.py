@@ -361,53 +361,22 @@ def _server_process(artifacts: Path, state: Path, *, journal: bool = False) -> I
         server.wait(60)
 
 
-_RSS_SCRIPT = """
-import asyncio, json, resource, sys, warnings
-import numpy as np
-warnings.simplefilter("ignore")
-from pathlib import Path
-from dpa.contract.devices import resolve_device
-from dpa.contract.manifest import load_manifest, manifest_sha256
-from runtime_client.edge import EdgeClient
-from runtime_client.head import HeadModel
-from dpa.privacy.mechanism import DPActivations, DPConfig
-from runtime_client.split_step import SplitTrainer
-artifacts, url, batch, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-micro = None if sys.argv[5] == "none" else int(sys.argv[5])
-m = load_manifest(artifacts)
-head = HeadModel(artifacts, m, resolve_device("arm64"))
-dp = DPActivations(DPConfig(clip=100.0, epsilon=8.0), np.random.default_rng())
-rng = np.random.default_rng(0)
-images = rng.standard_normal((batch, *m.input_shape), dtype=np.float32)
-labels = rng.integers(0, m.num_classes, batch)
-async def main():
-    async with EdgeClient(url) as edge:
-        s = await edge.open_session(manifest_sha256(artifacts))
-        t = SplitTrainer(head, edge, s.session_id, dp, micro_batch=micro)
-        for _ in range(steps):
-            await t.step(images, labels)
-asyncio.run(main())
-def peak_mb():
-    # VmHWM is this process image's peak. ru_maxrss is not: Linux carries it across exec, so a
-    # child of a big parent (this benchmark, with torch loaded) would report the parent's size.
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"peak_rss_mb": peak_mb(), "torch_loaded": "torch" in sys.modules}))
-"""
-
-
 def _client_rss_and_load(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> None:
     """5. The device client's peak RSS (a separate process, as on a phone) and batch loading time."""
 
     # The device setting for phones (--micro-batch 1) and the whole-batch default.
     with _server_process(artifacts, artifacts.parent / "rss-server") as url:
         for micro, key in (("1", "client_peak_rss_mb"), ("none", "client_peak_rss_mb_whole_batch")):
-            script = [sys.executable, "-c", _RSS_SCRIPT, str(artifacts), url, str(cfg.batch), "3", micro]
+            script = [
+                sys.executable,
+                "-m",
+                "runtime_client.bench_device",
+                str(artifacts),
+                url,
+                str(cfg.batch),
+                "3",
+                micro,
+            ]
             out = subprocess.run(script, capture_output=True, text=True, check=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
             report[key] = result["peak_rss_mb"]

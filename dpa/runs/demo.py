@@ -35,20 +35,20 @@ from typing import Any
 
 from dpa.contract.architecture import ArchConfig, cut_info
 from dpa.contract.cpu import cpu_info
-from dpa.contract.devices import DeviceProfile
 from dpa.contract.manifest import OptimizerConfig, OptimizerName, load_manifest
 from dpa.faces.synth import SynthConfig, cached_faces
-from dpa.privacy.mechanism import DPConfig
+from dpa.privacy.release_clip import release_clip
 from dpa.runs.loopback import serve_and_train
-from dpa.runs.public_data import PublicWeights, public_clip, public_weights
+from dpa.runs.public_data import PublicWeights, public_weights
 from dpa.runs.recognition import calibrate_gallery, recognition_data, recognition_metrics
 from dpa.runs.reference import Preprocess, ReferenceConfig, reference_accuracies, tune_reference, tuning_path
 from dpa.runs.roc_figure import write_roc
 from dpa.runs.shipped_weights import shipped_weights
 from exporter.export import ExportConfig, export
 from exporter.pretrain import PRETRAIN_PIXEL_STD, sidecar
-from runtime_client.config import ClientConfig, ReleaseKind
+from runtime_client.config import ClientConfig
 from runtime_client.dataset import prepare_data
+from runtime_client.recipes import Budget, Recipe
 
 __all__ = ["DemoConfig", "demo_summary", "run_demo"]
 
@@ -130,45 +130,33 @@ def run_demo(cfg: DemoConfig, say: Any = print) -> list[dict[str, Any]]:
     recognition = recognition_data(cfg.workdir / "recognition", cfg.arch.image_size,
                                    public_identities=cfg.recognition_public_identities,
                                    strangers=cfg.recognition_strangers)  # fmt: skip
-    sums, examples = ReleaseKind.CLASS_SUMS, ReleaseKind.EXAMPLES
     plans = [
-        ("non-private", cfg.cut, False, examples),
-        ("private", cfg.cut, True, sums),
-        ("private, per-example", cfg.cut, True, examples),
-        (f"private, {cfg.seed_cut}", cfg.seed_cut, True, sums),
+        ("non-private", cfg.cut, Recipe.PUBLIC, False),
+        ("private", cfg.cut, Recipe.CLASS_SUMS, True),
+        ("private, per-example", cfg.cut, Recipe.PUBLIC, True),
+        (f"private, {cfg.seed_cut}", cfg.seed_cut, Recipe.CLASS_SUMS, True),
     ]
+    budget = Budget(cfg.total_epsilon, delta=cfg.delta, label_epsilon=cfg.label_epsilon)
     exports: dict[str, tuple[Path, float]] = {}
     reports = []
-    for name, cut, private, release in plans:
+    for name, cut, recipe, private in plans:
         if cut not in exports:
             projected = (
                 f", projected on {cfg.release_dims} public directions" if cut == cfg.cut and cfg.release_dims else ""
             )
             say(f"exporting the pretrained VGG-Face at {cut}, centred on public faces{projected}")
             art = _export(cfg, cut, weights, faces)
-            exports[cut] = (art, public_clip(art, faces))
+            exports[cut] = (art, release_clip(load_manifest(art), source=art))
         art, clip = exports[cut]
         run_dir = cfg.workdir / name.replace(", ", "-")
         shutil.rmtree(run_dir, ignore_errors=True)
-        client = ClientConfig(
-            artifacts=art,
-            device=DeviceProfile.CPU,
-            epochs=1 if private else cfg.nonprivate_epochs,  # a frozen head re-sends: no new releases
-            batch_size=cfg.batch_size,
-            dp=DPConfig(clip=clip, epsilon=1.0 if private else math.inf, delta=cfg.delta),
-            total_epsilon=cfg.total_epsilon if private else None,
-            label_epsilon=cfg.label_epsilon if private else math.inf,
-            frozen_head=True,
-            on_device_templates=True,
-            release=release,
-            data=str(private_faces),
-            seed=cfg.seed,
-            state_dir=run_dir / "client",
-            report=run_dir / "report.json",
-            record_view=run_dir / "view",
-            record_view_limit=cfg.view_releases,
-        )
-        if release is sums:
+        client = recipe.client_config(
+            artifacts=art, clip=clip, budget=budget if private else None, delta=cfg.delta,
+            epochs=None if private else cfg.nonprivate_epochs,  # a frozen head re-sends: no new releases
+            batch_size=cfg.batch_size, data=str(private_faces), seed=cfg.seed, state_dir=run_dir / "client",
+            report=run_dir / "report.json", record_view=run_dir / "view", record_view_limit=cfg.view_releases,
+        )  # fmt: skip
+        if recipe is Recipe.CLASS_SUMS:
             what = f"frozen head, the class sums released once, whole-run epsilon {cfg.total_epsilon:g}, labels in it"
         elif private:
             what = f"frozen head, each example released once, whole-run epsilon {cfg.total_epsilon:g}, labels in it"
@@ -176,7 +164,7 @@ def run_demo(cfg: DemoConfig, say: Any = print) -> list[dict[str, Any]]:
             what = f"frozen head, no noise, labels in clear, tail {cfg.nonprivate_epochs} epochs"
         say(f"{name} at {cut}: {what} (server on loopback, fresh tail)")
         report = asyncio.run(
-            serve_and_train(art, run_dir / "server-state", client, templates=True, clean=release is examples)
+            serve_and_train(art, run_dir / "server-state", client, templates=True, clean=recipe is Recipe.PUBLIC)
         )
         m = load_manifest(art)
         report["name"] = name

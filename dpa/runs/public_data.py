@@ -7,17 +7,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
-from dpa.contract.devices import DeviceProfile, resolve_device
-from dpa.contract.manifest import load_manifest
-from dpa.faces.lfw import index_faces, load_batch
-from dpa.privacy.clipping import l2_norms
 from dpa.runs.shipped_weights import shipped_weights
 from exporter.pretrain import PretrainConfig, pretrain, public_faces, sidecar
-from runtime_client.head import HeadModel
 
-__all__ = ["PublicWeights", "pretrained_weights", "public_clip", "public_weights"]
+__all__ = ["PublicWeights", "pretrained_weights", "public_weights"]
 
 
 @dataclass(frozen=True)
@@ -51,20 +44,6 @@ def public_weights(workdir: Path, cfg: PublicWeights, say: Callable[[str], None]
         image_size=cfg.image_size, width=cfg.width, epochs=cfg.pretrain_epochs, seed=cfg.seed,
         mixed_precision=cfg.mixed_precision, say=say,
     )  # fmt: skip
-
-
-def public_clip(artifacts: Path, public_faces: Path) -> float:
-    """The clip C for an export: the median L2 norm of its head's (centred, if the export centres)
-    activations on public faces, so that about half of the examples are clipped. An export centred on
-    public faces carries it already (``Manifest.release_clip``, computed by the exporter on those faces,
-    which is what every caller here passes); otherwise it is measured on ``public_faces``."""
-    manifest = load_manifest(artifacts, verify=("head",))
-    if manifest.release_clip is not None:
-        return manifest.release_clip
-    head = HeadModel(artifacts, manifest, resolve_device(DeviceProfile.CPU))
-    index = index_faces(public_faces, min_faces_per_person=1)
-    images = load_batch(list(index.paths), size=manifest.image_size, mean=manifest.pixel_mean, std=manifest.pixel_std)
-    return float(np.median(l2_norms(head.forward(images))))
 
 
 def pretrained_weights(

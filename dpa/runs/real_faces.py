@@ -47,14 +47,15 @@ from dpa.faces.align import ALIGNMENT, align_images, chip_path
 from dpa.faces.lfw import IMAGE_EXTENSIONS, FaceIndex, index_faces, split_faces
 from dpa.faces.verification import unit_rows
 from dpa.privacy.class_sums import Adjacency
-from dpa.privacy.mechanism import DPConfig
+from dpa.privacy.release_clip import release_clip
 from dpa.runs.lfw_eval import images_root
 from dpa.runs.loopback import serve_and_train
 from dpa.runs.recognition import RecognitionData, calibrate_gallery, recognition_metrics
 from exporter.export import ExportConfig, export
-from runtime_client.config import ClientConfig, ReleaseKind
+from runtime_client.config import ClientConfig
 from runtime_client.head import HeadModel
 from runtime_client.on_device import embed_files, template_scores
+from runtime_client.recipes import Budget, Recipe
 
 __all__ = ["RealFacesConfig", "run_real_faces"]
 
@@ -208,15 +209,12 @@ def _private(
     """One class-sum release through a real server on loopback; the gallery calibrated with the same noise."""
     run_dir = cfg.workdir / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    clip = load_manifest(art).release_clip
-    assert clip is not None
     private = math.isfinite(eps)
-    client = ClientConfig(
-        artifacts=art, data=str(data), min_faces_per_person=min_faces, train_per_identity=train_per_identity,
-        split_seed=cfg.seed, epochs=1, dp=DPConfig(clip=clip, epsilon=1.0 if private else math.inf, delta=cfg.delta),
-        total_epsilon=eps if private else None, frozen_head=True,
+    client = Recipe.CLASS_SUMS.client_config(
+        artifacts=art, clip=release_clip(load_manifest(art), source=art),
+        budget=Budget(eps, delta=cfg.delta) if private else None, delta=cfg.delta, data=str(data),
+        min_faces_per_person=min_faces, train_per_identity=train_per_identity, split_seed=cfg.seed, seed=cfg.seed,
         # the clean run keeps counts, so that the export's classes without photos have no template
-        on_device_templates=True, release=ReleaseKind.CLASS_SUMS, seed=cfg.seed,
         adjacency=cfg.adjacency if private else Adjacency.REPLACE_ONE,
         state_dir=run_dir / "client", report=run_dir / "report.json", record_view=run_dir / "view", progress=False,
     )  # fmt: skip
@@ -292,15 +290,13 @@ def _per_example(
     index = index_faces(data, min_faces_per_person=cfg.min_images)
     art = _export(cfg, cfg.workdir / f"artifacts-{cfg.per_example_cut}", len(index.names), public, None,
                   cfg.per_example_cut)  # fmt: skip
-    clip = load_manifest(art).release_clip
-    assert clip is not None
     run_dir = cfg.workdir / f"per-example-{cfg.per_example_cut}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    client = ClientConfig(
-        artifacts=art, data=str(data), min_faces_per_person=cfg.min_images, split_seed=cfg.seed,
-        epochs=cfg.per_example_epochs, frozen_head=True, releases_per_example=1,
-        dp=DPConfig(clip=clip, delta=cfg.delta), total_epsilon=cfg.per_example_epsilon,
-        label_epsilon=cfg.per_example_label_epsilon, seed=cfg.seed, state_dir=run_dir / "client",
+    client = Recipe.PUBLIC.client_config(
+        artifacts=art, clip=release_clip(load_manifest(art), source=art),
+        budget=Budget(cfg.per_example_epsilon, delta=cfg.delta, label_epsilon=cfg.per_example_label_epsilon),
+        data=str(data), min_faces_per_person=cfg.min_images, split_seed=cfg.seed, epochs=cfg.per_example_epochs,
+        releases_per_example=1, on_device_templates=False, seed=cfg.seed, state_dir=run_dir / "client",
         report=run_dir / "report.json", record_view=run_dir / "view", record_view_limit=8, progress=False,
     )  # fmt: skip
     say(

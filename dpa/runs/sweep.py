@@ -10,10 +10,11 @@ releases), each through the real server and client on loopback. Each point repor
   head the server knows: the export's) against the no-data baseline (the attacker's mean face);
 * the device's cost of the cut: FLOPs and parameter share, head step time, peak memory, wire bytes.
 
-The clip of each cut is the median activation norm of the initial head on PUBLIC faces (the
-built-in generator's other identities, seed 1), so choosing it spends no privacy (a centred public
-export's ``release_clip``: half that median); ``clip_scales`` sweeps multiples of it and ``release_dims``
-a public projection before the release (``dpa export --release-dims``; 0: none), both levers of issue 23:
+The clip of each cut is the export's ``release_clip`` (``dpa.privacy.release_clip``'s policy: half the
+median activation norm of the export's head on PUBLIC faces: the built-in generator's other identities,
+seed 1, for the scratch recipe, the centre's faces for the public ones), so choosing it spends no privacy.
+``clip_scales`` sweeps multiples of it and ``release_dims`` a public projection before the release
+(``dpa export --release-dims``; 0: none), both levers of issue 23:
 each (clip scale, release dims) is its own frontier against its own non-private run.
 
 The public recipes (``public``, ``class-sums``) load the shipped public weights where they fit the
@@ -29,8 +30,6 @@ skips the points already done. Writes ``frontier.csv``, ``frontier.json`` and ``
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import json
 import math
 import shutil
@@ -40,9 +39,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dpa.audit.class_sum_audit import audit_class_sum_view, write_class_sum_grid
@@ -50,21 +46,29 @@ from dpa.audit.config import InversionConfig
 from dpa.audit.figures import write_grid
 from dpa.audit.view_audit import audit_view
 from dpa.contract.architecture import ArchConfig, validate_cut
-from dpa.contract.atomic import atomic_write_bytes
-from dpa.contract.devices import DeviceProfile
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import OptimizerConfig, OptimizerName, load_manifest, sha256_file
 from dpa.faces.synth import SynthConfig, cached_faces
 from dpa.privacy import checks
-from dpa.privacy.mechanism import DPConfig
+from dpa.privacy.release_clip import release_clip
 from dpa.runs.device_cost import device_cost
+from dpa.runs.frontier import (
+    FIELD_FIGURES,
+    json_safe,
+    relative,
+    smallest_epsilon,
+    write_csv,
+    write_frontier_plot,
+    write_json,
+)
 from dpa.runs.loopback import serve_and_train
-from dpa.runs.public_data import PublicWeights, public_clip, public_weights
+from dpa.runs.public_data import PublicWeights, public_weights
 from dpa.runs.recognition import RecognitionData, calibrate_gallery, recognition_data, recognition_metrics
 from exporter.export import ExportConfig, export
 from exporter.pretrain import PRETRAIN_PIXEL_STD
-from runtime_client.config import ClientConfig, ReleaseKind
+from runtime_client.config import ClientConfig
 from runtime_client.dataset import prepare_data
+from runtime_client.recipes import Budget, Recipe
 
 __all__ = ["SweepConfig", "run_sweep", "write_frontier_plot", "PUBLIC_SEED"]
 
@@ -98,7 +102,7 @@ class SweepConfig:
     # example released once; the clean accuracy is the device's with the server's class templates.
     # "class-sums": the public recipe, with the class sums released once instead of each example
     # (``dpa client --release class-sums``); the attack rebuilds faces from each class's noisy mean.
-    recipe: str = "scratch"
+    recipe: Recipe = Recipe.SCRATCH
     # The public recipes load the shipped public weights where they fit (dpa.runs.shipped_weights);
     # True, or a size or width they were not trained for: pretrain here (the pretrain_* fields).
     pretrain: bool = False
@@ -107,7 +111,7 @@ class SweepConfig:
     pretrain_epochs: int = 10
     public_centre_identities: int = 40  # with the shipped weights: public faces for the centre and clip
     public_centre_per_identity: int = 10
-    # Each point's clip as multiples of the public clip (dpa.runs.public_data.public_clip; 1.0: that clip).
+    # Each point's clip as multiples of the public clip (the export's release_clip; 1.0: that clip).
     clip_scales: tuple[float, ...] = (1.0,)
     # Public recipes: each point's export projected on this many public principal directions (0: none).
     release_dims: tuple[int, ...] = (0,)
@@ -117,8 +121,7 @@ class SweepConfig:
     recognition_strangers: int = 20
 
     def __post_init__(self) -> None:
-        if self.recipe not in ("scratch", "public", "class-sums"):
-            raise UserError(f"recipe must be 'scratch', 'public' or 'class-sums', got {self.recipe!r}")
+        object.__setattr__(self, "recipe", Recipe.parse(self.recipe))
         for eps in self.total_epsilons:
             checks.epsilon(eps, allow_inf=False, name="total epsilon")
         for cut in self.cuts:
@@ -138,7 +141,7 @@ class SweepConfig:
             checks.positive_finite("clip scale", scale)
         if not self.release_dims or any(k < 0 for k in self.release_dims):
             raise UserError(f"release dims must be >= 0 (0: no projection), got {self.release_dims}")
-        if self.recipe == "scratch" and any(self.release_dims):
+        if not self.recipe.frozen_head and any(self.release_dims):
             raise UserError("a release projection needs a public recipe (its directions come from public faces)")
 
     @property
@@ -160,11 +163,11 @@ class SweepConfig:
             "max_steps_per_epoch": self.max_steps_per_epoch,
             "classes": self.classes,
             "label_epsilon": self.label_epsilon,
-            "recipe": self.recipe,
+            "recipe": self.recipe.value,
             **({"pretrain": [self.pretrain, self.pretrain_identities, self.pretrain_per_identity,
                              self.pretrain_epochs],
                 "recognition": [self.recognition, self.recognition_public_identities, self.recognition_strangers]}
-               if self.recipe != "scratch" else {}),
+               if self.recipe.frozen_head else {}),
         }  # fmt: skip
 
 
@@ -176,36 +179,18 @@ def _tag(eps: float | None, clip_scale: float = 1.0) -> str:
     return ("nonprivate" if eps is None else f"eps{eps:g}") + ("" if clip_scale == 1.0 else f"-clip{clip_scale:g}")
 
 
-def lever_name(scale: float, dims: int) -> str:
-    """How a point's levers read in names and legends ("" for the defaults)."""
-    return ("" if scale == 1.0 else f", clip x{scale:g}") + (f", {dims} public dims" if dims else "")
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(_json_safe(data), indent=2) + "\n").encode())
-
-
-def _export(cfg: SweepConfig, cut: str, pretrained: tuple[Path, Path] | None, dims: int = 0) -> Path:
+def _export(cfg: SweepConfig, cut: str, pretrained: tuple[Path, Path] | None, public: Path, dims: int = 0) -> Path:
+    """The point's export, reused while its settings hold: from scratch with its clip measured on ``public``
+    faces, or the pretrained network centred on its own public faces (``pretrained[1]``)."""
     out = cfg.workdir / "exports" / (cut if not dims else f"{cut}-dims{dims}")
     arch = ArchConfig(image_size=cfg.image_size, width=cfg.width, num_classes=cfg.classes, dropout=0.0)
     weights = None if pretrained is None else sha256_file(pretrained[0])
     try:
         m = load_manifest(out, verify=("head", "tail"))
         same = (m.cut, m.image_size, m.width, m.num_classes, m.optimizer, m.seed, m.weights_sha256,
-                m.release_dims) == (
+                m.release_dims, m.release_clip is not None) == (
             cut, arch.image_size, arch.width, arch.num_classes, cfg.optimizer,
-            cfg.seed if pretrained is None else None, weights, dims or None,
+            cfg.seed if pretrained is None else None, weights, dims or None, True,
         )  # fmt: skip
     except ValueError:
         same = False
@@ -213,18 +198,13 @@ def _export(cfg: SweepConfig, cut: str, pretrained: tuple[Path, Path] | None, di
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         if pretrained is None:
-            export(ExportConfig(arch=arch, cut=cut, optimizer=cfg.optimizer, out=out, seed=cfg.seed))
+            export(ExportConfig(arch=arch, cut=cut, optimizer=cfg.optimizer, out=out, seed=cfg.seed, clip_faces=public))
         else:
             export(ExportConfig(
                 arch=arch, cut=cut, optimizer=cfg.optimizer, out=out, seed=cfg.seed, weights=pretrained[0],
                 pixel_std=PRETRAIN_PIXEL_STD, centre_faces=pretrained[1], release_dims=dims or None,
             ))  # fmt: skip
     return out
-
-
-#: The field's figures a public point carries (``dpa.runs.recognition``), beside its closed-set accuracy.
-_FIELD_FIGURES = ("verification_auc", "tar_at_far_1e-3", "verification_accuracy", "open_set_rejection",
-                  "open_set_identification_rate")  # fmt: skip
 
 
 def _public_weights(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Path, Path]:
@@ -237,119 +217,102 @@ def _public_weights(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Path,
     ), say)  # fmt: skip
 
 
+def _client(
+    cfg: SweepConfig, artifacts: Path, data: Path, clip: float, eps: float | None, run_dir: Path
+) -> ClientConfig:
+    """The point's device: the sweep's recipe at whole-run ``eps`` (None: no noise, labels in clear)."""
+    budget = None if eps is None else Budget(eps, delta=cfg.delta, label_epsilon=cfg.label_epsilon)
+    return cfg.recipe.client_config(
+        artifacts=artifacts, clip=clip, budget=budget, delta=cfg.delta,
+        epochs=None if cfg.recipe.frozen_head else cfg.epochs, data=str(data), batch_size=cfg.batch_size,
+        seed=cfg.seed, state_dir=run_dir / "client", report=run_dir / "report.json",
+        max_steps_per_epoch=cfg.max_steps_per_epoch, record_view=run_dir / "view",
+        record_view_limit=1,  # the first release: made by the export's head, which the server knows
+        progress=False,
+    )  # fmt: skip
+
+
 def _run_point(
     cfg: SweepConfig, artifacts: Path, data: Path, clip: float, size: tuple[int, int], eps: float | None,
     clip_scale: float = 1.0, recognition: RecognitionData | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Train one run (eps: whole-run budget; None: no noise) at ``clip_scale`` times the public ``clip``,
     measure both accuracies (and, for a public recipe, the field's figures), attack its view."""
-    ids, per = size
     clip = clip * clip_scale
-    run_dir = cfg.workdir / "runs" / f"{artifacts.name}-{ids}x{per}-{_tag(eps, clip_scale)}"
+    run_dir = cfg.workdir / "runs" / f"{artifacts.name}-{size[0]}x{size[1]}-{_tag(eps, clip_scale)}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    public = cfg.recipe != "scratch"
-    sums = cfg.recipe == "class-sums"
-    client = ClientConfig(
-        release=ReleaseKind.CLASS_SUMS if sums else ReleaseKind.EXAMPLES,
-        artifacts=artifacts,
-        data=str(data),
-        device=DeviceProfile.CPU,
-        epochs=1 if public else cfg.epochs,
-        frozen_head=public,
-        on_device_templates=public,
-        batch_size=cfg.batch_size,
-        dp=DPConfig(clip=clip, epsilon=math.inf if eps is None else 1.0, delta=cfg.delta),
-        total_epsilon=eps,
-        label_epsilon=math.inf if eps is None else cfg.label_epsilon,
-        seed=cfg.seed,
-        state_dir=run_dir / "client",
-        report=run_dir / "report.json",
-        max_steps_per_epoch=cfg.max_steps_per_epoch,
-        record_view=run_dir / "view",
-        record_view_limit=1,  # the first release: made by the export's head, which the server knows
-        progress=False,
-    )
+    client = _client(cfg, artifacts, data, clip, eps, run_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fixed seed and epsilon = inf are deliberate
-        report = asyncio.run(
-            serve_and_train(artifacts, run_dir / "server-state", client, templates=public, clean=not sums)
-        )
-    p = report["privacy"]
-    point: dict[str, Any] = {
-        "cut": report["cut"],
-        "identities": ids,
-        "per_identity": per,
-        "train_images": report["data"]["train_images"],
-        "test_images": report["data"]["test_images"],
-        "epsilon_total": None if eps is None else p["total"]["epsilon"],
-        "epsilon_budget": eps,
-        "delta": None if eps is None else p["total"]["delta"],
-        "epsilon_per_release": None if eps is None else p["epsilon_per_release"],
-        "releases_per_example": p["total"]["releases"],
-        "label_epsilon_per_release": None
-        if math.isinf(p["label_epsilon_per_release"])
-        else p["label_epsilon_per_release"],
-        "noise_multiplier": p["noise_multiplier"],
-        "clip": clip,
-        "clip_scale": clip_scale,
-        "release_dims": load_manifest(artifacts).release_dims or 0,
-        "snr_per_element": p["snr_per_element"],
-        "clean_test_accuracy": report["on_device"]["test_accuracy"] if public else report["clean_test_accuracy"],
-        "clean_classifier": "class templates on the device" if public else "head + tail",
-        "tail_clean_test_accuracy": report.get("clean_test_accuracy"),  # None: class sums train no tail
-        "private_test_accuracy": report.get("private_test_accuracy"),
-        "chance": 1 / ids,
-        "train_seconds": report["seconds"],
-        "run_dir": str(run_dir),
-    }
-    if public and recognition is not None:
+        report = asyncio.run(serve_and_train(artifacts, run_dir / "server-state", client,
+                                             templates=cfg.recipe.frozen_head,
+                                             clean=cfg.recipe is not Recipe.CLASS_SUMS))  # fmt: skip
+    point = _figures(cfg, report, artifacts, size, eps, clip, clip_scale) | {"run_dir": str(run_dir)}
+    if cfg.recipe.frozen_head and recognition is not None:
         calibrate_gallery(artifacts, client.state_dir, recognition)
         _, test = prepare_data(client, load_manifest(artifacts))
         rec = recognition_metrics(artifacts, client.state_dir, test, recognition)
-        point |= {k: rec[k] for k in _FIELD_FIGURES}
-    if cfg.attack and sums:
-        attack_cfg = InversionConfig(
-            data_seed=PUBLIC_SEED, aux_identities=cfg.attack_aux_identities, victim_identities=1,
-            images_per_identity=cfg.attack_images_per_identity, epochs=cfg.attack_epochs, seed=cfg.seed,
-            cache_dir=cfg.workdir / "attack-faces",
-        )  # fmt: skip
-        res = audit_class_sum_view(run_dir / "view", attack_cfg)
-        keep = {k: v for k, v in res.items() if k not in ("reconstructions", "members", "held_out", "prior")}
-        _write_json(run_dir / "inversion.json", keep)
-        write_class_sum_grid(res, run_dir / "inversion.png")
-        point |= {
-            "attack_ssim": res["member_ssim_mean"],
-            "attack_held_out_ssim": res["held_out_ssim_mean"],
-            "attack": res["strongest_attack"],
-            "baseline_ssim": res["baseline_ssim_mean"],
-            "attack_over_baseline": res["member_ssim_mean"] - res["baseline_ssim_mean"],
-        }
-    elif cfg.attack:
-        inv = audit_view(
-            run_dir / "view",
-            InversionConfig(
-                data_seed=PUBLIC_SEED,
-                aux_identities=cfg.attack_aux_identities,
-                victim_identities=1,
-                images_per_identity=cfg.attack_images_per_identity,
-                epochs=cfg.attack_epochs,
-                seed=cfg.seed,
-                cache_dir=cfg.workdir / "attack-faces",
-            ),
-            max_examples=cfg.batch_size,
-            noiseless=False,
-        )
-        (r,) = inv.results
-        _write_json(run_dir / "inversion.json", inv.to_json())
-        write_grid(inv, run_dir / "inversion.png")
-        point |= {
-            "attack_ssim": r.ssim_mean,
-            "attack_psnr": r.psnr_mean,
-            "attack": r.strongest_attack,
-            "baseline_ssim": inv.baseline_ssim_mean,
-            "attack_over_baseline": r.ssim_mean - inv.baseline_ssim_mean,
-        }
+        point |= {k: rec[k] for k in FIELD_FIGURES}
+    if cfg.attack:
+        point |= (_attack_class_sums if cfg.recipe is Recipe.CLASS_SUMS else _attack_examples)(cfg, run_dir)
     return point
+
+
+def _figures(
+    cfg: SweepConfig, report: dict[str, Any], artifacts: Path, size: tuple[int, int], eps: float | None,
+    clip: float, clip_scale: float,
+) -> dict[str, Any]:  # fmt: skip
+    """A point's row: its data, its whole privacy account, its accuracies."""
+    p = report["privacy"]
+    label_eps = p["label_epsilon_per_release"]
+    return {
+        "cut": report["cut"], "identities": size[0], "per_identity": size[1],
+        "train_images": report["data"]["train_images"], "test_images": report["data"]["test_images"],
+        "epsilon_total": None if eps is None else p["total"]["epsilon"], "epsilon_budget": eps,
+        "delta": None if eps is None else p["total"]["delta"],
+        "epsilon_per_release": None if eps is None else p["epsilon_per_release"],
+        "releases_per_example": p["total"]["releases"],
+        "label_epsilon_per_release": None if math.isinf(label_eps) else label_eps,
+        "noise_multiplier": p["noise_multiplier"], "clip": clip, "clip_scale": clip_scale,
+        "release_dims": load_manifest(artifacts).release_dims or 0, "snr_per_element": p["snr_per_element"],
+        "clean_test_accuracy": cfg.recipe.clean_accuracy(report), "clean_classifier": cfg.recipe.classifier,
+        "tail_clean_test_accuracy": report.get("clean_test_accuracy"),  # None: class sums train no tail
+        "private_test_accuracy": report.get("private_test_accuracy"), "chance": 1 / size[0],
+        "train_seconds": report["seconds"],
+    }  # fmt: skip
+
+
+def _attack_config(cfg: SweepConfig) -> InversionConfig:
+    return InversionConfig(
+        data_seed=PUBLIC_SEED, aux_identities=cfg.attack_aux_identities, victim_identities=1,
+        images_per_identity=cfg.attack_images_per_identity, epochs=cfg.attack_epochs, seed=cfg.seed,
+        cache_dir=cfg.workdir / "attack-faces",
+    )  # fmt: skip
+
+
+def _attack_class_sums(cfg: SweepConfig, run_dir: Path) -> dict[str, Any]:
+    """The strongest attack on the recorded class sums: faces rebuilt from each class's noisy mean."""
+    res = audit_class_sum_view(run_dir / "view", _attack_config(cfg))
+    keep = {k: v for k, v in res.items() if k not in ("reconstructions", "members", "held_out", "prior")}
+    write_json(run_dir / "inversion.json", keep)
+    write_class_sum_grid(res, run_dir / "inversion.png")
+    return {
+        "attack_ssim": res["member_ssim_mean"], "attack_held_out_ssim": res["held_out_ssim_mean"],
+        "attack": res["strongest_attack"], "baseline_ssim": res["baseline_ssim_mean"],
+        "attack_over_baseline": res["member_ssim_mean"] - res["baseline_ssim_mean"],
+    }  # fmt: skip
+
+
+def _attack_examples(cfg: SweepConfig, run_dir: Path) -> dict[str, Any]:
+    """The strongest attack on the first recorded per-example release."""
+    inv = audit_view(run_dir / "view", _attack_config(cfg), max_examples=cfg.batch_size, noiseless=False)
+    (r,) = inv.results
+    write_json(run_dir / "inversion.json", inv.to_json())
+    write_grid(inv, run_dir / "inversion.png")
+    return {
+        "attack_ssim": r.ssim_mean, "attack_psnr": r.psnr_mean, "attack": r.strongest_attack,
+        "baseline_ssim": inv.baseline_ssim_mean, "attack_over_baseline": r.ssim_mean - inv.baseline_ssim_mean,
+    }  # fmt: skip
 
 
 def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
@@ -358,7 +321,7 @@ def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print, progress:
     settings = cfg.point_settings()
     public = cached_faces(cfg.workdir / "data", SynthConfig(4, 8, cfg.image_size, PUBLIC_SEED))
     pretrained, recognition = None, None
-    if cfg.recipe != "scratch":
+    if cfg.recipe.frozen_head:
         pretrained = _public_weights(cfg, say)
         public = pretrained[1]
         if cfg.recognition:
@@ -378,24 +341,24 @@ def run_sweep(cfg: SweepConfig, *, say: Callable[[str], None] = print, progress:
             bar.update(task, description=f"frontier: {key}")
             point = _saved_point(saved, settings)
             if point is None:
-                artifacts = _export(cfg, cut, pretrained, dims)
+                artifacts = _export(cfg, cut, pretrained, public, dims)
                 if artifacts.name not in costs:
                     costs[artifacts.name] = device_cost(artifacts, batch=cfg.batch_size)
                 data = cached_faces(cfg.workdir / "data", SynthConfig(size[0], size[1], cfg.image_size, 0))
-                clip = public_clip(artifacts, public)
+                clip = release_clip(load_manifest(artifacts), source=artifacts)
                 point = _run_point(cfg, artifacts, data, clip, size, eps, scale, recognition) | costs[artifacts.name]
-                _write_json(saved, {"settings": settings, "point": point})
+                write_json(saved, {"settings": settings, "point": point})
                 say(
                     f"{key}: clean {point['clean_test_accuracy']:.3f}, private {_acc(point['private_test_accuracy'])}"
                     + (f", attack SSIM {point['attack_ssim']:.3f}" if cfg.attack else "")
                 )
             points.append(point)
             bar.advance(task)
-    results = {"config": _json_safe(settings | {"cuts": list(cfg.cuts), "sizes": [list(s) for s in cfg.sizes]})}
-    results["points"] = _relative(points)
-    results["smallest_epsilon_at"] = _smallest_epsilon(results["points"])
-    _write_json(cfg.workdir / "frontier.json", results)
-    _write_csv(cfg.workdir / "frontier.csv", results["points"])
+    results = {"config": json_safe(settings | {"cuts": list(cfg.cuts), "sizes": [list(s) for s in cfg.sizes]})}
+    results["points"] = relative(points)
+    results["smallest_epsilon_at"] = smallest_epsilon(results["points"])
+    write_json(cfg.workdir / "frontier.json", results)
+    write_csv(cfg.workdir / "frontier.csv", results["points"])
     write_frontier_plot(results, cfg.workdir / "frontier.png")
     return results
 
@@ -405,125 +368,10 @@ def _saved_point(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
         saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if saved.get("settings") != json.loads(json.dumps(_json_safe(settings))):
+    if saved.get("settings") != json.loads(json.dumps(json_safe(settings))):
         return None
     point = saved["point"]
     for key in ("epsilon_total", "epsilon_per_release"):
         if isinstance(point.get(key), str):
             point[key] = float(point[key])
     return point
-
-
-def _group(p: dict[str, Any]) -> tuple[str, int, int, float, int]:
-    """A frontier's points: one cut, data size, clip scale and release dims (1 and 0 for points saved
-    before those levers)."""
-    return p["cut"], p["identities"], p["per_identity"], p.get("clip_scale", 1.0), p.get("release_dims", 0)
-
-
-def _relative(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each point's clean accuracy as a fraction of the non-private run of the same cut, data and clip."""
-    base = {_group(p): p["clean_test_accuracy"] for p in points if p["epsilon_budget"] is None}
-    for p in points:
-        ref = base.get(_group(p))
-        p["nonprivate_clean_accuracy"] = ref
-        p["relative_clean_accuracy"] = None if not ref else p["clean_test_accuracy"] / ref
-        # The same with chance taken out of both: a run at chance against a reference at chance is 0, not 1.
-        gain = None if ref is None else ref - p["chance"]
-        p["relative_above_chance"] = None if not gain or gain <= 0 else (p["clean_test_accuracy"] - p["chance"]) / gain
-    return points
-
-
-def _private_points(points: list[dict[str, Any]], group: tuple[str, int, int, float, int]) -> list[dict[str, Any]]:
-    """The private points of one (cut, identities, per identity, clip scale, release dims), by whole-run epsilon."""
-    mine = [p for p in points if _group(p) == group and p["epsilon_budget"]]
-    return sorted(mine, key=lambda p: p["epsilon_budget"])
-
-
-def _smallest_epsilon(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per cut and data size: the smallest whole-run epsilon reaching 80% and 50% of non-private accuracy."""
-    out = []
-    groups = sorted({_group(p) for p in points})
-    for group in groups:
-        cut, ids, per, scale, dims = group
-        private = _private_points(points, group)
-        row: dict[str, Any] = {"cut": cut, "identities": ids, "per_identity": per, "clip_scale": scale,
-                               "release_dims": dims}  # fmt: skip
-        for share in (0.8, 0.5):
-            # Judged above chance: a reference barely above chance makes any run look like a large share.
-            hit = next((p for p in private if (p["relative_above_chance"] or 0) >= share), None)
-            row[f"epsilon_for_{int(share * 100)}pct"] = None if hit is None else hit["epsilon_budget"]
-            row[f"attack_ssim_at_{int(share * 100)}pct"] = None if hit is None else hit.get("attack_ssim")
-        out.append(row)
-    return out
-
-
-_CSV_COLUMNS = (
-    "cut", "identities", "per_identity", "epsilon_budget", "epsilon_total", "delta", "epsilon_per_release",
-    "releases_per_example", "clip", "clip_scale", "release_dims", "clean_test_accuracy", "private_test_accuracy",
-    "nonprivate_clean_accuracy",
-    "relative_clean_accuracy", "relative_above_chance", "clean_classifier", *_FIELD_FIGURES,
-    "chance", "attack", "attack_ssim", "baseline_ssim", "head_flops_share",
-    "head_params_share", "head_step_ms", "peak_rss_mb", "wire_bytes_per_example", "train_seconds",
-)  # fmt: skip
-
-
-def _write_csv(path: Path, points: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(_CSV_COLUMNS)
-    for p in points:
-        row = []
-        for c in _CSV_COLUMNS:
-            v = p.get(c)
-            row.append("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v))
-        writer.writerow(row)
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
-def write_frontier_plot(results: dict[str, Any], path: Path) -> Path:
-    """x: whole-run epsilon (log); y: clean accuracy as a share of the non-private run's, both above chance
-    (a run at chance scores 0, however close to chance the reference is); colour: attack SSIM over the baseline."""
-    points = results["points"]
-    fig = Figure(figsize=(8, 5), dpi=120)
-    ax = fig.subplots()
-    groups = sorted({_group(p) for p in points})
-    cmap = colormaps["RdYlGn_r"]
-    scatter = None
-    for group in groups:
-        cut, ids, per, scale, dims = group
-        mine = _private_points(points, group)
-        if not mine:
-            continue
-        name = f"{cut}, {ids}x{per}" + lever_name(scale, dims)
-        xs = [p["epsilon_budget"] for p in mine]
-        if all(p["relative_above_chance"] is None for p in mine):  # the non-private run itself is at chance
-            ax.plot([], [], " ", label=f"{name}: non-private at chance (not drawn)")
-            continue
-        ys = [p["relative_above_chance"] if p["relative_above_chance"] is not None else np.nan for p in mine]
-        (line,) = ax.plot(xs, ys, lw=1.2, alpha=0.7, label=name)
-        if all("attack_over_baseline" in p for p in mine):
-            over = [p["attack_over_baseline"] for p in mine]
-            scatter = ax.scatter(
-                xs, ys, c=over, cmap=cmap, vmin=-0.05, vmax=0.6, s=60, edgecolors=line.get_color(), zorder=3
-            )
-            for x, y, p in zip(xs, ys, mine, strict=True):
-                ax.annotate(f"{p['attack_ssim']:.2f}", (x, y), textcoords="offset points", xytext=(4, 5), fontsize=6)
-        else:
-            ax.scatter(xs, ys, s=25, color=line.get_color(), zorder=3)
-    ax.axhline(0.8, color="k", ls="--", lw=0.8)
-    ax.axhline(0.5, color="k", ls=":", lw=0.8)
-    ax.axhline(0.0, color="tab:gray", lw=0.8)
-    ax.set_xscale("log")
-    delta = next((p["delta"] for p in points if p["delta"]), None)
-    ax.set_xlabel("whole-run ε" + (f" (δ = {delta:g}, dp-accounting PLD)" if delta else ""))
-    ax.set_ylabel("clean accuracy above chance / non-private's")
-    ax.set_title("DP-A frontier: utility vs whole-run ε (labels: strongest-attack SSIM)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left")
-    if scatter is not None:
-        bar = fig.colorbar(scatter, ax=ax)
-        bar.set_label("attack SSIM - no-data baseline", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path

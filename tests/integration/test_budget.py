@@ -31,7 +31,7 @@ def test_total_budget_calibrates_tracks_and_refuses(small_export, start_server, 
         artifacts=small_export,
         epochs=2,
         batch_size=4,
-        dp=DPConfig(clip=50.0, epsilon=1.0, delta=1e-5),
+        dp=DPConfig(clip=50.0, epsilon=None, delta=1e-5),  # planned from the budget
         synth=SynthConfig(identities=6, per_identity=8),
         max_steps_per_epoch=2,
         progress=False,

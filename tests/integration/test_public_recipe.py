@@ -94,7 +94,7 @@ def test_frozen_head_releases_once_and_the_device_classifies_with_the_templates(
     _, _, art = recipe
     server = start_server(art, templates=True, checkpoint_every=1000)
     cfg = ClientConfig(
-        server=server.url, artifacts=art, epochs=3, batch_size=4, dp=DPConfig(clip=2.0, epsilon=1.0),
+        server=server.url, artifacts=art, epochs=3, batch_size=4, dp=DPConfig(clip=2.0, epsilon=None),
         total_epsilon=50.0, label_epsilon=2.0, frozen_head=True, on_device_templates=True,
         synth=SynthConfig(identities=6, per_identity=8), progress=False, seed=3, state_dir=tmp_path / "client",
     )  # fmt: skip
@@ -202,7 +202,7 @@ def test_a_class_sum_release_is_one_request_and_the_device_classifies_with_it(re
     clip = public_clip(art, root / "pub" / "synthetic-8x6-64px-s1")
     server = start_server(art, checkpoint_every=1000)
     cfg = ClientConfig(
-        server=server.url, artifacts=art, dp=DPConfig(clip=clip, epsilon=1.0), total_epsilon=8.0, frozen_head=True,
+        server=server.url, artifacts=art, dp=DPConfig(clip=clip, epsilon=None), total_epsilon=8.0, frozen_head=True,
         on_device_templates=True, release="class-sums", synth=SynthConfig(identities=6, per_identity=20),
         progress=False, seed=4, state_dir=tmp_path / "client", record_view=tmp_path / "view",
     )  # fmt: skip

@@ -127,7 +127,7 @@ def test_a_projected_class_sum_run_enrols_through_the_server_and_the_audit_rebui
     m = load_manifest(art)
     server = start_server(art, checkpoint_every=1000)
     cfg = ClientConfig(
-        server=server.url, artifacts=art, dp=DPConfig(clip=float(m.release_clip), epsilon=1.0), total_epsilon=8.0,
+        server=server.url, artifacts=art, dp=DPConfig(clip=float(m.release_clip), epsilon=None), total_epsilon=8.0,
         frozen_head=True, on_device_templates=True, release="class-sums",
         synth=SynthConfig(identities=4, per_identity=6, size=32), progress=False, seed=1,
         state_dir=tmp_path / "client", record_view=tmp_path / "view",

@@ -21,7 +21,7 @@ from runtime_client.trainer import run_training
 def _view(small_export, start_server, tmp_path, name: str, total_epsilon: float | None):  # type: ignore[no-untyped-def]
     server = start_server(small_export)
     cfg = ClientConfig(
-        server=server.url, artifacts=small_export, dp=DPConfig(clip=50.0, epsilon=1.0 if total_epsilon else math.inf),
+        server=server.url, artifacts=small_export, dp=DPConfig(clip=50.0, epsilon=None if total_epsilon else math.inf),
         total_epsilon=total_epsilon, frozen_head=True, release="class-sums", on_device_templates=False,
         synth=SynthConfig(identities=6, per_identity=2), progress=False, seed=0, state_dir=tmp_path / name,
         record_view=tmp_path / name / "view", label_epsilon=math.inf, test_fraction=0.5,  # one image each
@@ -68,7 +68,7 @@ def _membership_view(small_export, start_server, tmp_path, name, total_epsilon):
     """4 identities x 20 images, half summed into the class sums and half held out."""
     server = start_server(small_export)
     cfg = ClientConfig(
-        server=server.url, artifacts=small_export, dp=DPConfig(clip=50.0, epsilon=1.0 if total_epsilon else math.inf),
+        server=server.url, artifacts=small_export, dp=DPConfig(clip=50.0, epsilon=None if total_epsilon else math.inf),
         total_epsilon=total_epsilon, frozen_head=True, release="class-sums", on_device_templates=False,
         synth=SynthConfig(identities=4, per_identity=20), progress=False, seed=0, state_dir=tmp_path / name,
         record_view=tmp_path / name / "view", label_epsilon=math.inf, test_fraction=0.5,

@@ -24,6 +24,7 @@ def report(tmp_path_factory):
     (10 epochs) and the MAP attack (100 steps) on the same releases; each epsilon's releases recorded."""
     cfg = InversionConfig(
         epsilons=EPSILONS,
+        clip=10.0,  # an untrained head has no public clip: the audit is told it
         aux_identities=8,
         victim_identities=3,
         images_per_identity=8,
@@ -170,7 +171,7 @@ def test_cli_writes_json_and_png(tmp_path):
 
     artifacts = export_small(tmp_path / "artifacts")
     out = tmp_path / "out"
-    args = ["inversion", "--artifacts", str(artifacts), "--epsilons", "inf,100", "--epochs", "1"]
+    args = ["inversion", "--artifacts", str(artifacts), "--epsilons", "inf,100", "--epochs", "1", "--clip", "10"]
     args += ["--aux-identities", "2", "--victim-identities", "2", "--per-identity", "3", "--threads", "1"]
     result = CliRunner().invoke(attack_app, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -182,3 +183,6 @@ def test_cli_writes_json_and_png(tmp_path):
         assert img.size == grid_pixel_size(3, 6)
     bad = CliRunner().invoke(attack_app, ["inversion", "--epsilons", "0,inf"])
     assert bad.exit_code == 2 and "epsilon must be > 0" in bad.output
+    # An export without a public clip, and no --clip: refused by the one clip policy, naming the export.
+    unclipped = CliRunner().invoke(attack_app, ["inversion", "--artifacts", str(artifacts), "--out", str(out)])
+    assert unclipped.exit_code == 2 and "carries no public release clip" in unclipped.output, unclipped.output

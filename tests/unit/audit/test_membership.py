@@ -140,6 +140,7 @@ def test_membership_cli_on_an_overfit_tail(tmp_path):
             "--identities", str(SMALL.num_classes),
             "--per-identity", "8",
             "--epsilon", "inf",
+            "--clip", "10",
             "--out", str(tmp_path / "out"),
         ],
     )  # fmt: skip
@@ -157,6 +158,8 @@ def test_membership_cli_on_an_overfit_tail(tmp_path):
     missing = CliRunner().invoke(
         attack_app,
         ["membership", "--artifacts", str(artifacts), "--server-state", str(tmp_path / "nowhere")]
-        + ["--client-state", str(client_state)],
+        + ["--client-state", str(client_state), "--clip", "10"],
     )
     assert missing.exit_code == 2 and "no checkpoint" in missing.output
+    unclipped = CliRunner().invoke(attack_app, ["membership", "--artifacts", str(artifacts)])
+    assert unclipped.exit_code == 2 and "carries no public release clip" in unclipped.output
