@@ -34,19 +34,74 @@ def _run(run: Callable[[Any], Awaitable[dict[str, Any]]], opts: DeviceOptions, *
             raise UserError(str(exc)) from None
 
 
+# client_command's longer options, named here so that the command reads as its signature and its body.
+_TotalEpsilon = Annotated[
+    float,
+    typer.Option(
+        help="Budget for the whole run, activations and labels together: calibrates the noise for every "
+        "release of an example (overrides --epsilon); 'inf': no budget, --epsilon is per release.",
+        callback=option_check(partial(checks.epsilon, allow_inf=True, name="total epsilon")),
+    ),
+]
+_LabelEpsilon = Annotated[
+    float,
+    typer.Option(
+        help="Label privacy of ONE release: labels are randomised on the device (RRWithPrior); 'inf' sends "
+        "them in clear.",
+        callback=option_check(partial(checks.epsilon, allow_inf=True, name="label epsilon")),
+    ),
+]
+_FrozenHead = Annotated[
+    bool,
+    typer.Option(
+        "--frozen-head/--train-head",
+        help="Keep the exported (public) head: no head update, each example released K times (the default); "
+        "or train it, releasing every example every epoch.",
+    ),
+]
+_OnDeviceTemplates = Annotated[
+    bool,
+    typer.Option(
+        help="Afterwards classify held-out images on the device with the server's class templates (skipped, "
+        "with a warning, when the server keeps none)."
+    ),
+]
+_Release = Annotated[
+    ReleaseKind | None,
+    typer.Option(
+        help="What leaves the device: 'class-sums' (each class's sum of clipped activations and its count, "
+        "released ONCE with one draw of noise, labels inside the same guarantee; the server keeps them as "
+        "templates) or 'examples' (DP-A: every example's activation with its own noise, step by step, so the "
+        "server trains its tail). Default: class-sums with a frozen head and the Gaussian mechanism, else "
+        "examples.",
+        case_sensitive=False,
+    ),
+]
+_Adjacency = Annotated[
+    Adjacency,
+    typer.Option(
+        help="Class sums: the neighbours the budget is stated for. 'replace-one' (one example changed; counts "
+        "released, sensitivity 2C) or 'add-remove' (one example added or removed, as Opacus; no counts, "
+        "sensitivity C). The report gives the epsilon under both.",
+        case_sensitive=False,
+    ),
+]
+_RecordView = Annotated[
+    Path | None,
+    typer.Option(help="Record what the server receives here (docs/server_view.md); `dpa attack view` reads it."),
+]
+_LabelPrior = Annotated[
+    str,
+    typer.Option(help="RRWithPrior's prior: 'logits' (the server's, for the example's last release) or 'uniform'."),
+]
+
+
 @device_options
 def client_command(
     opts: DeviceOptions,
     epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 5,
     lr: Annotated[float | None, typer.Option(help="Head learning rate (default: the manifest's).")] = None,
-    total_epsilon: Annotated[
-        float,
-        typer.Option(
-            help="Budget for the whole run, activations and labels together: calibrates the noise for every "
-            "release of an example (overrides --epsilon); 'inf': no budget, --epsilon is per release.",
-            callback=option_check(partial(checks.epsilon, allow_inf=True, name="total epsilon")),
-        ),
-    ] = RECOMMENDED_TOTAL_EPSILON,
+    total_epsilon: _TotalEpsilon = RECOMMENDED_TOTAL_EPSILON,
     format: Annotated[
         ModelFormat, typer.Option("--format", help="Head model format: auto, onnx or ort.", case_sensitive=False)
     ] = ModelFormat.AUTO,
@@ -56,63 +111,19 @@ def client_command(
     micro_batch: Annotated[
         int | None, typer.Option(help="Examples per head call (1: least memory, same update); default the batch.")
     ] = None,
-    label_epsilon: Annotated[
-        float,
-        typer.Option(
-            help="Label privacy of ONE release: labels are randomised on the device (RRWithPrior); 'inf' sends "
-            "them in clear.",
-            callback=option_check(partial(checks.epsilon, allow_inf=True, name="label epsilon")),
-        ),
-    ] = 4.0,
-    label_prior: Annotated[
-        str,
-        typer.Option(help="RRWithPrior's prior: 'logits' (the server's, for the example's last release) or 'uniform'."),
-    ] = "logits",
-    frozen_head: Annotated[
-        bool,
-        typer.Option(
-            "--frozen-head/--train-head",
-            help="Keep the exported (public) head: no head update, each example released K times (the default); "
-            "or train it, releasing every example every epoch.",
-        ),
-    ] = True,
+    label_epsilon: _LabelEpsilon = 4.0,
+    label_prior: _LabelPrior = "logits",
+    frozen_head: _FrozenHead = True,
     releases_per_example: Annotated[
         int | None, typer.Option(help="With --frozen-head: releases of each example (default 1); later epochs re-send.")
     ] = None,
-    on_device_templates: Annotated[
-        bool,
-        typer.Option(
-            help="Afterwards classify held-out images on the device with the server's class templates (skipped, "
-            "with a warning, when the server keeps none)."
-        ),
-    ] = True,
-    record_view: Annotated[
-        Path | None,
-        typer.Option(help="Record what the server receives here (docs/server_view.md); `dpa attack view` reads it."),
-    ] = None,
+    on_device_templates: _OnDeviceTemplates = True,
+    record_view: _RecordView = None,
     record_view_limit: Annotated[
         int | None, typer.Option(help="Record at most this many training releases (default: all).")
     ] = None,
-    release: Annotated[
-        ReleaseKind | None,
-        typer.Option(
-            help="What leaves the device: 'class-sums' (each class's sum of clipped activations and its count, "
-            "released ONCE with one draw of noise, labels inside the same guarantee; the server keeps them as "
-            "templates) or 'examples' (DP-A: every example's activation with its own noise, step by step, so the "
-            "server trains its tail). Default: class-sums with a frozen head and the Gaussian mechanism, else "
-            "examples.",
-            case_sensitive=False,
-        ),
-    ] = None,
-    adjacency: Annotated[
-        Adjacency,
-        typer.Option(
-            help="Class sums: the neighbours the budget is stated for. 'replace-one' (one example changed; counts "
-            "released, sensitivity 2C) or 'add-remove' (one example added or removed, as Opacus; no counts, "
-            "sensitivity C). The report gives the epsilon under both.",
-            case_sensitive=False,
-        ),
-    ] = Adjacency.REPLACE_ONE,
+    release: _Release = None,
+    adjacency: _Adjacency = Adjacency.REPLACE_ONE,
 ) -> None:
     """Train privately: head on this device, DP-A releases to the edge server."""
     from runtime_client.trainer import run_training

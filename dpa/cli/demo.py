@@ -5,12 +5,44 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from dpa.cli.errors import console, user_errors
+
+# demo_command's longer options, named here so that the command reads as its signature and its body.
+_Seed = Annotated[
+    int, typer.Option(help="Noise, shuffling and the tail's start (with --pretrain the public weights too).")
+]
+_Pretrain = Annotated[
+    bool, typer.Option("--pretrain", help="Pretrain the public network here instead of loading the shipped one.")
+]
+_MixedPrecision = Annotated[
+    bool,
+    typer.Option(
+        "--mixed-precision",
+        help="Pretrain in bfloat16 autocast (native-bf16 CPUs only): faster, but the figures then depend on the CPU.",
+    ),
+]
+_Faces = Annotated[
+    Path | None,
+    typer.Option(
+        help="Real photographs in LFW layout (e.g. ../shared/data/lfw): run the recipes on dlib's public "
+        "face network instead of the built-in synthetic faces (needs 'dpa[faces]').",
+    ),
+]
+_Runs = Annotated[
+    str,
+    typer.Option(
+        help="With --faces: which experiments, comma-separated: main (75% enrolled), few (5 photos "
+        "each), per-example (DP-A at an early cut, then the attacks)."
+    ),
+]
+
+
+# demo_command's longer options, named here so that the command reads as its signature and its body.
 
 
 def demo_command(
@@ -20,34 +52,11 @@ def demo_command(
     total_epsilon: Annotated[float, typer.Option(help="Whole-run epsilon of the private runs (labels in it).")] = 8.0,
     label_epsilon: Annotated[float, typer.Option(help="Each release's label epsilon, inside that budget.")] = 4.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the runs' figures here as JSON.")] = None,
-    seed: Annotated[
-        int, typer.Option(help="Noise, shuffling and the tail's start (with --pretrain the public weights too).")
-    ] = 0,
-    pretrain: Annotated[
-        bool, typer.Option("--pretrain", help="Pretrain the public network here instead of loading the shipped one.")
-    ] = False,
-    mixed_precision: Annotated[
-        bool,
-        typer.Option(
-            "--mixed-precision",
-            help="Pretrain in bfloat16 autocast (native-bf16 CPUs only): "
-            "faster, but the figures then depend on the CPU.",
-        ),
-    ] = False,
-    faces: Annotated[
-        Path | None,
-        typer.Option(
-            help="Real photographs in LFW layout (e.g. ../shared/data/lfw): run the recipes on dlib's public "
-            "face network instead of the built-in synthetic faces (needs 'dpa[faces]').",
-        ),
-    ] = None,
-    runs: Annotated[
-        str,
-        typer.Option(
-            help="With --faces: which experiments, comma-separated: main (75% enrolled), few (5 photos "
-            "each), per-example (DP-A at an early cut, then the attacks)."
-        ),
-    ] = "main,few",
+    seed: _Seed = 0,
+    pretrain: _Pretrain = False,
+    mixed_precision: _MixedPrecision = False,
+    faces: _Faces = None,
+    runs: _Runs = "main,few",
 ) -> None:
     """The pipeline on built-in (synthetic) faces, or on real photographs with --faces."""
     from dpa.contract.atomic import atomic_write_bytes
@@ -76,6 +85,13 @@ def demo_command(
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(json_out, (json.dumps(summary, indent=2) + "\n").encode())
+    _print_summary(summary, reports, workdir, json_out)
+
+
+def _print_summary(
+    summary: dict[str, Any], reports: list[dict[str, Any]], workdir: Path, json_out: Path | None
+) -> None:
+    """The demo's table and the sentences that say what its figures are."""
     table = Table(title="DP-A on built-in faces: held-out accuracy (chance 0.10)")
     columns = ("run", "cut", "device FLOPs", "ε whole run", "δ", "label ε", "releases", "clean acc", "private acc",
                "verif. AUC", "TAR@1e-3", "open-set rej.")  # fmt: skip

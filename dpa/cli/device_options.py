@@ -19,7 +19,6 @@ import typer
 
 from dpa.cli.errors import option_check
 from dpa.contract.devices import DeviceProfile
-from dpa.contract.errors import UserError
 from dpa.contract.wire import ReleaseDtype
 from dpa.faces.synth import SynthConfig
 from dpa.privacy import checks

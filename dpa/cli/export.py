@@ -55,28 +55,49 @@ def _print_dlib_cuts() -> None:
     console.print(table)
 
 
+# export_command's longer options, named here so that the command reads as its signature and its body.
+_Cut = Annotated[
+    str,
+    typer.Option(help=f"Where to cut. vggface: {', '.join(cut_names())}. dlib-resnet: {', '.join(dlib_cuts())}."),
+]
+_Network = Annotated[
+    NetworkName,
+    typer.Option(
+        "--network",
+        "--arch",
+        help="Network family: vggface (the seed's) or dlib-resnet (dlib's "
+        "public face ResNet, from face-recognition-models; --weights is its .dat file).",
+        case_sensitive=False,
+    ),
+]
+_Weights = Annotated[
+    Path | None, typer.Option(help="PyTorch state dict with layer names (conv1_1.weight ...).", dir_okay=False)
+]
+_PixelStd = Annotated[
+    float | None, typer.Option(help="Pixel scale; default 1 with --weights (published VGG-Face), 64 without.")
+]
+_CentreFrom = Annotated[
+    Path | None,
+    typer.Option(help="Centred releases: PUBLIC faces (LFW layout) whose mean head activation devices subtract."),
+]
+_ReleaseDims = Annotated[
+    int | None,
+    typer.Option(help="Project the release on this many principal directions of the --centre-from faces."),
+]
+_ClipFrom = Annotated[
+    Path | None,
+    typer.Option(help="Without --centre-from: PUBLIC faces to measure only the release clip on."),
+]
+
+
 def export_command(
-    cut: Annotated[
-        str,
-        typer.Option(help=f"Where to cut. vggface: {', '.join(cut_names())}. dlib-resnet: {', '.join(dlib_cuts())}."),
-    ] = "conv1_1",
-    network: Annotated[
-        NetworkName,
-        typer.Option(
-            "--network",
-            "--arch",
-            help="Network family: vggface (the seed's) or dlib-resnet (dlib's "
-            "public face ResNet, from face-recognition-models; --weights is its .dat file).",
-            case_sensitive=False,
-        ),
-    ] = NetworkName.VGGFACE,
+    cut: _Cut = "conv1_1",
+    network: _Network = NetworkName.VGGFACE,
     image_size: Annotated[int, typer.Option(help="Input side in pixels, a multiple of 32.")] = 224,
     width: Annotated[float, typer.Option(help="Channel multiplier (0.25 for CPU experiments).")] = 1.0,
     classes: Annotated[int, typer.Option(help="Identities the classifier distinguishes.")] = 2622,
     dropout: Annotated[float, typer.Option(help="Dropout after fc6/fc7 (0 makes training deterministic).")] = 0.5,
-    weights: Annotated[
-        Path | None, typer.Option(help="PyTorch state dict with layer names (conv1_1.weight ...).", dir_okay=False)
-    ] = None,
+    weights: _Weights = None,
     seed: Annotated[int, typer.Option(help="Initialisation seed when no --weights.")] = 0,
     optimizer: Annotated[OptimizerName, typer.Option(help="sgd or adamw.", case_sensitive=False)] = OptimizerName.SGD,
     lr: Annotated[float, typer.Option(help="Learning rate, both halves.")] = 0.01,
@@ -85,21 +106,10 @@ def export_command(
     verify: Annotated[bool, typer.Option(help="Check ORT against torch autograd before publishing.")] = True,
     ort_format: Annotated[bool, typer.Option(help="Also write the head in ORT format (ONNX Runtime Mobile).")] = False,
     list_cuts: Annotated[bool, typer.Option("--list-cuts", help="Print every cut's size and cost, then exit.")] = False,
-    pixel_std: Annotated[
-        float | None, typer.Option(help="Pixel scale; default 1 with --weights (published VGG-Face), 64 without.")
-    ] = None,
-    centre_from: Annotated[
-        Path | None,
-        typer.Option(help="Centred releases: PUBLIC faces (LFW layout) whose mean head activation devices subtract."),
-    ] = None,
-    release_dims: Annotated[
-        int | None,
-        typer.Option(help="Project the release on this many principal directions of the --centre-from faces."),
-    ] = None,
-    clip_from: Annotated[
-        Path | None,
-        typer.Option(help="Without --centre-from: PUBLIC faces to measure only the release clip on."),
-    ] = None,
+    pixel_std: _PixelStd = None,
+    centre_from: _CentreFrom = None,
+    release_dims: _ReleaseDims = None,
+    clip_from: _ClipFrom = None,
 ) -> None:
     """Split a network at --cut and write head (device) and tail (edge) training artifacts."""
     with user_errors():

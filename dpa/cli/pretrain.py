@@ -9,6 +9,27 @@ import typer
 
 from dpa.cli.errors import console, user_errors
 
+# pretrain_command's longer options, named here so that the command reads as its signature and its body.
+_MixedPrecision = Annotated[
+    bool,
+    typer.Option(
+        "--mixed-precision",
+        help="bfloat16 autocast (CPUs with native bf16 only): faster, "
+        "but the weights then depend on the CPU; the sidecar says so.",
+    ),
+]
+_CosineSchedule = Annotated[bool, typer.Option("--cosine-schedule", help="Learning rate along a half cosine to 0.")]
+_ValIdentities = Annotated[
+    int, typer.Option(help="Held-out public identities (seed 2) for verification after each epoch; 0: none.")
+]
+_NoClassifier = Annotated[
+    bool, typer.Option("--no-classifier", help="Leave the public fc8 out of the file (an embedding).")
+]
+_Init = Annotated[
+    Path | None,
+    typer.Option(help="Start from these weights (an earlier dpa pretrain's) instead of a fresh initialisation."),
+]
+
 
 def pretrain_command(
     out: Annotated[Path, typer.Option(help="Weights file to write (a layer-named state dict).")] = Path(
@@ -24,14 +45,7 @@ def pretrain_command(
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
     threads: Annotated[int, typer.Option(help="torch threads: part of the result (reductions split by thread).")] = 2,
-    mixed_precision: Annotated[
-        bool,
-        typer.Option(
-            "--mixed-precision",
-            help="bfloat16 autocast (CPUs with native bf16 only): faster, "
-            "but the weights then depend on the CPU; the sidecar says so.",
-        ),
-    ] = False,
+    mixed_precision: _MixedPrecision = False,
     seed: Annotated[int, typer.Option(help="Initialisation and shuffling.")] = 0,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (1e-3 often never takes off).")] = 3e-4,
     # A string, parsed by PretrainConfig: an Enum here would import torch into every `dpa` command.
@@ -42,21 +56,12 @@ def pretrain_command(
     scale: Annotated[float, typer.Option(help="CosFace scale s.")] = 30.0,
     margin_ramp_epochs: Annotated[float, typer.Option(help="Epochs over which the margin grows from 0.")] = 2.0,
     augment: Annotated[bool, typer.Option("--augment", help="Mirror and shift each training image.")] = False,
-    cosine_schedule: Annotated[
-        bool, typer.Option("--cosine-schedule", help="Learning rate along a half cosine to 0.")
-    ] = False,
+    cosine_schedule: _CosineSchedule = False,
     warmup_epochs: Annotated[float, typer.Option(help="Linear learning-rate warmup over these first epochs.")] = 0.0,
-    val_identities: Annotated[
-        int, typer.Option(help="Held-out public identities (seed 2) for verification after each epoch; 0: none.")
-    ] = 0,
+    val_identities: _ValIdentities = 0,
     val_per_identity: Annotated[int, typer.Option(help="Images per validation identity.")] = 8,
-    no_classifier: Annotated[
-        bool, typer.Option("--no-classifier", help="Leave the public fc8 out of the file (an embedding).")
-    ] = False,
-    init: Annotated[
-        Path | None,
-        typer.Option(help="Start from these weights (an earlier dpa pretrain's) instead of a fresh initialisation."),
-    ] = None,
+    no_classifier: _NoClassifier = False,
+    init: _Init = None,
 ) -> None:
     """Pretrain the whole network on public faces; then `dpa export --weights OUT --pixel-std 64`."""
     from rich.progress import Progress

@@ -22,6 +22,35 @@ from dpa.privacy.mechanism import Mechanism
 _positive = {name: option_check(partial(checks.positive_finite, name)) for name in ("noise multiplier", "clip")}
 
 
+# privacy_command's longer options, named here so that the command reads as its signature and its body.
+_NoiseMultiplier = Annotated[
+    float | None,
+    typer.Option(
+        callback=_positive["noise multiplier"],
+        help="Noise std / sensitivity 2C of one release: prints the run's epsilon.",
+    ),
+]
+_Epsilon = Annotated[
+    float | None,
+    typer.Option(
+        callback=option_check(partial(checks.epsilon, allow_inf=False)),
+        help="Budget for the whole run: prints the smallest noise multiplier that keeps within it.",
+    ),
+]
+_Delta = Annotated[
+    float,
+    typer.Option(
+        callback=option_check(partial(checks.delta, allow_zero=True)),
+        help="delta of the whole run (laplace allows 0).",
+    ),
+]
+_Mechanism = Annotated[Mechanism, typer.Option(help="gaussian (L2 clip) or laplace (L1 clip).", case_sensitive=False)]
+_Clip = Annotated[
+    float,
+    typer.Option(callback=_positive["clip"], help="Per-example activation norm bound C, for the noise scale shown."),
+]
+
+
 def privacy_command(
     releases: Annotated[
         int,
@@ -30,36 +59,11 @@ def privacy_command(
             help="Releases of each example over the run (= epochs).",
         ),
     ],
-    noise_multiplier: Annotated[
-        float | None,
-        typer.Option(
-            callback=_positive["noise multiplier"],
-            help="Noise std / sensitivity 2C of one release: prints the run's epsilon.",
-        ),
-    ] = None,
-    epsilon: Annotated[
-        float | None,
-        typer.Option(
-            callback=option_check(partial(checks.epsilon, allow_inf=False)),
-            help="Budget for the whole run: prints the smallest noise multiplier that keeps within it.",
-        ),
-    ] = None,
-    delta: Annotated[
-        float,
-        typer.Option(
-            callback=option_check(partial(checks.delta, allow_zero=True)),
-            help="delta of the whole run (laplace allows 0).",
-        ),
-    ] = 1e-5,
-    mechanism: Annotated[
-        Mechanism, typer.Option(help="gaussian (L2 clip) or laplace (L1 clip).", case_sensitive=False)
-    ] = Mechanism.GAUSSIAN,
-    clip: Annotated[
-        float,
-        typer.Option(
-            callback=_positive["clip"], help="Per-example activation norm bound C, for the noise scale shown."
-        ),
-    ] = 1.0,
+    noise_multiplier: _NoiseMultiplier = None,
+    epsilon: _Epsilon = None,
+    delta: _Delta = 1e-5,
+    mechanism: _Mechanism = Mechanism.GAUSSIAN,
+    clip: _Clip = 1.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Total epsilon per example for --noise-multiplier, or the noise multiplier for --epsilon."""

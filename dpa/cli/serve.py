@@ -21,68 +21,81 @@ TokensOpt = Annotated[
 ]
 
 
+# serve_command's longer options, named here so that the command reads as its signature and its body.
+_Device = Annotated[
+    DeviceProfile,
+    typer.Option(help="auto, cpu, arm64 or cuda (falls back to cpu, saying why).", case_sensitive=False),
+]
+_CheckpointEvery = Annotated[
+    int, typer.Option(help="Train steps between full tail checkpoints (the journal covers the steps between).")
+]
+_NoJournal = Annotated[
+    bool, typer.Option("--no-journal", help="No per-step journal: a crash loses the steps since the checkpoint.")
+]
+_Templates = Annotated[
+    bool | None,
+    typer.Option(
+        "--templates/--no-templates",
+        help="Keep class templates (mean release per label) and serve them at GET /v1/templates; default: "
+        f"whenever they fit in {MAX_TEMPLATE_BYTES >> 30} GiB (classes x activation elements x 8 bytes).",
+        show_default=False,
+    ),
+]
+_StateDir = Annotated[
+    Path | None,
+    typer.Option(help="Checkpoint, session table and replies (default <artifacts>/server-state)."),
+]
+_Insecure = Annotated[
+    bool, typer.Option("--insecure", help="Allow a non-loopback bind without auth or TLS (trusted network).")
+]
+_TransferBaseS = Annotated[
+    float, typer.Option(help="Seconds any body or reply may take, plus its bytes at --min-transfer-kib-s.")
+]
+_MinTransferKibS = Annotated[
+    float, typer.Option(help="Slowest upload or download accepted (KiB/s); slower ones get 408 / are dropped.")
+]
+_MaxInflightBodyMb = Annotated[
+    float | None, typer.Option(help="MiB of request bodies held at once (default: 4 full-batch bodies).")
+]
+_MinFreeMb = Annotated[
+    float, typer.Option(help="Free space (MiB) the state dir keeps: below it steps are refused, not half-written.")
+]
+_LogFormat = Annotated[LogFormat, typer.Option(help="json (one object per line) or text.", case_sensitive=False)]
+_AllowOrigin = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="A browser device's page origin (dpa web-device prints it) allowed to call the API "
+        "(CORS); repeat for several. None by default."
+    ),
+]
+
+
 def serve_command(
     artifacts: Annotated[Path, typer.Option(help="Export folder (manifest.json + tail/).")] = Path("artifacts"),
     host: Annotated[str, typer.Option(help="Address to bind; loopback unless you mean to expose it.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 8080,
-    device: Annotated[
-        DeviceProfile,
-        typer.Option(help="auto, cpu, arm64 or cuda (falls back to cpu, saying why).", case_sensitive=False),
-    ] = DeviceProfile.AUTO,
+    device: _Device = DeviceProfile.AUTO,
     max_batch: Annotated[int, typer.Option(help="Largest batch per request; sets the body-size limit.")] = 32,
-    checkpoint_every: Annotated[
-        int, typer.Option(help="Train steps between full tail checkpoints (the journal covers the steps between).")
-    ] = 20,
-    no_journal: Annotated[
-        bool, typer.Option("--no-journal", help="No per-step journal: a crash loses the steps since the checkpoint.")
-    ] = False,
-    templates: Annotated[
-        bool | None,
-        typer.Option(
-            "--templates/--no-templates",
-            help="Keep class templates (mean release per label) and serve them at GET /v1/templates; default: "
-            f"whenever they fit in {MAX_TEMPLATE_BYTES >> 30} GiB (classes x activation elements x 8 bytes).",
-            show_default=False,
-        ),
-    ] = None,
-    state_dir: Annotated[
-        Path | None,
-        typer.Option(help="Checkpoint, session table and replies (default <artifacts>/server-state)."),
-    ] = None,
+    checkpoint_every: _CheckpointEvery = 20,
+    no_journal: _NoJournal = False,
+    templates: _Templates = None,
+    state_dir: _StateDir = None,
     tokens: TokensOpt = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Accept requests without a token (loopback).")] = False,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain: serve HTTPS.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="Allow a non-loopback bind without auth or TLS (trusted network).")
-    ] = False,
+    insecure: _Insecure = False,
     max_sessions: Annotated[int, typer.Option(help="Open sessions at once.")] = 64,
     max_sessions_per_device: Annotated[int, typer.Option(help="Open sessions per device token.")] = 4,
     session_idle_s: Annotated[float, typer.Option(help="Close a session after this many idle seconds.")] = 3600.0,
     session_rate: Annotated[float, typer.Option(help="Requests per second per session, sustained.")] = 20.0,
     session_burst: Annotated[int, typer.Option(help="Requests per session in a burst.")] = 40,
-    transfer_base_s: Annotated[
-        float, typer.Option(help="Seconds any body or reply may take, plus its bytes at --min-transfer-kib-s.")
-    ] = 30.0,
-    min_transfer_kib_s: Annotated[
-        float, typer.Option(help="Slowest upload or download accepted (KiB/s); slower ones get 408 / are dropped.")
-    ] = 256.0,
-    max_inflight_body_mb: Annotated[
-        float | None, typer.Option(help="MiB of request bodies held at once (default: 4 full-batch bodies).")
-    ] = None,
-    min_free_mb: Annotated[
-        float, typer.Option(help="Free space (MiB) the state dir keeps: below it steps are refused, not half-written.")
-    ] = 16.0,
-    log_format: Annotated[
-        LogFormat, typer.Option(help="json (one object per line) or text.", case_sensitive=False)
-    ] = LogFormat.JSON,
-    allow_origin: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="A browser device's page origin (dpa web-device prints it) allowed to call the API "
-            "(CORS); repeat for several. None by default."
-        ),
-    ] = None,
+    transfer_base_s: _TransferBaseS = 30.0,
+    min_transfer_kib_s: _MinTransferKibS = 256.0,
+    max_inflight_body_mb: _MaxInflightBodyMb = None,
+    min_free_mb: _MinFreeMb = 16.0,
+    log_format: _LogFormat = LogFormat.JSON,
+    allow_origin: _AllowOrigin = None,
 ) -> None:
     """Serve the tail: train it on DP activations from devices, return activation gradients."""
     from aiohttp import web

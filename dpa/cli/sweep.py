@@ -30,6 +30,37 @@ def _field_figures(p: dict[str, Any]) -> tuple[str, str, str]:
     return f"{p['verification_auc']:.3f}", f"{p['tar_at_far_1e-3']:.3f}", f"{p['open_set_rejection']:.2f}"
 
 
+# sweep_command's longer options, named here so that the command reads as its signature and its body.
+_Recipe = Annotated[
+    str,
+    typer.Option(
+        help="scratch (all layers trained from initialisation), public (pretrained, centred, frozen "
+        "head, one release of each example, class templates on the device) or class-sums (the same, with "
+        "the class sums released once instead)."
+    ),
+]
+_LabelEpsilon = Annotated[
+    float, typer.Option(help="Randomise the private runs' labels at this epsilon per release (in the budget).")
+]
+_ClipScales = Annotated[
+    str,
+    typer.Option(
+        help="Each run's clip as multiples of the public clip (the export's release_clip), comma-separated "
+        "(a lever chosen on public data; each gets its own non-private run)."
+    ),
+]
+_ReleaseDims = Annotated[
+    str,
+    typer.Option(
+        help="Public recipes: project each export's release on this many public principal directions, "
+        "comma-separated (0: none; each gets its own non-private run)."
+    ),
+]
+_Pretrain = Annotated[
+    bool, typer.Option(help="Public recipes: pretrain here instead of loading the shipped public weights.")
+]
+
+
 def sweep_command(
     epsilons: Annotated[str, typer.Option(help="Whole-run epsilons, comma-separated (a non-private run is added).")] = (
         "8,64,1e3,1e5"
@@ -41,34 +72,11 @@ def sweep_command(
     attack: Annotated[bool, typer.Option(help="Attack each run's recorded view (decoder and MAP).")] = True,
     attack_epochs: Annotated[int, typer.Option(help="The decoder attack's training epochs.")] = 10,
     max_steps: Annotated[int | None, typer.Option(help="Cap on steps per epoch (quick runs).")] = None,
-    recipe: Annotated[
-        str,
-        typer.Option(
-            help="scratch (all layers trained from initialisation), public (pretrained, centred, frozen "
-            "head, one release of each example, class templates on the device) or class-sums (the same, with "
-            "the class sums released once instead)."
-        ),
-    ] = "scratch",
-    label_epsilon: Annotated[
-        float, typer.Option(help="Randomise the private runs' labels at this epsilon per release (in the budget).")
-    ] = float("inf"),
-    clip_scales: Annotated[
-        str,
-        typer.Option(
-            help="Each run's clip as multiples of the public clip (the export's release_clip), comma-separated "
-            "(a lever chosen on public data; each gets its own non-private run)."
-        ),
-    ] = "1",
-    release_dims: Annotated[
-        str,
-        typer.Option(
-            help="Public recipes: project each export's release on this many public principal directions, "
-            "comma-separated (0: none; each gets its own non-private run)."
-        ),
-    ] = "0",
-    pretrain: Annotated[
-        bool, typer.Option(help="Public recipes: pretrain here instead of loading the shipped public weights.")
-    ] = False,
+    recipe: _Recipe = "scratch",
+    label_epsilon: _LabelEpsilon = float("inf"),
+    clip_scales: _ClipScales = "1",
+    release_dims: _ReleaseDims = "0",
+    pretrain: _Pretrain = False,
     out: Annotated[Path, typer.Option(help="Work and results folder (re-running resumes).")] = Path("runs/sweep"),
 ) -> None:
     """The frontier: clean accuracy vs whole-run epsilon per cut and data size, with attack SSIM and device cost."""

@@ -126,6 +126,9 @@ async function blobOf(item) { return item.blob ?? (await (await fetch(item.url))
 async function prepare() {
   state.prepared = null;
   const epsilon = readNumber("epsilon", "epsilon", positive), delta = readNumber("delta", "delta", probability);
+  // The clip policy of dpa.privacy.release_clip: the field (the export's public clip, or the user's), else refused.
+  if ($("clip").value.trim() === "")
+    throw new PageError("the export carries no public release clip: give the clip C, or export with --centre-faces so that it has one");
   const clip = readNumber("clip", "the clip C", positive);
   const set = await enrolmentSet(), names = Object.keys(set).sort();
   const m = state.manifest, K = m.num_classes, d = m.activation_shape.reduce((a, b) => a * b, 1);

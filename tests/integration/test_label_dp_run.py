@@ -24,7 +24,8 @@ from runtime_client.trainer import run_training
 def _cfg(server, export, tmp_path, **kw):  # type: ignore[no-untyped-def]
     base = {
         "server": server.url, "artifacts": export, "epochs": 3, "batch_size": 4,
-        "dp": DPConfig(clip=50.0, epsilon=None if kw.get("total_epsilon") else 1.0), "synth": SynthConfig(identities=6, per_identity=16),
+        "dp": DPConfig(clip=50.0, epsilon=None if kw.get("total_epsilon") else 1.0),
+        "synth": SynthConfig(identities=6, per_identity=16),
         "progress": False, "seed": 5, "state_dir": tmp_path / "client",
     }  # fmt: skip
     return ClientConfig(**(base | kw))
