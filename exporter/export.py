@@ -104,16 +104,7 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
     from exporter.ort_artifacts import OPSET, export_onnx, write_part_artifacts
 
     onnxruntime.set_default_logger_severity(3)  # onnxblock's graph builders are very chatty at INFO
-    cuts = family(cfg.network).cuts()
-    if cfg.cut not in cuts:
-        raise UserError(f"unknown cut {cfg.cut!r}; valid cuts: {', '.join(cuts)}")
-    _check_out_dir(cfg.out)
-    if cfg.weights is not None and not Path(cfg.weights).is_file():
-        raise UserError(f"weights file {cfg.weights} does not exist")
-    if cfg.release_dims is not None and cfg.centre_faces is None:
-        raise UserError("--release-dims needs --centre-from: the projection's directions come from public faces")
-    if cfg.release_dims is not None and cfg.release_dims < 1:
-        raise UserError(f"--release-dims must be >= 1, got {cfg.release_dims}")
+    _check_request(cfg)
 
     net = family(cfg.network)
     split = net.build(cfg)
@@ -127,33 +118,10 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
     try:
         example = torch.zeros(2, 3, size, size)
+        split, centre, clip = _public_release(cfg, net, split, example, progress)
+        head, tail = split.head, split.tail
         with torch.no_grad():
-            activation = head.eval()(example)  # (B, *activation_shape)
-        centre, clip = None, None
-        if cfg.centre_faces is None and cfg.clip_faces is not None:
-            progress("measuring the release clip on public faces")
-            clip = _public_clip(head, Path(cfg.clip_faces), _Pre(size, mean, std))
-        if cfg.centre_faces is not None:
-            progress("computing the release centre and clip on public faces")
-            faces = Path(cfg.centre_faces)
-            if split.alignment is not None:
-                _check_chips(faces, size, split.alignment)
-            pre = _Pre(size, mean, std)
-            centre = _public_centre(head, faces, pre)
-            if cfg.release_dims is None:
-                clip = _public_clip(head, faces, pre, centre)
-            else:
-                project = net.project
-                if project is None:
-                    raise UserError(f"--release-dims is not available for {cfg.network.value} yet")
-                progress(f"projecting the release on {cfg.release_dims} public principal directions")
-                basis = _public_basis(head, faces, pre, centre, cfg.release_dims)
-                split = project(cfg, split, basis, centre)
-                head, tail = split.head, split.tail
-                # The projection centres (its bias is -W centre): no centre file; the clip is its output's.
-                centre, clip = None, _public_clip(head, faces, pre)
-                with torch.no_grad():
-                    activation = head.eval()(example)
+            activation = head.eval()(example)  # the (possibly projected) head's
         progress("exporting head to ONNX")
         write_part_artifacts(
             export_onnx(head, example, GraphNames.IMAGES, GraphNames.ACTIVATION),
@@ -195,25 +163,75 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
             alignment=split.alignment,
         )
         manifest.write(staging)
-        report = None
-        if cfg.verify:
-            from exporter.verify import verify_export
-
-            progress("verifying against torch autograd")
-            report = verify_export(staging, head, tail, batch=cfg.verify_batch, seed=cfg.seed)
-            if net.check is not None:
-                report.notes.append(check_note)
-            for name, (_abs, rel) in report.errors.items():
-                limit = cfg.tolerance if name.endswith("grad") or "d_activation" in name else cfg.forward_tolerance
-                if rel > limit:
-                    raise UserError(
-                        f"verification failed: relative error {rel:.3g} of {name} exceeds tolerance {limit:g}"
-                    )
+        report = _verified(cfg, staging, head, tail, None if net.check is None else check_note, progress)
         _publish(staging, out)
         return manifest, report
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _check_request(cfg: ExportConfig) -> None:
+    """Every refusal that needs no network built: the cut, the folder, the weights, the projection."""
+    cuts = family(cfg.network).cuts()
+    if cfg.cut not in cuts:
+        raise UserError(f"unknown cut {cfg.cut!r}; valid cuts: {', '.join(cuts)}")
+    _check_out_dir(cfg.out)
+    if cfg.weights is not None and not Path(cfg.weights).is_file():
+        raise UserError(f"weights file {cfg.weights} does not exist")
+    if cfg.release_dims is not None and cfg.centre_faces is None:
+        raise UserError("--release-dims needs --centre-from: the projection's directions come from public faces")
+    if cfg.release_dims is not None and cfg.release_dims < 1:
+        raise UserError(f"--release-dims must be >= 1, got {cfg.release_dims}")
+
+
+def _public_release(
+    cfg: ExportConfig, net: Any, split: Any, example: Any, progress: Callable[[str], None]
+) -> tuple[Any, np.ndarray | None, float | None]:
+    """(split, centre, clip): what public faces give the release. The clip alone without centring
+    (``clip_faces``); the centre and the clip (``centre_faces``); with ``release_dims`` the head projected
+    on the public principal directions, which centres by its bias (no centre file) and whose output the clip
+    is measured on."""
+    head, size = split.head, split.image_size
+    pre = _Pre(size, split.pixel_mean, split.pixel_std)
+    if cfg.centre_faces is None:
+        if cfg.clip_faces is None:
+            return split, None, None
+        progress("measuring the release clip on public faces")
+        return split, None, _public_clip(head, Path(cfg.clip_faces), pre)
+    progress("computing the release centre and clip on public faces")
+    faces = Path(cfg.centre_faces)
+    if split.alignment is not None:
+        _check_chips(faces, size, split.alignment)
+    centre = _public_centre(head, faces, pre)
+    if cfg.release_dims is None:
+        return split, centre, _public_clip(head, faces, pre, centre)
+    if net.project is None:
+        raise UserError(f"--release-dims is not available for {cfg.network.value} yet")
+    progress(f"projecting the release on {cfg.release_dims} public principal directions")
+    basis = _public_basis(head, faces, pre, centre, cfg.release_dims)
+    split = net.project(cfg, split, basis, centre)
+    return split, None, _public_clip(split.head, faces, pre)
+
+
+def _verified(
+    cfg: ExportConfig, staging: Path, head: Any, tail: Any, check_note: str | None, progress: Callable[[str], None]
+) -> object:
+    """The verification report of the staged export against torch autograd (None without ``cfg.verify``);
+    refused when an error exceeds its tolerance."""
+    if not cfg.verify:
+        return None
+    from exporter.verify import verify_export
+
+    progress("verifying against torch autograd")
+    report = verify_export(staging, head, tail, batch=cfg.verify_batch, seed=cfg.seed)
+    if check_note is not None:
+        report.notes.append(check_note)
+    for name, (_abs, rel) in report.errors.items():
+        limit = cfg.tolerance if name.endswith("grad") or "d_activation" in name else cfg.forward_tolerance
+        if rel > limit:
+            raise UserError(f"verification failed: relative error {rel:.3g} of {name} exceeds tolerance {limit:g}")
+    return report
 
 
 @dataclass(frozen=True)

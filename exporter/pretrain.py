@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dpa.base.atomic import atomic_write_bytes
 from dpa.contract.architecture import ArchConfig
-from dpa.contract.atomic import atomic_write_bytes
 from dpa.contract.choices import Choice
 from dpa.contract.errors import UserError
 from dpa.faces.lfw import FaceIndex, index_faces, load_batch

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from dpa.base.atomic import atomic_write_bytes, atomic_write_many
 from dpa.contract import messages
-from dpa.contract.atomic import atomic_write_bytes, atomic_write_many
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import Manifest
 from dpa.contract.server_view import ClassSumViewFiles

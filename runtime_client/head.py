@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpa.contract.atomic import atomic_write_bytes, atomic_write_with
+from dpa.base.atomic import atomic_write_bytes, atomic_write_with
 from dpa.contract.choices import Choice
 from dpa.contract.devices import ResolvedDevice
 from dpa.contract.errors import UserError

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpa.contract.atomic import atomic_write_bytes
+from dpa.base.atomic import atomic_write_bytes
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import Manifest
 from dpa.faces.lfw import FaceIndex, load_batch

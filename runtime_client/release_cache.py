@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpa.contract.atomic import atomic_write_many
+from dpa.base.atomic import atomic_write_many
 from dpa.contract.errors import UserError
 
 __all__ = ["ReleaseCache"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpa.contract.atomic import atomic_write_bytes
+from dpa.base.atomic import atomic_write_bytes
 from dpa.contract.devices import ResolvedDevice, resolve_device
 from dpa.contract.manifest import Manifest, load_manifest, manifest_sha256
 from dpa.faces.lfw import FaceIndex

@@ -13,9 +13,9 @@ from functools import partial
 
 import numpy as np
 
+from dpa.base.finite import all_finite
 from dpa.contract import messages, wire
 from dpa.contract.errors import UserError
-from dpa.contract.finite import all_finite
 from dpa.contract.manifest import GraphNames
 from dpa.contract.messages import TrainReply
 from dpa.privacy.mechanism import DPActivations, ReleaseContext

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from dpa.contract.atomic import atomic_write_bytes
+from dpa.base.atomic import atomic_write_bytes
 from dpa.contract.buffers import BufferPool
 from dpa.contract.devices import resolve_device
 from dpa.contract.errors import UserError
@@ -177,13 +177,10 @@ def init_app(config: ServerConfig) -> web.Application:
         app[STATE] = state
         expiry = asyncio.create_task(_expire_sessions(state))
         if tokens is not None:
-            try:
-                loop.add_signal_handler(signal.SIGHUP, reload_tokens, app)
-            except (NotImplementedError, RuntimeError, AttributeError):
-                pass  # no SIGHUP (Windows) or not the main thread (the tests' servers): reload_tokens() still works
-        fields = {"cut": manifest.cut, "device": device.describe(), "global_step": tail.global_step}
-        fields["replayed_steps"] = replayed
-        fields |= {"sessions": len(sessions.sessions), "auth": tokens is not None, "tls": config.tls_cert is not None}
+            _reload_tokens_on_sighup(loop, app)
+        fields = {"cut": manifest.cut, "device": device.describe(), "global_step": tail.global_step,
+                  "replayed_steps": replayed, "sessions": len(sessions.sessions), "auth": tokens is not None,
+                  "tls": config.tls_cert is not None}  # fmt: skip
         log.info("server started", extra={"fields": fields})
         yield
         expiry.cancel()
@@ -195,6 +192,12 @@ def init_app(config: ServerConfig) -> web.Application:
         log.info("server stopped", extra={"fields": {"global_step": tail.global_step}})
 
     app.cleanup_ctx.append(lifecycle)
+    _add_routes(app)
+    return app
+
+
+def _add_routes(app: web.Application) -> None:
+    """docs/protocol.md's endpoints, each to its handler."""
     app.router.add_get(API_PREFIX + Route.HEALTH, health)
     app.router.add_get(API_PREFIX + Route.STATUS, status)
     app.router.add_get("/metrics", metrics)
@@ -206,4 +209,11 @@ def init_app(config: ServerConfig) -> web.Application:
     app.router.add_post(API_PREFIX + Route.EVAL, evaluate)
     app.router.add_get(API_PREFIX + Route.TEMPLATES, templates)
     app.router.add_post(API_PREFIX + Route.CLASS_SUMS, post_class_sums)
-    return app
+
+
+def _reload_tokens_on_sighup(loop: asyncio.AbstractEventLoop, app: web.Application) -> None:
+    """SIGHUP re-reads the token file (``reload_tokens``), as daemons reload their configuration."""
+    try:
+        loop.add_signal_handler(signal.SIGHUP, reload_tokens, app)
+    except (NotImplementedError, RuntimeError, AttributeError):
+        pass  # no SIGHUP (Windows) or not the main thread (the tests' servers): reload_tokens() still works

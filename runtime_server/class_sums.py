@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpa.contract.atomic import atomic_write_bytes
+from dpa.base.atomic import atomic_write_bytes
 from dpa.contract.errors import UserError
 from dpa.privacy.class_sums import class_templates
 

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from dpa.contract.atomic import atomic_write_bytes, fsync_dir
+from dpa.base.atomic import atomic_write_bytes, fsync_dir
 from dpa.contract.errors import UserError
 
 __all__ = [

@@ -1,7 +1,7 @@
 """One server per state dir, and what a killed one left half-written swept away at the next start.
 
 Every record the server writes goes first into a temp file beside its final name (``.NAME.XXXX.tmp``,
-``dpa.contract.atomic`` and ``records.Reservation``), renamed into place only when whole. A SIGKILL
+``dpa.base.atomic`` and ``records.Reservation``), renamed into place only when whole. A SIGKILL
 between the two leaves the temp file: a reply reservation (``replies/``), a journal entry's
 (``journal/``), the session table's, a class-sum release's. None is ever read, but each holds disk
 space that ``--min-free-mb`` counts, so a start removes them (issue 26).

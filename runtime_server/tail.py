@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dpa.contract.atomic import TEMP_GLOB, atomic_write_with
+from dpa.base.atomic import TEMP_GLOB, atomic_write_with
+from dpa.base.finite import all_finite
 from dpa.contract.devices import ResolvedDevice
-from dpa.contract.finite import all_finite
 from dpa.contract.manifest import ARTIFACT_FILES, Manifest
 from dpa.contract.ort_training import CheckpointState, Module, Optimizer, session_options, train_step_into
 from runtime_server.records import write_digests

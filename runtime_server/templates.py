@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpa.contract.atomic import atomic_write_bytes
+from dpa.base.atomic import atomic_write_bytes
 from dpa.contract.errors import UserError
 
 __all__ = ["ClassTemplates", "TEMPLATES_FILE", "MAX_TEMPLATE_BYTES"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dpa.base.finite import all_finite
 from dpa.contract import messages, wire
-from dpa.contract.finite import all_finite
 from dpa.contract.manifest import GraphNames, Manifest
 from runtime_server.errors import ApiError
 

@@ -33,8 +33,8 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from dpa.base.cpu import cpu_info
 from dpa.contract.architecture import ArchConfig
-from dpa.contract.cpu import cpu_info
 from dpa.contract.devices import resolve_device
 from dpa.contract.manifest import OptimizerConfig, load_manifest
 from dpa.contract.ort_training import CheckpointState, Module, Optimizer, session_options
@@ -101,6 +101,28 @@ def conv_model(x: np.ndarray, w: np.ndarray, constant: bool) -> bytes:
     return model.SerializeToString()
 
 
+def _convolutions(rng: np.random.Generator) -> None:
+    """2. One 3x3 convolution per shape: onnxruntime with the weight as an input or a constant, and torch."""
+    print("\n2. one 3x3 convolution, batch 8 (ms): onnxruntime weight as input / as constant, torch")
+    for cin, cout, hw in SHAPES:
+        xs = rng.random((8, cin, hw, hw), dtype=np.float32)
+        w = rng.random((cout, cin, 3, 3), dtype=np.float32)
+        row = []
+        for constant in (False, True):
+            for threads in (1, 2):
+                sess = ort.InferenceSession(conv_model(xs, w, constant), session_options(threads),
+                                            providers=["CPUExecutionProvider"])  # fmt: skip
+                feeds = {"x": xs} if constant else {"x": xs, "w": w}
+                row.append(median_ms(lambda s=sess, f=feeds: s.run(None, f)))
+        xt, wt = torch.from_numpy(xs), torch.from_numpy(w)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            row.append(median_ms(lambda xt=xt, wt=wt: torch.nn.functional.conv2d(xt, wt, padding=1)))
+        cells = " | ".join(f"{what} 1t {row[2 * i]:.2f} 2t {row[2 * i + 1]:.2f}"
+                           for i, what in enumerate(("weight as input", "constant (NCHWc)", "torch")))  # fmt: skip
+        print(f"  {cin:>3}->{cout:<3} {hw:>2}x{hw:<2}  {cells}")
+
+
 def main() -> None:
     print(f"CPU: {cpu_info().describe()}; onnxruntime {ort.__version__}, torch {torch.__version__}")
     rng = np.random.default_rng(0)
@@ -140,24 +162,7 @@ def main() -> None:
             print(f"  whole step, {threads} thread(s): onnxruntime {median_ms(ort_tail):.1f} ms, "
                   f"torch {median_ms(torch_tail):.1f} ms")  # fmt: skip
 
-        print("\n2. one 3x3 convolution, batch 8 (ms): onnxruntime weight as input / as constant, torch")
-        for cin, cout, hw in SHAPES:
-            xs = rng.random((8, cin, hw, hw), dtype=np.float32)
-            w = rng.random((cout, cin, 3, 3), dtype=np.float32)
-            row = []
-            for constant in (False, True):
-                for threads in (1, 2):
-                    sess = ort.InferenceSession(conv_model(xs, w, constant), session_options(threads),
-                                                providers=["CPUExecutionProvider"])  # fmt: skip
-                    feeds = {"x": xs} if constant else {"x": xs, "w": w}
-                    row.append(median_ms(lambda s=sess, f=feeds: s.run(None, f)))
-            xt, wt = torch.from_numpy(xs), torch.from_numpy(w)
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                row.append(median_ms(lambda xt=xt, wt=wt: torch.nn.functional.conv2d(xt, wt, padding=1)))
-            cells = " | ".join(f"{what} 1t {row[2 * i]:.2f} 2t {row[2 * i + 1]:.2f}"
-                               for i, what in enumerate(("weight as input", "constant (NCHWc)", "torch")))  # fmt: skip
-            print(f"  {cin:>3}->{cout:<3} {hw:>2}x{hw:<2}  {cells}")
+        _convolutions(rng)
 
         print("\n3. head step in parts (ms, 2 threads)")
         torch.set_num_threads(2)

@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,13 +78,7 @@ def audit_class_sum_view(
     started = time.perf_counter()
     view_dir = Path(view_dir)
     h, sums, counts, truth, weights = _load(view_dir)
-    centre_path = view_dir / ClassSumViewFiles.CENTRE
-    head = head_from_weights(
-        image_size=int(h["image_size"]), width=float(h["width"]), num_classes=int(h["num_classes"]),
-        cut=str(h["cut"]), weights=weights, pixel_mean=tuple(h["pixel_mean"]), pixel_std=tuple(h["pixel_std"]),
-        source=str(view_dir), centre=np.load(centre_path) if centre_path.is_file() else None,
-        network=str(h.get("arch", "vggface")),
-    )  # fmt: skip
+    head = _view_head(view_dir, h, weights)
     clip, sigma = float(h["clip"]), float(h["noise_scale"])
     templates, n = class_templates(sums, counts)
     classes = [k for k in range(len(n)) if n[k] > 0 and str(k) in truth["members"]]
@@ -115,25 +111,13 @@ def audit_class_sum_view(
             if progress is not None:
                 progress(f"class sums: {'MAP attack' if name == 'map' else f'decoder loss {loss:.4f}'}", done, ticks)
 
-        by_attack: dict[str, dict[str, Any]] = {}
-        recon_by: dict[str, np.ndarray] = {}
-        for name in cfg.attacks:
-            recon = ATTACKS[name](cfg, head, dp, aux, victim, lambda loss, name=name: tick(name, loss)).reconstructions
-            recon_by[name] = recon
-            by_attack[name] = _scores(recon, classes, members, held, prior)
+        scores = partial(_scores, classes=classes, members=members, held=held, prior=prior)
+        recon_by = {name: ATTACKS[name](cfg, head, dp, aux, victim, partial(tick, name)).reconstructions
+                    for name in cfg.attacks}  # fmt: skip
+        by_attack = {name: scores(recon) for name, recon in recon_by.items()}
         strongest = max(by_attack, key=lambda a: by_attack[a]["member_ssim_mean"])
-        # The same attacks' power without noise: the same images' exact class means (a blind attack's
-        # "at the baseline" says nothing about the noise; issue 27).
         acts = _clipped_activations(head, clip)
-        exact = np.stack([acts(truth["members"][str(k)]).mean(axis=0) for k in classes])
-        clean_dp = DPConfig(clip=clip, epsilon=None, fixed_noise_multiplier=1e-12)
-        clean_victim = (exact * np.float32(clean_dp.release_scale(elements))).astype(np.float32)
-        noiseless = {}
-        for name in cfg.attacks:
-            clean = clean_victim.reshape(len(classes), *head.activation_shape)
-            recon = ATTACKS[name](cfg, head, clean_dp, aux, clean, lambda loss, name=name: tick(name, loss))
-            noiseless[name] = {k: v for k, v in _scores(recon.reconstructions, classes, members, held, prior).items()
-                               if k != "per_class"}  # fmt: skip
+        noiseless = _noiseless(cfg, head, aux, acts, [truth["members"][str(k)] for k in classes], tick, scores)
         public_mean = acts_of_images(head, aux[0], clip).mean(axis=0)
         membership = class_sum_membership(
             sums=sums.reshape(len(sums), -1), counts=counts, noise_multiplier=_membership_multiplier(h), clip=clip,
@@ -158,11 +142,7 @@ def audit_class_sum_view(
         "per_class": best["per_class"],
         "by_attack": {a: {k: v for k, v in s.items() if k != "per_class"} for a, s in by_attack.items()},
         # The strongest attack without noise, on the exact class means of the same images: its power.
-        "noiseless": {
-            "strongest_attack": max(noiseless, key=lambda a: noiseless[a]["member_ssim_mean"]),
-            **max(noiseless.values(), key=lambda s: s["member_ssim_mean"]),
-            "by_attack": noiseless,
-        },
+        "noiseless": noiseless,
         "membership": membership,
         "attacker": {"identities": names[: cfg.aux_identities], "images": len(aux_paths), "data_seed": cfg.data_seed},
         "reconstructions": recon_by[strongest],
@@ -170,6 +150,39 @@ def audit_class_sum_view(
         "held_out": {k: v.transpose(0, 2, 3, 1) for k, v in held.items()},
         "prior": prior,
         "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _view_head(view_dir: Path, h: dict[str, Any], weights: Any) -> Any:
+    """The head that made the view's sums, rebuilt from its header and weights (the server knows both)."""
+    centre_path = view_dir / ClassSumViewFiles.CENTRE
+    return head_from_weights(
+        image_size=int(h["image_size"]), width=float(h["width"]), num_classes=int(h["num_classes"]),
+        cut=str(h["cut"]), weights=weights, pixel_mean=tuple(h["pixel_mean"]), pixel_std=tuple(h["pixel_std"]),
+        source=str(view_dir), centre=np.load(centre_path) if centre_path.is_file() else None,
+        network=str(h.get("arch", "vggface")),
+    )  # fmt: skip
+
+
+def _noiseless(
+    cfg: InversionConfig, head: Any, aux: Any, acts: Callable[[list[str]], np.ndarray], members: list[list[str]],
+    tick: Callable[[str, float], None], scores: Callable[[np.ndarray], dict[str, Any]],
+) -> dict[str, Any]:  # fmt: skip
+    """The same attacks' power without noise, on the exact class means of the same images (a blind attack's
+    "at the baseline" says nothing about the noise; issue 27): the strongest, and each attack's figures."""
+    exact = np.stack([acts(paths).mean(axis=0) for paths in members])
+    clean_dp = DPConfig(clip=cfg.clip, epsilon=None, fixed_noise_multiplier=1e-12)
+    elements = math.prod(head.activation_shape)
+    clean = (exact * np.float32(clean_dp.release_scale(elements))).astype(np.float32)
+    clean = clean.reshape(len(members), *head.activation_shape)
+    by_attack = {}
+    for name in cfg.attacks:
+        recon = ATTACKS[name](cfg, head, clean_dp, aux, clean, partial(tick, name))
+        by_attack[name] = {k: v for k, v in scores(recon.reconstructions).items() if k != "per_class"}
+    return {
+        "strongest_attack": max(by_attack, key=lambda a: by_attack[a]["member_ssim_mean"]),
+        **max(by_attack.values(), key=lambda s: s["member_ssim_mean"]),
+        "by_attack": by_attack,
     }
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from dpa.audit.membership import membership_scores
 from dpa.audit.victim import TrainedSplitModel
-from dpa.contract.atomic import atomic_write_bytes
+from dpa.base.atomic import atomic_write_bytes
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import load_manifest
 from dpa.faces.synth import SynthConfig

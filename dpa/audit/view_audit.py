@@ -17,6 +17,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,27 +61,14 @@ def audit_view(
     if not train:
         raise UserError(f"{view_dir} records no training release")
     first_head = view.releases[train[0]]["head"]
-    chosen, total = [], 0
-    for i in train:
-        if view.releases[i]["head"] != first_head or total >= max_examples:
-            continue
-        if view.sources(i) is None:
-            raise UserError(f"{view_dir} has no truth.json entry for {view.releases[i]['file']}: nothing to score")
-        chosen.append(i)
-        total += int(view.releases[i]["examples"])
+    chosen = _first_head_releases(view, view_dir, train, max_examples)
     h = view.header
     head = head_from_weights(
-        image_size=int(h["image_size"]),
-        width=float(h["width"]),
-        num_classes=int(h["num_classes"]),
-        cut=str(h["cut"]),
-        weights=view.head(chosen[0]),
-        pixel_mean=tuple(h["pixel_mean"]),
-        pixel_std=tuple(h["pixel_std"]),
-        source=f"{view_dir}/{first_head}",
-        centre=view.centre(),
+        image_size=int(h["image_size"]), width=float(h["width"]), num_classes=int(h["num_classes"]),
+        cut=str(h["cut"]), weights=view.head(chosen[0]), pixel_mean=tuple(h["pixel_mean"]),
+        pixel_std=tuple(h["pixel_std"]), source=f"{view_dir}/{first_head}", centre=view.centre(),
         network=str(h.get("arch", "vggface")),
-    )
+    )  # fmt: skip
     elements = math.prod(head.activation_shape)
     params = {k: view.releases[chosen[0]][k] for k in view.releases[chosen[0]]}
     dp = config_from_parameters(params, elements)
@@ -127,3 +115,18 @@ def audit_view(
         aux_images=len(aux_paths), victim_images=len(paths), baseline=baseline, results=tuple(results),
         originals=originals, grids=tuple(grids),
     )  # fmt: skip
+
+
+def _first_head_releases(view: Any, view_dir: Path, train: list[int], max_examples: int) -> list[int]:
+    """The training releases made by the view's first head, up to ``max_examples`` examples: the head the
+    attacker knows (the export's), each with the sources it is scored against."""
+    first_head = view.releases[train[0]]["head"]
+    chosen, total = [], 0
+    for i in train:
+        if view.releases[i]["head"] != first_head or total >= max_examples:
+            continue
+        if view.sources(i) is None:
+            raise UserError(f"{view_dir} has no truth.json entry for {view.releases[i]['file']}: nothing to score")
+        chosen.append(i)
+        total += int(view.releases[i]["examples"])
+    return chosen

@@ -19,7 +19,7 @@ attack_app = typer.Typer(
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from dpa.contract.atomic import atomic_write_bytes
+    from dpa.base.atomic import atomic_write_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
@@ -212,7 +212,7 @@ def view_command(
 
 def _class_sum_report(result: dict[str, Any], out: Path, write_grid: Callable[[dict[str, Any], Path], Path]) -> None:
     """class_sums_attack.json (every figure) and class_sums_attack.png (the strongest attack's faces)."""
-    from dpa.contract.atomic import atomic_write_bytes
+    from dpa.base.atomic import atomic_write_bytes
 
     out.mkdir(parents=True, exist_ok=True)
     keep = {k: v for k, v in result.items() if k not in ("reconstructions", "members", "held_out", "prior")}

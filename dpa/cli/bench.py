@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from dpa.base.atomic import atomic_write_bytes
 from dpa.cli.errors import console, user_errors
-from dpa.contract.atomic import atomic_write_bytes
 from dpa.contract.errors import UserError
 
 #: The seed's phone (Nexus 6P, Snapdragon 810), batch 8 at conv1_1: load < 0.4 s, forward < 0.6 s,
@@ -110,7 +110,7 @@ def _dlib_bench(json_out: Path | None) -> None:
     """``dpa bench --config dlib``: the class-sum device's forward on dlib's network, beside torch and dlib."""
     import tempfile
 
-    from dpa.contract.cpu import cpu_info
+    from dpa.base.cpu import cpu_info
     from dpa.runs.dlib_cost import dlib_device_cost
     from dpa.runs.lfw_eval import default_export
 

@@ -59,7 +59,7 @@ def demo_command(
     runs: _Runs = "main,few",
 ) -> None:
     """The pipeline on built-in (synthetic) faces, or on real photographs with --faces."""
-    from dpa.contract.atomic import atomic_write_bytes
+    from dpa.base.atomic import atomic_write_bytes
     from dpa.runs.demo import DemoConfig, demo_summary, run_demo
 
     if faces is not None:
@@ -158,7 +158,7 @@ def _real_faces(faces: Path, workdir: Path, seed: int, json_out: Path | None, ru
     """``dpa demo --faces``: dpa.runs.real_faces, printed in blocks that fit 80 columns."""
     from rich.progress import Progress
 
-    from dpa.contract.atomic import atomic_write_bytes
+    from dpa.base.atomic import atomic_write_bytes
     from dpa.runs.real_faces import RealFacesConfig, run_real_faces
 
     for message in (".*seed.*experiments.*", ".*epsilon = inf.*"):

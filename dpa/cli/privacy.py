@@ -68,6 +68,7 @@ def privacy_command(
 ) -> None:
     """Total epsilon per example for --noise-multiplier, or the noise multiplier for --epsilon."""
     from dpa.privacy.accountant import calibrate_noise_multiplier, epsilon_spent
+    from dpa.privacy.information import information_bound_nats
     from dpa.privacy.mechanism import Mechanism, noise_scale_for
 
     with user_errors():
@@ -83,6 +84,8 @@ def privacy_command(
             nm = calibrate_noise_multiplier(mechanism=mech, total_epsilon=epsilon, delta=delta, releases=releases)
         eps = epsilon_spent(mechanism=mech, noise_multiplier=nm, releases=releases, delta=delta)
         scale = noise_scale_for(noise_multiplier=nm, clip=clip, mechanism=mech)
+        # The Gaussian channel's capacity: what the releases can tell about one example, at most.
+        nats = information_bound_nats(nm, releases) if mech is Mechanism.GAUSSIAN else None
     if json_out:
         result = {
             "epsilon": eps if math.isfinite(eps) else None,  # strict JSON has no Infinity
@@ -91,6 +94,7 @@ def privacy_command(
             "releases": releases,
             "mechanism": mech.value,
             "accountant": "pld",
+            "information_bound_nats": None if nats is None or math.isinf(nats) else nats,
         }
         print(json.dumps(result))
         return
@@ -106,4 +110,6 @@ def privacy_command(
             f"use noise multiplier >= {nm:.6g} ({mech.value}, {noise} for clip C = {clip:g}; "
             f"epsilon spent {eps:.6g}, PLD accountant)"
         )
+    if nats is not None and math.isfinite(nats):
+        message += f"; together they carry at most {nats:.3g} nats ({nats / math.log(2):.3g} bits) about an example"
     console.print(message, highlight=False, soft_wrap=True)

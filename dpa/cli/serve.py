@@ -163,7 +163,7 @@ def token_add_command(
     ] = None,
 ) -> None:
     """Add a device token to the server's token file (`kill -HUP` the server, or restart it, to load it)."""
-    from dpa.contract.atomic import atomic_write_bytes
+    from dpa.base.atomic import atomic_write_bytes
     from runtime_server.auth import add_token
 
     with user_errors():

@@ -80,7 +80,8 @@ def sweep_command(
     out: Annotated[Path, typer.Option(help="Work and results folder (re-running resumes).")] = Path("runs/sweep"),
 ) -> None:
     """The frontier: clean accuracy vs whole-run epsilon per cut and data size, with attack SSIM and device cost."""
-    from dpa.runs.sweep import SweepConfig, lever_name, run_sweep
+    from dpa.runs.frontier import lever_name
+    from dpa.runs.sweep import SweepConfig, run_sweep
 
     with user_errors():
         eps = parse_epsilons(epsilons)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from dpa.contract.atomic import atomic_write_bytes
+from dpa.base.atomic import atomic_write_bytes
 from dpa.contract.choices import Choice
 from dpa.contract.errors import UserError
 

@@ -28,7 +28,6 @@ __all__ = [
     "Optimizer",
     "OrtValue",
     "SessionOptions",
-    "available_providers",
     "session_options",
     "ort_version",
     "train_step_into",
@@ -86,10 +85,6 @@ def session_options(threads: int | None) -> Any:
 
 def ort_version() -> str:
     return str(onnxruntime.__version__)
-
-
-def available_providers() -> list[str]:
-    return list(onnxruntime.get_available_providers())
 
 
 def train_step_into(module: Any, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:

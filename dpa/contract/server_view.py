@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dpa.contract.atomic import atomic_write_bytes
+from dpa.base.atomic import atomic_write_bytes
 from dpa.contract.errors import UserError
 
 __all__ = ["VIEW_FORMAT", "VIEW_VERSION", "ViewRecorder", "RecordedView", "load_view", "ClassSumViewFiles"]

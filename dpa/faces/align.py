@@ -152,7 +152,7 @@ def _align_one(job: tuple[Path, Path]) -> tuple[Path, str | None]:
     """Write one chip atomically; (source, the detector that found the face, or None: no face)."""
     from io import BytesIO
 
-    from dpa.contract.atomic import atomic_write_bytes
+    from dpa.base.atomic import atomic_write_bytes
 
     src, out = job
     assert _WORKER is not None

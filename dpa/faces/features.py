@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-if TYPE_CHECKING:
-    from dpa.faces.synth import Traits
+from dpa.faces.traits import Traits
 
 __all__ = ["draw_face_layer", "rgb"]
 

@@ -20,8 +20,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from dpa.base.atomic import atomic_write_bytes
 from dpa.contract import messages
-from dpa.contract.atomic import atomic_write_bytes
 from dpa.contract.devices import DeviceProfile, resolve_device
 from dpa.contract.manifest import load_manifest
 from dpa.federation.config import FederationConfig

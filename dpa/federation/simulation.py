@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from dpa.contract.atomic import atomic_write_bytes
+from dpa.base.atomic import atomic_write_bytes
 from dpa.contract.manifest import load_manifest
 from dpa.federation.config import FederationConfig
 from dpa.federation.device_app import ENROL, GALLERY, HELLO, device_app

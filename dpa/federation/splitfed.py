@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
-from dpa.contract.atomic import atomic_write_bytes
+from dpa.base.atomic import atomic_write_bytes
 from dpa.contract.devices import DeviceProfile, resolve_device
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import load_manifest

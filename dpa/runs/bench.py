@@ -111,20 +111,40 @@ def _export(cfg: BenchConfig, out: Path) -> Path:
 
 def _head_and_tail_ratios(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> Callable[[], None]:
     """1. and 2.; returns the monolithic torch train step, which the split step is timed against."""
-
-    manifest = load_manifest(artifacts)
     device = resolve_device("cpu")
     rng = np.random.default_rng(0)
     size = cfg.arch.image_size
     images = rng.standard_normal((cfg.batch, 3, size, size), dtype=np.float32)
     labels = rng.integers(0, cfg.arch.num_classes, cfg.batch)
-    dp_cfg = DPConfig(clip=100.0, epsilon=8.0)
     head, tail = build_parts(cfg.arch, cfg.cut)
     init_weights((head, tail), 0)
     torch.set_num_threads(device.threads)
+    x = torch.from_numpy(images)
+    _head_ratio(cfg, artifacts, report, images, head, rng)
+    activation = np.ascontiguousarray(head(x).detach().numpy())
+    _tail_ratio(cfg, artifacts, report, activation, labels, tail)
 
-    # 1. Device head step: forward + clip + noise + backward + optimizer step.
-    ours_head = HeadModel(artifacts, manifest, device)
+    # Monolithic torch train step of the whole network: the reference of the split step.
+    fopt = torch.optim.SGD(list(head.parameters()) + list(tail.parameters()), lr=1e-3)
+    tl = torch.from_numpy(labels)
+
+    def torch_full() -> None:
+        loss = torch.nn.functional.cross_entropy(tail(head(x)), tl)
+        fopt.zero_grad()
+        loss.backward()
+        fopt.step()
+
+    return torch_full
+
+
+def _head_ratio(
+    cfg: BenchConfig, artifacts: Path, report: dict[str, Any], images: np.ndarray, head: Any,
+    rng: np.random.Generator,
+) -> None:  # fmt: skip
+    """1. Device head step: forward + clip + noise + backward + optimizer step, against torch's."""
+    manifest = load_manifest(artifacts)
+    dp_cfg = DPConfig(clip=100.0, epsilon=8.0)
+    ours_head = HeadModel(artifacts, manifest, resolve_device("cpu"))
     dp = DPActivations(dp_cfg, np.random.default_rng(1))
     upstream = rng.standard_normal((cfg.batch, *manifest.activation_shape), dtype=np.float32)
 
@@ -153,18 +173,18 @@ def _head_and_tail_ratios(cfg: BenchConfig, artifacts: Path, report: dict[str, A
     report["head_step_s"] = {"ours": t_ours, "torch": t_torch}
     report["head_step_ratio"] = t_ours / t_torch
 
-    # 2. Edge tail step (onnxruntime-training) vs torch eager on the same tail.
-    options = session_options(device.threads)
+
+def _tail_ratio(
+    cfg: BenchConfig, artifacts: Path, report: dict[str, Any], activation: np.ndarray, labels: np.ndarray, tail: Any
+) -> None:
+    """2. Edge tail step (onnxruntime-training) vs torch eager on the same tail."""
+    options = session_options(resolve_device("cpu").threads)
     state = CheckpointState.load_checkpoint(str(artifacts / "tail" / "checkpoint"))
     module = Module(
-        str(artifacts / "tail" / "training_model.onnx"),
-        state,
-        str(artifacts / "tail" / "eval_model.onnx"),
-        device="cpu",
-        session_options=options,
-    )
+        str(artifacts / "tail" / "training_model.onnx"), state, str(artifacts / "tail" / "eval_model.onnx"),
+        device="cpu", session_options=options,
+    )  # fmt: skip
     optimizer = Optimizer(str(artifacts / "tail" / "optimizer_model.onnx"), module)
-    activation = np.ascontiguousarray(head(x).detach().numpy())
 
     def ort_tail() -> None:
         module.train()
@@ -186,18 +206,6 @@ def _head_and_tail_ratios(cfg: BenchConfig, artifacts: Path, report: dict[str, A
     t_ours, t_torch = _paired_medians(ort_tail, torch_tail, cfg.repeats)
     report["tail_step_s"] = {"ours": t_ours, "torch": t_torch}
     report["tail_step_ratio"] = t_ours / t_torch
-
-    # Monolithic torch train step of the whole network: the reference of the split step.
-    full_params = list(head.parameters()) + list(tail.parameters())
-    fopt = torch.optim.SGD(full_params, lr=1e-3)
-
-    def torch_full() -> None:
-        loss = torch.nn.functional.cross_entropy(tail(head(x)), tl)
-        fopt.zero_grad()
-        loss.backward()
-        fopt.step()
-
-    return torch_full
 
 
 def _split_device(cfg: BenchConfig, artifacts: Path) -> tuple[np.ndarray, np.ndarray, HeadModel, DPActivations]:

@@ -30,7 +30,8 @@ def test_epsilon_for_a_noise_multiplier_json():
     result = invoke("--noise-multiplier", "1", "--releases", "10", "--delta", "1e-5", "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert list(out) == ["epsilon", "delta", "noise_multiplier", "releases", "mechanism", "accountant"]
+    assert list(out) == ["epsilon", "delta", "noise_multiplier", "releases", "mechanism", "accountant",
+                         "information_bound_nats"]  # fmt: skip
     assert out["epsilon"] == epsilon_spent(mechanism="gaussian", noise_multiplier=1.0, releases=10, delta=1e-5)
     assert out["epsilon"] == pytest.approx(17.8566, rel=1e-4)
     assert out | {"epsilon": 0} == {
@@ -40,6 +41,7 @@ def test_epsilon_for_a_noise_multiplier_json():
         "releases": 10,
         "mechanism": "gaussian",
         "accountant": "pld",
+        "information_bound_nats": 10 / 8,  # the Gaussian channel's capacity: releases / (8 z^2), z = 1
     }
 
 

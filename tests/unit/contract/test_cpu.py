@@ -1,8 +1,8 @@
-"""What ``dpa.contract.cpu`` reads from /proc/cpuinfo: the model, AVX2 / AVX-512, native bf16."""
+"""What ``dpa.base.cpu`` reads from /proc/cpuinfo: the model, AVX2 / AVX-512, native bf16."""
 
 from __future__ import annotations
 
-from dpa.contract.cpu import cpu_info
+from dpa.base.cpu import cpu_info
 
 _EPYC = """processor\t: 0
 vendor_id\t: AuthenticAMD

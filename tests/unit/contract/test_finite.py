@@ -1,11 +1,11 @@
-"""dpa.contract.finite.all_finite: the float64-sum shortcut agrees with np.isfinite, at the float32 extremes too."""
+"""dpa.base.finite.all_finite: the float64-sum shortcut agrees with np.isfinite, at the float32 extremes too."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from dpa.contract.finite import all_finite
+from dpa.base.finite import all_finite
 
 F32_MAX = np.finfo(np.float32).max
 

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from dpa.contract.atomic import atomic_write_many
+from dpa.base.atomic import atomic_write_many
 from dpa.contract.devices import resolve_device
 from dpa.contract.manifest import OptimizerConfig, OptimizerName, load_manifest
 from dpa.contract.ort_training import session_options

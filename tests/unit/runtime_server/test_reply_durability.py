@@ -21,7 +21,7 @@ def _count_fsyncs(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
         real(fd)
 
     monkeypatch.setattr(records.os, "fsync", counting)
-    monkeypatch.setattr("dpa.contract.atomic.os.fsync", counting)
+    monkeypatch.setattr("dpa.base.atomic.os.fsync", counting)
     return calls
 
 

@@ -73,5 +73,5 @@ def cpu_info(cpuinfo: str | None = None) -> CpuInfo:
     )
 
 
-if __name__ == "__main__":  # ``python -m dpa.contract.cpu``: what .ci/run prints first
+if __name__ == "__main__":  # ``python -m dpa.base.cpu``: what .ci/run prints first
     print(cpu_info().describe())
