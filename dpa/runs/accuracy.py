@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dpa.audit.victim import TrainedSplitModel
-from dpa.contract.atomic import atomic_write_bytes
+from dpa.base.atomic import atomic_write_bytes
 from dpa.contract.manifest import load_manifest
 from runtime_client.config import ClientConfig
 from runtime_client.dataset import prepare_data

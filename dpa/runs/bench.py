@@ -29,10 +29,10 @@ import aiohttp
 import numpy as np
 import torch
 
+from dpa.base.atomic import atomic_write_bytes
+from dpa.base.cpu import cpu_info
 from dpa.contract import messages, wire
 from dpa.contract.architecture import ArchConfig
-from dpa.contract.atomic import atomic_write_bytes
-from dpa.contract.cpu import cpu_info
 from dpa.contract.devices import resolve_device
 from dpa.contract.manifest import GraphNames, OptimizerConfig, load_manifest, manifest_sha256
 from dpa.contract.messages import Route, SessionField, route

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dpa.base.cpu import cpu_info
 from dpa.contract.architecture import ArchConfig, cut_info
-from dpa.contract.cpu import cpu_info
 from dpa.contract.manifest import OptimizerConfig, OptimizerName, load_manifest
 from dpa.faces.synth import SynthConfig, cached_faces
 from dpa.privacy.release_clip import release_clip

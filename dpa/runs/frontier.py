@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from dpa.contract.atomic import atomic_write_bytes
+from dpa.base.atomic import atomic_write_bytes
 
 __all__ = ["FIELD_FIGURES", "json_safe", "lever_name", "relative", "smallest_epsilon", "write_csv",
            "write_frontier_plot", "write_json"]  # fmt: skip

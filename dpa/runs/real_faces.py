@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from dpa.base.cpu import cpu_info
 from dpa.contract.architecture import ArchConfig
 from dpa.contract.choices import NetworkName
-from dpa.contract.cpu import cpu_info
 from dpa.contract.devices import DeviceProfile, resolve_device
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import load_manifest

@@ -28,8 +28,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from dpa.base.atomic import atomic_write_bytes
 from dpa.contract.architecture import ArchConfig
-from dpa.contract.atomic import atomic_write_bytes
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import sha256_file
 from dpa.faces.lfw import FaceIndex, index_faces, load_batch, split_faces
