@@ -148,6 +148,9 @@ def write_frontier_plot(results: dict[str, Any], path: Path) -> Path:
     ax.axhline(0.5, color="k", ls=":", lw=0.8)
     ax.axhline(0.0, color="tab:gray", lw=0.8)
     ax.set_xscale("log")
+    budgets = [p["epsilon_budget"] for p in points if p["epsilon_budget"]]
+    if budgets:  # the axis spans the budgets even where no curve is drawn (every run at chance)
+        ax.set_xlim(min(budgets) / 2, max(budgets) * 2)
     delta = next((p["delta"] for p in points if p["delta"]), None)
     ax.set_xlabel("whole-run ε" + (f" (δ = {delta:g}, dp-accounting PLD)" if delta else ""))
     ax.set_ylabel("clean accuracy above chance / non-private's")

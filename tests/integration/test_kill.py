@@ -80,6 +80,7 @@ class Run:
             args += ["--total-epsilon", "50", "--label-epsilon", "2", "--release", "examples"]
         else:  # the head trains, without noise or budget
             args += ["--epsilon", "inf", "--total-epsilon", "inf", "--train-head"]
+        args += ["--clip", "10"]  # the export carries no public clip: the device is told it
         args += ["--seed", "7", "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--device", "cpu"]
         args += ["--identities", str(IDENTITIES), "--per-identity", str(PER_IDENTITY)]
         args += ["--state-dir", str(self.device), "--report", str(self.device / "report.json")]

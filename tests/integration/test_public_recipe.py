@@ -14,6 +14,7 @@ import pytest
 
 from dpa.audit.victim import TrainedSplitModel
 from dpa.contract.architecture import ArchConfig
+from dpa.contract.errors import UserError
 from dpa.contract.manifest import ARTIFACT_FILES, GraphNames, OptimizerConfig, OptimizerName, load_manifest
 from dpa.contract.ort_training import CheckpointState
 from dpa.faces.lfw import index_faces, load_batch
@@ -21,8 +22,8 @@ from dpa.faces.synth import SynthConfig, identity_names
 from dpa.privacy.clipping import clip_factors, l2_norms, scale_examples
 from dpa.privacy.label_accounting import combined_epsilon
 from dpa.privacy.mechanism import DPConfig
+from dpa.privacy.release_clip import release_clip
 from dpa.runs.loopback import serve_and_train
-from dpa.runs.public_data import public_clip
 from exporter.export import ExportConfig, export
 from exporter.pretrain import PUBLIC_SEED, PretrainConfig, pretrain, public_faces
 from runtime_client.config import ClientConfig
@@ -143,19 +144,19 @@ def test_a_pretrained_centred_run_beats_a_from_scratch_run_at_the_same_epsilon(r
     frozen, one release, templates on the device) against from-scratch training at conv1_1 (3 epochs)."""
     root, _, art = recipe
     synth = SynthConfig(identities=6, per_identity=40)  # 60 held-out images
-    clip = public_clip(art, root / "pub" / "synthetic-8x6-64px-s1")
+    clip = release_clip(load_manifest(art))  # the export centred on its public faces carries it
     common = {"batch_size": 8, "label_epsilon": math.inf, "synth": synth, "progress": False, "seed": 0,
               "total_epsilon": 200.0}  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         public = asyncio.run(serve_and_train(art, tmp_path / "s1", ClientConfig(
-            artifacts=art, epochs=1, dp=DPConfig(clip=clip, epsilon=1.0), frozen_head=True,
+            artifacts=art, epochs=1, dp=DPConfig(clip=clip, epsilon=None), frozen_head=True,
             on_device_templates=True, state_dir=tmp_path / "c1", **common), templates=True))  # fmt: skip
         scratch_art = tmp_path / "scratch"
         export(ExportConfig(arch=ARCH, cut="conv1_1", optimizer=OptimizerConfig(name=OptimizerName.ADAMW, lr=1e-3),
                             out=scratch_art))  # fmt: skip
         scratch = asyncio.run(serve_and_train(scratch_art, tmp_path / "s2", ClientConfig(
-            artifacts=scratch_art, epochs=3, dp=DPConfig(clip=100.0, epsilon=1.0), state_dir=tmp_path / "c2",
+            artifacts=scratch_art, epochs=3, dp=DPConfig(clip=100.0, epsilon=None), state_dir=tmp_path / "c2",
             **common)))  # fmt: skip
     ours = public["on_device"]["test_accuracy"]
     theirs = max(scratch["clean_test_accuracy"], scratch["private_test_accuracy"])
@@ -178,7 +179,8 @@ def test_the_export_carries_the_public_clip_the_device_defaults_to(recipe):
     assert m.release_clip == pytest.approx(0.5 * float(np.median(norms)), rel=1e-4)
     assert _clip(DeviceOptions(artifacts=art)) == m.release_clip
     assert _clip(DeviceOptions(artifacts=art, clip=3.0)) == 3.0
-    assert _clip(DeviceOptions(artifacts=root / "no-export")) == 10.0
+    with pytest.raises(UserError, match="no manifest.json"):  # no export: said, not a default clip
+        _clip(DeviceOptions(artifacts=root / "no-export"))
 
 
 def _train_test(client_dir, art):  # type: ignore[no-untyped-def]
@@ -199,7 +201,7 @@ def test_a_class_sum_release_is_one_request_and_the_device_classifies_with_it(re
     from runtime_server.class_sums import CLASS_SUMS_DIR
 
     root, _, art = recipe
-    clip = public_clip(art, root / "pub" / "synthetic-8x6-64px-s1")
+    clip = release_clip(load_manifest(art))  # the export centred on its public faces carries it
     server = start_server(art, checkpoint_every=1000)
     cfg = ClientConfig(
         server=server.url, artifacts=art, dp=DPConfig(clip=clip, epsilon=None), total_epsilon=8.0, frozen_head=True,
