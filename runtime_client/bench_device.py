@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from dpa.base.memory import own_peak_rss_mb
 from dpa.contract.devices import resolve_device
 from dpa.contract.manifest import load_manifest, manifest_sha256
 from dpa.privacy.mechanism import DPActivations, DPConfig
@@ -24,7 +24,7 @@ from runtime_client.edge import EdgeClient
 from runtime_client.head import HeadModel
 from runtime_client.split_step import SplitTrainer
 
-__all__ = ["peak_mb", "run_steps"]
+__all__ = ["run_steps"]
 
 #: The bench's release: a clip above the random head's activations and a per-release epsilon (its figures
 #: are of memory, not of accuracy).
@@ -46,24 +46,11 @@ async def run_steps(artifacts: Path, url: str, batch: int, steps: int, micro: in
             await trainer.step(images, labels)
 
 
-def peak_mb() -> float:
-    """This process's peak RSS in MB. VmHWM is this process image's peak; ru_maxrss is not (Linux carries it
-    across exec, so a child of a big parent would report the parent's size)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def main(argv: list[str]) -> None:
     artifacts, url, batch, steps, micro = argv
     warnings.simplefilter("ignore")
     asyncio.run(run_steps(Path(artifacts), url, int(batch), int(steps), None if micro == "none" else int(micro)))
-    print(json.dumps({"peak_rss_mb": peak_mb(), "torch_loaded": "torch" in sys.modules}))
+    print(json.dumps({"peak_rss_mb": own_peak_rss_mb(), "torch_loaded": "torch" in sys.modules}))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ head step time and peak memory (onnxruntime, in a fresh process so the peak is t
 from __future__ import annotations
 
 import multiprocessing
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -12,26 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from dpa.base.memory import own_peak_rss_mb
 from dpa.contract.architecture import ArchConfig, cut_info
 from dpa.contract.devices import DeviceProfile, resolve_device
 from dpa.contract.manifest import load_manifest
 from runtime_client.head import HeadModel
 
 __all__ = ["device_cost", "forward_cost"]
-
-
-def _own_peak_rss_mb() -> float:
-    """This process image's peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries that across fork and exec,
-    so a spawned child of a big parent reports the parent's size (a child of a 2 GB parent said 2076 MB
-    where its VmHWM was 28 MB; dpa bench's paper-size class-sum head said 4521 MB at conv1_1 and fc7 alike)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the best there is
 
 
 def _measure(artifacts: str, batch: int, repeats: int) -> dict[str, float]:
@@ -49,7 +35,7 @@ def _measure(artifacts: str, batch: int, repeats: int) -> dict[str, float]:
         times.append(time.perf_counter() - t0)
     return {
         "head_step_ms": 1000 * statistics.median(times[1:]),
-        "peak_rss_mb": _own_peak_rss_mb(),
+        "peak_rss_mb": own_peak_rss_mb(),
     }
 
 
@@ -79,7 +65,7 @@ def _measure_forward(artifacts: str, batch: int, repeats: int) -> dict[str, floa
         head.forward(images)
         times.append(time.perf_counter() - t0)
     return {"forward_s": statistics.median(times[1:]),
-            "peak_rss_mb": _own_peak_rss_mb()}  # fmt: skip
+            "peak_rss_mb": own_peak_rss_mb()}  # fmt: skip
 
 
 def forward_cost(artifacts: Path, *, batch: int, repeats: int = 5) -> dict[str, float]:

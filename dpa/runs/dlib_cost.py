@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from dpa.base.memory import own_peak_rss_mb
 from dpa.contract import dlib_resnet as layout
-from dpa.runs.device_cost import _own_peak_rss_mb
 from exporter.networks.dlib_twin import preprocess_chips, rendered_chips
 
 __all__ = ["dlib_device_cost"]
@@ -31,7 +31,7 @@ def _timed(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return {"forward_ms": 1000 * statistics.median(times), "peak_rss_mb": _own_peak_rss_mb()}
+    return {"forward_ms": 1000 * statistics.median(times), "peak_rss_mb": own_peak_rss_mb()}
 
 
 def _ours(artifacts: str, batch: int, repeats: int) -> dict[str, float]:

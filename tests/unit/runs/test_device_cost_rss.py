@@ -13,11 +13,11 @@ import resource
 
 import numpy as np
 
-from dpa.runs.device_cost import _own_peak_rss_mb
+from dpa.base.memory import own_peak_rss_mb
 
 
 def _both() -> tuple[float, float]:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, _own_peak_rss_mb()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, own_peak_rss_mb()
 
 
 def test_a_spawned_child_reports_its_own_peak_not_its_parents():
