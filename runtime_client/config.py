@@ -19,7 +19,7 @@ from runtime_client.head import ModelFormat
 
 __all__ = ["ClientConfig", "ReleaseKind", "RECOMMENDED_TOTAL_EPSILON"]
 
-#: ``dpa client``'s defaults are the frontier's best recipe (README, "Where the frontier is"): the
+#: ``dpa client``'s defaults are the frontier's best recipe (docs/history.md, "Where the frontier is"): the
 #: exported public head frozen, each example released once, activations and labels together within this
 #: whole-run epsilon (delta 1e-5), and the device classifying with the server's class templates.
 #: ``ClientConfig``'s own field defaults stay plain (no budget, a trained head) for programs and tests.

@@ -1,7 +1,7 @@
 """Execution-provider profiles: what ``--device`` means, and the fallback when hardware is missing.
 
 onnxruntime's training API places a Module on one device ("cpu" or "cuda"); the
-profile adds the thread settings that fit the hardware. README's ``--device`` table is
+profile adds the thread settings that fit the hardware. docs/commands.md's ``--device`` table is
 this table.
 """
 

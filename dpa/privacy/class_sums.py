@@ -6,7 +6,7 @@ holds all its examples, though, and what the template learner needs is only, per
 the clipped activations and their count. Releasing those sums ONCE, with one draw of noise, gives
 each template noise of variance sigma^2 / n^2: n times less at the same epsilon (measured on the
 built-in faces at fc7, whole-run epsilon 8: 0.48 against 0.37 from per-example releases, where the
-noiseless templates score 0.49; README "Class sums").
+noiseless templates score 0.49; docs/history.md).
 
 The release. Each example (x, y), x already centred and L2-clipped to C, contributes the vector
 v(x, y) in R^(K x (d + 1)) that is zero except for its label's row, which is [x, C] (the count

@@ -11,7 +11,7 @@ AES instructions or randomgen's portable AES runs instead (slower; not measured 
 
 Floating-point attacks (Mironov, CCS 2012) read the low bits of a noisy float. ``DPActivations``
 samples the Gaussian in float32 and rounds each noisy value to a grid (``snap_step``): a sub-ulp
-signature of the sample cannot survive the rounding. See ``mechanism.py`` and README's threat model.
+signature of the sample cannot survive the rounding. See ``mechanism.py`` and docs/privacy.md's threat model.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The earlier demo's configuration (64x64 VGG-Face, width 0.25, cut conv1_1, 10 identities, from scratch),
 run through the real server on loopback, without noise and with noise at SNR 4.8 per element (epsilon
-3e6 per release; README explains why conv1_1 needs it this large). The figures are printed.
+3e6 per release; docs/history.md explains why conv1_1 needs it this large). The figures are printed.
 
 This test used AdamW at lr 1e-3, which sits on the take-off edge of a plain 13-conv VGG without batch
 norm: whether a run left chance, and when, depended on the seed and on the CPU's float rounding (it
