@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from dpa.cli.errors import console, option_check, parse_epsilons, user_errors
+from dpa.cli.tables import print_records
 from dpa.privacy import checks
 
 attack_app = typer.Typer(
@@ -115,44 +116,18 @@ def _write_report(report, out: Path) -> None:  # type: ignore[no-untyped-def]
 
 
 def _print_report(report, out: Path) -> None:  # type: ignore[no-untyped-def]
-    from rich.table import Table
-
     from dpa.audit.report import HE2019_NO_DEFENCE_PSNR_DB, HE2019_NO_DEFENCE_SSIM, HE2021_RECOGNISABLE_SSIM
 
     clip, delta = report.config.clip, report.config.delta
 
-    table = Table(title=f"inversion at {report.cut} (clip {clip:g}, delta {delta:g}; {report.victim_images} victims)")
-    names = (
-        "epsilon",
-        "strongest",
-        "SNR/element",
-        "PSNR dB",
-        "SSIM",
-        f"SSIM > {HE2021_RECOGNISABLE_SSIM:g}",
-        "verdict",
-    )
-    for name in names:
-        table.add_column(name, justify="left" if name in ("verdict", "strongest") else "right")
-    table.add_row(
-        "mean aux face",
-        "-",
-        "-",
-        f"{report.baseline_psnr_mean:.2f}",
-        f"{report.baseline_ssim_mean:.3f}",
-        f"{report.baseline_recognisable_fraction:.0%}",
-        "prior only",
-    )
-    for r in report.results:
-        table.add_row(
-            f"{r.epsilon:g}",
-            r.strongest_attack,
-            f"{r.snr_per_element:.3g}",
-            f"{r.psnr_mean:.2f}",
-            f"{r.ssim_mean:.3f}",
-            f"{r.recognisable_fraction:.0%}",
-            r.verdict,
-        )
-    console.print(table)
+    names = ("epsilon", "strongest", "SNR/element", "PSNR dB", "SSIM", f"SSIM > {HE2021_RECOGNISABLE_SSIM:g}",
+             "verdict")  # fmt: skip
+    rows = [("mean aux face", "-", "-", f"{report.baseline_psnr_mean:.2f}", f"{report.baseline_ssim_mean:.3f}",
+             f"{report.baseline_recognisable_fraction:.0%}", "prior only")]  # fmt: skip
+    rows += [(f"{r.epsilon:g}", r.strongest_attack, f"{r.snr_per_element:.3g}", f"{r.psnr_mean:.2f}",
+              f"{r.ssim_mean:.3f}", f"{r.recognisable_fraction:.0%}", r.verdict) for r in report.results]  # fmt: skip
+    title = f"inversion at {report.cut} (clip {clip:g}, delta {delta:g}; {report.victim_images} victims)"
+    print_records(console, title, names, rows, left=("verdict", "strongest"))
     console.print(
         f"literature: no-defence first-layer inversion {HE2019_NO_DEFENCE_PSNR_DB:g} dB / SSIM "
         f"{HE2019_NO_DEFENCE_SSIM:g} (He, Zhang and Lee, ACSAC 2019); SSIM > {HE2021_RECOGNISABLE_SSIM:g} "
@@ -252,7 +227,6 @@ def labels_command(
     out: Annotated[Path, typer.Option(help="Writes labels.json here.")] = Path("runs/attack"),
 ) -> None:
     """The server's best guess of each training example's identity, from the labels and from everything it saw."""
-    from rich.table import Table
 
     from dpa.audit.label_attack import attack_labels
 
@@ -260,14 +234,12 @@ def labels_command(
         report = attack_labels(view, artifacts, server_state)
         _write_json(out / "labels.json", report.to_json())
     r = report
-    table = Table(title=f"label inference: {r.examples} training examples, {r.classes} identities")
-    for col in ("from", "accuracy", "bound (DP)", "epsilon", "chance"):
-        table.add_column(col, justify="right")
-    table.add_row("labels alone", f"{r.accuracy_labels_only:.3f}", f"{r.bound_labels_only:.3f}",
-                  f"{r.label_epsilon_total:.3g}", f"{r.chance:.3f}")  # fmt: skip
-    table.add_row("everything", f"{r.accuracy_everything:.3f}", f"{r.bound_everything:.3f}",
-                  f"{r.combined_epsilon:.3g}", f"{r.chance:.3f}")  # fmt: skip
-    console.print(table)
+    rows = [("labels alone", f"{r.accuracy_labels_only:.3f}", f"{r.bound_labels_only:.3f}",
+             f"{r.label_epsilon_total:.3g}", f"{r.chance:.3f}"),
+            ("everything", f"{r.accuracy_everything:.3f}", f"{r.bound_everything:.3f}", f"{r.combined_epsilon:.3g}",
+             f"{r.chance:.3f}")]  # fmt: skip
+    print_records(console, f"label inference: {r.examples} training examples, {r.classes} identities",
+                  ("from", "accuracy", "bound (DP)", "epsilon", "chance"), rows)  # fmt: skip
     console.print(
         f"label epsilon {r.label_epsilon_per_release:g} per release, {r.releases_per_example:g} releases per "
         f"example; bound: (e^eps + (k-1) delta) / (e^eps + k - 1) at delta {r.delta:g} (0 for labels alone). "
@@ -306,7 +278,6 @@ def membership_command(
     out: Annotated[Path, typer.Option(help="Writes membership.json here.")] = Path("runs/attack"),
 ) -> None:
     """Loss-threshold membership inference (Yeom et al. 2018) on the client's train/test split."""
-    from rich.table import Table
 
     from dpa.audit.membership_run import MembershipConfig, run_membership
 
@@ -318,19 +289,14 @@ def membership_command(
         )  # fmt: skip
         report = run_membership(cfg, out)
     rows = report["results"]
-    table = Table(title=f"membership inference: {report['members']} members, {report['nonmembers']} non-members")
-    for name in ("model", "AUC", "advantage", "threshold", "loss (members)", "loss (non-members)"):
-        table.add_column(name, justify="left" if name == "model" else "right")
-    for name, r in rows.items():
-        t = r["threshold"]
-        table.add_row(
-            name,
-            f"{r['auc']:.3f}",
-            f"{r['advantage']:.3f}",
-            t if isinstance(t, str) else f"{t:.4g}",
-            f"{r['member_loss_mean']:.4f}",
-            f"{r['nonmember_loss_mean']:.4f}",
-        )
-    console.print(table)
+    table = [
+        (name, f"{r['auc']:.3f}", f"{r['advantage']:.3f}",
+         r["threshold"] if isinstance(r["threshold"], str) else f"{r['threshold']:.4g}",
+         f"{r['member_loss_mean']:.4f}", f"{r['nonmember_loss_mean']:.4f}")
+        for name, r in rows.items()
+    ]  # fmt: skip
+    title = f"membership inference: {report['members']} members, {report['nonmembers']} non-members"
+    columns = ("model", "AUC", "advantage", "threshold", "loss (members)", "loss (non-members)")
+    print_records(console, title, columns, table)
     console.print("AUC 0.5 and advantage 0 are chance; the threshold is chosen in hindsight (an upper bound).")
     console.print(f"wrote {out / 'membership.json'}")

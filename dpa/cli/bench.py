@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from dpa.base.atomic import atomic_write_bytes
 from dpa.cli.errors import console, user_errors
+from dpa.cli.tables import print_records
 from dpa.contract.errors import UserError
 
 #: The seed's phone (Nexus 6P, Snapdragon 810), batch 8 at conv1_1: load < 0.4 s, forward < 0.6 s,
@@ -44,13 +44,8 @@ def bench_command(
         report = run_bench(CONFIGS[config], say=lambda msg: console.print(f"[bold cyan]>[/] {msg}"))
     report["seed_phone"] = SEED_PHONE
     machine = report["machine"]
-    table = Table(
-        title=f"dpa bench --config {config} (ratios: ours / torch eager, lower is faster)\n"
-        f"on {machine['cpu']['summary']}, {machine['threads']} threads"
-    )
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    table.add_column("target", justify="right")
+    title = (f"dpa bench --config {config} (ratios: ours / torch eager, lower is faster)\n"
+             f"on {machine['cpu']['summary']}, {machine['threads']} threads")  # fmt: skip
     rows = [
         ("1. head step ratio", f"{report['head_step_ratio']:.2f}", "<= 1.0"),
         ("2. tail step ratio", f"{report['tail_step_ratio']:.2f}", "<= 1.0"),
@@ -92,9 +87,7 @@ def bench_command(
         ("crash safety: stored reply per step (s)", f"{report['reply_write_s']:.3f}", ""),
         (f"crash safety: tail checkpoint, {report['checkpoint_mb']:.0f} MB (s)", f"{report['checkpoint_s']:.2f}", ""),
     ]
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    print_records(console, title, ("figure", "value", "target"), rows)
     console.print(
         f"head step {report['head_step_s']['ours']:.3f} s vs torch {report['head_step_s']['torch']:.3f} s; "
         f"tail step {report['tail_step_s']['ours']:.3f} s vs {report['tail_step_s']['torch']:.3f} s; "

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
+from rich.console import Console
 
 from dpa.cli.errors import console, user_errors
+from dpa.cli.tables import print_records
 
 # demo_command's longer options, named here so that the command reads as its signature and its body.
 _Seed = Annotated[
@@ -85,36 +86,30 @@ def demo_command(
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(json_out, (json.dumps(summary, indent=2) + "\n").encode())
-    _print_summary(summary, reports, workdir, json_out)
+    print_summary(console, summary, reports[0]["data"]["identities"], workdir, json_out)
 
 
-def _print_summary(
-    summary: dict[str, Any], reports: list[dict[str, Any]], workdir: Path, json_out: Path | None
-) -> None:
-    """The demo's table and the sentences that say what its figures are."""
-    table = Table(title="DP-A on built-in faces: held-out accuracy (chance 0.10)")
-    columns = ("run", "cut", "device FLOPs", "ε whole run", "δ", "label ε", "releases", "clean acc", "private acc",
-               "verif. AUC", "TAR@1e-3", "open-set rej.")  # fmt: skip
-    for col in columns:
-        table.add_column(col, justify="right")
-    for run in summary["runs"]:
-        table.add_row(
-            run["name"],
-            run["cut"],
-            f"{run['device_flops_share']:.1%}",
+def print_summary(out: Console, summary: dict[str, Any], identities: int, workdir: Path, json_out: Path | None) -> None:
+    """The demo's table (a block per run where it does not fit) and the sentences that say what its figures are."""
+    columns = ("run", "cut", "device FLOPs", "ε whole run", "δ", "label ε", "releases", "clean acc", "share",
+               "private acc", "verif. AUC", "TAR@1e-3", "open-set rej.")  # fmt: skip
+    rows = [
+        (
+            run["name"], run["cut"], f"{run['device_flops_share']:.1%}",
             "-" if run["epsilon_total"] is None else _num(run["epsilon_total"]),
-            "-" if run["delta"] is None else f"{run['delta']:g}",
-            _label(run["label_epsilon"]),
-            str(run["releases_per_example"]),
-            f"{run['clean_test_accuracy']:.3f}",
+            "-" if run["delta"] is None else f"{run['delta']:g}", _label(run["label_epsilon"]),
+            str(run["releases_per_example"]), f"{run['clean_test_accuracy']:.3f}",
+            "-" if run["share_of_nonprivate"] is None else f"{run['share_of_nonprivate']:.1%}",
             "-" if run["private_test_accuracy"] is None else f"{run['private_test_accuracy']:.3f}",
-            f"{run['verification_auc']:.3f}",
-            f"{run['tar_at_far_1e-3']:.3f}",
-            f"{run['open_set_rejection']:.2f}",
+            f"{run['verification_auc']:.3f}", f"{run['tar_at_far_1e-3']:.3f}", f"{run['open_set_rejection']:.2f}",
         )
-    console.print(table)
-    n = reports[0]["data"]["identities"]
-    console.print(
+        for run in summary["runs"]
+    ]  # fmt: skip
+    chance = summary["runs"][0]["chance"]
+    print_records(out, f"DP-A on built-in faces: held-out accuracy (chance {chance:.2f})", columns, rows,
+                  left=("cut",))  # fmt: skip
+    n = identities
+    out.print(
         f"{n} identities. clean acc: the device classifying its clean held-out images (private runs: with the "
         "class templates the server learned from what it received; non-private: the best non-private recipe, "
         "below). private: the class sums released once (labels inside their guarantee); per-example: every "
@@ -128,19 +123,19 @@ def _print_summary(
     for run in summary["runs"]:
         if run["epsilon_total"] is None:
             recipes = ", ".join(f"{k} {v:.3f}" for k, v in run["recipes"].items())
-            console.print(f"non-private recipes ({run['name']}, hyperparameters chosen on public faces): {recipes}; "
+            out.print(f"non-private recipes ({run['name']}, hyperparameters chosen on public faces): {recipes}; "
                           f"the best, {run['clean_classifier']}, is the reference")  # fmt: skip
         elif run["share_of_nonprivate"] is not None:
-            console.print(f"{run['name']}: {run['share_of_nonprivate']:.0%} of the non-private reference "
+            out.print(f"{run['name']}: {run['share_of_nonprivate']:.0%} of the non-private reference "
                           f"at whole-run epsilon {_num(run['epsilon_total'])}, delta {run['delta']:g}")  # fmt: skip
-    console.print(f"verification ROC: {workdir / 'roc.png'}")
+    out.print(f"verification ROC: {workdir / 'roc.png'}")
     pre = summary["pretraining"]
-    console.print(
+    out.print(
         f"seed {summary['seed']}; public pretraining in {pre['precision']} (train acc {pre['train_accuracy']:.2f}); "
         f"CPU: {summary['cpu']['summary']}"
     )
     if json_out is not None:
-        console.print(f"wrote {json_out}")
+        out.print(f"wrote {json_out}")
 
 
 def _label(eps: float | str | None) -> str:

@@ -38,9 +38,9 @@ class DeviceOptions:
     server: Annotated[str, _opt("Edge server URL.")] = "http://127.0.0.1:8080"
     artifacts: Annotated[Path, _opt("Export folder (manifest.json + head/).")] = Path("artifacts")
     data: Annotated[str, _opt("'synthetic' or a folder in LFW layout (one subfolder per identity).")] = "synthetic"
-    device: Annotated[
-        DeviceProfile, _opt("cpu, arm64, cuda or auto: see docs/commands.md.", case_sensitive=False)
-    ] = DeviceProfile.CPU
+    device: Annotated[DeviceProfile, _opt("cpu, arm64, cuda or auto: see docs/commands.md.", case_sensitive=False)] = (
+        DeviceProfile.CPU
+    )
     batch_size: Annotated[int, _opt("Examples per step (client) or per request (eval).")] = 8
     mechanism: Annotated[Mechanism, _opt("gaussian (L2 clip) or laplace (L1 clip).", case_sensitive=False)] = (
         Mechanism.GAUSSIAN

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 import typer
+import typer.core
 from rich.console import Console
 
 from dpa.contract.errors import UserError
@@ -18,6 +19,13 @@ T = TypeVar("T")
 
 console = Console()
 err_console = Console(stderr=True)
+
+# Help and usage errors in click's plain format: it wraps at the terminal's width with an option column of at
+# most 30 characters, so every command's help reads at 80 columns (rich's panels sized that column to the
+# longest flag pair, --on-device-templates/--no-on-device-templates, and left the help 12 characters wide).
+# Every command module imports this one, so the choice holds for each of them; our own tables and progress
+# bars still use rich.
+typer.core.HAS_RICH = False
 
 
 @contextmanager

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from dpa.cli.errors import console, user_errors
+from dpa.cli.tables import print_records
 
 
 def federate_command(
@@ -70,13 +70,10 @@ def federate_command(
                       f"{delta:g} (one release per example, labels at {label_epsilon:g} inside)")  # fmt: skip
         console.print(f"averaged tail: {report['tail']}")
         return
-    table = Table(title=f"class sums over Flower: {devices} devices, {edge_servers} edge servers")
-    for col in ("round", "kept", "replayed (kept once)", "refused", "missing devices", "seconds"):
-        table.add_column(col, justify="right")
-    for r in report["rounds"]:
-        table.add_row(str(r["round"]), str(len(r["kept"])), str(len(r["replayed"])), str(len(r["refused"])),
-                      ", ".join(map(str, r["missing"])) or "-", f"{r['seconds']:.1f}")  # fmt: skip
-    console.print(table)
+    rows = [(str(r["round"]), str(len(r["kept"])), str(len(r["replayed"])), str(len(r["refused"])),
+             ", ".join(map(str, r["missing"])) or "-", f"{r['seconds']:.1f}") for r in report["rounds"]]  # fmt: skip
+    print_records(console, f"class sums over Flower: {devices} devices, {edge_servers} edge servers",
+                  ("round", "kept", "replayed (kept once)", "refused", "missing devices", "seconds"), rows)  # fmt: skip
     eps = sorted({round(a["epsilon"], 6) for a in report["accounts"].values()})
     rec = report["recognition"]
     console.print(

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
+from rich.console import Console
 
 from dpa.cli.errors import console, parse_dims_list, parse_epsilons, parse_positive_list, user_errors
+from dpa.cli.tables import print_records
 from dpa.contract.errors import UserError
 
 
@@ -80,7 +81,6 @@ def sweep_command(
     out: Annotated[Path, typer.Option(help="Work and results folder (re-running resumes).")] = Path("runs/sweep"),
 ) -> None:
     """The frontier: clean accuracy vs whole-run epsilon per cut and data size, with attack SSIM and device cost."""
-    from dpa.runs.frontier import lever_name
     from dpa.runs.sweep import SweepConfig, run_sweep
 
     with user_errors():
@@ -105,38 +105,41 @@ def sweep_command(
         )
         results = run_sweep(cfg, say=lambda msg: console.print(f"[bold cyan]>[/] {msg}"))
     releases = "the class sums released once" if recipe == "class-sums" else f"{epochs} releases per example"
-    table = Table(title=f"DP-A frontier ({releases}, delta {delta:g})")
+    print_frontier(console, results, f"DP-A frontier ({releases}, delta {delta:g})", out)
+
+
+def print_frontier(out_console: Console, results: dict[str, Any], title: str, out: Path) -> None:
+    """The frontier's table (a block per point where it does not fit) and the smallest epsilons."""
+    from dpa.runs.frontier import lever_name  # matplotlib: only when a frontier is printed
+
     field = any("verification_auc" in p for p in results["points"])
-    for col in ("cut", "data", "clip x", "dims", "ε whole run", "clean", "/ non-private", "private",
-                *(("verif. AUC", "TAR@FAR 1e-3", "open-set rej.") if field else ()), "attack SSIM", "baseline",
-                "FLOPs on device", "head step ms", "peak MB", "wire KiB/ex"):  # fmt: skip
-        table.add_column(col, justify="right")
-    for p in results["points"]:
-        rel = p["relative_clean_accuracy"]
-        figures = _field_figures(p) if field else ()
-        table.add_row(
-            p["cut"],
-            f"{p['identities']}x{p['per_identity']}",
-            f"{p.get('clip_scale', 1.0):g}",
-            str(p.get("release_dims", 0) or "-"),
-            "none" if p["epsilon_budget"] is None else f"{p['epsilon_total']:.3g}",
-            f"{p['clean_test_accuracy']:.3f}",
-            "-" if rel is None else f"{rel:.2f}",
-            "-" if p["private_test_accuracy"] is None else f"{p['private_test_accuracy']:.3f}",
-            *figures,
-            f"{p['attack_ssim']:.3f}" if "attack_ssim" in p else "-",
-            f"{p['baseline_ssim']:.3f}" if "baseline_ssim" in p else "-",
-            f"{p['head_flops_share']:.1%}",
-            f"{p['head_step_ms']:.1f}",
-            f"{p['peak_rss_mb']:.0f}",
-            f"{p['wire_bytes_per_example'] / 1024:.0f}",
-        )
-    console.print(table)
+    columns = ("cut", "data", "clip x", "dims", "ε whole run", "clean", "/ non-private", "private",
+               *(("verif. AUC", "TAR@FAR 1e-3", "open-set rej.") if field else ()), "attack SSIM", "baseline",
+               "FLOPs on device", "head step ms", "peak MB", "wire KiB/ex")  # fmt: skip
+    rows = [_point_row(p, field) for p in results["points"]]
+    print_records(out_console, title, columns, rows)
     for row in results["smallest_epsilon_at"]:
         e80, e50 = row["epsilon_for_80pct"], row["epsilon_for_50pct"]
         scale = lever_name(row.get("clip_scale", 1.0), row.get("release_dims", 0)).replace(",", "")
-        console.print(
+        out_console.print(
             f"{row['cut']} {row['identities']}x{row['per_identity']}{scale}: 80% of non-private at ε "
             f"{'not reached' if e80 is None else f'{e80:g}'}; 50% at ε {'not reached' if e50 is None else f'{e50:g}'}"
         )
-    console.print(f"results: {out}/frontier.csv, frontier.json, frontier.png")
+    out_console.print(f"results: {out}/frontier.csv, frontier.json, frontier.png")
+
+
+def _point_row(p: dict[str, Any], field: bool) -> tuple[str, ...]:
+    """One point of the frontier as the table shows it."""
+    rel = p["relative_clean_accuracy"]
+    return (
+        p["cut"], f"{p['identities']}x{p['per_identity']}", f"{p.get('clip_scale', 1.0):g}",
+        str(p.get("release_dims", 0) or "-"),
+        "none" if p["epsilon_budget"] is None else f"{p['epsilon_total']:.3g}", f"{p['clean_test_accuracy']:.3f}",
+        "-" if rel is None else f"{rel:.2f}",
+        "-" if p["private_test_accuracy"] is None else f"{p['private_test_accuracy']:.3f}",
+        *(_field_figures(p) if field else ()),
+        f"{p['attack_ssim']:.3f}" if "attack_ssim" in p else "-",
+        f"{p['baseline_ssim']:.3f}" if "baseline_ssim" in p else "-",
+        f"{p['head_flops_share']:.1%}", f"{p['head_step_ms']:.1f}", f"{p['peak_rss_mb']:.0f}",
+        f"{p['wire_bytes_per_example'] / 1024:.0f}",
+    )  # fmt: skip

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 
 import pytest
+from rich.console import Console
 
 from dpa.audit.class_sum_audit import is_class_sum_view
+from dpa.cli.demo import print_summary
 from dpa.contract.server_view import load_view
 from dpa.runs.demo import DemoConfig, demo_summary, run_demo
 from dpa.runs.reference import ReferenceConfig
@@ -63,6 +66,18 @@ def test_demo_runs_and_its_json_has_every_field(tmp_path):
     # What the figures depend on is in the JSON: the seed, float32 pretraining (bf16 only on request), the CPU.
     assert data["seed"] == 0 and data["pretraining"]["precision"] == "float32"
     assert {"model", "avx512", "bf16", "summary"} <= set(data["cpu"])
+    # Printed at 80 columns (piped, CI, a narrow terminal): every headline figure of the JSON, none cut.
+    out = Console(width=80, file=io.StringIO(), record=True)
+    print_summary(out, summary, 4, tmp_path, None)
+    text = out.export_text()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    for run in data["runs"]:
+        assert run["name"] in text
+        for key, form in (("clean_test_accuracy", ".3f"), ("verification_auc", ".3f"), ("tar_at_far_1e-3", ".3f"),
+                          ("open_set_rejection", ".2f"), ("share_of_nonprivate", ".1%"),
+                          ("private_test_accuracy", ".3f"), ("device_flops_share", ".1%")):  # fmt: skip
+            if run[key] is not None:
+                assert f"  {format(run[key], form)}" in text, (run["name"], key)
     # A second run reuses the pretrained weights instead of training them again.
     messages: list[str] = []
     with warnings.catch_warnings():

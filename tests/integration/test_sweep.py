@@ -4,14 +4,17 @@ a table and a figure that read back, and a re-run that resumes instead of retrai
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 
 import numpy as np
 import pytest
 from PIL import Image
+from rich.console import Console
 
 from dpa.cli.errors import parse_dims_list, parse_epsilons, parse_positive_list
+from dpa.cli.sweep import print_frontier
 from dpa.contract.manifest import load_manifest
 from dpa.privacy.accountant import calibrate_noise_multiplier, epsilon_spent
 from dpa.runs.sweep import SweepConfig, run_sweep
@@ -63,6 +66,13 @@ def test_frontier_writes_table_and_figure_and_resumes(tmp_path):
         pixels = np.asarray(img.convert("L"), dtype=np.float32)
         assert img.size == (960, 600)
     assert pixels.std() > 5, "frontier.png is blank"
+    # `dpa sweep`'s table at 80 columns (piped, CI, a narrow terminal) cuts no figure.
+    out = Console(width=80, file=io.StringIO(), record=True)
+    print_frontier(out, results, "DP-A frontier", tmp_path)
+    printed = out.export_text()
+    assert "…" not in printed and max(map(len, printed.splitlines())) <= 80, printed
+    for p in results["points"]:
+        assert f"  {p['clean_test_accuracy']:.3f}" in printed and f"  {p['attack_ssim']:.3f}" in printed
     # Resumable: a second run with the same settings trains nothing and gives the same table.
     before = (tmp_path / "points").stat().st_mtime_ns, sorted(p.name for p in (tmp_path / "points").iterdir())
     again = run_sweep(cfg, say=lambda msg: pytest.fail(f"retrained: {msg}"), progress=False)
