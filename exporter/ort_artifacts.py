@@ -29,8 +29,11 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import torch
 from onnx import helper
 from onnxruntime.training import onnxblock
@@ -39,6 +42,7 @@ from onnxruntime.training.onnxblock import model_accessor as accessor
 
 from dpa.contract.manifest import ARTIFACT_FILES, GraphNames, OptimizerConfig, OptimizerName
 from exporter.conv_grad import conv_input_gradients_as_convs
+from exporter.gradient_graph import UnsupportedGradient, gradient_model
 from exporter.relu_grad import relu_gradients_as_masks
 from exporter.vggface import RELEASE_PROJECTION
 
@@ -230,6 +234,8 @@ def write_part_artifacts(
     log.debug("%s: %d conv input gradients as forward convs, %d ReLU gradients as masks", part, convs, relus)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = ARTIFACT_FILES
+    if part == "head":
+        write_plain_head(training, parameters, out_dir)
     onnx.save(training, out_dir / files.training)
     onnx.save(eval_model, out_dir / files.eval)
     onnxblock.save_checkpoint(parameters, out_dir / files.checkpoint, nominal_checkpoint=False)
@@ -245,3 +251,28 @@ def write_part_artifacts(
             convert_onnx_models_to_ort(
                 out_dir / name, output_dir=out_dir, optimization_styles=[OptimizationStyle.Fixed]
             )
+
+
+def write_plain_head(training: onnx.ModelProto, parameters: Any, out_dir: Path) -> None:
+    """What a device on plain onnxruntime needs besides the eval graph: the parameters (``parameters.npz``)
+    and, where every training op has a standard form, the gradient graph (``exporter.gradient_graph``). A
+    head without one can only be used frozen, and the device says so."""
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for group in parameters for t in group}
+    write_npz(out_dir / ARTIFACT_FILES.parameters, arrays)
+    try:
+        gradient = gradient_model(training)
+    except UnsupportedGradient as exc:
+        log.warning("no gradient graph for plain onnxruntime (the head can only be used frozen): %s", exc)
+        return
+    onnx.save(gradient, out_dir / ARTIFACT_FILES.gradient)
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``numpy.savez`` with fixed member dates, so the same arrays make the same bytes (and hash)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        for name in sorted(arrays):
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.require(arrays[name], requirements="C"), allow_pickle=False)
+            z.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())

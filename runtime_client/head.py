@@ -1,32 +1,44 @@
-"""The head network on the device: forward for activations, VJP backward, optimizer step.
+"""The head network on the device, on plain onnxruntime: forward for activations, VJP backward, optimizer step.
 
-onnxruntime's training step runs forward and backward together, but the device
-needs its activations before it can ask the server for their gradient. So a step
-runs the eval graph (images -> activation), then, once the upstream gradient is
-back, the training graph (images, upstream_gradient -> accumulated gradients).
-For a conv1_1 head the repeated forward is one convolution.
+The device needs its activations before it can ask the server for their gradient, so a step runs the eval
+graph (images and parameters -> activation), then, once the upstream gradient is back, the export's
+gradient graph (images, upstream gradient and parameters -> each parameter's gradient; built by
+``exporter.gradient_graph`` from onnxruntime's own autodiff, in standard ONNX ops) and applies the
+manifest's optimizer in numpy (``runtime_client.optimizers``). Neither needs onnxruntime-training, which has
+no wheel for Python 3.12 or later, nor for aarch64: plain onnxruntime is current on both.
+
+The parameters live in numpy; the device's checkpoint (``HEAD_CHECKPOINT`` in its state folder) is a zip of
+``.npy`` arrays: the parameters, the optimizer's state and the run's properties (``properties.json``),
+written whole or not at all.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from dpa.base.atomic import atomic_write_bytes, atomic_write_with
+from dpa.base.atomic import atomic_write_bytes
 from dpa.contract.choices import Choice
 from dpa.contract.devices import ResolvedDevice
 from dpa.contract.errors import UserError
-from dpa.contract.manifest import ARTIFACT_FILES, Manifest, load_release_centre
-from dpa.contract.ort_training import CheckpointState, Module, Optimizer, session_options
+from dpa.contract.manifest import ARTIFACT_FILES, GraphNames, Manifest, load_release_centre
+from dpa.contract.ort_sessions import inference_session
+from runtime_client.optimizers import HeadOptimizer
 
-__all__ = ["HeadModel", "ModelFormat", "HEAD_CHECKPOINT", "run_state_path"]
+__all__ = ["HeadModel", "ModelFormat", "HEAD_CHECKPOINT", "run_state_path", "load_head_checkpoint", "GRAD_SUFFIX"]
 
 log = logging.getLogger(__name__)
 
 HEAD_CHECKPOINT = "head_checkpoint"
+GRAD_SUFFIX = ".grad"  # the gradient graph's output for a parameter (exporter.gradient_graph)
+_PROPERTIES = "properties.json"
 
 
 def run_state_path(checkpoint: Path) -> Path:
@@ -40,18 +52,53 @@ class ModelFormat(Choice):
     ORT = "ort"  # the format ONNX Runtime Mobile loads (dpa export --ort-format)
 
 
-def _model_paths(head_dir: Path, fmt: ModelFormat) -> tuple[Path, Path, Path, str]:
-    names = ARTIFACT_FILES.onnx_models()
-    ort = [head_dir / Path(n).with_suffix(".ort").name for n in names]
-    if fmt is ModelFormat.ORT or (fmt is ModelFormat.AUTO and all(p.is_file() for p in ort)):
-        missing = [p.name for p in ort if not p.is_file()]
-        if missing:
-            raise UserError(
-                f"no ORT-format head in {head_dir} (missing {', '.join(missing)}): export with --ort-format"
-            )
-        return ort[0], ort[1], ort[2], "ort"
-    paths = [head_dir / n for n in names]
-    return paths[0], paths[1], paths[2], "onnx"
+def _eval_path(head_dir: Path, fmt: ModelFormat) -> tuple[Path, str]:
+    ort = head_dir / Path(ARTIFACT_FILES.eval).with_suffix(".ort").name
+    if fmt is ModelFormat.ORT or (fmt is ModelFormat.AUTO and ort.is_file()):
+        if not ort.is_file():
+            raise UserError(f"no ORT-format head in {head_dir} (missing {ort.name}): export with --ort-format")
+        return ort, "ort"
+    return head_dir / ARTIFACT_FILES.eval, "onnx"
+
+
+def _read_npz(data: bytes | Path) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def load_head_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    """(parameters, optimizer state, properties) of a device's head checkpoint; a clear error otherwise."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            props = json.loads(z.read(_PROPERTIES)) if _PROPERTIES in z.namelist() else {}
+        arrays = _read_npz(Path(path))
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError) as exc:
+        raise UserError(
+            f"{path} is not a dpa head checkpoint ({exc}); a checkpoint written by onnxruntime-training (dpa "
+            "before the device moved to plain onnxruntime) cannot be resumed: start the run again"
+        ) from None
+    params = {k[2:]: v for k, v in arrays.items() if k.startswith("p/")}
+    state = {k[2:]: v for k, v in arrays.items() if k.startswith("o/")}
+    return params, state, props
+
+
+def _json(props: Mapping[str, Any]) -> str:
+    """The properties as JSON: numbers, strings (numpy scalars as their Python values)."""
+    return json.dumps(dict(props), default=lambda v: v.item() if isinstance(v, np.generic) else str(v))
+
+
+def _checkpoint_bytes(
+    params: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray], props: Mapping[str, Any]
+) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as z:
+        for prefix, arrays in (("p", params), ("o", state)):
+            for name in sorted(arrays):
+                buf = io.BytesIO()
+                np.lib.format.write_array(buf, np.require(arrays[name], requirements="C"), allow_pickle=False)
+                z.writestr(zipfile.ZipInfo(f"{prefix}/{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
+        z.writestr(zipfile.ZipInfo(_PROPERTIES, date_time=(1980, 1, 1, 0, 0, 0)), _json(props))
+    return out.getvalue()
 
 
 class HeadModel:
@@ -66,36 +113,48 @@ class HeadModel:
         model_format: ModelFormat = ModelFormat.AUTO,
         frozen: bool = False,
     ) -> None:
-        head = Path(artifacts) / "head"
-        training, evaluation, optimizer, self.format = _model_paths(head, model_format)
-        start = checkpoint if checkpoint is not None and checkpoint.is_file() else head / ARTIFACT_FILES.checkpoint
-        self.resumed = start != head / ARTIFACT_FILES.checkpoint
-        self.state = CheckpointState.load_checkpoint(str(start))
-        options = session_options(device.threads)
-        self.module = Module(
-            str(training), self.state, str(evaluation), device=device.ort_device, session_options=options
-        )
-        self.optimizer = Optimizer(str(optimizer), self.module)
+        self._head_dir = Path(artifacts) / "head"
+        evaluation, self.format = _eval_path(self._head_dir, model_format)
+        self._device = device
+        self.resumed = checkpoint is not None and Path(checkpoint).is_file()
+        if self.resumed:
+            assert checkpoint is not None
+            self._params, state, props = load_head_checkpoint(checkpoint)
+        else:
+            self._params, state, props = self._exported_parameters(), {}, {}
+        self._session = inference_session(str(evaluation), device.threads, device.ort_device)
+        self._inputs = [i.name for i in self._session.get_inputs() if i.name != GraphNames.IMAGES]
+        missing = [n for n in self._inputs if n not in self._params]
+        if missing:
+            raise UserError(f"{self._head_dir}: the head's parameters lack {', '.join(missing[:3])}")
+        self._gradient: Any = None  # the gradient graph's session, opened on the first backward
+        self._grads: dict[str, np.ndarray] = {}
         self.activation_shape = manifest.activation_shape
         # Centred releases: the public constant subtracted from every activation before clipping.
         # d(a - c)/da = I, so the VJP the device applies is unchanged.
         self.centre = load_release_centre(artifacts, manifest)
         self.lr = manifest.optimizer.lr if lr is None else lr
-        # A frozen head (public weights, never stepped) keeps its optimizer's initial state: saving it
-        # with every step's checkpoint tripled the file at pool5 with AdamW for nothing.
+        self.optimizer = HeadOptimizer(manifest.optimizer, self.lr, state)
+        # A frozen head (public weights, never stepped) keeps no optimizer state; its run state lives in a
+        # small JSON file beside its checkpoint (run_state_path), rewritten after every step, while the
+        # unchanged weights are written once, on the first save.
         self.frozen = frozen
-        self._optimizer_state = manifest.optimizer.name != "sgd" and not frozen
-        # A frozen head's run state lives in a small JSON file beside its checkpoint (run_state_path): the
-        # trainer saves it after every step, and rewriting the unchanged weights with it each time cost a
-        # pool5 demo run 9 ms a step. The weights are written once, on the first save.
-        self._props: dict[str, object] | None = None
+        self._props: dict[str, Any] = props
         self._weights_at: Path | None = None
-        if frozen:
-            sidecar = run_state_path(start)
-            self._props = (
-                json.loads(sidecar.read_text()) if self.resumed and sidecar.is_file() else dict(self.state.properties)
-            )
-        self.optimizer.set_learning_rate(self.lr)
+        if frozen and self.resumed:
+            assert checkpoint is not None
+            sidecar = run_state_path(checkpoint)
+            if sidecar.is_file():
+                self._props = json.loads(sidecar.read_text())
+
+    def _exported_parameters(self) -> dict[str, np.ndarray]:
+        path = self._head_dir / ARTIFACT_FILES.parameters
+        if not path.is_file():
+            raise UserError(f"{path} is missing: export again with this dpa (it writes the head's parameters)")
+        return {k: np.array(v, dtype=np.float32) for k, v in _read_npz(path).items()}
+
+    def _feeds(self, names: list[str]) -> dict[str, np.ndarray]:
+        return {n: self._params[n] for n in names}
 
     def forward(self, images: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) float32 -> activation (B, *activation_shape), minus the release centre if any."""
@@ -108,13 +167,29 @@ class HeadModel:
         """(B, 3, H, W) float32 -> the head's own output, NOT centred: the embedding the public network was
         trained to compare by cosine (CosFace), which verification scores pairs with. A projected export
         (``Manifest.release_dims``) centres inside its graph, so there it is the projected activation."""
-        self.module.eval()
-        return self.module(images)
+        feeds = {GraphNames.IMAGES: np.ascontiguousarray(images, dtype=np.float32), **self._feeds(self._inputs)}
+        return self._session.run(None, feeds)[0]
 
     def backward_step(self, images: np.ndarray, upstream_gradient: np.ndarray) -> None:
         """Accumulate d loss / d head parameters = J^T upstream_gradient, then take an optimizer step."""
         self.accumulate(images, upstream_gradient)
         self.step()
+
+    def _gradient_session(self) -> Any:
+        if self._gradient is None:
+            path = self._head_dir / ARTIFACT_FILES.gradient
+            if not path.is_file():
+                raise UserError(
+                    f"{path.parent} has no gradient graph (its training ops have no standard ONNX form, or it was "
+                    "exported before plain-onnxruntime training): this head can only be used frozen"
+                )
+            self._gradient = inference_session(str(path), self._device.threads, self._device.ort_device)
+            self._grad_inputs = [
+                i.name for i in self._gradient.get_inputs()
+                if i.name not in (GraphNames.IMAGES, GraphNames.UPSTREAM_GRAD)
+            ]  # fmt: skip
+            self._grad_names = [o.name.removesuffix(GRAD_SUFFIX) for o in self._gradient.get_outputs()]
+        return self._gradient
 
     def accumulate(self, images: np.ndarray, upstream_gradient: np.ndarray) -> None:
         """Add J^T upstream_gradient for these examples to the parameter gradients (no update yet).
@@ -122,27 +197,36 @@ class HeadModel:
         The surrogate loss is a sum over examples, so accumulating example by example gives
         exactly the batch's gradient: a device can run its backward in micro-batches.
         """
-        self.module.train()
-        self.module(images, upstream_gradient)
+        session = self._gradient_session()
+        feeds = {
+            GraphNames.IMAGES: np.ascontiguousarray(images, dtype=np.float32),
+            GraphNames.UPSTREAM_GRAD: np.ascontiguousarray(upstream_gradient, dtype=np.float32),
+            **self._feeds(self._grad_inputs),
+        }
+        for name, g in zip(self._grad_names, session.run(None, feeds), strict=True):
+            if name in self._grads:
+                self._grads[name] += g
+            else:
+                self._grads[name] = g
 
     def reset_gradients(self) -> None:
         """Drop gradients accumulated since the last step (a retried step starts over)."""
-        self.module.lazy_reset_grad()
+        self._grads = {}
 
     def step(self) -> None:
         """Apply the accumulated gradients, then clear them."""
         if self.frozen:
             raise RuntimeError("a frozen head is never stepped (its optimizer state is not saved)")
-        self.optimizer.step()
-        self.module.lazy_reset_grad()
+        self.optimizer.step(self._params, self._grads)
+        self._grads = {}
 
     def parameters(self) -> dict[str, np.ndarray]:
-        return {name: np.array(p.data) for name, p in self.state.parameters}
+        return {name: p.copy() for name, p in self._params.items()}
 
     @property
-    def properties(self):  # type: ignore[no-untyped-def]
-        """Checkpoint properties (ints, floats, strings) saved with the weights: the trainer's progress."""
-        return self.state.properties if self._props is None else self._props
+    def properties(self) -> dict[str, Any]:
+        """Properties (ints, floats, strings) saved with the weights: the trainer's progress."""
+        return self._props
 
     def save(self, path: Path) -> None:
         """Weights, optimizer state and properties to ``path``, atomically (temp file, fsync, rename).
@@ -150,14 +234,10 @@ class HeadModel:
         A frozen head writes its weights (and the properties so far) once, then only the properties, to
         ``run_state_path(path)``, atomically: a resumed frozen head reads them from there."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        if self._props is not None:
+        if self.frozen:
             if self._weights_at != path:
-                for key, value in self._props.items():
-                    self.state.properties[key] = value
-                atomic_write_with(path, lambda tmp: CheckpointState.save_checkpoint(self.state, str(tmp), False))
+                atomic_write_bytes(path, _checkpoint_bytes(self._params, {}, self._props))
                 self._weights_at = path
-            atomic_write_bytes(run_state_path(path), json.dumps(self._props).encode())
+            atomic_write_bytes(run_state_path(path), _json(self._props).encode())
             return
-        # As the tail (runtime_server/tail.py): SGD's parameter-sized optimizer state is not needed to resume.
-        with_state = self._optimizer_state
-        atomic_write_with(path, lambda tmp: CheckpointState.save_checkpoint(self.state, str(tmp), with_state))
+        atomic_write_bytes(path, _checkpoint_bytes(self._params, self.optimizer.state, self._props))

@@ -4,6 +4,7 @@ head + tail (onnxruntime) for membership inference. The audit reads checkpoints 
 from __future__ import annotations
 
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import torch
 
 from dpa.audit.config import InversionConfig
 from dpa.contract.architecture import ArchConfig, cut_info
+from dpa.contract.devices import DeviceProfile, resolve_device
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import ARTIFACT_FILES, load_manifest, load_release_centre
 from dpa.contract.ort_training import CheckpointState, Module, session_options
@@ -22,7 +24,7 @@ from dpa.privacy.mechanism import DPActivations, DPConfig, Mechanism
 from exporter.export import VGGFACE_MEAN
 from exporter.networks import family
 from exporter.vggface import RELEASE_PROJECTION, build_parts, init_weights
-from runtime_client.head import HEAD_CHECKPOINT
+from runtime_client.head import HEAD_CHECKPOINT, HeadModel, load_head_checkpoint
 from runtime_server.tail import CHECKPOINT_NAME
 
 __all__ = [
@@ -72,6 +74,14 @@ def checkpoint_file(path: Path, name: str) -> Path:
     return file
 
 
+def _head_weights(ckpt: Path) -> dict[str, np.ndarray]:
+    """A head's weights: a device's checkpoint (plain onnxruntime's zip of arrays) or an export's
+    (onnxruntime-training's checkpoint)."""
+    if zipfile.is_zipfile(ckpt):
+        return load_head_checkpoint(ckpt)[0]
+    return {name: np.array(p.data) for name, p in CheckpointState.load_checkpoint(str(ckpt)).parameters}
+
+
 def load_victim_head(cfg: InversionConfig) -> VictimHead:
 
     if cfg.artifacts is None:
@@ -92,8 +102,7 @@ def load_victim_head(cfg: InversionConfig) -> VictimHead:
             ckpt = checkpoint_file(cfg.head_checkpoint, HEAD_CHECKPOINT)
         else:
             ckpt = cfg.artifacts / "head" / ARTIFACT_FILES.checkpoint
-        state = CheckpointState.load_checkpoint(str(ckpt))
-        weights = {name: np.array(p.data) for name, p in state.parameters}
+        weights = _head_weights(ckpt)
         expected = head.state_dict()
         missing = [n for n in expected if n not in weights or tuple(weights[n].shape) != tuple(expected[n].shape)]
         if missing:
@@ -184,27 +193,23 @@ class TrainedSplitModel:
             if head_checkpoint is None
             else checkpoint_file(head_checkpoint, HEAD_CHECKPOINT)
         )
-        self._head_state = CheckpointState.load_checkpoint(str(self.head_source))
+        device = resolve_device(DeviceProfile.CPU)
+        # The device's own head (plain onnxruntime, its checkpoint or the export's parameters); the tail's
+        # checkpoint is the training API's, as the server writes it.
+        self._head = HeadModel(self.artifacts, self.manifest, device, frozen=True,
+                               checkpoint=None if head_checkpoint is None else self.head_source)  # fmt: skip
         self._tail_state = CheckpointState.load_checkpoint(str(self.tail_source))
-        options = session_options(threads)
-        self._head, self._tail = (
-            Module(
-                str(part / ARTIFACT_FILES.training),
-                state,
-                str(part / ARTIFACT_FILES.eval),
-                device="cpu",
-                session_options=options,
-            )
-            for part, state in ((head_dir, self._head_state), (tail_dir, self._tail_state))
-        )
-        self._head.eval()
+        self._tail = Module(
+            str(tail_dir / ARTIFACT_FILES.training), self._tail_state, str(tail_dir / ARTIFACT_FILES.eval),
+            device="cpu", session_options=session_options(threads),
+        )  # fmt: skip
         self._tail.eval()  # no dropout: the logits are a function of the input
         self.centre = load_release_centre(self.artifacts, self.manifest)
 
     def activations(self, images: np.ndarray) -> np.ndarray:
         """Preprocessed (B, 3, H, W) float32 images -> head activations (B, *activation_shape), centred
         as the device centres them (``Manifest.release_centre``)."""
-        a = self._head(np.ascontiguousarray(images, dtype=np.float32))
+        a = self._head.embed(np.ascontiguousarray(images, dtype=np.float32))
         return a if self.centre is None else a - self.centre
 
     def tail_logits(self, activation: np.ndarray) -> np.ndarray:

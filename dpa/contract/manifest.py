@@ -42,12 +42,17 @@ PARTS = ("head", "tail")
 
 @dataclass(frozen=True)
 class _ArtifactFiles:
-    """File names onnxruntime's training API uses, inside ``head/`` and ``tail/``."""
+    """File names inside ``head/`` and ``tail/``: onnxruntime's training API's, and the head's plain ones."""
 
     training: str = "training_model.onnx"
     eval: str = "eval_model.onnx"
     optimizer: str = "optimizer_model.onnx"
     checkpoint: str = "checkpoint"
+    # The head only, for plain onnxruntime (no training API): its parameters as .npy arrays in a zip, and its
+    # backward as an inference graph (images, upstream gradient and parameters in; each trainable
+    # parameter's gradient out, named "<parameter>.grad"). docs/protocol.md section 2.
+    parameters: str = "parameters.npz"
+    gradient: str = "gradient_model.onnx"
 
     def onnx_models(self) -> tuple[str, str, str]:
         return (self.training, self.eval, self.optimizer)

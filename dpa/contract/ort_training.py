@@ -58,29 +58,13 @@ from onnxruntime.capi._pybind_state import OrtValueVector  # noqa: E402
 # onnxruntime warns on every optimizer step that its own update flag's shape is {1}, not {}.
 onnxruntime.set_default_logger_severity(3)
 
+from dpa.contract.ort_sessions import session_options  # noqa: E402  (re-exported: the server's sessions)
+
 CheckpointState = _api.CheckpointState
 Module = _api.Module
 Optimizer = _api.Optimizer
 OrtValue = onnxruntime.OrtValue
 SessionOptions = onnxruntime.SessionOptions
-
-
-def session_options(threads: int | None) -> Any:
-    """Options for every session we create: ``threads`` intra-op threads (None: all cores), not spinning.
-
-    onnxruntime's pool threads spin-wait between (and after) kernels by default. At the small
-    configuration the tail's two threads then burned 142 ms of CPU per 62 ms step (and kept
-    spinning through the gap to the next one), while the second thread made the step only 1.3x
-    faster: the spin took the core the server's event loop, its disk commit and a device on the
-    same machine needed. Sleeping threads wake in microseconds, which a step of milliseconds does
-    not notice (``dpa bench`` figures in BENCHMARKS.md).
-    """
-    options = SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return options
 
 
 def ort_version() -> str:

@@ -18,12 +18,11 @@ import pytest
 
 from dpa.contract.devices import resolve_device
 from dpa.contract.manifest import load_manifest, manifest_sha256
-from dpa.contract.ort_training import CheckpointState
 from dpa.faces.synth import SynthConfig
 from dpa.privacy.mechanism import DPActivations, DPConfig
 from runtime_client.config import ClientConfig
 from runtime_client.edge import EdgeClient
-from runtime_client.head import HEAD_CHECKPOINT, HeadModel
+from runtime_client.head import HEAD_CHECKPOINT, HeadModel, load_head_checkpoint
 from runtime_client.split_step import SplitTrainer
 from runtime_client.trainer import run_training
 
@@ -39,7 +38,7 @@ def _train(cfg: ClientConfig) -> dict:
 
 
 def _head_weights(path) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
-    return {n: np.array(p.data) for n, p in CheckpointState.load_checkpoint(str(path)).parameters}
+    return load_head_checkpoint(path)[0]
 
 
 def test_device_killed_between_server_step_and_its_own_save(small_export, start_server, tmp_path, monkeypatch):

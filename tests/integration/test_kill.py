@@ -25,7 +25,7 @@ import pytest
 
 from dpa.contract.ort_training import CheckpointState
 from dpa.runs.loopback import free_port, wait_until_healthy
-from runtime_client.head import HEAD_CHECKPOINT
+from runtime_client.head import HEAD_CHECKPOINT, load_head_checkpoint
 from runtime_server.tail import CHECKPOINT_NAME
 
 EPOCHS, BATCH, IDENTITIES, PER_IDENTITY = 3, 4, 6, 12  # 54 training images: 14 steps an epoch, 42 in all
@@ -118,9 +118,9 @@ class Run:
 
     def weights(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
-        for prefix, path in (("tail", self.state / CHECKPOINT_NAME), ("head", self.device / HEAD_CHECKPOINT)):
-            state = CheckpointState.load_checkpoint(str(path))
-            out.update({f"{prefix}.{name}": np.array(p.data) for name, p in state.parameters})
+        state = CheckpointState.load_checkpoint(str(self.state / CHECKPOINT_NAME))
+        out.update({f"tail.{name}": np.array(p.data) for name, p in state.parameters})
+        out.update({f"head.{name}": p for name, p in load_head_checkpoint(self.device / HEAD_CHECKPOINT)[0].items()})
         return out
 
 

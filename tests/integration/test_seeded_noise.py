@@ -7,11 +7,10 @@ import warnings
 
 import numpy as np
 
-from dpa.contract.ort_training import CheckpointState
 from dpa.faces.synth import SynthConfig
 from dpa.privacy.mechanism import DPConfig
 from runtime_client.config import ClientConfig
-from runtime_client.head import HEAD_CHECKPOINT
+from runtime_client.head import HEAD_CHECKPOINT, load_head_checkpoint
 from runtime_client.trainer import run_training
 
 
@@ -32,8 +31,7 @@ def _train(small_export, server, state_dir, seed):  # type: ignore[no-untyped-de
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fixed seed warns, as it should
         report = asyncio.run(run_training(cfg))
-    state = CheckpointState.load_checkpoint(str(state_dir / HEAD_CHECKPOINT))
-    return report, {name: np.array(p.data) for name, p in state.parameters}
+    return report, load_head_checkpoint(state_dir / HEAD_CHECKPOINT)[0]
 
 
 def test_a_seed_reproduces_a_noisy_run_and_no_seed_does_not(small_export, start_server, tmp_path):

@@ -1,0 +1,216 @@
+"""The head's backward as an ordinary inference graph, for plain onnxruntime.
+
+onnxruntime-training has had no release since 1.19.2: no wheel for Python 3.12 or later, none for aarch64.
+Plain onnxruntime is current everywhere, but it runs none of the training ops (``com.microsoft`` ConvGrad,
+``MaxPoolGrad``, gradient accumulators). So the exporter takes the training graph onnxruntime's own
+autodiff built for the head (``onnxblock``) and rewrites each training op into standard ONNX ops:
+
+- ``ConvGrad`` -> the input gradient as a ``ConvTranspose`` (where ``conv_grad`` has not already made it a
+  forward convolution), padded back to the input's size; the weight gradient as a convolution of the input
+  (batch and channels swapped) with the output gradient dilated by the stride; the bias gradient a sum;
+- ``MaxPoolGrad`` -> every output gradient added at its argmax (``ScatterElements``, reduction ``add``:
+  exact for overlapping windows too);
+- ``SliceGrad`` -> the gradient padded back into the sliced input's shape (unit steps);
+- ``Scale`` -> a multiplication (or a division);
+- ``InPlaceAccumulatorV2`` -> dropped: the graph returns each parameter's gradient, and the device sums
+  micro-batches itself.
+
+The result takes the images, the upstream gradient and every parameter as inputs and returns one gradient
+per trainable parameter (``<name>.grad``), in the training graph's parameter order. A graph with any other
+training op is refused (``UnsupportedGradient``), naming the op, and the export then ships no gradient
+graph: such a head can still be used frozen. The device applies the optimizer itself, in numpy
+(``runtime_client.optimizers``). Checked against torch autograd in the tests and by ``exporter.verify``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import onnx
+import onnx.numpy_helper
+from onnx import TensorProto, helper
+
+__all__ = ["GRAD_SUFFIX", "UnsupportedGradient", "gradient_model", "trainable_parameters"]
+
+#: A parameter's gradient output is named ``<parameter><GRAD_SUFFIX>``.
+GRAD_SUFFIX = ".grad"
+
+_MS = "com.microsoft"
+_ACCUMULATOR = "InPlaceAccumulatorV2"
+_TRAINING_OPS = {"ConvGrad", "MaxPoolGrad", "SliceGrad", "Scale", _ACCUMULATOR}
+
+
+class UnsupportedGradient(ValueError):
+    """The head's training graph uses a training op this module cannot write in standard ONNX."""
+
+
+def trainable_parameters(training: onnx.ModelProto) -> list[str]:
+    """The parameters the training graph accumulates a gradient for, in its order."""
+    return [n.input[1].removesuffix("_grad") for n in training.graph.node if n.op_type == _ACCUMULATOR]
+
+
+def gradient_model(training: onnx.ModelProto) -> onnx.ModelProto:
+    """The standard-ONNX gradient graph of a head's training graph (module docstring)."""
+    model = copy.deepcopy(training)
+    graph = model.graph
+    params = trainable_parameters(training)
+    grads = {n.input[1]: n.input[1].removesuffix("_grad") for n in graph.node if n.op_type == _ACCUMULATOR}
+    ctx = _Context(
+        pools={n.output[1]: n.input[0] for n in graph.node if n.op_type == "MaxPool" and len(n.output) > 1},
+        constants={n.output[0]: helper.get_attribute_value(n.attribute[0]) for n in graph.node
+                   if n.op_type == "Constant" and n.attribute} | {t.name: t for t in graph.initializer},
+    )  # fmt: skip
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type == _ACCUMULATOR:
+            continue
+        if node.op_type in _TRAINING_OPS and node.domain in ("", "ai.onnx", _MS):
+            nodes += _REWRITES[node.op_type](node, ctx)
+        elif node.domain not in ("", "ai.onnx"):
+            raise UnsupportedGradient(f"the head's training graph uses {node.domain}.{node.op_type}")
+        else:
+            nodes.append(node)
+    for grad, param in grads.items():  # name each gradient after its parameter
+        nodes.append(helper.make_node("Identity", [grad], [param + GRAD_SUFFIX], name=f"{param}/grad"))
+    kept_inputs = [
+        i for i in graph.input if not i.name.endswith(".accumulation.buffer") and i.name != "lazy_reset_grad"
+    ]
+    by_name = {i.name: i for i in graph.input}
+    outputs = []
+    for param in params:  # a gradient has its parameter's type and shape
+        out = copy.deepcopy(by_name[param])
+        out.name = param + GRAD_SUFFIX
+        outputs.append(out)
+    del graph.node[:], graph.input[:], graph.output[:]
+    graph.node.extend(_live(nodes, [o.name for o in outputs]))
+    graph.input.extend(kept_inputs)
+    graph.output.extend(outputs)
+    del model.opset_import[:]
+    model.opset_import.extend([helper.make_opsetid("", _opset(training))])
+    onnx.checker.check_model(model)
+    return model
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))
+
+
+def _live(nodes: list[onnx.NodeProto], outputs: Iterable[str]) -> list[onnx.NodeProto]:
+    """The nodes the outputs depend on, in their order (the surrogate loss and what only it used go)."""
+    needed = set(outputs)
+    keep = []
+    for node in reversed(nodes):
+        if any(o and o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    return keep[::-1]
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What a rewrite needs from the rest of the graph."""
+
+    pools: dict[str, str]  # a MaxPool's indices -> its input (MaxPoolGrad has no input of that shape)
+    constants: dict[str, object]  # a Constant node's output -> its value (a TensorProto)
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+class _Nodes:
+    """Builds the standard nodes that replace one training node; every name is prefixed by that node's."""
+
+    def __init__(self, node: onnx.NodeProto) -> None:
+        self.prefix = f"{node.name or node.output[0]}/std"
+        self.nodes: list[onnx.NodeProto] = []
+
+    def op(self, op_type: str, inputs: list[str], out: str | None = None, **attrs: object) -> str:
+        name = out or f"{self.prefix}/{op_type}_{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op_type, inputs, [name], name=f"{self.prefix}/{len(self.nodes)}", **attrs))
+        return name
+
+    def ints(self, values: list[int]) -> str:
+        tensor = helper.make_tensor(f"{self.prefix}/c{len(self.nodes)}", TensorProto.INT64, [len(values)], values)
+        return self.op("Constant", [], value=tensor)
+
+
+def _conv_grad(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    dy, x, w = node.input[:3]
+    dx, dw, db = (list(node.output) + ["", "", ""])[:3]
+    a = _attrs(node)
+    kernel = list(a["kernel_shape"])  # type: ignore[call-overload]
+    k = len(kernel)
+    strides = list(a.get("strides", [1] * k))  # type: ignore[call-overload]
+    pads = list(a.get("pads", [0] * 2 * k))  # type: ignore[call-overload]
+    if a.get("group", 1) != 1 or any(d != 1 for d in a.get("dilations", [1] * k)):  # type: ignore[attr-defined]
+        raise UnsupportedGradient(f"{node.name}: ConvGrad with groups or dilations")
+    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise UnsupportedGradient(f"{node.name}: ConvGrad with auto_pad")
+    b = _Nodes(node)
+    spatial = list(range(2, 2 + k))
+    if dx:  # d x = ConvTranspose(dy, w), then zeros where the input's last rows fed no output
+        t = b.op("ConvTranspose", [dy, w], kernel_shape=kernel, strides=strides, pads=pads)
+        diff = b.op("Sub", [b.op("Shape", [x]), b.op("Shape", [t])])
+        b.op("Pad", [t, b.op("Concat", [b.ints([0] * (2 + k)), diff], axis=0)], out=dx)
+    if dw:  # dW[o, i] = sum over batch and positions of dy[o] * x[i] shifted: a convolution, strides as dilations
+        xt = b.op("Transpose", [x], perm=[1, 0, *spatial])
+        gt = b.op("Transpose", [dy], perm=[1, 0, *spatial])
+        r = b.op("Conv", [xt, gt], pads=pads, dilations=strides, strides=[1] * k)
+        r = b.op("Slice", [r, b.ints([0] * k), b.ints(kernel), b.ints(spatial)])
+        b.op("Transpose", [r], out=dw, perm=[1, 0, *spatial])
+    if db:
+        b.op("ReduceSum", [dy, b.ints([0, *spatial])], out=db, keepdims=0)
+    return b.nodes
+
+
+def _max_pool_grad(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    """Each output gradient added at its argmax: onnxruntime's indices are flat over the whole input."""
+    dy, indices = node.input[:2]
+    (dx,) = node.output[:1]
+    a = _attrs(node)
+    if a.get("storage_order", 0) != 0:
+        raise UnsupportedGradient(f"{node.name}: MaxPoolGrad with column-major indices")
+    b = _Nodes(node)
+    x = ctx.pools[indices]  # the pooled input's shape: MaxPoolGrad has no input of it, its MaxPool does
+    size = b.op("Unsqueeze", [b.op("Size", [x]), b.ints([0])])
+    zeros = b.op("ConstantOfShape", [size], value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    flat = b.ints([-1])
+    scattered = b.op("ScatterElements", [zeros, b.op("Reshape", [indices, flat]), b.op("Reshape", [dy, flat])],
+                     axis=0, reduction="add")  # fmt: skip
+    b.op("Reshape", [scattered, b.op("Shape", [x])], out=dx)
+    return b.nodes
+
+
+def _slice_grad(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    """dy padded back into the sliced input's shape: zeros before each axis's (clamped) start and after."""
+    dy, shape, starts, _ends, axes = node.input[:5]
+    (dx,) = node.output[:1]
+    if len(node.input) > 5 and node.input[5]:
+        steps = ctx.constants.get(node.input[5])
+        if steps is None or any(v != 1 for v in onnx.numpy_helper.to_array(steps).ravel()):  # type: ignore[arg-type]
+            raise UnsupportedGradient(f"{node.name}: SliceGrad with steps other than 1")
+    b = _Nodes(node)
+    dims = b.op("Gather", [shape, axes], axis=0)
+    s = b.op("Cast", [starts], to=TensorProto.INT64)
+    s = b.op("Where", [b.op("Less", [s, b.ints([0])]), b.op("Add", [s, dims]), s])
+    s = b.op("Min", [b.op("Max", [s, b.ints([0])]), dims])
+    rank = b.op("Shape", [shape])
+    begins = b.op("ScatterElements", [b.op("ConstantOfShape", [rank], value=helper.make_tensor(
+        "zero64", TensorProto.INT64, [1], [0])), b.op("Cast", [axes], to=TensorProto.INT64), s], axis=0)  # fmt: skip
+    after = b.op("Sub", [b.op("Sub", [shape, begins]), b.op("Shape", [dy])])
+    b.op("Pad", [dy, b.op("Concat", [begins, after], axis=0)], out=dx)
+    return b.nodes
+
+
+def _scale(node: onnx.NodeProto, ctx: _Context) -> list[onnx.NodeProto]:
+    x, scale = node.input[:2]
+    b = _Nodes(node)
+    down = _attrs(node).get("scale_down", 0)
+    b.op("Div" if down else "Mul", [x, b.op("CastLike", [scale, x])], out=node.output[0])
+    return b.nodes
+
+
+_REWRITES = {"ConvGrad": _conv_grad, "MaxPoolGrad": _max_pool_grad, "SliceGrad": _slice_grad, "Scale": _scale}
