@@ -51,6 +51,8 @@ def test_frozen_head_checkpoint_leaves_out_optimizer_state(tmp_path):
     manifest = load_manifest(out)
     device = resolve_device("cpu")
     trained, frozen = HeadModel(out, manifest, device), HeadModel(out, manifest, device, frozen=True)
+    x = np.zeros((1, *manifest.input_shape), np.float32)
+    trained.backward_step(x, np.ones((1, *manifest.activation_shape), np.float32))  # AdamW's moments exist now
     trained.save(tmp_path / "trained.ckpt")
     frozen.save(tmp_path / "frozen.ckpt")
     # AdamW keeps two moments per parameter: the trained head's file holds about three copies of the weights.
