@@ -7,9 +7,36 @@ and the server share.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+import types
 from typing import Any
 
-import onnxruntime
+
+def _without_torch() -> None:
+    """Where onnxruntime is the training build, ``import onnxruntime`` probes ``onnxruntime.training.ortmodule``
+    (torch's ORTModule), and that probe imports all of torch. Register a bare ``onnxruntime.training`` package
+    (its ``__init__`` never runs) with ``ortmodule`` marked absent first, so the probe's ImportError branch runs.
+    Plain onnxruntime has no training package: nothing to do (``dpa.contract.ort_training`` relies on this)."""
+    name = "onnxruntime.training"
+    if name in sys.modules or "onnxruntime" in sys.modules:
+        return
+    spec = importlib.util.find_spec("onnxruntime")  # locates the package without importing it
+    if spec is None or spec.submodule_search_locations is None:
+        raise ImportError("onnxruntime is not installed: pip install onnxruntime")
+    paths = [f"{loc}/training" for loc in spec.submodule_search_locations]
+    if not any(os.path.isdir(p) for p in paths):
+        return
+    bare = types.ModuleType(name)
+    bare.__path__ = paths
+    sys.modules[name] = bare
+    sys.modules.setdefault(f"{name}.ortmodule", None)  # type: ignore[arg-type]
+
+
+_without_torch()
+
+import onnxruntime  # noqa: E402
 
 __all__ = ["session_options", "providers_for", "inference_session"]
 

@@ -35,18 +35,10 @@ __all__ = [
 
 
 def _import_api() -> types.ModuleType:
-    name = "onnxruntime.training"
-    if name not in sys.modules:
-        spec = importlib.util.find_spec("onnxruntime")  # locates the package without importing it
-        if spec is None or spec.submodule_search_locations is None:
-            raise ImportError("onnxruntime is not installed: pip install onnxruntime-training-cpu==1.19.2")
-        bare = types.ModuleType(name)
-        bare.__path__ = [f"{loc}/training" for loc in spec.submodule_search_locations]  # __init__ never runs
-        sys.modules[name] = bare
-        # `import onnxruntime` probes `onnxruntime.training.ortmodule` (torch's ORTModule) to describe the
-        # build; where torch is installed that probe imports all of torch, which a device must not pay for.
-        # Marking it absent makes the probe's ImportError branch run: ORTModule is not used here.
-        sys.modules.setdefault(f"{name}.ortmodule", None)  # type: ignore[arg-type]
+    import dpa.contract.ort_sessions  # noqa: F401  (registers the bare onnxruntime.training package first)
+
+    if "onnxruntime.training" not in sys.modules:
+        raise ImportError("onnxruntime-training is not installed: pip install onnxruntime-training-cpu==1.19.2")
     return importlib.import_module("onnxruntime.training.api")
 
 

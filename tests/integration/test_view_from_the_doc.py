@@ -84,8 +84,7 @@ def test_a_view_read_from_the_doc_matches_its_formula(start_server, tmp_path):
         np.testing.assert_allclose(on_grid, np.rint(on_grid), atol=1e-3)  # round_g, then times s
         x = load_batch([Path(p) for p in truth[entry["file"]]["sources"]], size=view["image_size"],
                        mean=view["pixel_mean"], std=view["pixel_std"])  # fmt: skip
-        head.module.eval()
-        raw = head.module(x).astype(np.float64)  # head(x), the export's graph, before any centring
+        raw = head.embed(x).astype(np.float64)  # head(x), the export's graph, before any centring
         a = raw - centre  # the documented release: clip_C(head(x) - centre)
         norms = np.linalg.norm(a.reshape(len(a), -1), axis=1).reshape(-1, *[1] * (a.ndim - 1))
         clipped = a * np.minimum(1.0, entry["clip"] / norms)
