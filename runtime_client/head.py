@@ -122,7 +122,8 @@ class HeadModel:
             self._params, state, props = load_head_checkpoint(checkpoint)
         else:
             self._params, state, props = self._exported_parameters(), {}, {}
-        self._session = inference_session(str(evaluation), device.threads, device.ort_device)
+        self._session = inference_session(str(evaluation), device.threads, device.providers)
+        self.providers = tuple(self._session.get_providers())  # what actually runs the head
         self._inputs = [i.name for i in self._session.get_inputs() if i.name != GraphNames.IMAGES]
         missing = [n for n in self._inputs if n not in self._params]
         if missing:
@@ -183,7 +184,7 @@ class HeadModel:
                     f"{path.parent} has no gradient graph (its training ops have no standard ONNX form, or it was "
                     "exported before plain-onnxruntime training): this head can only be used frozen"
                 )
-            self._gradient = inference_session(str(path), self._device.threads, self._device.ort_device)
+            self._gradient = inference_session(str(path), self._device.threads, self._device.providers)
             self._grad_inputs = [
                 i.name for i in self._gradient.get_inputs()
                 if i.name not in (GraphNames.IMAGES, GraphNames.UPSTREAM_GRAD)

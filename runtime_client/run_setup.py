@@ -63,6 +63,7 @@ def report_head(cfg: ClientConfig, setup: RunSetup) -> dict[str, Any]:
         "cut": setup.manifest.cut,
         "device": setup.device.describe(),
         "head_format": setup.head.format,
+        "execution_providers": list(setup.head.providers),  # what ran the head, in onnxruntime's order
         "data": {
             "source": cfg.data,
             "identities": len(setup.train.names),

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import signal
+
+# pytest-xdist runs two workers on the two cores: each takes one core for torch's and OpenMP's threads
+# (set before anything imports torch), or the two oversubscribe the cores and every torch test runs
+# several times slower. The processes the tests start (servers, devices) inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+import asyncio  # noqa: E402
+import signal  # noqa: E402
 import subprocess
 import sys
 import threading

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from dpa.contract.choices import Choice
 
-__all__ = ["DeviceProfile", "ResolvedDevice", "resolve_device", "PROFILE_TABLE"]
+__all__ = ["DeviceProfile", "ResolvedDevice", "resolve_device", "PROFILE_TABLE", "PROVIDERS"]
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +45,27 @@ PROFILE_TABLE: dict[DeviceProfile, tuple[str, str, int | None, str]] = {
 }
 
 
+#: profile -> the execution providers a plain onnxruntime session is given, in the order they are tried (the
+#: device's head); those this build lacks are left out, CPU always stays. XNNPACK is in onnxruntime's mobile
+#: and some aarch64 builds, not in the PyPI wheels: there the arm64 profile runs on the CPU provider.
+PROVIDERS: dict[DeviceProfile, tuple[str, ...]] = {
+    DeviceProfile.CPU: ("CPUExecutionProvider",),
+    DeviceProfile.ARM64: ("XnnpackExecutionProvider", "CPUExecutionProvider"),
+    DeviceProfile.CUDA: ("CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+
+
 @dataclass(frozen=True)
 class ResolvedDevice:
     requested: DeviceProfile
     profile: DeviceProfile  # what runs after fallback
-    ort_device: str  # passed to onnxruntime.training.api.Module
+    ort_device: str  # passed to onnxruntime.training.api.Module (the server's tail)
     threads: int
     fallback_reason: str | None  # why the requested profile could not be used
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # a plain session's, in order (the device's head)
 
     def describe(self) -> str:
-        text = f"{self.profile.value} ({self.ort_device}, {self.threads} threads)"
+        text = f"{self.profile.value} ({self.ort_device}, {self.threads} threads, {', '.join(self.providers)})"
         if self.fallback_reason:
             text += f"; fell back from {self.requested.value}: {self.fallback_reason}"
         return text
@@ -78,7 +89,8 @@ def resolve_device(requested: DeviceProfile | str, available: list[str] | None =
             f"(available: {', '.join(available)}); install onnxruntime-training with CUDA for GPU training"
         )
     ort_device, _provider, threads, _doc = PROFILE_TABLE[profile]
-    resolved = ResolvedDevice(req, profile, ort_device, min(threads or cores, cores), reason)
+    providers = tuple(p for p in PROVIDERS[profile] if p in available or p == "CPUExecutionProvider")
+    resolved = ResolvedDevice(req, profile, ort_device, min(threads or cores, cores), reason, providers)
     if reason:
         log.warning("device %s unavailable, using %s: %s", req.value, profile.value, reason)
     return resolved

@@ -38,7 +38,7 @@ _without_torch()
 
 import onnxruntime  # noqa: E402
 
-__all__ = ["session_options", "providers_for", "inference_session"]
+__all__ = ["session_options", "inference_session"]
 
 
 def session_options(threads: int | None) -> Any:
@@ -59,11 +59,9 @@ def session_options(threads: int | None) -> Any:
     return options
 
 
-def providers_for(ort_device: str) -> list[str]:
-    """The execution providers for a device profile's onnxruntime device, in the order they are tried."""
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if ort_device == "cuda" else ["CPUExecutionProvider"]
-
-
-def inference_session(model: str | bytes, threads: int | None, ort_device: str = "cpu") -> Any:
-    """A plain onnxruntime session of ``model`` (a path or the serialised bytes) with dpa's options."""
-    return onnxruntime.InferenceSession(model, session_options(threads), providers=providers_for(ort_device))
+def inference_session(
+    model: str | bytes, threads: int | None, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+) -> Any:
+    """A plain onnxruntime session of ``model`` (a path or the serialised bytes) with dpa's options and these
+    execution providers in order (``ResolvedDevice.providers``); ``session.get_providers()`` says what runs."""
+    return onnxruntime.InferenceSession(model, session_options(threads), providers=list(providers))

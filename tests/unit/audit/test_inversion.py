@@ -30,7 +30,7 @@ def report(tmp_path_factory):
         images_per_identity=8,
         epochs=10,
         grid_columns=6,
-        threads=2,
+        threads=None,  # torch's own setting (one thread a worker under pytest-xdist)
         cache_dir=tmp_path_factory.mktemp("faces"),
         record_view=tmp_path_factory.mktemp("views"),
     )

@@ -24,3 +24,19 @@ def test_profiles():
     assert auto.ort_device == "cuda" and auto.fallback_reason is None
     with pytest.raises(ValueError, match="unknown device 'tpu'; valid: auto, cpu, arm64, cuda"):
         resolve_device("tpu")
+
+
+def test_each_profile_gives_its_ordered_providers_and_the_head_records_what_ran(small_export):
+    from dpa.contract.devices import PROVIDERS
+    from dpa.contract.manifest import load_manifest
+    from runtime_client.head import HeadModel
+
+    phone = resolve_device("arm64", available=["XnnpackExecutionProvider", "CPUExecutionProvider"])
+    assert phone.providers == PROVIDERS[DeviceProfile.ARM64] == ("XnnpackExecutionProvider", "CPUExecutionProvider")
+    wheel = resolve_device("arm64", available=["CPUExecutionProvider"])  # PyPI's wheels have no XNNPACK
+    assert wheel.providers == ("CPUExecutionProvider",) and "CPUExecutionProvider" in wheel.describe()
+    gpu = resolve_device("cuda", available=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert gpu.providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    here = resolve_device("cpu")
+    head = HeadModel(small_export, load_manifest(small_export), here)
+    assert head.providers == ("CPUExecutionProvider",)
