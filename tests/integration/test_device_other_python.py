@@ -51,6 +51,7 @@ def _sums(view: Path) -> np.ndarray:
     return msg.tensors[messages.CLASS_SUMS]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("name", DEVICES)
 def test_the_device_elsewhere_equals_this_one(name, small_export, start_server, tmp_path):
     if not _available(name):

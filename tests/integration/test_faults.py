@@ -80,6 +80,7 @@ def _open_session(run: Run) -> tuple[int, dict]:
         return exc.code, json.load(exc)
 
 
+@pytest.mark.long
 def test_a_disk_that_fills_during_training_loses_no_answered_step(small_export, tmp_path, capsys):
     reference = Run(small_export, tmp_path / "reference")
     reference.start_server()
@@ -340,6 +341,7 @@ def _metric(port: int, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("quick_server", [8192], indirect=True)  # deadline: 2 s + 8.4 MB at 8 MiB/s
 def test_replies_nobody_reads_are_let_go(small_export, quick_server, capsys):
     """Three rounds of 16 devices that send a full batch and never read the 8.4 MB reply, every device

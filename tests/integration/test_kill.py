@@ -124,6 +124,7 @@ class Run:
         return out
 
 
+@pytest.mark.long
 @pytest.mark.parametrize(
     ("micro_batch", "frozen"), [(None, False), (1, False), (None, True)],
     ids=["whole-batch", "streamed-micro-batch", "frozen-head"],

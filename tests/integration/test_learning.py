@@ -22,6 +22,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 
 from dpa.contract.architecture import ArchConfig
 from dpa.contract.manifest import OptimizerConfig, OptimizerName
@@ -44,6 +45,7 @@ def _run(tmp_path, artifacts, epsilon):  # type: ignore[no-untyped-def]
     return asyncio.run(serve_and_train(artifacts, tmp_path / f"server-{tag}", cfg))
 
 
+@pytest.mark.long
 def test_noisy_and_clean_runs_learn(tmp_path):
     artifacts = tmp_path / "artifacts"
     arch = ArchConfig(image_size=64, width=0.25, num_classes=10, dropout=0.0)

@@ -110,6 +110,7 @@ def _subset_folder(out: Path) -> Path:
     return out
 
 
+@pytest.mark.long
 def test_demo_on_real_faces_keeps_the_device_and_the_public_people_apart(tmp_path: Path) -> None:
     """The real-face demo end to end on a small LFW subset: alignment, dlib's export, a real server, the
     device's class sums; every public set disjoint from the device's people; the figures' bookkeeping."""

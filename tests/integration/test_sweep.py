@@ -116,6 +116,7 @@ def test_parse_epsilons():
             raise AssertionError(bad)
 
 
+@pytest.mark.long
 def test_the_class_sum_recipe_sweeps_with_its_own_attack(tmp_path):
     """`--recipe class-sums`: one release of each class's sum per point (no tail trained), the whole-run
     epsilon of one Gaussian release, the class-sum attack's figures beside each point, the field's figures
