@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from dpa.base.timing import median_seconds
 from dpa.contract.architecture import ArchConfig
 from dpa.contract.devices import resolve_device
 from dpa.contract.manifest import ARTIFACT_FILES, OptimizerConfig, load_manifest
@@ -24,16 +24,6 @@ from runtime_client.head import HeadModel
 SMALL = ArchConfig(image_size=64, width=0.25, num_classes=10, dropout=0.0)
 PAPER = ArchConfig(image_size=224, width=1.0, num_classes=10, dropout=0.0)
 CASES = (("small", SMALL, "conv1_1", 30), ("small", SMALL, "pool3", 15), ("paper", PAPER, "conv1_1", 10))
-
-
-def _median(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _steps(arch: ArchConfig, cut: str) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -69,7 +59,7 @@ def _steps(arch: ArchConfig, cut: str) -> tuple[Callable[[], None], Callable[[],
 def main() -> None:
     for name, arch, cut, repeats in CASES:
         api, plain = _steps(arch, cut)
-        pairs = [(_median(api, repeats), _median(plain, repeats)) for _ in range(3)]  # interleaved
+        pairs = [(median_seconds(api, repeats), median_seconds(plain, repeats)) for _ in range(3)]  # interleaved
         t_api, t_plain = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
         print(f"{name} {cut}: training API {t_api * 1e3:.1f} ms, plain onnxruntime {t_plain * 1e3:.1f} ms, "
               f"ratio {t_plain / t_api:.2f}", flush=True)  # fmt: skip

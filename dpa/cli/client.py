@@ -34,23 +34,18 @@ def _run(run: Callable[[Any], Awaitable[dict[str, Any]]], opts: DeviceOptions, *
             raise UserError(str(exc)) from None
 
 
+def _epsilon_option(name: str, help: str) -> Any:
+    """An epsilon option ('inf' allowed), checked by the privacy floor's own check under ``name``."""
+    return typer.Option(help=help, callback=option_check(partial(checks.epsilon, allow_inf=True, name=name)))
+
+
 # client_command's longer options, named here so that the command reads as its signature and its body.
-_TotalEpsilon = Annotated[
-    float,
-    typer.Option(
-        help="Budget for the whole run, activations and labels together: calibrates the noise for every "
-        "release of an example (overrides --epsilon); 'inf': no budget, --epsilon is per release.",
-        callback=option_check(partial(checks.epsilon, allow_inf=True, name="total epsilon")),
-    ),
-]
-_LabelEpsilon = Annotated[
-    float,
-    typer.Option(
-        help="Label privacy of ONE release: labels are randomised on the device (RRWithPrior); 'inf' sends "
-        "them in clear.",
-        callback=option_check(partial(checks.epsilon, allow_inf=True, name="label epsilon")),
-    ),
-]
+_TotalEpsilon = Annotated[float, _epsilon_option("total epsilon", (
+    "Budget for the whole run, activations and labels together: calibrates the noise for every release of an "
+    "example (overrides --epsilon); 'inf': no budget, --epsilon is per release."))]  # fmt: skip
+_LabelEpsilon = Annotated[float, _epsilon_option("label epsilon", (
+    "Label privacy of ONE release: labels are randomised on the device (RRWithPrior); 'inf' sends them in "
+    "clear."))]  # fmt: skip
 _FrozenHead = Annotated[
     bool,
     typer.Option(

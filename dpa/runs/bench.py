@@ -31,6 +31,7 @@ import torch
 
 from dpa.base.atomic import atomic_write_bytes
 from dpa.base.cpu import cpu_info
+from dpa.base.timing import median_seconds, timed
 from dpa.contract import messages, wire
 from dpa.contract.architecture import ArchConfig
 from dpa.contract.devices import resolve_device
@@ -80,17 +81,6 @@ CONFIGS = {
 _SETTLE_S = 1.0
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up: allocations, kernel selection
-    return statistics.median(_timed(fn) for _ in range(repeats))
-
-
-def _timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def _paired_medians(ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int) -> tuple[float, float]:
     """Median seconds of ``ours`` and of ``theirs``, timed in turns after one warm-up each.
 
@@ -99,7 +89,7 @@ def _paired_medians(ours: Callable[[], Any], theirs: Callable[[], Any], repeats:
     alternating puts both sides of a ratio in the same drift.
     """
     ours(), theirs()  # warm-up: allocations, kernel selection
-    pairs = [(_timed(ours), _timed(theirs)) for _ in range(repeats)]
+    pairs = [(timed(ours), timed(theirs)) for _ in range(repeats)]
     return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
@@ -247,7 +237,7 @@ async def _split_and_throughput(
                     # The server may still be storing the reply (it is not held back without a journal):
                     # torch gets the machine to itself, as the split step had.
                     await asyncio.sleep(_SETTLE_S)
-                    torch_times.append(_timed(torch_full))
+                    torch_times.append(timed(torch_full))
             report[f"{key}_s"] = statistics.median(times)
             report[f"{key}_ratio"] = report[f"{key}_s"] / statistics.median(torch_times)
             monolithic += torch_times
@@ -395,7 +385,7 @@ def _client_rss_and_load(cfg: BenchConfig, artifacts: Path, report: dict[str, An
     # LFW's images are 250x250 JPEGs; the loader crops and resizes them to the model's input.
     write_synthetic_faces(faces, SynthConfig(identities=2, per_identity=cfg.batch, size=250))
     paths = sorted(faces.rglob("*.jpg"))[: cfg.batch]
-    report["batch_load_s"] = _median_time(
+    report["batch_load_s"] = median_seconds(
         lambda: load_batch(paths, size=manifest.image_size, mean=manifest.pixel_mean, std=manifest.pixel_std),
         cfg.repeats,
     )
@@ -418,7 +408,7 @@ def _class_sum_device(cfg: BenchConfig, artifacts: Path, report: dict[str, Any])
         init_weights((head, rest), 0)
         head.eval()
         with torch.no_grad():
-            t_torch = _median_time(lambda h=head: h(x), cfg.repeats)
+            t_torch = median_seconds(lambda h=head: h(x), cfg.repeats)
         report["class_sum_device"][cut] = {**measured, "torch_forward_s": t_torch,
                                            "forward_ratio": measured["forward_s"] / t_torch}  # fmt: skip
         del head, rest
@@ -444,11 +434,11 @@ def _durability(cfg: BenchConfig, artifacts: Path, report: dict[str, Any]) -> No
     state = artifacts.parent / "durability"
     journal = Journal(state)
     counter = iter(range(1, 10**6))
-    report["journal_append_s"] = _median_time(lambda: journal.append(next(counter), "bench", request), cfg.repeats)
+    report["journal_append_s"] = median_seconds(lambda: journal.append(next(counter), "bench", request), cfg.repeats)
     state.mkdir(parents=True, exist_ok=True)
-    report["reply_write_s"] = _median_time(lambda: atomic_write_bytes(state / "reply.dpaw", reply), cfg.repeats)
+    report["reply_write_s"] = median_seconds(lambda: atomic_write_bytes(state / "reply.dpaw", reply), cfg.repeats)
     tail = TailModel(artifacts, manifest, resolve_device("cpu"), state)
-    report["checkpoint_s"] = _median_time(lambda: tail.save({"bench": [1, cfg.batch]}), cfg.repeats)
+    report["checkpoint_s"] = median_seconds(lambda: tail.save({"bench": [1, cfg.batch]}), cfg.repeats)
     report["checkpoint_mb"] = (state / CHECKPOINT_NAME).stat().st_size / 1e6
 
 

@@ -9,8 +9,6 @@ the same batch of 8 chips (rendered faces: the cost does not depend on who is in
 from __future__ import annotations
 
 import multiprocessing
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from dpa.base.memory import own_peak_rss_mb
+from dpa.base.timing import median_seconds
 from dpa.contract import dlib_resnet as layout
 from exporter.networks.dlib_twin import preprocess_chips, rendered_chips
 
@@ -25,13 +24,7 @@ __all__ = ["dlib_device_cost"]
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"forward_ms": 1000 * statistics.median(times), "peak_rss_mb": own_peak_rss_mb()}
+    return {"forward_ms": 1000 * median_seconds(fn, repeats), "peak_rss_mb": own_peak_rss_mb()}
 
 
 def _ours(artifacts: str, batch: int, repeats: int) -> dict[str, float]:
