@@ -16,6 +16,7 @@ from typing import Any
 
 from dpa.base.atomic import atomic_write_bytes
 from dpa.contract.devices import ResolvedDevice, resolve_device
+from dpa.contract.errors import UserError
 from dpa.contract.manifest import Manifest, load_manifest, manifest_sha256
 from dpa.faces.lfw import FaceIndex
 from dpa.privacy.mechanism import DPConfig
@@ -43,10 +44,12 @@ class RunSetup:
 
 def set_up(cfg: ClientConfig, *, from_checkpoint: bool) -> RunSetup:
     """Load the export, the data split and the head (from state_dir's checkpoint if ``from_checkpoint``)."""
+    device = resolve_device(cfg.device)
+    if device.fallback_reason is not None:  # the device runs where it was asked to, or not at all
+        raise UserError(f"--device {device.requested.value} is not available here: {device.fallback_reason}")
     manifest = load_manifest(cfg.artifacts, verify=("head",))
     train, test = prepare_data(cfg, manifest)
     ckpt = cfg.state_dir / HEAD_CHECKPOINT
-    device = resolve_device(cfg.device)
     checkpoint = ckpt if from_checkpoint else None
     head = HeadModel(
         cfg.artifacts, manifest, device, checkpoint=checkpoint, lr=cfg.lr, model_format=cfg.model_format,

@@ -40,3 +40,21 @@ def test_each_profile_gives_its_ordered_providers_and_the_head_records_what_ran(
     here = resolve_device("cpu")
     head = HeadModel(small_export, load_manifest(small_export), here)
     assert head.providers == ("CPUExecutionProvider",)
+
+
+def test_the_device_refuses_a_profile_it_cannot_run_where_the_server_falls_back(small_export, tmp_path):
+    import onnxruntime
+    from typer.testing import CliRunner
+
+    from dpa.cli.app import app
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: nothing to refuse")
+    args = ["client", "--artifacts", str(small_export), "--device", "cuda", "--clip", "10", "--identities", "6",
+            "--state-dir", str(tmp_path / "d"), "--server", "http://127.0.0.1:9"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "--device cuda is not available here: CUDAExecutionProvider is not in this onnxruntime build" in (
+        result.output
+    )
+    assert not (tmp_path / "d" / "head_checkpoint").exists()  # nothing started
