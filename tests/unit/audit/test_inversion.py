@@ -37,6 +37,7 @@ def report(tmp_path_factory):
     return run_inversion(cfg)
 
 
+@pytest.mark.long  # the module's audit takes half a minute
 def test_map_attack_recovers_a_noiseless_release_and_falls_with_epsilon(report):
     print(f"\nbaseline (mean aux face): SSIM {report.baseline_ssim_mean:.3f} PSNR {report.baseline_psnr_mean:.2f} dB")
     for r in report.results:
@@ -66,6 +67,7 @@ def test_map_attack_recovers_a_noiseless_release_and_falls_with_epsilon(report):
     assert inf.snr_per_element == math.inf and large.snr_per_element > small.snr_per_element > tiny.snr_per_element
 
 
+@pytest.mark.long  # the module's audit takes half a minute
 def test_an_audit_of_the_recorded_view_gives_the_live_figures(report):
     """The view holds exactly the releases the live audit attacked: the same attacks on it, read back
     from disk, score the same, to the last bit."""
@@ -114,6 +116,7 @@ def test_map_reconstruct_inverts_a_known_linear_head():
     np.testing.assert_allclose(got, truth.transpose(0, 2, 3, 1), atol=5e-3)
 
 
+@pytest.mark.long  # the module's audit takes half a minute
 def test_report_json_and_grid(report, tmp_path):
     data = json.loads(json.dumps(report.to_json()))  # strict JSON: inf written as a string
     assert data["results"][0]["epsilon"] == "inf"
