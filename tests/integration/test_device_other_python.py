@@ -36,7 +36,8 @@ def _available(name: str) -> bool:
 
 
 def _client(python: list[str], path: str | None, url: str, art: Path, state: Path, *recipe: str) -> str:
-    args = ["client", "--server", url, "--artifacts", str(art), "--state-dir", str(state), "--device", "cpu"]
+    device = "arm64" if python[0] == "qemu-aarch64-static" else "cpu"  # the phone's profile on the phone's CPU
+    args = ["client", "--server", url, "--artifacts", str(art), "--state-dir", str(state), "--device", device]
     args += ["--identities", "4", "--per-identity", "6", "--batch-size", "4", "--seed", "3", "--clip", "10"]
     args += ["--epsilon", "inf", "--total-epsilon", "inf", "--label-epsilon", "inf", *recipe]
     env = {**os.environ, "PYTHONPATH": path} if path else None
