@@ -115,3 +115,28 @@ def test_a_head_without_a_gradient_graph_is_used_frozen_and_refuses_to_train(tmp
     assert head.forward(x).shape == u.shape
     with pytest.raises(ValueError, match="has no gradient graph"):
         head.accumulate(x, u)
+
+
+@pytest.mark.parametrize("cut", ["res3", "res11"])  # res11: strided convs, zero-padded shortcuts, the pool's slices
+def test_dlibs_gradient_graph_is_the_training_apis(tmp_path, cut):
+    """dlib's network (strided ConvGrad input gradients, overlapping max pool, SliceGrad): the plain
+    gradient graph's J^T u equals onnxruntime-training's own for every parameter."""
+    from dpa.contract.architecture import ArchConfig
+    from dpa.contract.choices import NetworkName
+    from exporter.export import ExportConfig, export
+
+    art = tmp_path / cut
+    export(ExportConfig(network=NetworkName.DLIB_RESNET, arch=ArchConfig(num_classes=5), cut=cut, out=art,
+                        verify=False))  # fmt: skip
+    m = load_manifest(art)
+    head = HeadModel(art, m, resolve_device("cpu"))
+    x, u = _batch(m, 2)
+    head.accumulate(x, u)
+    state = CheckpointState.load_checkpoint(str(art / "head" / ARTIFACT_FILES.checkpoint))
+    module = Module(str(art / "head" / ARTIFACT_FILES.training), state, str(art / "head" / ARTIFACT_FILES.eval))
+    module.train()
+    module(x, u)
+    reference = {name: np.array(p.grad) for name, p in state.parameters if p.grad is not None}
+    assert sorted(head._grads) == sorted(reference)
+    for name, g in reference.items():
+        assert _rel(head._grads[name], g) < 1e-5, name
