@@ -31,8 +31,9 @@ DEVICES = {
 
 
 def _available(name: str) -> bool:
-    command = DEVICES[name][0]
-    return Path(command[-1]).is_file() and (name != "arm64" or shutil.which("qemu-aarch64-static") is not None)
+    """Its set-up script ran to the end (it writes ``.dpa-ready`` last), and for arm64 qemu is here."""
+    ready = (ROOT / (".venv312" if name == "py312" else ".arm64") / ".dpa-ready").is_file()
+    return ready and (name != "arm64" or shutil.which("qemu-aarch64-static") is not None)
 
 
 def _client(python: list[str], path: str | None, url: str, art: Path, state: Path, *recipe: str) -> str:
