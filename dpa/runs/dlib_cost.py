@@ -9,6 +9,7 @@ the same batch of 8 chips (rendered faces: the cost does not depend on who is in
 from __future__ import annotations
 
 import multiprocessing
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 from dpa.base.memory import own_peak_rss_mb
 from dpa.base.timing import median_seconds
 from dpa.contract import dlib_resnet as layout
-from exporter.networks.dlib_twin import preprocess_chips, rendered_chips
+from dpa.faces.chips import preprocess_chips, rendered_chips
 
 __all__ = ["dlib_device_cost"]
 
@@ -27,7 +28,7 @@ def _timed(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
     return {"forward_ms": 1000 * median_seconds(fn, repeats), "peak_rss_mb": own_peak_rss_mb()}
 
 
-def _ours(artifacts: str, batch: int, repeats: int) -> dict[str, float]:
+def _ours(artifacts: str, batch: int, repeats: int) -> dict[str, Any]:
     from dpa.contract.devices import DeviceProfile, resolve_device
     from dpa.contract.manifest import load_manifest
     from runtime_client.head import HeadModel
@@ -35,7 +36,8 @@ def _ours(artifacts: str, batch: int, repeats: int) -> dict[str, float]:
     manifest = load_manifest(Path(artifacts), verify=("head",))
     head = HeadModel(Path(artifacts), manifest, resolve_device(DeviceProfile.CPU), frozen=True)
     x = preprocess_chips(rendered_chips(batch))
-    return _timed(lambda: head.forward(x), repeats)
+    # The device's own process: its memory is the device's only if nothing pulled torch in.
+    return _timed(lambda: head.forward(x), repeats) | {"torch_loaded": "torch" in sys.modules}
 
 
 def _torch(batch: int, repeats: int) -> dict[str, float]:

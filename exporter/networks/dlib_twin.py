@@ -19,6 +19,7 @@ import torch
 from dpa.contract import dlib_resnet as layout
 from dpa.contract.errors import UserError
 from dpa.faces.align import Aligner
+from dpa.faces.chips import preprocess_chips, rendered_chips
 from dpa.faces.lfw import index_faces
 
 __all__ = [
@@ -62,21 +63,6 @@ def chips_for_check(faces: Path | None, count: int = 8) -> tuple[np.ndarray, str
                 return np.stack(chips), f"public faces {faces}"
         raise UserError(f"fewer than {count} faces found in {faces} for the check against dlib")
     return rendered_chips(count), "rendered faces"
-
-
-def rendered_chips(count: int) -> np.ndarray:
-    """(count, 150, 150, 3) uint8 faces drawn by ``dpa.faces.synth``: not photographs, but any image
-    exercises every tensor and every timing."""
-    from dpa.faces.synth import SynthConfig, render_face
-
-    cfg = SynthConfig(identities=max(2, count), size=layout.IMAGE_SIZE)
-    return np.stack([render_face(i, 0, cfg) for i in range(count)]).astype(np.uint8)
-
-
-def preprocess_chips(chips: np.ndarray) -> np.ndarray:
-    """(N, 150, 150, 3) uint8 chips -> (N, 3, 150, 150) float32, as dlib's input layer: (p - mean) / 256."""
-    x = (chips.astype(np.float32) - np.array(layout.PIXEL_MEAN, dtype=np.float32)) / np.float32(layout.PIXEL_STD[0])
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def _embedding(head: torch.nn.Module, tail: torch.nn.Module, chips: np.ndarray) -> np.ndarray:

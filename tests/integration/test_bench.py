@@ -69,3 +69,4 @@ def test_dlib_device_cost_measures_all_three_in_their_own_processes(tmp_path) ->
         assert report[name]["forward_ms"] > 0 and report[name]["peak_rss_mb"] > 10
     assert report["forward_ratio_vs_dlib"] == report["ours"]["forward_ms"] / report["dlib"]["forward_ms"]
     assert report["batch"] == 2 and report["image_size"] == 150
+    assert report["ours"]["torch_loaded"] is False  # the device's process holds no torch: its RSS is its own
