@@ -31,7 +31,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import onnx.numpy_helper
 import torch
@@ -40,6 +39,7 @@ from onnxruntime.training import onnxblock
 from onnxruntime.training.onnxblock import _graph_utils, _training_graph_utils
 from onnxruntime.training.onnxblock import model_accessor as accessor
 
+from dpa.base.npz import npz_bytes
 from dpa.contract.manifest import ARTIFACT_FILES, GraphNames, OptimizerConfig, OptimizerName
 from exporter.conv_grad import conv_input_gradients_as_convs
 from exporter.gradient_graph import UnsupportedGradient, gradient_model
@@ -258,21 +258,10 @@ def write_plain_head(training: onnx.ModelProto, parameters: Any, out_dir: Path) 
     and, where every training op has a standard form, the gradient graph (``exporter.gradient_graph``). A
     head without one can only be used frozen, and the device says so."""
     arrays = {t.name: onnx.numpy_helper.to_array(t) for group in parameters for t in group}
-    write_npz(out_dir / ARTIFACT_FILES.parameters, arrays)
+    (out_dir / ARTIFACT_FILES.parameters).write_bytes(npz_bytes(dict(sorted(arrays.items()))))
     try:
         gradient = gradient_model(training)
     except UnsupportedGradient as exc:
         log.warning("no gradient graph for plain onnxruntime (the head can only be used frozen): %s", exc)
         return
     onnx.save(gradient, out_dir / ARTIFACT_FILES.gradient)
-
-
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``numpy.savez`` with fixed member dates, so the same arrays make the same bytes (and hash)."""
-    import zipfile
-
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
-        for name in sorted(arrays):
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.require(arrays[name], requirements="C"), allow_pickle=False)
-            z.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())

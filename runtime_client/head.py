@@ -14,7 +14,6 @@ written whole or not at all.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import zipfile
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from dpa.base.atomic import atomic_write_bytes
+from dpa.base.npz import npz_bytes
 from dpa.contract.choices import Choice
 from dpa.contract.devices import ResolvedDevice
 from dpa.contract.errors import UserError
@@ -61,17 +61,20 @@ def _eval_path(head_dir: Path, fmt: ModelFormat) -> tuple[Path, str]:
     return head_dir / ARTIFACT_FILES.eval, "onnx"
 
 
-def _read_npz(data: bytes | Path) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+def _read_npz(source: Path) -> tuple[dict[str, np.ndarray], dict[str, bytes]]:
+    """(the ``.npy`` members as arrays, any other member as its bytes), in one reading of the file."""
+    with np.load(source, allow_pickle=False) as z:
+        members = {k: z[k] for k in z.files}
+    return {k: v for k, v in members.items() if isinstance(v, np.ndarray)}, {
+        k: v for k, v in members.items() if isinstance(v, bytes)
+    }
 
 
 def load_head_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
     """(parameters, optimizer state, properties) of a device's head checkpoint; a clear error otherwise."""
     try:
-        with zipfile.ZipFile(path) as z:
-            props = json.loads(z.read(_PROPERTIES)) if _PROPERTIES in z.namelist() else {}
-        arrays = _read_npz(Path(path))
+        arrays, files = _read_npz(Path(path))
+        props = json.loads(files[_PROPERTIES]) if _PROPERTIES in files else {}
     except (OSError, zipfile.BadZipFile, ValueError, KeyError) as exc:
         raise UserError(
             f"{path} is not a dpa head checkpoint ({exc}); a checkpoint written by onnxruntime-training (dpa "
@@ -90,15 +93,8 @@ def _json(props: Mapping[str, Any]) -> str:
 def _checkpoint_bytes(
     params: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray], props: Mapping[str, Any]
 ) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as z:
-        for prefix, arrays in (("p", params), ("o", state)):
-            for name in sorted(arrays):
-                buf = io.BytesIO()
-                np.lib.format.write_array(buf, np.require(arrays[name], requirements="C"), allow_pickle=False)
-                z.writestr(zipfile.ZipInfo(f"{prefix}/{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
-        z.writestr(zipfile.ZipInfo(_PROPERTIES, date_time=(1980, 1, 1, 0, 0, 0)), _json(props))
-    return out.getvalue()
+    arrays = {f"p/{k}": params[k] for k in sorted(params)} | {f"o/{k}": state[k] for k in sorted(state)}
+    return npz_bytes(arrays, {_PROPERTIES: _json(props).encode()})
 
 
 class HeadModel:
@@ -152,7 +148,7 @@ class HeadModel:
         path = self._head_dir / ARTIFACT_FILES.parameters
         if not path.is_file():
             raise UserError(f"{path} is missing: export again with this dpa (it writes the head's parameters)")
-        return {k: np.array(v, dtype=np.float32) for k, v in _read_npz(path).items()}
+        return {k: np.array(v, dtype=np.float32) for k, v in _read_npz(path)[0].items()}
 
     def _feeds(self, names: list[str]) -> dict[str, np.ndarray]:
         return {n: self._params[n] for n in names}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +48,6 @@ def test_no_clip_literal_is_left_outside_the_policy():
 
 
 def test_the_page_takes_its_clip_from_the_manifest_and_refuses_without_one():
-    js = (__import__("pathlib").Path(__file__).parents[3] / "runtime_web" / "static" / "device.js").read_text()
+    js = (Path(__file__).parents[3] / "runtime_web" / "static" / "device.js").read_text()
     assert "state.manifest.release_clip" in js
     assert "the export carries no public release clip: give the clip C, or export with --centre-faces" in js
