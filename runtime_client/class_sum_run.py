@@ -179,11 +179,11 @@ async def send_class_sums(
             if exc.status not in (404, 410):
                 raise
             say("[yellow]the kept class sums' session is gone: re-sending the same bytes in a new session")
-            session_id = (await edge.open_session(digest, labels=labels)).session_id
+            session_id = (await edge.open_session(digest, labels=labels, gallery_rows=cfg.gallery_rows)).session_id
     else:
         sums = release()
         body = bytes(messages.encode_class_sums(sums.sums, sums.counts))
-        session_id = (await edge.open_session(digest, labels=labels)).session_id
+        session_id = (await edge.open_session(digest, labels=labels, gallery_rows=cfg.gallery_rows)).session_id
         meta = {"session_id": session_id, "sha256": hashlib.sha256(body).hexdigest()}
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_many(

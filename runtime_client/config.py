@@ -96,6 +96,9 @@ class ClientConfig:
     # replace-one (counts released, sensitivity 2C) or add-remove (no counts, sensitivity C). The report gives
     # the epsilon under both either way.
     adjacency: Adjacency = Adjacency.REPLACE_ONE
+    # Class sums only: the gallery row of each local class at the edge server (a federation's device names
+    # which enrolment ids its identities are, docs/protocol.md's gallery_rows); None: row c for class c.
+    gallery_rows: tuple[int, ...] | None = None
 
     @property
     def releases(self) -> int:
@@ -120,6 +123,10 @@ class ClientConfig:
         if self.record_view_limit is not None and self.record_view_limit < 1:
             raise UserError(f"the recorded view's release limit must be >= 1, got {self.record_view_limit}")
         checks.epsilon(self.label_epsilon, allow_inf=True, name="label epsilon")
+        if self.gallery_rows is not None and (
+            len(set(self.gallery_rows)) != len(self.gallery_rows) or min(self.gallery_rows, default=0) < 0
+        ):
+            raise UserError(f"gallery rows must be distinct rows >= 0, got {list(self.gallery_rows)}")
         if self.releases_per_example is not None:
             if not self.frozen_head:
                 raise UserError("--releases-per-example needs --frozen-head (a trained head changes every release)")

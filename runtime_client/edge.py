@@ -192,12 +192,16 @@ class EdgeClient:
         return await self._json("GET", Route.STATUS)
 
     async def open_session(
-        self, manifest_sha256: str, client: str = "dpa-client", labels: dict[str, object] | None = None
-    ) -> SessionInfo:
-        """``labels``: ``messages.labels_field(epsilon)``, how this session's labels are sent (None: unstated)."""
+        self, manifest_sha256: str, client: str = "dpa-client", labels: dict[str, object] | None = None,
+        gallery_rows: tuple[int, ...] | None = None,
+    ) -> SessionInfo:  # fmt: skip
+        """``labels``: ``messages.labels_field(epsilon)``, how this session's labels are sent (None: unstated);
+        ``gallery_rows``: the gallery row of each class's class sums (None: row c for class c)."""
         request: dict[str, object] = {SessionField.MANIFEST_SHA256: manifest_sha256, SessionField.CLIENT: client}
         if labels is not None:
             request[SessionField.LABELS] = labels
+        if gallery_rows is not None:
+            request[SessionField.GALLERY_ROWS] = list(gallery_rows)
         data = await self._json("POST", Route.SESSIONS, json=request)
         return SessionInfo(
             str(data[SessionField.SESSION_ID]),
@@ -286,6 +290,24 @@ class EdgeClient:
             raise EdgeError(
                 0, "bad_reply", "the server's templates reply lacks templates, counts or global_step"
             ) from None
+
+    async def tail(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Operators only (a federation's bridge): the tail's parameters by name, and its meta
+        (``global_step``, ``examples_seen``; docs/protocol.md, ``GET /v1/tail``)."""
+        _, body, ctype = await self._request("GET", Route.TAIL)
+        msg = _decode_reply(body, ctype)
+        try:
+            return messages.decode_tail(msg), msg.meta
+        except ValueError as exc:
+            raise EdgeError(0, "bad_reply", f"the server's tail reply: {exc}") from None
+
+    async def load_tail(self, parameters: dict[str, np.ndarray], global_step: int) -> dict[str, Any]:
+        """Operators only: replace the tail with ``parameters``, averaged against ``global_step``
+        (``PUT /v1/tail``; 409 tail_moved if devices trained it since). A retry loads the same state."""
+        body = messages.encode_tail(parameters, {"global_step": int(global_step)})
+        headers = {"Content-Type": wire.CONTENT_TYPE, "Content-Length": str(len(body))}
+        _, reply, _ = await self._request("PUT", Route.TAIL, body=body, headers=headers)
+        return json.loads(reply)
 
     async def class_sums(self, session_id: str, body: bytearray | bytes) -> dict[str, Any]:
         """Send the session's class-sum release (``messages.encode_class_sums``); a retry sends the same

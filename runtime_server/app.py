@@ -56,7 +56,8 @@ from runtime_server.journal import Journal
 from runtime_server.middlewares import auth, errors
 from runtime_server.records import verify_digest
 from runtime_server.sessions import SessionTable
-from runtime_server.state import STATE, ServerState, max_body_bytes
+from runtime_server.tail_exchange import get_tail, put_tail
+from runtime_server.state import STATE, ServerState, gallery_size, max_body_bytes
 from runtime_server.state_lock import StateLock, sweep_temp_files
 from runtime_server.step_commit import checkpoint, replay
 from runtime_server.tail import CHECKPOINT_NAME
@@ -139,8 +140,8 @@ def init_app(config: ServerConfig) -> web.Application:
     state_dir = config.resolved_state_dir
     open_state_dir(state_dir, digest)
     class_sums = (  # read here, so that an unreadable release stops the start with its name
-        ClassSumStore(state_dir, manifest.num_classes, manifest.activation_numel)
-        if ClassTemplates.fit(manifest.num_classes, tuple(manifest.activation_shape))
+        ClassSumStore(state_dir, gallery_size(config, manifest), manifest.activation_numel)
+        if ClassTemplates.fit(gallery_size(config, manifest), tuple(manifest.activation_shape))
         else None
     )
 
@@ -209,6 +210,8 @@ def _add_routes(app: web.Application) -> None:
     app.router.add_post(API_PREFIX + Route.EVAL, evaluate)
     app.router.add_get(API_PREFIX + Route.TEMPLATES, templates)
     app.router.add_post(API_PREFIX + Route.CLASS_SUMS, post_class_sums)
+    app.router.add_get(API_PREFIX + Route.TAIL, get_tail)
+    app.router.add_put(API_PREFIX + Route.TAIL, put_tail)
 
 
 def _reload_tokens_on_sighup(loop: asyncio.AbstractEventLoop, app: web.Application) -> None:

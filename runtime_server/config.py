@@ -70,6 +70,13 @@ class ServerConfig:
     max_inflight_body_bytes: int | None = None
     # Page origins a browser device may call from (runtime_server.cors); none: no CORS header at all.
     allow_origins: tuple[str, ...] = ()
+    # Rows of the class-sum gallery (GET /v1/templates): None, one per class of the export. More, when this
+    # edge server enrols several devices' identities apart: each session names its classes' rows
+    # (``gallery_rows``), as the devices of a federation do (``dpa.federation``).
+    gallery_size: int | None = None
+    # Token names (of the token file) that may read and replace the tail (GET/PUT /v1/tail): the federation's
+    # bridge on this machine (``dpa.federation.deployment``). Devices' tokens never may.
+    operators: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.device, str) and not isinstance(self.device, DeviceProfile):
@@ -101,6 +108,11 @@ class ServerConfig:
         object.__setattr__(self, "allow_origins", tuple(check_origin(o) for o in self.allow_origins))
         if self.min_free_bytes < 0:
             raise UserError(f"minimum free space must be >= 0 bytes, got {self.min_free_bytes}")
+        if self.gallery_size is not None and self.gallery_size < 1:
+            raise UserError(f"gallery size must be >= 1 row, got {self.gallery_size}")
+        object.__setattr__(self, "operators", tuple(self.operators))
+        if self.operators and self.tokens is None:
+            raise UserError("operators are token names: give the server a token file (--tokens) too")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise UserError("TLS needs both --tls-cert and --tls-key")
         if not is_loopback(self.host) and not self.insecure:

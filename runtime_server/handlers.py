@@ -19,7 +19,7 @@ from runtime_server.class_sums import ReleaseConflict
 from runtime_server.errors import ApiError
 from runtime_server.records import CorruptRecord, read_sealed
 from runtime_server.sessions import Session
-from runtime_server.state import OWNER, STATE, ServerState, class_sums_body_bytes, storage_error
+from runtime_server.state import OWNER, STATE, ServerState, class_sums_body_bytes, gallery_size, storage_error
 from runtime_server.step_commit import ReplyCut, apply_step, write_view
 from runtime_server.validation import step_number, validate_class_sums, validate_eval, validate_train
 
@@ -46,7 +46,7 @@ def _session(request: web.Request) -> Session:
     return state.sessions.get(request.match_info["session_id"], request.get(OWNER))
 
 
-def _body_size(request: web.Request, limit: int | None = None) -> int:
+def body_size(request: web.Request, limit: int | None = None) -> int:
     """The bytes a tensor body will hold in memory (checked: media type, size, against ``limit``, default
     the largest train request); before it is read."""
     state = request.app[STATE]
@@ -61,14 +61,14 @@ def _body_size(request: web.Request, limit: int | None = None) -> int:
     return length if length is not None else limit
 
 
-async def _read_message(request: web.Request, size: int) -> tuple[bytearray, wire.Message]:
+async def read_message(request: web.Request, size: int) -> tuple[bytearray, wire.Message]:
     """The body as received (journalled for a train step) and its decoded message (views into it).
 
     Read within the body's deadline (``ServerState.deadline``): a client too slow is answered 408
     and its connection closed, and it never held a step slot."""
     state = request.app[STATE]
     length = request.content_length
-    deadline = state.deadline(size)  # size: _body_size(request), checked before the budget was taken
+    deadline = state.deadline(size)  # size: body_size(request), checked before the budget was taken
     try:
         async with asyncio.timeout(deadline):
             body = await read_body(request.content, length, state.buffers)
@@ -172,9 +172,12 @@ async def open_session(request: web.Request) -> web.Response:
     ]
     try:
         labels = messages.parse_labels_field(body.get(SessionField.LABELS))
+        rows = messages.parse_gallery_rows(
+            body.get(SessionField.GALLERY_ROWS), state.manifest.num_classes, gallery_size(state.config, state.manifest)
+        )
     except ValueError as exc:
         raise ApiError(400, "malformed_body", str(exc)) from None
-    session = state.sessions.open(request.get(OWNER), client, labels)
+    session = state.sessions.open(request.get(OWNER), client, labels, rows)
     try:
         await state.sessions.persist()  # durable before the device learns the id
     except OSError as exc:
@@ -197,6 +200,8 @@ async def open_session(request: web.Request) -> web.Response:
             SessionField.NUM_CLASSES: m.num_classes,
             SessionField.GLOBAL_STEP: state.tail.global_step,
             SessionField.LABELS: labels,
+            SessionField.GALLERY_ROWS: rows,
+            SessionField.GALLERY_SIZE: gallery_size(state.config, m),
         },
         status=201,
     )
@@ -272,13 +277,13 @@ async def _take_step(
     request: web.Request, state: ServerState, session: Session
 ) -> tuple[int, bytearray | None, tuple[web.StreamResponse, asyncio.Task[None], float | None] | None, int]:
     """Read the step's body and apply it (or find its stored reply): (step, stored reply, reply, batch)."""
-    size = _body_size(request)
+    size = body_size(request)
     # A retry waits for its original. The body is read before a step slot is taken: a slow upload holds
     # only its share of the body budget, for at most its deadline; the slot is for the tail's work.
     async with session.lock, state.bodies.hold(size):
         if state.sessions.sessions.get(session.id) is not session:  # closed while this request waited
             raise ApiError(404, "unknown_session", f"session {session.id[:8]}... was closed")
-        raw, message = await _read_message(request, size)
+        raw, message = await read_message(request, size)
         step = step_number(message)
         async with state.slots:
             if step == session.step:  # a retry of the last applied step: its answer, not a second update
@@ -306,13 +311,12 @@ async def templates(request: web.Request) -> web.StreamResponse:
             404, "no_templates", "this server keeps no class templates (start it with --templates) and has received "
             "no class sums",
         )  # fmt: skip
-    shape = (state.manifest.num_classes, *state.manifest.activation_shape)
 
     def encode() -> bytearray:
         if releases:  # class sums: n times less noise than per-example releases (runtime_server.class_sums)
             assert sums is not None
             means, counts = sums.templates()
-            means = means.reshape(shape)
+            means = means.reshape(len(counts), *state.manifest.activation_shape)
         else:
             assert store is not None
             means, counts = store.means(), store.counts.copy()
@@ -333,14 +337,14 @@ async def post_class_sums(request: web.Request) -> web.Response:
             422, "templates_do_not_fit", "class templates for this export would not fit in the server's memory "
             "limit: use a deeper cut",
         )  # fmt: skip
-    size = _body_size(request, class_sums_body_bytes(state.manifest))
+    size = body_size(request, class_sums_body_bytes(state.manifest))
     async with session.lock, state.bodies.hold(size):
         if state.sessions.sessions.get(session.id) is not session:  # closed while this request waited
             raise ApiError(404, "unknown_session", f"session {session.id[:8]}... was closed")
-        raw, message = await _read_message(request, size)
+        raw, message = await read_message(request, size)
         sums, counts = await state.run(validate_class_sums, state.manifest, message)
         try:
-            stored = await state.run(store.add, session.id, raw, sums, counts)
+            stored = await state.run(store.add, session.id, raw, sums, counts, session.gallery_rows)
         except ReleaseConflict:
             raise ApiError(
                 409, "already_released", "this session already released other class sums: a second release of the "
@@ -354,9 +358,9 @@ async def evaluate(request: web.Request) -> web.Response:
     state = request.app[STATE]
     session = _session(request)
     state.sessions.admit(session)
-    size = _body_size(request)
+    size = body_size(request)
     async with state.bodies.hold(size):
-        _, message = await _read_message(request, size)
+        _, message = await read_message(request, size)
         async with state.slots:
             act = await state.run(validate_eval, state.manifest, state.config.max_batch, message)
 

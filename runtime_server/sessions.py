@@ -72,6 +72,7 @@ class Session:
     created: float  # wall clock, for people
     bucket: TokenBucket
     labels: dict[str, Any] = field(default_factory=lambda: {"mechanism": "unstated"})  # how labels are sent
+    gallery_rows: list[int] | None = None  # the gallery row of each class's class sums (None: row c for class c)
     step: int = 0  # session step number of the last applied train step (0: none yet)
     examples: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -83,6 +84,7 @@ class Session:
             "session_id": self.id,
             "client": self.client,
             "labels": self.labels,
+            "gallery_rows": self.gallery_rows,
             "step": self.step,
             "examples": self.examples,
             "created": self.created,
@@ -133,6 +135,7 @@ class SessionTable:
                 owner=info.get("owner"),
                 client=str(info.get("client", "")),
                 labels=dict(info.get("labels", {"mechanism": "unstated"})),
+                gallery_rows=None if info.get("gallery_rows") is None else [int(r) for r in info["gallery_rows"]],
                 created=float(info.get("created", time.time())),
                 bucket=self._bucket(),
                 step=int(step),
@@ -147,6 +150,7 @@ class SessionTable:
     def _snapshot(self) -> bytes:
         sessions = {
             s.id: {"owner": s.owner, "client": s.client, "created": s.created, "labels": s.labels}
+            | ({} if s.gallery_rows is None else {"gallery_rows": s.gallery_rows})
             for s in self.sessions.values()
         }
         return (json.dumps({"sessions": sessions, "sha256": _table_digest(sessions)}, indent=1) + "\n").encode()
@@ -167,7 +171,10 @@ class SessionTable:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def open(self, owner: str | None, client: str, labels: dict[str, Any] | None = None) -> Session:
+    def open(
+        self, owner: str | None, client: str, labels: dict[str, Any] | None = None,
+        gallery_rows: list[int] | None = None,
+    ) -> Session:  # fmt: skip
         if len(self.sessions) >= self.config.max_sessions:
             raise ApiError(
                 429,
@@ -190,6 +197,7 @@ class SessionTable:
         )
         if labels is not None:
             session.labels = labels
+        session.gallery_rows = gallery_rows
         self.sessions[session.id] = session
         return session
 

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from dpa.contract.buffers import BufferPool
+from dpa.contract.errors import UserError
 from dpa.contract.manifest import Manifest
 from runtime_server import metrics as prom
 from runtime_server.auth import TokenStore
@@ -26,7 +27,16 @@ from runtime_server.journal import Journal
 from runtime_server.sessions import SessionTable
 from runtime_server.tail_worker import TailWorker
 
-__all__ = ["ServerState", "STATE", "OWNER", "max_body_bytes", "class_sums_body_bytes", "tail_down", "storage_error"]
+__all__ = [
+    "ServerState",
+    "STATE",
+    "OWNER",
+    "max_body_bytes",
+    "class_sums_body_bytes",
+    "gallery_size",
+    "tail_down",
+    "storage_error",
+]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +116,14 @@ STATE = web.AppKey("state", ServerState)
 def max_body_bytes(manifest: Manifest, max_batch: int) -> int:
     """Largest legal request: a full batch of float32 activations plus int64 labels and framing."""
     return max_batch * (4 * manifest.activation_numel + 8) + _FRAMING_SLACK
+
+
+def gallery_size(config: ServerConfig, manifest: Manifest) -> int:
+    """Rows of the class-sum gallery: ``--gallery-size``, else the export's classes (never fewer)."""
+    size = manifest.num_classes if config.gallery_size is None else config.gallery_size
+    if size < manifest.num_classes:
+        raise UserError(f"gallery size {size} is smaller than the export's {manifest.num_classes} classes")
+    return size
 
 
 def class_sums_body_bytes(manifest: Manifest) -> int:

@@ -113,6 +113,10 @@ def _parameters() -> dict[str, np.ndarray]:
     return _tail().parameters()
 
 
+def _load(values: dict[str, np.ndarray]) -> None:
+    _tail().load_parameters(values)
+
+
 def _save(sessions: dict[str, list[int]] | None) -> Path:
     return _tail().save(sessions)
 
@@ -183,6 +187,11 @@ class TailWorker:
 
     def parameters(self) -> dict[str, np.ndarray]:
         return self._pool.submit(_parameters).result()
+
+    def load_parameters(self, values: dict[str, np.ndarray]) -> None:
+        """Replace the tail's weights (``TailModel.load_parameters``); dirty until the next save."""
+        self._pool.submit(_load, values).result()
+        self._saved_step = -1
 
     @property
     def dirty(self) -> bool:

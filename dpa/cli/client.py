@@ -72,6 +72,23 @@ _Release = Annotated[
         case_sensitive=False,
     ),
 ]
+_GalleryRows = Annotated[
+    str | None,
+    typer.Option(help="Class sums in a federation: the enrolment id (gallery row) of each class, '0,7,9,...'."),
+]
+
+
+def _rows(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(
+            f"expected comma-separated integers, got {text!r}", param_hint="--gallery-rows"
+        ) from None
+
+
 _Adjacency = Annotated[
     Adjacency,
     typer.Option(
@@ -119,6 +136,7 @@ def client_command(
     ] = None,
     release: _Release = None,
     adjacency: _Adjacency = Adjacency.REPLACE_ONE,
+    gallery_rows: _GalleryRows = None,
 ) -> None:
     """Train privately: head on this device, DP-A releases to the edge server."""
     from runtime_client.trainer import run_training
@@ -132,7 +150,7 @@ def client_command(
         report=report, max_steps_per_epoch=max_steps, micro_batch=micro_batch, record_view=record_view,
         record_view_limit=record_view_limit, label_epsilon=label_epsilon, label_prior=label_prior,
         frozen_head=frozen_head, releases_per_example=releases_per_example, on_device_templates=on_device_templates,
-        release=release, adjacency=adjacency,
+        release=release, adjacency=adjacency, gallery_rows=_rows(gallery_rows),
     )  # fmt: skip
     p = result["privacy"]
     if release is ReleaseKind.CLASS_SUMS:

@@ -61,6 +61,14 @@ _MinFreeMb = Annotated[
     float, typer.Option(help="Free space (MiB) the state dir keeps: below it steps are refused, not half-written.")
 ]
 _LogFormat = Annotated[LogFormat, typer.Option(help="json (one object per line) or text.", case_sensitive=False)]
+_GallerySize = Annotated[
+    int | None,
+    typer.Option(help="Class-sum gallery rows, when devices name theirs (a federation's edge server)."),
+]
+_Operator = Annotated[
+    list[str] | None,
+    typer.Option(help="A token name that may read and replace the tail (a federation's bridge)."),
+]
 _AllowOrigin = Annotated[
     list[str] | None,
     typer.Option(
@@ -96,6 +104,8 @@ def serve_command(
     min_free_mb: _MinFreeMb = 16.0,
     log_format: _LogFormat = LogFormat.JSON,
     allow_origin: _AllowOrigin = None,
+    gallery_size: _GallerySize = None,
+    operator: _Operator = None,
 ) -> None:
     """Serve the tail: train it on DP activations from devices, return activation gradients."""
     from aiohttp import web
@@ -134,6 +144,8 @@ def serve_command(
             min_transfer_rate=min_transfer_kib_s * 2**10,
             max_inflight_body_bytes=None if max_inflight_body_mb is None else int(max_inflight_body_mb * 2**20),
             allow_origins=tuple(allow_origin or ()),
+            gallery_size=gallery_size,
+            operators=tuple(operator or ()),
         )
         ssl_context = server_ssl_context(config)
         load_manifest(artifacts)  # a wrong --artifacts fails here, before a token file is created

@@ -9,6 +9,7 @@ against the manifest (shapes, batch limits, label range) are ``runtime_server.va
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -63,6 +64,7 @@ class Route:
     STORED_REPLY = "/sessions/{session_id}/steps/{step}"
     EVAL = "/sessions/{session_id}/eval"
     CLASS_SUMS = "/sessions/{session_id}/class-sums"
+    TAIL = "/tail"  # operators only: GET the tail's parameters, PUT an average (runtime_server.tail_exchange)
 
 
 def route(template: str, **parts: object) -> str:
@@ -89,6 +91,11 @@ class SessionField:
     # request, optional; echoed in the reply and GET: how the session's labels are sent, so the server
     # knows what it trains on. {"mechanism": "rr-with-prior", "epsilon": 4.0} or {"mechanism": "clear"}.
     LABELS = "labels"
+    # request, optional; echoed in the reply and GET: the gallery row of each of the session's classes
+    # (class c's class sums go to row gallery_rows[c] of a server started with --gallery-size), so that an
+    # edge server keeps several devices' identities apart (``dpa.federation``). Absent: row c for class c.
+    GALLERY_ROWS = "gallery_rows"
+    GALLERY_SIZE = "gallery_size"  # reply: the rows of the server's class-sum gallery (GET /templates)
 
 
 class LabelMechanism:
@@ -127,6 +134,20 @@ def parse_labels_field(value: object) -> dict[str, object]:
     if isinstance(eps, bool) or not isinstance(eps, int | float) or not (0 < float(eps) < float("inf")):
         raise ValueError(f"labels.epsilon must be a number > 0 (finite) for rr-with-prior, got {eps!r}")
     return {"mechanism": LabelMechanism.RR_WITH_PRIOR, "epsilon": float(eps)}
+
+
+def parse_gallery_rows(value: object, num_classes: int, gallery_size: int) -> list[int] | None:
+    """The server's check of ``gallery_rows``: None (absent) or ``num_classes`` distinct ints in
+    ``[0, gallery_size)``; ValueError with the reason otherwise."""
+    if value is None:
+        return None
+    ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok or len(value) != num_classes:  # type: ignore[arg-type]
+        raise ValueError(f"gallery_rows must be a list of {num_classes} integers, one row per class")
+    rows = [int(v) for v in value]  # type: ignore[union-attr]
+    if len(set(rows)) != len(rows) or min(rows) < 0 or max(rows) >= gallery_size:
+        raise ValueError(f"gallery_rows must be distinct rows in 0..{gallery_size - 1} (the server's gallery size)")
+    return rows
 
 
 CLIENT_NAME_MAX = 64  # characters of ``client`` kept (non-printable ones dropped first); the rest is cut
@@ -244,3 +265,34 @@ def step_of(message: wire.Message) -> int | None:
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         return None
     return step
+
+
+TAIL_PARAMETERS = "parameters"  # GET/PUT /v1/tail: every tail parameter, float32, flat, in name order
+TAIL_LAYOUT = "layout"  # ... meta: [[name, [shape]], ...] in name order, how to cut the flat tensor
+
+
+def encode_tail(parameters: dict[str, np.ndarray], meta: dict[str, Any]) -> bytearray:
+    """A whole tail as one wire message (a tail has more parameters than a message has tensors)."""
+    names = sorted(parameters)
+    flat = [np.ascontiguousarray(parameters[n], dtype=np.float32).ravel() for n in names]
+    layout = [[n, list(np.shape(parameters[n]))] for n in names]
+    empty = np.zeros(0, dtype=np.float32)
+    return wire.encode({TAIL_PARAMETERS: np.concatenate(flat) if flat else empty}, {**meta, TAIL_LAYOUT: layout})
+
+
+def decode_tail(message: wire.Message) -> dict[str, np.ndarray]:
+    """The parameters of ``encode_tail``'s message, by name; ValueError if its layout does not fit its tensor."""
+    layout, flat = message.meta.get(TAIL_LAYOUT), message.tensors.get(TAIL_PARAMETERS)
+    if flat is None or list(message.tensors) != [TAIL_PARAMETERS] or flat.ndim != 1 or not isinstance(layout, list):
+        raise ValueError(f"a tail is one 1-d tensor {TAIL_PARAMETERS!r} with meta {TAIL_LAYOUT!r}")
+    out, at = {}, 0
+    for entry in layout:
+        ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], list)
+        if not ok or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry[1]):
+            raise ValueError(f"each {TAIL_LAYOUT} entry is [name, [dims]], got {entry!r}")
+        size = int(np.prod(entry[1], dtype=np.int64))
+        out[entry[0]] = flat[at : at + size].reshape(entry[1])
+        at += size
+    if at != flat.size or len(out) != len(layout):
+        raise ValueError(f"the {TAIL_LAYOUT} covers {at} values of {flat.size}, or names one twice")
+    return out
