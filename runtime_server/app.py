@@ -56,11 +56,11 @@ from runtime_server.journal import Journal
 from runtime_server.middlewares import auth, errors
 from runtime_server.records import verify_digest
 from runtime_server.sessions import SessionTable
-from runtime_server.tail_exchange import get_tail, put_tail
 from runtime_server.state import STATE, ServerState, gallery_size, max_body_bytes
 from runtime_server.state_lock import StateLock, sweep_temp_files
 from runtime_server.step_commit import checkpoint, replay
 from runtime_server.tail import CHECKPOINT_NAME
+from runtime_server.tail_exchange import get_tail, put_tail
 from runtime_server.tail_worker import TailWorker
 from runtime_server.templates import ClassTemplates
 
