@@ -42,6 +42,7 @@ class ClassSumStore:
         self.sums = np.zeros((num_classes, elements), dtype=np.float64)
         self.counts = np.zeros(num_classes, dtype=np.float64)
         self._digests: dict[str, str] = {}
+        self.held = np.zeros(num_classes, dtype=bool)  # rows some release holds (its identities)
         if self.dir.is_dir():
             for path in sorted(self.dir.glob("*.npz")):
                 sums, counts, digest, rows = self._read(path)
@@ -65,6 +66,7 @@ class ClassSumStore:
     def _add(self, session_id: str, sums: np.ndarray, counts: np.ndarray, digest: str, rows: np.ndarray) -> None:
         self.sums[rows] += sums
         self.counts[rows] += counts
+        self.held[rows] = True
         self._digests[session_id] = digest
 
     def add(
@@ -90,6 +92,11 @@ class ClassSumStore:
         atomic_write_bytes(self.dir / f"{session_id}.npz", buf.getvalue())
         self._add(session_id, sums, counts, digest, rows)
         return True
+
+    @property
+    def digests(self) -> list[str]:
+        """SHA-256 of every release kept, in session order: what a federation checks is counted once."""
+        return [self._digests[k] for k in sorted(self._digests)]
 
     def templates(self) -> tuple[np.ndarray, np.ndarray]:
         """(means float32 (K, d), counts int64 (K,)) over every class-sum release kept

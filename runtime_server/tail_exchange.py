@@ -106,7 +106,8 @@ async def _load(request: web.Request, state: ServerState, message: wire.Message)
             checkpoint(state.tail, state.sessions, state.journal)
         except OSError as exc:
             raise storage_error(exc) from None
-        return {TAIL_META_STEP: state.tail.global_step, "sha256": tail_digest(values)}
+        return {TAIL_META_STEP: state.tail.global_step, TAIL_META_EXAMPLES: state.tail.examples_seen,
+                "sha256": tail_digest(values)}  # fmt: skip
 
     answer = await state.run(load)
     log.info("tail replaced", extra={"fields": {"global_step": answer[TAIL_META_STEP], "by": request.get(OWNER)}})

@@ -35,7 +35,7 @@ from runtime_client.head import HeadModel
 from runtime_client.on_device import clean_embeddings, template_scores
 from runtime_client.recipes import Budget, Recipe
 
-__all__ = ["device_app", "device_dir", "RELEASE", "HELLO", "ENROL", "GALLERY"]
+__all__ = ["device_app", "device_dir", "device_release", "RELEASE", "HELLO", "ENROL", "GALLERY"]
 
 HELLO, ENROL, GALLERY = "hello", "enrol", "gallery"  # the ServerApp's instructions (ConfigRecord "do")
 RELEASE = "class_sums.wire"  # the kept release in a device's state folder
@@ -71,9 +71,10 @@ def _release(cfg: FederationConfig, data: DeviceData, plan: ClassSumPlan) -> byt
     return body
 
 
-def _enrol(cfg: FederationConfig, device: int) -> RecordDict:
-    if device in cfg.drop_devices:
-        raise RuntimeError(f"device {device} dropped out (a fault drill: --drop-device)")
+def device_release(cfg: FederationConfig, device: int) -> tuple[bytes, DeviceData, ClassSumPlan]:
+    """The device's one class-sum release (drawn once and kept, ``_release``), its data and its plan with the
+    release recorded: what it sends, whether to a ServerApp (the simulation) or to its edge server's
+    ``dpa serve`` (the deployment, ``dpa.runs.flower_deployment``)."""
     manifest = load_manifest(cfg.artifacts)
     data = device_data(cfg, device, manifest.image_size)
     if len(data.identities) != manifest.num_classes:
@@ -81,7 +82,13 @@ def _enrol(cfg: FederationConfig, device: int) -> RecordDict:
                          f"{manifest.num_classes}")  # fmt: skip
     plan = ClassSumPlan(_client_config(cfg, device))
     plan.accountant.record(1)  # the one release (BudgetExceeded before anything is drawn, as dpa client)
-    body = _release(cfg, data, plan)
+    return _release(cfg, data, plan), data, plan
+
+
+def _enrol(cfg: FederationConfig, device: int) -> RecordDict:
+    if device in cfg.drop_devices:
+        raise RuntimeError(f"device {device} dropped out (a fault drill: --drop-device)")
+    body, data, plan = device_release(cfg, device)
     account = plan.accountant.summary()
     return RecordDict({
         "release": ArrayRecord({"body": Array(np.frombuffer(body, dtype=np.uint8).copy())}),

@@ -80,7 +80,8 @@ def test_only_operators_read_and_replace_the_tail_and_a_moved_tail_is_refused(sm
     assert (denied.status, denied.code) == (403, "operator_only")
     assert (moved.status, moved.code, moved.detail["expected_step"]) == (409, "tail_moved", got[1]["global_step"])
     assert (nan.status, nan.code) == (422, "non_finite")
-    assert first == again == {"global_step": got[1]["global_step"], "sha256": tail_digest(params)}
+    assert first == again == {"global_step": got[1]["global_step"], "examples_seen": got[1]["examples_seen"],
+                              "sha256": tail_digest(params)}  # fmt: skip
     for name, value in params.items():  # loaded, bytes for bytes, and checkpointed
         assert np.array_equal(after[0][name], value)
     server.stop()
