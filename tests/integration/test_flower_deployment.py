@@ -30,9 +30,18 @@ def _export(root, classes: int, lr: float):  # type: ignore[no-untyped-def]
     from exporter.export import ExportConfig, export
     from exporter.pretrain import PRETRAIN_PIXEL_STD, public_faces
 
-    export(ExportConfig(arch=ArchConfig(image_size=64, width=0.25, num_classes=classes, dropout=0.0), cut="fc7",
-                        optimizer=OptimizerConfig(lr=lr), out=root / "artifacts", weights=SHIPPED_WEIGHTS,
-                        pixel_std=PRETRAIN_PIXEL_STD, centre_faces=public_faces(root / "public", 6, 4, 64), seed=0))  # fmt: skip
+    export(
+        ExportConfig(
+            arch=ArchConfig(image_size=64, width=0.25, num_classes=classes, dropout=0.0),
+            cut="fc7",
+            optimizer=OptimizerConfig(lr=lr),
+            out=root / "artifacts",
+            weights=SHIPPED_WEIGHTS,
+            pixel_std=PRETRAIN_PIXEL_STD,
+            centre_faces=public_faces(root / "public", 6, 4, 64),
+            seed=0,
+        )
+    )
     return root / "artifacts"
 
 
@@ -43,9 +52,17 @@ def class_sums(tmp_path_factory):  # type: ignore[no-untyped-def]
     from dpa.runs.flower_deployment import Deployment, DeploymentConfig
 
     root = tmp_path_factory.mktemp("deployment")
-    cfg = FederationConfig(artifacts=_export(root, 4, 0.01), state_dir=root / "state", devices=6,
-                           identities_per_device=4, shared_per_device=1, images_per_identity=4, edge_servers=EDGES,
-                           round_timeout_s=120, seed=0)  # fmt: skip
+    cfg = FederationConfig(
+        artifacts=_export(root, 4, 0.01),
+        state_dir=root / "state",
+        devices=6,
+        identities_per_device=4,
+        shared_per_device=1,
+        images_per_identity=4,
+        edge_servers=EDGES,
+        round_timeout_s=120,
+        seed=0,
+    )
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -82,8 +99,13 @@ def test_a_supernode_with_an_unregistered_key_is_refused(class_sums):
     cmd = deployment.supernode_command(0, private_key=intruder, port=free_port()) + ["--max-retries", "1"]
     log = deployment.root / "intruder.log"
     with open(log, "wb") as out:  # a file, not a pipe: the SuperNode's SuperExec child would hold a pipe open
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "FLWR_HOME": str(deployment.root / "intruder-home")})  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "FLWR_HOME": str(deployment.root / "intruder-home")},
+        )
         try:
             assert proc.wait(120) != 0
         finally:
@@ -122,9 +144,17 @@ def test_splitfed_averages_the_edge_servers_tails_as_fedavg_in_torch(tmp_path):
     from dpa.runs.flower_deployment import Deployment, DeploymentConfig
 
     # 7 devices on 3 edge servers: 3, 2 and 2 devices, so that FedAvg's weights differ (36, 24, 24 examples).
-    cfg = FederationConfig(artifacts=tmp_path / "artifacts", state_dir=tmp_path / "state", devices=7,
-                           identities_per_device=4, shared_per_device=1, images_per_identity=4, edge_servers=EDGES,
-                           batch_size=4, seed=0)  # fmt: skip
+    cfg = FederationConfig(
+        artifacts=tmp_path / "artifacts",
+        state_dir=tmp_path / "state",
+        devices=7,
+        identities_per_device=4,
+        shared_per_device=1,
+        images_per_identity=4,
+        edge_servers=EDGES,
+        batch_size=4,
+        seed=0,
+    )
     _export(tmp_path, cfg.identities, 0.05)
     with Deployment(DeploymentConfig(cfg, recipe="splitfed", round_timeout_s=15)) as deployment:
         deployment.start_edge_servers()
@@ -145,6 +175,6 @@ def test_splitfed_averages_the_edge_servers_tails_as_fedavg_in_torch(tmp_path):
         w = torch.tensor(weights, dtype=torch.float64).reshape(-1, *([1] * (tails.dim() - 1)))
         fedavg = ((tails * w).sum(0) / w.sum()).numpy()
         np.testing.assert_allclose(averaged[name], fedavg, rtol=1e-6, atol=1e-7, err_msg=name)
-        for params, meta in after:  # every edge server holds the average now, at the step it was read at
+        for params, _ in after:  # every edge server holds the average now, at the step it was read at
             assert np.array_equal(params[name], averaged[name])
     assert [meta["global_step"] for _, meta in after] == [meta["global_step"] for _, meta in before]

@@ -50,9 +50,15 @@ def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
 
 
 def _ask(
-    grid: Grid, kind: str, content: Callable[[int | None], RecordDict], edges: int, timeout: float, attempts: int,
-    log: list[dict[str, Any]], edge_of: dict[int, int],
-) -> dict[int, Message]:  # fmt: skip
+    grid: Grid,
+    kind: str,
+    content: Callable[[int | None], RecordDict],
+    edges: int,
+    timeout: float,
+    attempts: int,
+    log: list[dict[str, Any]],
+    edge_of: dict[int, int],
+) -> dict[int, Message]:
     """Each edge server's answer (by its edge id), asking again the nodes that have not answered.
     ``content(edge)`` is the message for an edge server (None: one not known yet); ``edge_of`` maps the
     nodes known so far to their edge servers, and learns from every answer."""
@@ -76,9 +82,11 @@ def _ask(
         if len(answers) >= edges:
             return answers
     missing = edges - len(answers)
-    raise Incomplete(f"{missing} of {edges} edge servers did not answer within {attempts} attempts of {timeout:g} s "
-                     f"(answered: {sorted(answers) or 'none'}; last errors: {'; '.join(errors) or 'none'}); "
-                     "restart their SuperNodes and run again")  # fmt: skip
+    raise Incomplete(
+        f"{missing} of {edges} edge servers did not answer within {attempts} attempts of {timeout:g} s "
+        f"(answered: {sorted(answers) or 'none'}; last errors: {'; '.join(errors) or 'none'}); "
+        "restart their SuperNodes and run again"
+    )
 
 
 def _instruction(what: str, **fields: Any) -> RecordDict:
@@ -87,15 +95,25 @@ def _instruction(what: str, **fields: Any) -> RecordDict:
 
 def _combine_class_sums(grid: Grid, rc: dict[str, Any], out: Path, report: dict[str, Any]) -> None:
     size, d = int(rc[Run.GALLERY_SIZE]), None
-    answers = _ask(grid, "query", lambda _: _instruction(CLASS_SUMS, **{Do.GALLERY_SIZE: size}), int(rc[Run.EDGE_SERVERS]),
-                   float(rc[Run.ROUND_TIMEOUT_S]), int(rc[Run.ATTEMPTS]), report.setdefault("attempts", []), {})  # fmt: skip
+    answers = _ask(
+        grid,
+        "query",
+        lambda _: _instruction(CLASS_SUMS, **{Do.GALLERY_SIZE: size}),
+        int(rc[Run.EDGE_SERVERS]),
+        float(rc[Run.ROUND_TIMEOUT_S]),
+        int(rc[Run.ATTEMPTS]),
+        report.setdefault("attempts", []),
+        {},
+    )
     seen: dict[str, int] = {}
     per_edge = {}
     for edge, reply in sorted(answers.items()):
         for digest in reply.content["edge"]["digests"]:
             if digest in seen:
-                raise Incomplete(f"edge servers {seen[digest]} and {edge} both hold release {digest[:12]}...: it "
-                                 "would be counted twice; a device must enrol at one edge server")  # fmt: skip
+                raise Incomplete(
+                    f"edge servers {seen[digest]} and {edge} both hold release {digest[:12]}...: it "
+                    "would be counted twice; a device must enrol at one edge server"
+                )
             seen[digest] = edge
         per_edge[str(edge)] = int(reply.content["edge"]["releases"])
     sums = counts = None
@@ -112,8 +130,15 @@ def _combine_class_sums(grid: Grid, rc: dict[str, Any], out: Path, report: dict[
     buf = io.BytesIO()
     np.savez(buf, templates=templates, counts=n)
     atomic_write_bytes(out / GALLERY, buf.getvalue())
-    report.update({"releases": len(seen), "per_edge_server": per_edge, "gallery_identities": int((n > 0).sum()),
-                   "gallery": str(out / GALLERY), "gallery_sha256": hashlib.sha256(buf.getvalue()).hexdigest()})  # fmt: skip
+    report.update(
+        {
+            "releases": len(seen),
+            "per_edge_server": per_edge,
+            "gallery_identities": int((n > 0).sum()),
+            "gallery": str(out / GALLERY),
+            "gallery_sha256": hashlib.sha256(buf.getvalue()).hexdigest(),
+        }
+    )
 
 
 def _splitfed_round(grid: Grid, rc: dict[str, Any], out: Path, report: dict[str, Any], r: int) -> None:
@@ -138,10 +163,15 @@ def _splitfed_round(grid: Grid, rc: dict[str, Any], out: Path, report: dict[str,
     buf = io.BytesIO()
     np.savez(buf, **final)
     atomic_write_bytes(out / TAIL, buf.getvalue())
-    report.setdefault("rounds", []).append({
-        "round": r, "examples": examples, "global_steps": {str(e): s for e, s in sorted(steps.items())},
-        "loaded_sha256": sorted({str(m.content["loaded"]["sha256"]) for m in loaded.values()}), "attempts": log,
-    })  # fmt: skip
+    report.setdefault("rounds", []).append(
+        {
+            "round": r,
+            "examples": examples,
+            "global_steps": {str(e): s for e, s in sorted(steps.items())},
+            "loaded_sha256": sorted({str(m.content["loaded"]["sha256"]) for m in loaded.values()}),
+            "attempts": log,
+        }
+    )
     report["tail"] = str(out / TAIL)
 
 
