@@ -13,6 +13,15 @@ import typer
 from dpa.cli.errors import console, user_errors
 from dpa.cli.tables import print_records
 
+_Deployment = Annotated[
+    bool,
+    typer.Option(
+        "--deployment",
+        help="Flower's deployment runtime instead, on this machine's loopback: a TLS SuperLink, and per edge "
+        "server a dpa serve and an authenticated SuperNode, each its own process; flwr run (docs/federation.md).",
+    ),
+]
+
 
 def federate_command(
     artifacts: Annotated[
@@ -41,6 +50,7 @@ def federate_command(
         ),
     ] = False,
     label_epsilon: Annotated[float, typer.Option(help="SplitFed: each label's epsilon, inside the budget.")] = 4.0,
+    deployment: _Deployment = False,
 ) -> None:
     """Enrol many devices' class sums through Flower's simulation engine into one gallery (or run SplitFed)."""
     from dpa.federation.config import FederationConfig
@@ -58,6 +68,10 @@ def federate_command(
             images_per_identity=images_per_identity, total_epsilon=total_epsilon, delta=delta, rounds=rounds,
             drop_devices=tuple(drop_device or ()), round_timeout_s=round_timeout_s, seed=seed, actors=actors,
         )  # fmt: skip
+        if deployment:
+            from dpa.cli.federate_deployment import run_deployment
+
+            return run_deployment(cfg, splitfed)
         with console.status(f"Flower simulation: {devices} devices, {edge_servers} edge servers"):
             if splitfed:
                 report = run_splitfed(cfg)

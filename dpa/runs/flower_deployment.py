@@ -167,11 +167,16 @@ class Deployment:
             edge = self.edges[fed.edge_of(d)]
             async with EdgeClient(edge.url, token=edge.device_tokens[d], ca=self.tls.ca) as client:
                 if self.cfg.recipe == CLASS_SUMS:
-                    body, data, _ = device_release(fed, d)
+                    body, data, plan = device_release(fed, d)
                     labels = {"mechanism": messages.LabelMechanism.IN_CLASS_SUMS}
                     sid = (await client.open_session(digest, labels=labels, gallery_rows=data.identities)).session_id
                     answer = await client.class_sums(sid, body)
-                    sent[str(d)] = {"edge": edge.number, "retry": answer["retry"], "identities": list(data.identities)}
+                    sent[str(d)] = {
+                        "edge": edge.number,
+                        "retry": answer["retry"],
+                        "identities": list(data.identities),
+                        "epsilon": float(plan.accountant.summary()["epsilon"]),
+                    }
                     return
                 act, labels_sent, account = device_releases(fed, d)
                 sid = (await client.open_session(digest, labels=messages.labels_field(fed.label_epsilon))).session_id
