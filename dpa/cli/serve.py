@@ -121,32 +121,15 @@ def serve_command(
         resolved_state = state_dir if state_dir is not None else artifacts / "server-state"
         token_file = None if no_auth else (tokens if tokens is not None else resolved_state / "tokens.txt")
         config = ServerConfig(
-            artifacts=artifacts,
-            host=host,
-            port=port,
-            device=device,
-            max_batch=max_batch,
-            checkpoint_every=checkpoint_every,
-            journal=not no_journal,
-            templates=templates,
-            state_dir=state_dir,
-            tokens=token_file,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            insecure=insecure,
-            max_sessions=max_sessions,
-            max_sessions_per_device=max_sessions_per_device,
-            session_idle_s=session_idle_s,
-            session_rate=session_rate,
-            session_burst=session_burst,
-            min_free_bytes=int(min_free_mb * 2**20),
-            transfer_base_s=transfer_base_s,
-            min_transfer_rate=min_transfer_kib_s * 2**10,
+            artifacts=artifacts, host=host, port=port, device=device, max_batch=max_batch,
+            checkpoint_every=checkpoint_every, journal=not no_journal, templates=templates, state_dir=state_dir,
+            tokens=token_file, tls_cert=tls_cert, tls_key=tls_key, insecure=insecure, max_sessions=max_sessions,
+            max_sessions_per_device=max_sessions_per_device, session_idle_s=session_idle_s,
+            session_rate=session_rate, session_burst=session_burst, min_free_bytes=int(min_free_mb * 2**20),
+            transfer_base_s=transfer_base_s, min_transfer_rate=min_transfer_kib_s * 2**10,
             max_inflight_body_bytes=None if max_inflight_body_mb is None else int(max_inflight_body_mb * 2**20),
-            allow_origins=tuple(allow_origin or ()),
-            gallery_size=gallery_size,
-            operators=tuple(operator or ()),
-        )
+            allow_origins=tuple(allow_origin or ()), gallery_size=gallery_size, operators=tuple(operator or ()),
+        )  # fmt: skip
         ssl_context = server_ssl_context(config)
         load_manifest(artifacts)  # a wrong --artifacts fails here, before a token file is created
         if token_file is not None and not token_file.exists():

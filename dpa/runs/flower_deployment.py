@@ -103,7 +103,7 @@ def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, wait_s: floa
 class Deployment:
     def __init__(self, cfg: DeploymentConfig, say: Callable[[str], None] = print) -> None:
         self.cfg, self.say = cfg, say
-        self.root = cfg.root
+        self.root = cfg.root.resolve()  # Flower's configuration and every node config take absolute paths
         self.tls = credentials.make_tls(self.root / "tls")
         self.flwr_home = self.root / "flwr-home"  # the operator's machine: flwr's SuperLink connection
         self.superlink_port = free_port()
@@ -236,8 +236,9 @@ class Deployment:
         another key and port: a second SuperNode claiming to stand beside it (a test's intruder)."""
         edge = self.edges[k]
         edge.supernode_port = edge.supernode_port or free_port()
+        artifacts = self.cfg.federation.artifacts.resolve()
         node = {Node.EDGE_ID: k, Node.EDGE_URL: edge.url, Node.EDGE_CA: str(self.tls.ca),
-                Node.EDGE_STATE: str(edge.folder / "state"), Node.ARTIFACTS: str(self.cfg.federation.artifacts),
+                Node.EDGE_STATE: str(edge.folder / "state"), Node.ARTIFACTS: str(artifacts),
                 Node.OPERATOR_TOKEN: str(edge.folder / "bridge.token"), Node.BRIDGE_STATE: str(edge.folder / "bridge"),
                 Node.DRILL_PAUSE_S: float(drill_pause_s)}  # fmt: skip
         config = " ".join(f"{key}={json.dumps(value)}" for key, value in node.items())

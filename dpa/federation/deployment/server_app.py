@@ -106,7 +106,7 @@ def _combine_class_sums(grid: Grid, rc: dict[str, Any], out: Path, report: dict[
         {},
     )
     seen: dict[str, int] = {}
-    per_edge = {}
+    per_edge, bytes_in = {}, {}  # releases, and the bytes of the arrays each edge server answered
     for edge, reply in sorted(answers.items()):
         for digest in reply.content["edge"]["digests"]:
             if digest in seen:
@@ -116,6 +116,8 @@ def _combine_class_sums(grid: Grid, rc: dict[str, Any], out: Path, report: dict[
                 )
             seen[digest] = edge
         per_edge[str(edge)] = int(reply.content["edge"]["releases"])
+        part = reply.content["sums"]
+        bytes_in[str(edge)] = sum(part[k].numpy().nbytes for k in ("rows", "sums", "counts"))
     sums = counts = None
     for _, reply in sorted(answers.items()):
         part = reply.content["sums"]
@@ -135,6 +137,7 @@ def _combine_class_sums(grid: Grid, rc: dict[str, Any], out: Path, report: dict[
             "releases": len(seen),
             "per_edge_server": per_edge,
             "gallery_identities": int((n > 0).sum()),
+            "bytes_per_edge_server": bytes_in,
             "gallery": str(out / GALLERY),
             "gallery_sha256": hashlib.sha256(buf.getvalue()).hexdigest(),
         }
