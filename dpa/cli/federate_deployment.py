@@ -7,12 +7,13 @@ import time
 from dpa.cli.errors import console
 from dpa.cli.tables import print_records
 from dpa.federation.config import FederationConfig
-from dpa.federation.deployment.keys import CLASS_SUMS, SPLITFED
-from dpa.runs.flower_deployment import Deployment, DeploymentConfig
 
 
 def run_deployment(cfg: FederationConfig, splitfed: bool) -> None:
     """Start every process, let the devices enrol at their edge servers, run the app, stop everything."""
+    from dpa.federation.deployment.keys import CLASS_SUMS, SPLITFED  # the CLI imports its floors when it runs
+    from dpa.runs.flower_deployment import Deployment, DeploymentConfig
+
     recipe = SPLITFED if splitfed else CLASS_SUMS
     started = time.perf_counter()
     dep_cfg = DeploymentConfig(cfg, recipe=recipe, round_timeout_s=cfg.round_timeout_s)

@@ -45,6 +45,12 @@ def _export(root, classes: int, lr: float):  # type: ignore[no-untyped-def]
     return root / "artifacts"
 
 
+def _federation(root, **kw) -> FederationConfig:  # type: ignore[no-untyped-def]
+    """Devices of 4 identities (one shared with other devices), 4 images each, on the 3 edge servers."""
+    return FederationConfig(artifacts=root / "artifacts", state_dir=root / "state", identities_per_device=4,
+                            shared_per_device=1, images_per_identity=4, edge_servers=EDGES, seed=0, **kw)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def class_sums(tmp_path_factory):  # type: ignore[no-untyped-def]
     """The simulation's gallery first, then the same devices' kept releases through the deployment."""
@@ -52,17 +58,8 @@ def class_sums(tmp_path_factory):  # type: ignore[no-untyped-def]
     from dpa.runs.flower_deployment import Deployment, DeploymentConfig
 
     root = tmp_path_factory.mktemp("deployment")
-    cfg = FederationConfig(
-        artifacts=_export(root, 4, 0.01),
-        state_dir=root / "state",
-        devices=6,
-        identities_per_device=4,
-        shared_per_device=1,
-        images_per_identity=4,
-        edge_servers=EDGES,
-        round_timeout_s=120,
-        seed=0,
-    )
+    cfg = _federation(root, devices=6, round_timeout_s=120)
+    _export(root, 4, 0.01)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -144,17 +141,7 @@ def test_splitfed_averages_the_edge_servers_tails_as_fedavg_in_torch(tmp_path):
     from dpa.runs.flower_deployment import Deployment, DeploymentConfig
 
     # 7 devices on 3 edge servers: 3, 2 and 2 devices, so that FedAvg's weights differ (36, 24, 24 examples).
-    cfg = FederationConfig(
-        artifacts=tmp_path / "artifacts",
-        state_dir=tmp_path / "state",
-        devices=7,
-        identities_per_device=4,
-        shared_per_device=1,
-        images_per_identity=4,
-        edge_servers=EDGES,
-        batch_size=4,
-        seed=0,
-    )
+    cfg = _federation(tmp_path, devices=7, batch_size=4)
     _export(tmp_path, cfg.identities, 0.05)
     with Deployment(DeploymentConfig(cfg, recipe="splitfed", round_timeout_s=15)) as deployment:
         deployment.start_edge_servers()
