@@ -62,8 +62,8 @@ async def get_tail(request: web.Request) -> web.Response:
     return web.Response(body=await state.run(encode), content_type=wire.CONTENT_TYPE)
 
 
-def _parameters(state: ServerState, message: wire.Message) -> dict[str, np.ndarray]:
-    have = state.tail.parameters()
+def _parameters(have: dict[str, np.ndarray], message: wire.Message) -> dict[str, np.ndarray]:
+    """The message's parameters, checked against the tail's names, dtype and shapes (``have``)."""
     try:
         got = messages.decode_tail(message)
     except ValueError as exc:
@@ -82,20 +82,22 @@ def _parameters(state: ServerState, message: wire.Message) -> dict[str, np.ndarr
 
 async def put_tail(request: web.Request) -> web.Response:
     state = _operator(request)
-    numel = sum(v.size for v in (await state.run(state.tail.parameters)).values())
-    size = body_size(request, 4 * numel + _LAYOUT_SLACK)
+    have = await state.run(state.tail.parameters)  # once: its sizes bound the body, its shapes check it
+    size = body_size(request, 4 * sum(v.size for v in have.values()) + _LAYOUT_SLACK)
     async with state.bodies.hold(size):
         _, message = await read_message(request, size)
-        return await _load(request, state, message)
+        return await _load(request, state, message, have)
 
 
-async def _load(request: web.Request, state: ServerState, message: wire.Message) -> web.Response:
+async def _load(
+    request: web.Request, state: ServerState, message: wire.Message, have: dict[str, np.ndarray]
+) -> web.Response:
     expected = message.meta.get(TAIL_META_STEP)
     if isinstance(expected, bool) or not isinstance(expected, int):
         raise ApiError(400, "malformed_body", f"meta {TAIL_META_STEP!r} (the step averaged against) is required")
 
     def load() -> dict[str, int | str]:  # on the tail thread: no step runs between the check and the load
-        values = _parameters(state, message)
+        values = _parameters(have, message)  # a load keeps the names and shapes, so ``have`` still holds
         if state.tail.global_step != expected:
             raise ApiError(
                 409, "tail_moved", f"the tail is at step {state.tail.global_step}, not {expected}: devices trained "

@@ -94,7 +94,7 @@ def _instruction(what: str, **fields: Any) -> RecordDict:
 
 
 def _combine_class_sums(grid: Grid, rc: dict[str, Any], out: Path, report: dict[str, Any]) -> None:
-    size, d = int(rc[Run.GALLERY_SIZE]), None
+    size = int(rc[Run.GALLERY_SIZE])
     answers = _ask(
         grid,
         "query",
@@ -107,6 +107,7 @@ def _combine_class_sums(grid: Grid, rc: dict[str, Any], out: Path, report: dict[
     )
     seen: dict[str, int] = {}
     per_edge, bytes_in = {}, {}  # releases, and the bytes of the arrays each edge server answered
+    sums = counts = None
     for edge, reply in sorted(answers.items()):
         for digest in reply.content["edge"]["digests"]:
             if digest in seen:
@@ -117,15 +118,11 @@ def _combine_class_sums(grid: Grid, rc: dict[str, Any], out: Path, report: dict[
             seen[digest] = edge
         per_edge[str(edge)] = int(reply.content["edge"]["releases"])
         part = reply.content["sums"]
-        bytes_in[str(edge)] = sum(part[k].numpy().nbytes for k in ("rows", "sums", "counts"))
-    sums = counts = None
-    for _, reply in sorted(answers.items()):
-        part = reply.content["sums"]
         rows, s, c = part["rows"].numpy(), part["sums"].numpy(), part["counts"].numpy()
-        d = s.shape[1] if d is None else d
+        bytes_in[str(edge)] = rows.nbytes + s.nbytes + c.nbytes
         if sums is None:
-            sums, counts = np.zeros((size, d)), np.zeros(size)
-        sums[rows] += s  # type: ignore[index]
+            sums, counts = np.zeros((size, s.shape[1])), np.zeros(size)
+        sums[rows] += s
         counts[rows] += c  # type: ignore[index]
     assert sums is not None and counts is not None
     templates, n = class_templates(sums, counts)
