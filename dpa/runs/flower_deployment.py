@@ -208,9 +208,11 @@ class Deployment:
                str(self.tls.cert), "--ssl-keyfile", str(self.tls.key), "--enable-supernode-auth",
                "--disable-runtime-dependency-installation", "--database", str(self.root / "superlink.db"),
                "--host", "127.0.0.1", "--port", str(self.superlink_port)]  # fmt: skip
-        self.superlink = _spawn(cmd, self.root / "superlink.log", self._flwr_env())
+        log = self.root / "superlink.log"
+        offset = log.stat().st_size if log.is_file() else 0  # a restart appends to the first start's log
+        self.superlink = _spawn(cmd, log, self._flwr_env())
         deadline = time.monotonic() + 60
-        while "Uvicorn running" not in (self.root / "superlink.log").read_text():
+        while "Uvicorn running" not in log.read_text()[offset:]:
             if self.superlink.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the SuperLink did not start:\n{(self.root / 'superlink.log').read_text()[-2000:]}")
             time.sleep(0.2)
@@ -230,8 +232,9 @@ class Deployment:
             self.root / "keys", f"edge-{k}")  # fmt: skip
 
     def supernode_command(
-        self, k: int, drill_pause_s: float = 0.0, private_key: Path | None = None, port: int | None = None
-    ) -> list[str]:
+        self, k: int, drill_pause_s: float = 0.0, private_key: Path | None = None, port: int | None = None,
+        drill_at: str = "",
+    ) -> list[str]:  # fmt: skip
         """``flower-supernode`` for edge server k: TLS to the SuperLink, its key, and where its edge server is;
         another key and port: a second SuperNode claiming to stand beside it (a test's intruder)."""
         edge = self.edges[k]
@@ -240,14 +243,16 @@ class Deployment:
         node = {Node.EDGE_ID: k, Node.EDGE_URL: edge.url, Node.EDGE_CA: str(self.tls.ca),
                 Node.EDGE_STATE: str(edge.folder / "state"), Node.ARTIFACTS: str(artifacts),
                 Node.OPERATOR_TOKEN: str(edge.folder / "bridge.token"), Node.BRIDGE_STATE: str(edge.folder / "bridge"),
-                Node.DRILL_PAUSE_S: float(drill_pause_s)}  # fmt: skip
+                Node.DRILL_PAUSE_S: float(drill_pause_s), Node.DRILL_AT: drill_at}  # fmt: skip
         config = " ".join(f"{key}={json.dumps(value)}" for key, value in node.items())
         return [str(_BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.superlink_port}",
                 "--root-certificates", str(self.tls.ca), "--auth-supernode-private-key",
                 str(private_key or self.node_key(k)[0]), "--node-config", config, "--host", "127.0.0.1",
                 "--port", str(port or edge.supernode_port)]  # fmt: skip
 
-    def start_supernode(self, k: int, drill_pause_s: float = 0.0, patience_s: float = 150.0) -> None:
+    def start_supernode(
+        self, k: int, drill_pause_s: float = 0.0, patience_s: float = 150.0, drill_at: str = ""
+    ) -> None:
         """Start edge server k's SuperNode and wait until the SuperLink has activated it.
 
         After a crash the SuperLink holds the node online until two missed heartbeats (Flower's fixed 30 s
@@ -260,7 +265,7 @@ class Deployment:
         deadline = time.monotonic() + patience_s
         while True:
             offset = log.stat().st_size if log.is_file() else 0
-            edge.supernode = _spawn(self.supernode_command(k, drill_pause_s), log, home)
+            edge.supernode = _spawn(self.supernode_command(k, drill_pause_s, drill_at=drill_at), log, home)
             while edge.supernode.poll() is None:
                 with open(log, "rb") as f:
                     f.seek(offset)
@@ -295,6 +300,13 @@ class Deployment:
         timeout = 120 + self.cfg.attempts * self.cfg.round_timeout_s * (2 * fed.rounds + 1)
         done = self.flwr("run", str(APP_DIR), _CONNECTION, "--run-config", overrides, "--stream", timeout_s=timeout)
         (self.root / "flwr-run.log").write_text(done.stdout + done.stderr)
+        if self.superlink is None or self.superlink.poll() is not None:
+            raise RuntimeError(
+                "the SuperLink is not running (it stopped before or during the run; its log: "
+                f"{self.root / 'superlink.log'}): start it again (its --database keeps the registered SuperNodes, "
+                "which reconnect by themselves) and run again; every answer is recomputed from the edge servers' "
+                "stores, so nothing is counted twice"
+            )
         if not report_file.is_file():
             raise RuntimeError(f"the run left no report; flwr run said:\n{(done.stdout + done.stderr)[-3000:]}")
         report = json.loads(report_file.read_text())

@@ -51,6 +51,26 @@ def _federation(root, **kw) -> FederationConfig:  # type: ignore[no-untyped-def]
                             shared_per_device=1, images_per_identity=4, edge_servers=EDGES, seed=0, **kw)  # fmt: skip
 
 
+def _run_until(deployment, marker) -> tuple[threading.Thread, dict]:  # type: ignore[no-untyped-def]
+    """``run_app`` in a thread, returned once the bridge has written ``marker`` (it is answering, paused):
+    the thread, and what the run ends with (``report``, or ``why`` it failed)."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["report"] = deployment.run_app()
+        except RuntimeError as exc:
+            outcome["why"] = str(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    deadline = time.monotonic() + 120
+    while not marker.is_file():
+        assert time.monotonic() < deadline, f"the bridge never wrote {marker.name}"
+        time.sleep(0.2)
+    return runner, outcome
+
+
 @pytest.fixture(scope="module")
 def class_sums(tmp_path_factory):  # type: ignore[no-untyped-def]
     """The simulation's gallery first, then the same devices' kept releases through the deployment."""
@@ -118,13 +138,7 @@ def test_a_supernode_killed_mid_round_is_asked_again_and_nothing_is_counted_twic
     marker.unlink(missing_ok=True)
     deployment.kill_supernode(1)
     deployment.start_supernode(1, drill_pause_s=60)  # it answers after a minute: it is killed before that
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(report=deployment.run_app()))
-    runner.start()
-    deadline = time.monotonic() + 120
-    while not marker.is_file():
-        assert time.monotonic() < deadline, "the bridge never started answering"
-        time.sleep(0.2)
+    runner, result = _run_until(deployment, marker)
     deployment.kill_supernode(1)  # SIGKILL, mid-answer
     deployment.start_supernode(1)  # let in again once the SuperLink has seen it miss its heartbeats
     runner.join(300)
@@ -165,3 +179,67 @@ def test_splitfed_averages_the_edge_servers_tails_as_fedavg_in_torch(tmp_path):
         for params, _ in after:  # every edge server holds the average now, at the step it was read at
             assert np.array_equal(params[name], averaged[name])
     assert [meta["global_step"] for _, meta in after] == [meta["global_step"] for _, meta in before]
+
+
+@pytest.mark.long  # two minutes and more: a killed SuperNode is let in again after two missed heartbeats
+def test_a_superlink_killed_mid_run_fails_clearly_and_a_restarted_one_gives_the_same_gallery(class_sums):
+    from dpa.runs.flower_deployment import _stop
+
+    cfg, _, deployment, _, first = class_sums
+    marker = deployment.edges[1].folder / "bridge" / "answering.class-sums"
+    marker.unlink(missing_ok=True)
+    deployment.kill_supernode(1)
+    deployment.start_supernode(1, drill_pause_s=60)
+    runner, failed = _run_until(deployment, marker)
+    _stop(deployment.superlink, signal.SIGKILL)  # the SuperLink and its ServerApp, mid-run
+    runner.join(300)
+    assert "the SuperLink is not running" in failed["why"] and "run again" in failed["why"]
+    deployment.start_superlink()  # the same database: the registered keys survive, the SuperNodes reconnect
+    deployment.kill_supernode(1)
+    deployment.start_supernode(1)
+    again = deployment.run_app()
+    assert again["releases"] == cfg.devices and again["gallery_sha256"] == first["gallery_sha256"]
+
+
+@pytest.mark.long  # the SuperLink killed between a round's loads, then a SuperNode let in again: 3 minutes
+def test_a_round_cut_between_its_loads_is_finished_with_the_same_average(tmp_path):
+    """Edge servers 0 and 1 have loaded the round's average when the SuperLink dies; edge server 2 has not.
+    The next run loads that same average into edge server 2 (and again, the same state, into 0 and 1) before
+    anything else: every edge server ends on FedAvg of the three tails, as computed in torch, not on an
+    average of edge server 2's old tail alone (0 and 1 would weigh 0 examples in a new round)."""
+    import torch
+
+    from dpa.runs.flower_deployment import Deployment, DeploymentConfig, _stop
+
+    cfg = _federation(tmp_path, devices=7, batch_size=4)
+    _export(tmp_path, cfg.identities, 0.05)
+    with Deployment(DeploymentConfig(cfg, recipe="splitfed", round_timeout_s=15, attempts=8)) as deployment:
+        deployment.start_edge_servers()
+        deployment.enrol_devices()
+        before = deployment.tails()
+        deployment.start_superlink()
+        for k in range(EDGES):
+            deployment.register(f"edge-{k}", deployment.node_key(k)[1])
+            deployment.start_supernode(k, drill_pause_s=60 if k == 2 else 0, drill_at="load-tail")
+        marker = deployment.edges[2].folder / "bridge" / "answering.load-tail"
+        runner, failed = _run_until(deployment, marker)
+        time.sleep(3)  # edge servers 0 and 1 load meanwhile (milliseconds)
+        _stop(deployment.superlink, signal.SIGKILL)
+        runner.join(300)
+        assert "the SuperLink is not running" in failed["why"]
+        mid = deployment.tails()
+        deployment.start_superlink()
+        deployment.kill_supernode(2)
+        deployment.start_supernode(2)
+        report = deployment.run_app()
+        after = deployment.tails()
+    weights = [meta["examples_seen"] for _, meta in before]
+    for name in before[0][0]:
+        tails = torch.stack([torch.from_numpy(params[name]).double() for params, _ in before])
+        w = torch.tensor(weights, dtype=torch.float64).reshape(-1, *([1] * (tails.dim() - 1)))
+        fedavg = ((tails * w).sum(0) / w.sum()).numpy()
+        assert np.array_equal(mid[2][0][name], before[2][0][name]), "edge server 2 must not have loaded yet"
+        np.testing.assert_allclose(mid[0][0][name], fedavg, rtol=1e-6, atol=1e-7)
+        for params, _ in after:
+            np.testing.assert_allclose(params[name], fedavg, rtol=1e-6, atol=1e-7, err_msg=name)
+    assert "resumed" in report and report["rounds"][0].get("skipped") == "nothing new"

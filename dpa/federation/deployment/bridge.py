@@ -30,7 +30,7 @@ from flwr.clientapp import ClientApp
 
 from dpa.base.atomic import atomic_write_bytes
 from dpa.contract.manifest import load_manifest
-from dpa.federation.deployment.keys import ANSWERING, CLASS_SUMS, LOAD_TAIL, TAIL_LOADS, Do, Node
+from dpa.federation.deployment.keys import ANSWERING, CLASS_SUMS, LOAD_TAIL, READ_TAIL, TAIL_LOADS, Do, Node
 from runtime_client.edge import EdgeClient, read_token_file
 from runtime_server.class_sums import ClassSumStore
 
@@ -53,7 +53,7 @@ def _edge(context: Context) -> EdgeClient:
 def _drill(context: Context, what: str) -> None:
     """Fault drills: say that an answer is under way, then wait (a test kills the SuperNode meanwhile)."""
     pause = float(_node(context, Node.DRILL_PAUSE_S, 0.0))  # type: ignore[arg-type]
-    if pause > 0:
+    if pause > 0 and str(_node(context, Node.DRILL_AT, "")) in ("", what):
         folder = Path(str(_node(context, Node.BRIDGE_STATE)))
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(folder / f"{ANSWERING}.{what}", b"")
@@ -85,7 +85,7 @@ def _read_tail(context: Context) -> RecordDict:
             return await edge.tail()
 
     params, meta = asyncio.run(read())
-    _drill(context, "tail")
+    _drill(context, READ_TAIL)
     _, loads = _loads(context)
     examples = int(meta["examples_seen"]) - int(loads["examples_at_load"])
     return RecordDict({
@@ -98,7 +98,8 @@ def _read_tail(context: Context) -> RecordDict:
 
 def _load_tail(context: Context, msg: Message) -> RecordDict:
     params = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    step = int(msg.content[Do.RECORD][Do.GLOBAL_STEP])
+    _drill(context, LOAD_TAIL)
+    step = int(list(msg.content[Do.RECORD][Do.GLOBAL_STEPS])[int(_node(context, Node.EDGE_ID))])  # type: ignore[call-overload]
 
     async def load() -> dict:  # type: ignore[type-arg]
         async with _edge(context) as edge:

@@ -3,9 +3,10 @@ instructions a message carries, and the files a bridge keeps. One owner, so that
 
 from __future__ import annotations
 
-__all__ = ["Node", "Run", "Do", "CLASS_SUMS", "LOAD_TAIL", "SPLITFED", "ANSWERING", "TAIL_LOADS"]
+__all__ = ["Node", "Run", "Do", "CLASS_SUMS", "LOAD_TAIL", "READ_TAIL", "SPLITFED", "ANSWERING", "TAIL_LOADS"]
 
 CLASS_SUMS, SPLITFED = "class-sums", "splitfed"  # the recipes (run config "recipe")
+READ_TAIL = "tail"  # the first half of a SplitFed round: each edge server's tail is read (Flower's train message)
 LOAD_TAIL = "load-tail"  # the second half of a SplitFed round: the average goes back to every edge server
 ANSWERING = "answering"  # a bridge's marker file while it answers (a fault drill waits for it)
 TAIL_LOADS = "tail_loads.json"  # a bridge's record of the examples its edge server's tail had at each load
@@ -22,6 +23,7 @@ class Node:
     OPERATOR_TOKEN = "operator-token"  # a file with the bridge's operator token for GET/PUT /v1/tail
     BRIDGE_STATE = "bridge-state"  # the bridge's own folder (its tail-load record, its drill marker)
     DRILL_PAUSE_S = "drill-pause-s"  # fault drills only: wait this long before answering (0: never)
+    DRILL_AT = "drill-at"  # ... before which answer: class-sums, tail or load-tail ("": every one)
 
 
 class Run:
@@ -39,4 +41,5 @@ class Run:
 class Do:
     """The instruction record of a message: ``msg.content[Do.RECORD][Do.WHAT]``."""
 
-    RECORD, WHAT, GALLERY_SIZE, GLOBAL_STEP = "do", "what", "gallery-size", "global-step"
+    # GLOBAL_STEPS: a SplitFed load's step for every edge server, by edge id (each bridge takes its own).
+    RECORD, WHAT, GALLERY_SIZE, GLOBAL_STEPS = "do", "what", "gallery-size", "global-steps"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
@@ -33,9 +33,11 @@ from dpa.base.atomic import atomic_write_bytes
 from dpa.federation.deployment.keys import CLASS_SUMS, LOAD_TAIL, SPLITFED, Do, Run
 from dpa.privacy.class_sums import class_templates
 
-__all__ = ["server_app", "app", "GALLERY", "TAIL", "REPORT", "Incomplete"]
+__all__ = ["server_app", "app", "GALLERY", "TAIL", "REPORT", "PENDING", "Incomplete"]
 
 GALLERY, TAIL, REPORT = "gallery.npz", "splitfed_tail.npz", "report.json"
+PENDING = "pending_average.npz"  # a SplitFed round's average until every edge server has loaded it
+_STEPS = "__global_steps__"  # in PENDING: the step each edge server's tail was read at, by edge id
 
 
 class Incomplete(RuntimeError):
@@ -141,33 +143,58 @@ def _combine_class_sums(grid: Grid, rc: dict[str, Any], out: Path, report: dict[
     )
 
 
+def _load_everywhere(grid: Grid, rc: dict[str, Any], average: ArrayRecord, steps: list[int],
+                     log: list[dict[str, Any]]) -> dict[int, Message]:  # fmt: skip
+    """Every edge server loads ``average``, each against the step it was read at (``steps[edge]``)."""
+    content = _instruction(LOAD_TAIL, **{Do.GLOBAL_STEPS: steps})
+    content["arrays"] = average
+    edges, timeout, attempts = int(rc[Run.EDGE_SERVERS]), float(rc[Run.ROUND_TIMEOUT_S]), int(rc[Run.ATTEMPTS])
+    return _ask(grid, "query", lambda _: content, edges, timeout, attempts, log, {})
+
+
+def _publish(out: Path, average: ArrayRecord) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: v.numpy() for k, v in average.items()})
+    atomic_write_bytes(out / TAIL, buf.getvalue())
+    (out / PENDING).unlink(missing_ok=True)
+
+
+def _finish_pending(grid: Grid, rc: dict[str, Any], out: Path, report: dict[str, Any]) -> None:
+    """A round whose average was computed but not loaded everywhere (the SuperLink or this process died
+    between the loads): load that same average, against the same steps, before anything else. An edge
+    server that loaded it already loads it again (the same state); without this, the next round would weigh
+    those edge servers at 0 examples and average the others' old tails alone."""
+    if not (out / PENDING).is_file():
+        return
+    with np.load(out / PENDING, allow_pickle=False) as z:
+        steps = [int(v) for v in z[_STEPS]]
+        average = ArrayRecord({k: Array(z[k]) for k in z.files if k != _STEPS})
+    log: list[dict[str, Any]] = []
+    _load_everywhere(grid, rc, average, steps, log)
+    _publish(out, average)
+    report["resumed"] = {"global_steps": steps, "attempts": log}
+
+
 def _splitfed_round(grid: Grid, rc: dict[str, Any], out: Path, report: dict[str, Any], r: int) -> None:
     edges, timeout, attempts = int(rc[Run.EDGE_SERVERS]), float(rc[Run.ROUND_TIMEOUT_S]), int(rc[Run.ATTEMPTS])
     log: list[dict[str, Any]] = []
-    edge_of: dict[int, int] = {}
-    tails = _ask(grid, "train", lambda _: RecordDict(), edges, timeout, attempts, log, edge_of)
-    replies = [tails[e].content for e in sorted(tails)]
+    tails = _ask(grid, "train", lambda _: RecordDict(), edges, timeout, attempts, log, {})
     examples = {str(e): int(tails[e].content["metrics"]["num-examples"]) for e in sorted(tails)}
-    if sum(examples.values()) <= 0:
-        raise Incomplete(f"round {r}: no edge server trained on any example since the last load: nothing to average")
-    average = aggregate_arrayrecords(replies, "num-examples")  # Flower's own FedAvg, weighted by examples
-    steps = {e: int(tails[e].content["edge"]["global-step"]) for e in tails}
-
-    def load(edge: int | None) -> RecordDict:
-        content = _instruction(LOAD_TAIL, **{Do.GLOBAL_STEP: steps.get(edge, -1) if edge is not None else -1})
-        content["arrays"] = average
-        return content
-
-    loaded = _ask(grid, "query", load, edges, timeout, attempts, log, edge_of)
-    final = {k: v.numpy() for k, v in average.items()}
-    buf = io.BytesIO()
-    np.savez(buf, **final)
-    atomic_write_bytes(out / TAIL, buf.getvalue())
+    if sum(examples.values()) <= 0:  # nothing trained since the last average: every edge server holds it
+        report.setdefault("rounds", []).append({"round": r, "examples": examples, "skipped": "nothing new"})
+        return
+    average = aggregate_arrayrecords([tails[e].content for e in sorted(tails)], "num-examples")  # Flower's FedAvg
+    steps = [int(tails[e].content["edge"]["global-step"]) for e in range(edges)]
+    buf = io.BytesIO()  # the round's average, kept until every edge server has loaded it (_finish_pending)
+    np.savez(buf, **{k: v.numpy() for k, v in average.items()}, **{_STEPS: np.asarray(steps, dtype=np.int64)})
+    atomic_write_bytes(out / PENDING, buf.getvalue())
+    loaded = _load_everywhere(grid, rc, average, steps, log)
+    _publish(out, average)
     report.setdefault("rounds", []).append(
         {
             "round": r,
             "examples": examples,
-            "global_steps": {str(e): s for e, s in sorted(steps.items())},
+            "global_steps": {str(e): s for e, s in enumerate(steps)},
             "loaded_sha256": sorted({str(m.content["loaded"]["sha256"]) for m in loaded.values()}),
             "attempts": log,
         }
@@ -189,6 +216,7 @@ def server_app() -> ServerApp:
             if rc[Run.RECIPE] == CLASS_SUMS:
                 _combine_class_sums(grid, rc, out, report)
             elif rc[Run.RECIPE] == SPLITFED:
+                _finish_pending(grid, rc, out, report)
                 for r in range(1, int(rc[Run.ROUNDS]) + 1):
                     _splitfed_round(grid, rc, out, report, r)
             else:
