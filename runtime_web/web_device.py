@@ -31,13 +31,14 @@ __all__ = ["WebDeviceConfig", "web_app", "ORT_DIST", "STATIC"]
 
 STATIC = Path(__file__).resolve().parent / "static"
 ORT_DIST = Path(__file__).resolve().parent / "node_modules" / "onnxruntime-web" / "dist"
-#: The onnxruntime-web files the page loads: the training build (the head's artifacts are training artifacts).
+#: The onnxruntime-web files the page loads: the standard WASM build (the head runs as inference graphs, its
+#: backward too: head/gradient_model.onnx), not the training build, which stopped at 1.19.2.
 _ORT_FILES = (
-    "ort.training.wasm.min.mjs",
-    "ort-training-wasm-simd-threaded.mjs",
-    "ort-training-wasm-simd-threaded.wasm",
+    "ort.wasm.min.mjs",
+    "ort-wasm-simd-threaded.mjs",
+    "ort-wasm-simd-threaded.wasm",
 )
-_PAGE_FILES = ("device.js", "privacy.js", "wire.js", "npy.js", "page.css")
+_PAGE_FILES = ("device.js", "privacy.js", "wire.js", "npy.js", "npz.js", "page.css")
 _TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".css": "text/css",
           ".html": "text/html", ".json": "application/json", ".npy": "application/octet-stream"}  # fmt: skip
 

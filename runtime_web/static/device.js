@@ -1,8 +1,12 @@
 // The dpa device in a browser (issue 24): what `dpa client --release class-sums` does, from docs/protocol.md.
-// The head runs in onnxruntime-web (WASM) from the export's own artifacts, checked against the manifest's
-// SHA-256s; the images never leave the page; one class-sum release with Gaussian noise is all it sends.
-import * as ort from "/ort/ort.training.wasm.min.mjs";
+// The head runs in onnxruntime-web's standard WASM build (no training build: that one stopped at 1.19.2, as the
+// Python training wheel did) from the export's own artifacts, checked against the manifest's SHA-256s: the
+// eval graph and the head's parameters (head/parameters.npz) fed as its inputs, as runtime_client.head does,
+// and for a training step the export's gradient graph (head/gradient_model.onnx, standard ONNX ops only).
+// The images never leave the page; one class-sum release with Gaussian noise is all it sends.
+import * as ort from "/ort/ort.wasm.min.mjs";
 import { parseNpy } from "./npy.js";
+import { parseNpz } from "./npz.js";
 import { gaussianEpsilon, gaussianZ, roundHalfEven, secureNormals, snapStep } from "./privacy.js";
 import { decode, encode } from "./wire.js";
 
@@ -10,8 +14,8 @@ ort.env.wasm.wasmPaths = "/ort/";
 ort.env.wasm.numThreads = 1;  // no cross-origin isolation needed, and the same sums on every run
 
 const $ = (id) => document.getElementById(id);
-const state = { config: null, manifest: null, manifestSha: null, head: null, centre: null, prepared: null,
-                templates: null, sent: false };
+const state = { config: null, manifest: null, manifestSha: null, head: null, params: null, gradient: null,
+                centre: null, prepared: null, templates: null, sent: false };
 window.dpa = state;  // the page's state, for people with a console and for the test
 
 class PageError extends Error {}
@@ -38,10 +42,9 @@ async function loadHead() {
   state.manifestSha = await sha256Hex(raw);
   state.manifest = JSON.parse(new TextDecoder().decode(raw));
   if (state.manifest.schema_version !== 1) throw new PageError(`manifest schema ${state.manifest.schema_version} is not 1`);
-  const [checkpoint, training, evaluation] = await Promise.all(
-    ["head/checkpoint", "head/training_model.onnx", "head/eval_model.onnx"].map(fetchChecked));
-  state.head = await ort.TrainingSession.create({ checkpointState: new Uint8Array(checkpoint),
-    trainModel: new Uint8Array(training), evalModel: new Uint8Array(evaluation) }, { executionProviders: ["wasm"] });
+  const [parameters, evaluation] = await Promise.all(["head/parameters.npz", "head/eval_model.onnx"].map(fetchChecked));
+  state.params = parseNpz(parameters);
+  state.head = await ort.InferenceSession.create(new Uint8Array(evaluation), { executionProviders: ["wasm"] });
   state.centre = state.manifest.release_centre ? parseNpy(await fetchChecked(state.manifest.release_centre)).data : null;
   $("clip").value = state.manifest.release_clip ?? "";
   $("head").textContent = `head: ${state.manifest.cut} of VGG-Face ${state.manifest.image_size}px, width ${state.manifest.width}, ` +
@@ -68,6 +71,32 @@ async function preprocess(blob, label) {
   return out;
 }
 
+// A head graph's feeds: the images (B, 3, H, W) and every parameter the graph takes, from head/parameters.npz.
+function headFeeds(session, images, batch, extra = {}) {
+  const m = state.manifest, feeds = { images: new ort.Tensor("float32", images, [batch, 3, m.image_size, m.image_size]), ...extra };
+  for (const name of session.inputNames) {
+    if (name in feeds) continue;
+    const p = state.params[name];
+    if (!p) throw new PageError(`the head's parameters lack ${name}`);
+    feeds[name] = new ort.Tensor("float32", p.data, p.shape);
+  }
+  return feeds;
+}
+
+// d loss / d parameters = J^T upstream for a batch (images: one Float32Array (B, 3, H, W); upstream: the
+// activation gradient, Float32Array (B, *activation_shape)): the export's gradient graph, as the Python
+// device's HeadModel.accumulate runs it. {parameter name: {shape, data}}.
+async function headGradients(images, batch, upstream) {
+  if (!state.gradient) {
+    if (!state.manifest.files["head/gradient_model.onnx"]) throw new PageError("this export has no gradient graph: its head can only be used frozen");
+    state.gradient = await ort.InferenceSession.create(new Uint8Array(await fetchChecked("head/gradient_model.onnx")),
+                                                       { executionProviders: ["wasm"] });
+  }
+  const m = state.manifest, up = { upstream_gradient: new ort.Tensor("float32", upstream, [batch, ...m.activation_shape]) };
+  const results = await state.gradient.run(headFeeds(state.gradient, images, batch, up));
+  return Object.fromEntries(Object.entries(results).map(([k, t]) => [k.replace(/\.grad$/, ""), { shape: t.dims, data: t.data }]));
+}
+
 // The head's activations of images (Float32Arrays), minus the release centre, clipped to L2 norm C: Float64Arrays.
 async function clippedActivations(images, clip) {
   const m = state.manifest, d = m.activation_shape.reduce((a, b) => a * b, 1), per = 3 * m.image_size ** 2;
@@ -75,10 +104,8 @@ async function clippedActivations(images, clip) {
   for (let start = 0; start < images.length; start += 16) {
     const batch = images.slice(start, start + 16), data = new Float32Array(batch.length * per);
     batch.forEach((x, i) => data.set(x, i * per));
-    const feeds = { images: new ort.Tensor("float32", data, [batch.length, 3, m.image_size, m.image_size]) };
-    // onnxruntime-web 1.19's runEvalStep names its results after the TRAINING model's outputs (here
-    // "vjp_surrogate"), so the eval model's one output, "activation", is taken by position and its shape checked.
-    const outputs = Object.values(await state.head.runEvalStep(feeds));
+    const feeds = headFeeds(state.head, data, batch.length);
+    const outputs = Object.values(await state.head.run(feeds));
     const want = [batch.length, ...m.activation_shape];
     if (outputs.length !== 1 || outputs[0].dims.join() !== want.join()) {
       throw new Error(`the head's eval model answered ${outputs.map((o) => `[${o.dims}]`)}, not an activation of [${want}]`);
@@ -267,6 +294,7 @@ guarded(async () => {
   $("epsilon").value = state.config.epsilon; $("delta").value = state.config.delta;
   $("builtin").textContent = state.config.builtin ? `built-in faces: ${state.config.builtin}` : "";
   await loadHead();
+  if (state.config.test_hooks) Object.assign(state, { headGradients, preprocess, blobOf });  // the tests' handles
   $("prepare").disabled = false;
   say("head loaded and checked; pick a folder of faces (or use the built-in ones) and prepare the release", "ok");
   document.body.dataset.ready = "yes";

@@ -267,3 +267,42 @@ def test_the_edge_server_allows_only_the_named_origin(setup):
             urllib.request.urlopen(request, timeout=30)
         except urllib.error.HTTPError as exc:  # 401 (a wrong token) still tells the allowed page why
             assert exc.code == 401 and (exc.headers.get("Access-Control-Allow-Origin") == origin) is allowed
+
+
+_PAGE_GRADIENTS = """(async () => {
+  const d = window.dpa, m = d.manifest, index = await (await fetch('/faces/index.json')).json();
+  const urls = Object.values(index.enrol).flat().slice(0, 4);
+  const per = 3 * m.image_size ** 2, images = new Float32Array(urls.length * per);
+  for (const [i, url] of urls.entries()) {
+    images.set(await d.preprocess(await d.blobOf({ url, name: url }), url), i * per);
+  }
+  const numel = m.activation_shape.reduce((a, b) => a * b, 1);
+  const up = Float32Array.from({ length: urls.length * numel }, (_, k) => Math.fround(Math.sin(0.37 * k)));
+  const g = await d.headGradients(images, urls.length, up);
+  const grads = Object.entries(g).map(([k, v]) => [k, { shape: v.shape, data: Array.from(v.data) }]);
+  return { images: Array.from(images), upstream: Array.from(up), grads: Object.fromEntries(grads) };
+})()"""
+
+
+def test_the_page_computes_the_heads_gradients_as_the_python_device(setup):
+    """The page on onnxruntime-web's standard build (no training build) runs the export's gradient graph: its
+    parameter gradients for a batch and an upstream gradient equal the Python device's (HeadModel.accumulate,
+    plain onnxruntime) on the same images to 1e-4."""
+
+    async def run() -> dict:
+        async with Browser(setup["root"] / "profile-gradients") as b:
+            await b.goto(setup["origin"] + "/")
+            await b.wait_for("document.body.dataset.ready === 'yes'")
+            return await b.js(_PAGE_GRADIENTS)
+
+    page = asyncio.run(run())
+    manifest = load_manifest(setup["artifacts"])
+    head = HeadModel(setup["artifacts"], manifest, resolve_device(DeviceProfile.CPU))
+    images = np.asarray(page["images"], dtype=np.float32).reshape(4, 3, manifest.image_size, manifest.image_size)
+    upstream = np.asarray(page["upstream"], dtype=np.float32).reshape(4, *manifest.activation_shape)
+    head.accumulate(images, upstream)
+    assert set(page["grads"]) == set(head._grads) and len(head._grads) > 2
+    for name, want in head._grads.items():
+        got = np.asarray(page["grads"][name]["data"], dtype=np.float32).reshape(page["grads"][name]["shape"])
+        assert got.shape == want.shape and np.abs(want).max() > 0, name
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=name)
