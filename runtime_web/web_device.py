@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from aiohttp import web
 from dpa.contract.errors import UserError
 from dpa.contract.manifest import load_manifest
 from dpa.faces.lfw import index_faces, split_faces
+from dpa.privacy.mechanism import DPConfig
+from dpa.privacy.release_plan import plan_releases
 
 __all__ = ["WebDeviceConfig", "web_app", "ORT_DIST", "STATIC"]
 
@@ -38,7 +41,7 @@ _ORT_FILES = (
     "ort-wasm-simd-threaded.mjs",
     "ort-wasm-simd-threaded.wasm",
 )
-_PAGE_FILES = ("device.js", "privacy.js", "wire.js", "npy.js", "npz.js", "page.css")
+_PAGE_FILES = ("device.js", "dpa_step.js", "privacy.js", "wire.js", "npy.js", "npz.js", "page.css")
 _TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".css": "text/css",
           ".html": "text/html", ".json": "application/json", ".npy": "application/octet-stream"}  # fmt: skip
 
@@ -114,6 +117,11 @@ def web_app(cfg: WebDeviceConfig) -> web.Application:
     async def config_json(_: web.Request) -> web.Response:
         return web.json_response(page_config, headers={"Cache-Control": "no-store"})
 
+    async def plan(request: web.Request) -> web.Response:
+        """DP-A's plan for the page: the noise for a whole-run budget over ``releases`` releases of each
+        example, labels inside, by the device's own accountant (``dpa.privacy.release_plan``, PLD)."""
+        return web.json_response(_plan(request.query), headers={"Cache-Control": "no-store"})
+
     async def faces_index(_: web.Request) -> web.Response:
         if cfg.faces is None:
             raise web.HTTPNotFound()
@@ -131,6 +139,21 @@ def web_app(cfg: WebDeviceConfig) -> web.Application:
     app.router.add_get("/static/{name}", page_file)
     app.router.add_get("/ort/{name}", ort_file)
     app.router.add_get("/artifacts/{path:.+}", artifact)
+    app.router.add_get("/plan", plan)
     app.router.add_get("/faces/index.json", faces_index)
     app.router.add_get("/faces/{path:.+}", face)
     return app
+
+
+def _plan(query: Mapping[str, str]) -> dict[str, object]:
+    try:
+        eps, delta, clip = float(query["epsilon"]), float(query["delta"]), float(query["clip"])
+        releases, label_eps = int(query["releases"]), float(query["label_epsilon"])
+        planned = plan_releases(DPConfig(clip=clip, epsilon=None, delta=delta), total_epsilon=eps, releases=releases,
+                                label_epsilon=label_eps)  # fmt: skip
+        planned.accountant.record(releases)
+    except (KeyError, ValueError, UserError) as exc:
+        raise web.HTTPBadRequest(text=f"no plan: {exc}") from None
+    return {"noise_multiplier": planned.dp.noise_multiplier, "sigma": planned.dp.noise_std,
+            "epsilon": planned.accountant.epsilon, "delta": delta, "label_epsilon": label_eps, "releases": releases,
+            "clip": clip}  # fmt: skip

@@ -7,6 +7,7 @@
 import * as ort from "/ort/ort.wasm.min.mjs";
 import { parseNpy } from "./npy.js";
 import { parseNpz } from "./npz.js";
+import { optimizerStep, randomizedLabels, releaseBatch, releaseVjp } from "./dpa_step.js";
 import { gaussianEpsilon, gaussianZ, roundHalfEven, secureNormals, snapStep } from "./privacy.js";
 import { decode, encode } from "./wire.js";
 
@@ -15,7 +16,7 @@ ort.env.wasm.numThreads = 1;  // no cross-origin isolation needed, and the same 
 
 const $ = (id) => document.getElementById(id);
 const state = { config: null, manifest: null, manifestSha: null, head: null, params: null, gradient: null,
-                centre: null, prepared: null, templates: null, sent: false };
+                centre: null, prepared: null, templates: null, sent: false, dpa: null, moments: {} };
 window.dpa = state;  // the page's state, for people with a console and for the test
 
 class PageError extends Error {}
@@ -97,22 +98,32 @@ async function headGradients(images, batch, upstream) {
   return Object.fromEntries(Object.entries(results).map(([k, t]) => [k.replace(/\.grad$/, ""), { shape: t.dims, data: t.data }]));
 }
 
+// The head's activations of a batch (one Float32Array (B, 3, H, W)) minus the release centre: Float32Array (B, d).
+async function centredActivations(data, batch) {
+  const m = state.manifest, outputs = Object.values(await state.head.run(headFeeds(state.head, data, batch)));
+  const want = [batch, ...m.activation_shape];
+  if (outputs.length !== 1 || outputs[0].dims.join() !== want.join()) {
+    throw new Error(`the head's eval model answered ${outputs.map((o) => `[${o.dims}]`)}, not an activation of [${want}]`);
+  }
+  const act = Float32Array.from(outputs[0].data), d = act.length / batch;
+  if (state.centre) for (let j = 0; j < act.length; j++) act[j] = Math.fround(act[j] - state.centre[j % d]);
+  return act;
+}
+
+function stack(images) {  // Float32Arrays of one image each -> one (B, 3, H, W) Float32Array
+  const per = 3 * state.manifest.image_size ** 2, data = new Float32Array(images.length * per);
+  images.forEach((x, i) => data.set(x, i * per));
+  return data;
+}
+
 // The head's activations of images (Float32Arrays), minus the release centre, clipped to L2 norm C: Float64Arrays.
 async function clippedActivations(images, clip) {
-  const m = state.manifest, d = m.activation_shape.reduce((a, b) => a * b, 1), per = 3 * m.image_size ** 2;
   const out = [];
   for (let start = 0; start < images.length; start += 16) {
-    const batch = images.slice(start, start + 16), data = new Float32Array(batch.length * per);
-    batch.forEach((x, i) => data.set(x, i * per));
-    const feeds = headFeeds(state.head, data, batch.length);
-    const outputs = Object.values(await state.head.run(feeds));
-    const want = [batch.length, ...m.activation_shape];
-    if (outputs.length !== 1 || outputs[0].dims.join() !== want.join()) {
-      throw new Error(`the head's eval model answered ${outputs.map((o) => `[${o.dims}]`)}, not an activation of [${want}]`);
-    }
-    const act = outputs[0].data;
+    const batch = images.slice(start, start + 16), act = await centredActivations(stack(batch), batch.length);
+    const d = act.length / batch.length;
     for (let i = 0; i < batch.length; i++) {
-      const a = Float64Array.from(act.subarray(i * d, (i + 1) * d), (v, j) => state.centre ? Math.fround(v - state.centre[j]) : v);
+      const a = Float64Array.from(act.subarray(i * d, (i + 1) * d));
       const norm = Math.sqrt(a.reduce((s, v) => s + v * v, 0));
       const f = norm > clip ? clip / norm : 1;
       out.push(a.map((v) => Math.fround(v * f)));
@@ -128,6 +139,7 @@ function readNumber(id, what, check) {
 }
 const positive = Object.assign((v) => v > 0 && Number.isFinite(v), { rule: "a positive number" });
 const probability = Object.assign((v) => v > 0 && v < 1, { rule: "in (0, 1)" });
+const counting = Object.assign((v) => Number.isInteger(v) && v >= 1, { rule: "a whole number >= 1" });
 
 // {identity: [File|{url, name}]} from the folder picker (LFW layout: <root>/<identity>/<image>) or the built-in faces.
 async function enrolmentSet() {
@@ -210,15 +222,20 @@ async function api(path, init = {}) {
   return reply;
 }
 
-async function send() {
-  if (!state.prepared) throw new PageError("prepare the release first");
-  if (state.sent) throw new PageError("this page has released already: a second draw of noise would be a second privacy cost");
+// The token is there and the server serves this page's head; else a message, and nothing is sent.
+async function checkServer() {
   if (!$("token").value.trim()) throw new PageError("enter this device's token (dpa token add on the server's machine)");
   const status = await (await api("status")).json();
   if (status.manifest_sha256 !== state.manifestSha) {
     throw new PageError(`the server does not know this head: it serves manifest ${status.manifest_sha256.slice(0, 12)}…, ` +
       `this page's head is ${state.manifestSha.slice(0, 12)}…`);
   }
+}
+
+async function send() {
+  if (!state.prepared) throw new PageError("prepare the release first");
+  if (state.sent) throw new PageError("this page has released already: a second draw of noise would be a second privacy cost");
+  await checkServer();
   const p = state.prepared, m = state.manifest;
   const body = encode([{ name: "class_sums", dtype: "float32", shape: [m.num_classes, ...m.activation_shape], data: p.sums },
                        { name: "counts", dtype: "float32", shape: [m.num_classes], data: p.counts }]);
@@ -235,6 +252,80 @@ async function send() {
   $("recognise").disabled = false;
   say(`released once (session ${session.session_id}, ${answer.class_sum_releases} release(s) on the server); ` +
       "templates received: recognise images on this page", "ok");
+}
+
+// DP-A, planned: the images read, the noise for the whole run's budget from the device's accountant (the page's
+// own server runs dpa.privacy.release_plan), the epsilon shown. Nothing is sent.
+async function planDpa() {
+  state.dpa = null;
+  const epsilon = readNumber("epsilon", "epsilon", positive), delta = readNumber("delta", "delta", probability);
+  const clip = readNumber("clip", "the clip C", positive), epochs = readNumber("epochs", "epochs", counting);
+  const labelEpsilon = readNumber("label-epsilon", "the label epsilon", positive);
+  if (!state.manifest.files["head/gradient_model.onnx"]) throw new PageError("this export has no gradient graph: its head can only be used frozen");
+  const set = await enrolmentSet(), names = Object.keys(set).sort();
+  if (names.length > state.manifest.num_classes) throw new PageError(`${names.length} identities, but this head's export classifies ${state.manifest.num_classes}`);
+  const images = [], labels = [];
+  for (const [label, n] of names.entries()) {
+    for (const item of set[n]) { images.push(await preprocess(await blobOf(item), item.name)); labels.push(label); }
+  }
+  const query = new URLSearchParams({ epsilon, delta, clip, releases: epochs, label_epsilon: labelEpsilon });
+  const reply = await fetch(`/plan?${query}`);
+  if (!reply.ok) throw new PageError(await reply.text());
+  const plan = await reply.json();
+  state.dpa = { images, labels, epochs, plan, steps: 0 };
+  $("dpa-privacy").textContent = `${images.length} images of ${names.length} identities, each released ${epochs} time(s) ` +
+    `with its own noise: epsilon ${plan.epsilon.toFixed(4)}, delta ${delta} for the whole run, labels at ${labelEpsilon} ` +
+    `inside (Gaussian, z ${plan.noise_multiplier.toFixed(4)}, sigma ${plan.sigma.toFixed(3)} = 2 z C, C ${clip})`;
+  $("train-dpa").disabled = false;
+  say("ready to train: nothing has left this page. Check the privacy line, then train.", "ok");
+}
+
+// One DP-A step on images[rows]: release, the server's step, the activation gradient back through the
+// clipping and the head's gradient graph, the manifest's optimizer (runtime_client.split_step, in the page).
+async function dpaStep(session, rows) {
+  const m = state.manifest, p = state.dpa.plan, batch = rows.length, data = stack(rows.map((i) => state.dpa.images[i]));
+  const act = await centredActivations(data, batch);
+  const { release, norms, scale } = releaseBatch(act, batch, p.clip, p.sigma);
+  const sent = randomizedLabels(rows.map((i) => state.dpa.labels[i]), m.num_classes, p.label_epsilon);
+  const body = encode([{ name: "activation", dtype: "float32", shape: [batch, ...m.activation_shape], data: release },
+                       { name: "labels", dtype: "int64", shape: [batch], data: BigInt64Array.from(sent, BigInt) }],
+                      { step: state.dpa.steps + 1 });
+  const reply = decode(await (await api(`sessions/${session}/train`, { method: "POST",
+    headers: { "Content-Type": "application/x-dpa-tensors" }, body })).arrayBuffer());
+  const grad = reply.tensors.activation_gradient;
+  if (!grad || grad.dtype !== "float32" || grad.shape.join() !== [batch, ...m.activation_shape].join() || !grad.data.every(Number.isFinite)) {
+    throw new PageError("the server's activation gradient is missing, misshapen or not finite: the head is left as it was");
+  }
+  const grads = await headGradients(data, batch, releaseVjp(act, grad.data, batch, p.clip, norms, scale));
+  optimizerStep(state.params, grads, m.optimizer, m.optimizer.lr, state.moments);
+  state.dpa.steps += 1;
+  if (state.config.test_hooks && !state.dpa.first) {
+    state.dpa.first = { rows, images: Array.from(data), release: Array.from(release), sent, gradient: Array.from(grad.data), scale,
+      grads: Object.fromEntries(Object.entries(grads).map(([k, v]) => [k, Array.from(v.data)])) };
+  }
+  return Number(reply.tensors.loss.data[0]);
+}
+
+async function trainDpa() {
+  if (!state.dpa) throw new PageError("plan the training first: its epsilon is shown before anything is sent");
+  if (state.dpa.steps) throw new PageError("this page has trained already: plan again for another run (another privacy cost)");
+  await checkServer();
+  const label = state.dpa.plan.label_epsilon;
+  const session = (await (await api("sessions", { method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ manifest_sha256: state.manifestSha, client: "dpa web device (DP-A)",
+      labels: label === Infinity ? { mechanism: "clear" } : { mechanism: "rr-with-prior", epsilon: label } }) })).json()).session_id;
+  $("train-dpa").disabled = true;
+  state.dpa.session = session;
+  let loss = NaN;
+  for (let epoch = 0; epoch < state.dpa.epochs; epoch++) {
+    for (let start = 0; start < state.dpa.images.length; start += 8) {
+      const rows = Array.from({ length: Math.min(8, state.dpa.images.length - start) }, (_, i) => start + i);
+      loss = await dpaStep(session, rows);
+      say(`epoch ${epoch + 1} / ${state.dpa.epochs}: step ${state.dpa.steps}, the server's loss ${loss.toFixed(3)}`);
+    }
+  }
+  say(`trained: ${state.dpa.steps} DP-A steps in session ${session}, every example released ${state.dpa.epochs} time(s); ` +
+      `the head on this page holds the update`, "ok");
 }
 
 async function probes() {
@@ -283,7 +374,8 @@ function guarded(action) {
     document.body.dataset.busy = "no";
   };
 }
-for (const [id, action] of [["prepare", prepare], ["send", send], ["recognise", recognise]]) {
+for (const [id, action] of [["prepare", prepare], ["send", send], ["recognise", recognise], ["plan-dpa", planDpa],
+                            ["train-dpa", trainDpa]]) {
   const run = guarded(action);
   $(id).addEventListener("click", () => { document.body.dataset.busy = "yes"; run(); });
 }
@@ -296,6 +388,7 @@ guarded(async () => {
   await loadHead();
   if (state.config.test_hooks) Object.assign(state, { headGradients, preprocess, blobOf });  // the tests' handles
   $("prepare").disabled = false;
+  $("plan-dpa").disabled = false;
   say("head loaded and checked; pick a folder of faces (or use the built-in ones) and prepare the release", "ok");
   document.body.dataset.ready = "yes";
 })();

@@ -306,3 +306,64 @@ def test_the_page_computes_the_heads_gradients_as_the_python_device(setup):
         got = np.asarray(page["grads"][name]["data"], dtype=np.float32).reshape(page["grads"][name]["shape"])
         assert got.shape == want.shape and np.abs(want).max() > 0, name
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=name)
+
+
+async def _dpa_session(s: dict) -> dict:
+    async with Browser(s["root"] / "profile-dpa") as b:
+        await b.goto(s["origin"] + "/")
+        await b.wait_for("document.body.dataset.ready === 'yes'")
+        assert await b.click("train-dpa") == (
+            "error",
+            "plan the training first: its epsilon is shown before anything is sent",
+        )
+        await b.fill("epochs", "0")
+        assert await b.click("plan-dpa") == ("error", 'epochs must be a whole number >= 1, got "0"')
+        await b.fill("epochs", "1")
+        kind, text = await b.click("plan-dpa")
+        assert kind == "ok", text
+        shown = await b.js("document.getElementById('dpa-privacy').textContent")
+        before = json.loads(_get(f"{s['edge']}/v1/status")[1])["global_step"]  # planned: nothing sent yet
+        await b.fill("server", s["edge"])
+        await b.fill("token", TOKEN)
+        kind, text = await b.click("train-dpa")
+        assert kind == "ok", text
+        page = await b.js("({plan: window.dpa.dpa.plan, steps: window.dpa.dpa.steps, first: window.dpa.dpa.first, "
+                          "session: window.dpa.dpa.session, images: window.dpa.dpa.images.length})")  # fmt: skip
+    return {**page, "shown": shown, "before": before}
+
+
+def test_the_page_trains_the_head_by_dpa_as_the_python_device_does(setup):
+    """DP-A in the page: the whole run's epsilon shown before anything is sent (the device's own accountant),
+    per-example releases with the page's noise, the server's steps, and on the first step the head's
+    gradients equal the Python device's (the clipping's VJP and the gradient graph) on the same images and
+    the same server reply, to 1e-4."""
+    from dpa.privacy.mechanism import DPActivations, DPConfig
+
+    page = asyncio.run(_dpa_session(setup))
+    plan, first = page["plan"], page["first"]
+    assert "epsilon 8.0000, delta 0.00001 for the whole run, labels at 4 inside" in page["shown"]
+    assert plan["epsilon"] <= 8.0 + 1e-9 and plan["releases"] == 1 and plan["label_epsilon"] == 4.0
+    assert page["steps"] == -(-page["images"] // 8)
+    status = json.loads(_get(f"{setup['edge']}/v1/status")[1])
+    assert status["global_step"] == page["before"] + page["steps"]
+    session = json.loads(_get(f"{setup['edge']}/v1/sessions/{page['session']}")[1])
+    assert session["labels"] == {"mechanism": "rr-with-prior", "epsilon": 4.0} and session["step"] == page["steps"]
+    manifest = load_manifest(setup["artifacts"])
+    head = HeadModel(setup["artifacts"], manifest, resolve_device(DeviceProfile.CPU))
+    batch = len(first["rows"])
+    images = np.asarray(first["images"], dtype=np.float32).reshape(batch, 3, manifest.image_size, manifest.image_size)
+    dp = DPActivations(DPConfig(clip=plan["clip"], epsilon=None, delta=1e-5,
+                                fixed_noise_multiplier=plan["noise_multiplier"]), np.random.default_rng(0))  # fmt: skip
+    ctx = dp.context(head.forward(images))
+    assert first["scale"] == pytest.approx(ctx.scale, rel=1e-9)
+    # The release: each example clipped to C, plus N(0, sigma^2) drawn in the page, times the public scale.
+    clipped = scale_examples(ctx.activation, ctx.factors).reshape(batch, -1)
+    noise = (np.asarray(first["release"]).reshape(batch, -1) / first["scale"] - clipped) / plan["sigma"]
+    assert abs(noise.std() - 1) < 5 / np.sqrt(2 * noise.size) and stats.kstest(noise.ravel(), "norm").pvalue > 1e-4
+    gradient = np.asarray(first["gradient"], dtype=np.float32).reshape(batch, *manifest.activation_shape)
+    head.accumulate(images, dp.backward(ctx, gradient))
+    assert set(first["grads"]) == set(head._grads)
+    for name, want in head._grads.items():
+        got = np.asarray(first["grads"][name], dtype=np.float32).reshape(want.shape)
+        assert np.abs(want).max() > 0, name
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=name)
