@@ -33,7 +33,15 @@ import onnx
 import onnx.numpy_helper
 from onnx import TensorProto, helper
 
-__all__ = ["GRAD_SUFFIX", "UnsupportedGradient", "gradient_model", "trainable_parameters"]
+__all__ = [
+    "GRAD_SUFFIX",
+    "Rewritten",
+    "UnsupportedGradient",
+    "gradient_model",
+    "graph_of",
+    "rewritten",
+    "trainable_parameters",
+]
 
 #: A parameter's gradient output is named ``<parameter><GRAD_SUFFIX>``.
 GRAD_SUFFIX = ".grad"
@@ -52,8 +60,20 @@ def trainable_parameters(training: onnx.ModelProto) -> list[str]:
     return [n.input[1].removesuffix("_grad") for n in training.graph.node if n.op_type == _ACCUMULATOR]
 
 
-def gradient_model(training: onnx.ModelProto) -> onnx.ModelProto:
-    """The standard-ONNX gradient graph of a head's training graph (module docstring)."""
+@dataclass(frozen=True)
+class Rewritten:
+    """The training graph in standard ONNX, before anything is pruned: every node in graph order (the forward
+    that makes the activation, the backward, the gradients named ``<parameter>.grad``), the inputs kept (images,
+    upstream gradient, parameters) and one output description per trainable parameter's gradient."""
+
+    model: onnx.ModelProto  # a copy of the training model, to build graphs from
+    nodes: list[onnx.NodeProto]
+    inputs: list[onnx.ValueInfoProto]
+    outputs: list[onnx.ValueInfoProto]
+
+
+def rewritten(training: onnx.ModelProto) -> Rewritten:
+    """Every training op rewritten in standard ONNX (module docstring); UnsupportedGradient if one cannot be."""
     model = copy.deepcopy(training)
     graph = model.graph
     params = trainable_parameters(training)
@@ -85,14 +105,31 @@ def gradient_model(training: onnx.ModelProto) -> onnx.ModelProto:
         out = copy.deepcopy(by_name[param])
         out.name = param + GRAD_SUFFIX
         outputs.append(out)
-    del graph.node[:], graph.input[:], graph.output[:]
+    return Rewritten(model, nodes, kept_inputs, outputs)
+
+
+def graph_of(
+    base: Rewritten, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+) -> onnx.ModelProto:  # fmt: skip
+    """A standard-ONNX model of the nodes the outputs need, with these inputs, checked."""
+    model = copy.deepcopy(base.model)
+    graph = model.graph
+    del graph.node[:], graph.input[:], graph.output[:], graph.value_info[:]
     graph.node.extend(_live(nodes, [o.name for o in outputs]))
-    graph.input.extend(kept_inputs)
+    graph.input.extend(inputs)
     graph.output.extend(outputs)
+    opset = _opset(base.model)
     del model.opset_import[:]
-    model.opset_import.extend([helper.make_opsetid("", _opset(training))])
+    model.opset_import.extend([helper.make_opsetid("", opset)])
     onnx.checker.check_model(model)
     return model
+
+
+def gradient_model(training: onnx.ModelProto) -> onnx.ModelProto:
+    """The standard-ONNX gradient graph of a head's training graph (module docstring)."""
+    base = rewritten(training)
+    return graph_of(base, base.nodes, base.inputs, base.outputs)
 
 
 def _opset(model: onnx.ModelProto) -> int:

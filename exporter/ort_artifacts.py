@@ -44,6 +44,7 @@ from dpa.contract.manifest import ARTIFACT_FILES, GraphNames, OptimizerConfig, O
 from exporter.conv_grad import conv_input_gradients_as_convs
 from exporter.gradient_graph import UnsupportedGradient, gradient_model
 from exporter.relu_grad import relu_gradients_as_masks
+from exporter.saved_forward import saving_models
 from exporter.vggface import RELEASE_PROJECTION
 
 __all__ = ["write_part_artifacts", "export_onnx", "OPSET"]
@@ -255,7 +256,8 @@ def write_part_artifacts(
 
 def write_plain_head(training: onnx.ModelProto, parameters: Any, out_dir: Path) -> None:
     """What a device on plain onnxruntime needs besides the eval graph: the parameters (``parameters.npz``)
-    and, where every training op has a standard form, the gradient graph (``exporter.gradient_graph``). A
+    and, where every training op has a standard form, the gradient graph (``exporter.gradient_graph``) and the
+    same backward cut after a forward that keeps what it reads (``exporter.saved_forward``). A
     head without one can only be used frozen, and the device says so."""
     arrays = {t.name: onnx.numpy_helper.to_array(t) for group in parameters for t in group}
     (out_dir / ARTIFACT_FILES.parameters).write_bytes(npz_bytes(dict(sorted(arrays.items()))))
@@ -265,3 +267,6 @@ def write_plain_head(training: onnx.ModelProto, parameters: Any, out_dir: Path) 
         log.warning("no gradient graph for plain onnxruntime (the head can only be used frozen): %s", exc)
         return
     onnx.save(gradient, out_dir / ARTIFACT_FILES.gradient)
+    forward, backward = saving_models(training)
+    onnx.save(forward, out_dir / ARTIFACT_FILES.forward_saving)
+    onnx.save(backward, out_dir / ARTIFACT_FILES.backward)

@@ -125,6 +125,9 @@ class HeadModel:
         if missing:
             raise UserError(f"{self._head_dir}: the head's parameters lack {', '.join(missing[:3])}")
         self._gradient: Any = None  # the gradient graph's session, opened on the first backward
+        self._saving: tuple[Any, ...] | None = None  # the kept-forward pair's sessions (() where absent)
+        self._saving_names: tuple[list[str], list[str], list[str]] = ([], [], [])
+        self._kept: tuple[np.ndarray, dict[str, np.ndarray]] | None = None  # a training forward's images and tensors
         self._grads: dict[str, np.ndarray] = {}
         self.activation_shape = manifest.activation_shape
         # Centred releases: the public constant subtracted from every activation before clipping.
@@ -153,9 +156,13 @@ class HeadModel:
     def _feeds(self, names: list[str]) -> dict[str, np.ndarray]:
         return {n: self._params[n] for n in names}
 
-    def forward(self, images: np.ndarray) -> np.ndarray:
-        """(B, 3, H, W) float32 -> activation (B, *activation_shape), minus the release centre if any."""
-        a = self.embed(images)
+    def forward(self, images: np.ndarray, keep: bool = False) -> np.ndarray:
+        """(B, 3, H, W) float32 -> activation (B, *activation_shape), minus the release centre if any.
+
+        ``keep``: a training step's forward; the tensors the backward reads are kept, so that the next
+        ``accumulate`` of these same images runs the backward alone (``exporter.saved_forward``) instead of
+        the gradient graph, which runs the forward again."""
+        a = self._forward_keeping(images) if keep else self.embed(images)
         if self.centre is not None:
             a -= self.centre
         return a
@@ -166,6 +173,44 @@ class HeadModel:
         (``Manifest.release_dims``) centres inside its graph, so there it is the projected activation."""
         feeds = {GraphNames.IMAGES: np.ascontiguousarray(images, dtype=np.float32), **self._feeds(self._inputs)}
         return self._session.run(None, feeds)[0]
+
+    def _saving_sessions(self) -> tuple[Any, Any] | None:
+        """The forward that keeps and the backward that takes (None where the export has no such pair); their
+        input and output names, read once (``_saving_names``: forward inputs, kept outputs, backward inputs)."""
+        if self._saving is None:
+            paths = [self._head_dir / ARTIFACT_FILES.forward_saving, self._head_dir / ARTIFACT_FILES.backward]
+            if not all(p.is_file() for p in paths):
+                self._saving = ()
+                return None
+            fwd, bwd = (inference_session(str(p), self._device.threads, self._device.providers) for p in paths)
+            self._saving = (fwd, bwd)
+            self._saving_names = (
+                [i.name for i in fwd.get_inputs() if i.name != GraphNames.IMAGES],
+                [o.name for o in fwd.get_outputs()][1:],
+                [i.name for i in bwd.get_inputs()],
+            )
+        return self._saving or None
+
+    def _forward_keeping(self, images: np.ndarray) -> np.ndarray:
+        sessions = self._saving_sessions()
+        if sessions is None:
+            return self.embed(images)
+        x = np.ascontiguousarray(images, dtype=np.float32)
+        inputs, kept, _ = self._saving_names
+        outputs = sessions[0].run(None, {GraphNames.IMAGES: x, **self._feeds(inputs)})
+        self._kept = (x, dict(zip(kept, outputs[1:], strict=True)))
+        return outputs[0]
+
+    def _backward_kept(self, images: np.ndarray, upstream_gradient: np.ndarray) -> list[np.ndarray] | None:
+        """The parameter gradients from the kept forward of these same images, or None (nothing kept for them)."""
+        kept, self._kept = self._kept, None
+        sessions = self._saving_sessions()
+        if kept is None or sessions is None or kept[0].shape != images.shape or not np.array_equal(kept[0], images):
+            return None
+        x, saved = kept
+        given = {GraphNames.UPSTREAM_GRAD: np.ascontiguousarray(upstream_gradient, dtype=np.float32),
+                 GraphNames.IMAGES: x, **saved}  # fmt: skip
+        return sessions[1].run(None, {n: given[n] if n in given else self._params[n] for n in self._saving_names[2]})
 
     def backward_step(self, images: np.ndarray, upstream_gradient: np.ndarray) -> None:
         """Accumulate d loss / d head parameters = J^T upstream_gradient, then take an optimizer step."""
@@ -195,12 +240,15 @@ class HeadModel:
         exactly the batch's gradient: a device can run its backward in micro-batches.
         """
         session = self._gradient_session()
-        feeds = {
-            GraphNames.IMAGES: np.ascontiguousarray(images, dtype=np.float32),
-            GraphNames.UPSTREAM_GRAD: np.ascontiguousarray(upstream_gradient, dtype=np.float32),
-            **self._feeds(self._grad_inputs),
-        }
-        for name, g in zip(self._grad_names, session.run(None, feeds), strict=True):
+        grads = self._backward_kept(images, upstream_gradient)
+        if grads is None:
+            feeds = {
+                GraphNames.IMAGES: np.ascontiguousarray(images, dtype=np.float32),
+                GraphNames.UPSTREAM_GRAD: np.ascontiguousarray(upstream_gradient, dtype=np.float32),
+                **self._feeds(self._grad_inputs),
+            }
+            grads = session.run(None, feeds)
+        for name, g in zip(self._grad_names, grads, strict=True):
             if name in self._grads:
                 self._grads[name] += g
             else:
@@ -209,6 +257,7 @@ class HeadModel:
     def reset_gradients(self) -> None:
         """Drop gradients accumulated since the last step (a retried step starts over)."""
         self._grads = {}
+        self._kept = None
 
     def step(self) -> None:
         """Apply the accumulated gradients, then clear them."""

@@ -93,10 +93,12 @@ class SplitTrainer:
         for start in range(0, batch, size):
             part = slice(start, start + size)
             slot = slots[GraphNames.ACTIVATION][part]
+            # A whole batch keeps its forward's tensors for the backward (micro-batches recompute instead).
+            act = self.head.forward(images[part], keep=self.micro_batch is None)
             if slot.dtype == np.float32:  # the release is written straight into the message
-                noisy, ctx = self.dp.release(self.head.forward(images[part]), out=slot)
+                noisy, ctx = self.dp.release(act, out=slot)
             else:
-                noisy, ctx = self.dp.release(self.head.forward(images[part]), out=self._scratch("release", slot.shape))
+                noisy, ctx = self.dp.release(act, out=self._scratch("release", slot.shape))
                 self._on_wire(noisy, out=slot)
             clipped += int(ctx.clipped.sum())
             if self.micro_batch is None:

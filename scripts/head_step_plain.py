@@ -49,8 +49,8 @@ def _steps(arch: ArchConfig, cut: str) -> tuple[Callable[[], None], Callable[[],
         optimizer.step()
         module.lazy_reset_grad()
 
-    def plain() -> None:
-        ours.forward(x)
+    def plain() -> None:  # the release's forward keeps what the backward reads (exporter.saved_forward)
+        ours.forward(x, keep=True)
         ours.backward_step(x, u)
 
     return api, plain

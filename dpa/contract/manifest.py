@@ -53,6 +53,10 @@ class _ArtifactFiles:
     # parameter's gradient out, named "<parameter>.grad"). docs/protocol.md section 2.
     parameters: str = "parameters.npz"
     gradient: str = "gradient_model.onnx"
+    # The same backward cut in two, so that a step's forward runs once (exporter.saved_forward): a forward that
+    # also outputs what the backward reads, and a backward that takes it instead of the images.
+    forward_saving: str = "forward_saving.onnx"
+    backward: str = "backward_model.onnx"
 
     def onnx_models(self) -> tuple[str, str, str]:
         return (self.training, self.eval, self.optimizer)

@@ -49,6 +49,36 @@ def test_the_gradient_graph_is_torch_autograds_vjp(tmp_path, cut):
         assert _rel(ours[name], g) < 1e-5, name
 
 
+@pytest.mark.parametrize("cut", ["pool1", "fc7"])
+def test_a_kept_forward_gives_torch_autograds_vjp_and_other_images_do_not_use_it(tmp_path, cut):
+    """forward(keep=True) then accumulate runs the backward graph on the kept tensors (exporter.saved_forward):
+    its activation is the eval graph's and its gradients torch autograd's. A kept forward of other images is
+    never used for these: the gradient graph answers, and nothing stays kept after a backward."""
+    art = export_small(tmp_path / cut, cut=cut, verify=False)
+    m = load_manifest(art)
+    head = HeadModel(art, m, resolve_device("cpu"))
+    assert (art / "head" / ARTIFACT_FILES.forward_saving).is_file() and (
+        art / "head" / ARTIFACT_FILES.backward
+    ).is_file()
+    x, u = _batch(m)
+    np.testing.assert_allclose(head.forward(x, keep=True), head.forward(x), rtol=1e-6, atol=1e-6)
+    head.forward(x, keep=True)
+    head.accumulate(x, u)
+    assert head._kept is None
+    kept = {name: g.copy() for name, g in head._grads.items()}
+    head.reset_gradients()
+    other, _ = _batch(m, seed=1)
+    head.forward(other, keep=True)  # kept for other images: these get the gradient graph's answer
+    head.accumulate(x, u)
+    assert head._kept is None
+    torch_head, _ = build_parts(SMALL, cut)
+    torch_head.load_state_dict({k: torch.from_numpy(v) for k, v in head.parameters().items()})
+    (torch_head(torch.from_numpy(x)) * torch.from_numpy(u)).sum().backward()
+    for name, p in torch_head.named_parameters():
+        assert _rel(kept[name], p.grad.numpy()) < 1e-5, name
+        assert _rel(head._grads[name], p.grad.numpy()) < 1e-5, name
+
+
 @pytest.mark.parametrize("optimizer", [OptimizerConfig(lr=0.01), OptimizerConfig(OptimizerName.ADAMW, 1e-3, 0.01)])
 def test_steps_on_plain_onnxruntime_equal_the_training_apis(tmp_path, optimizer):
     """Three steps (one of them in two micro-batches) on the same batches: the same head weights as
