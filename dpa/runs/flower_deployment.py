@@ -83,8 +83,9 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subp
     """A process in its own session (process group): a drill kills it with its children, as a machine would."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})  # fmt: skip
+        path = f"{_BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # Flower starts flower-superexec by name
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "PATH": path, **(env or {})}
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
 def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, wait_s: float = 30.0) -> None:  # type: ignore[type-arg]

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +45,11 @@ def _export(root, classes: int, lr: float):  # type: ignore[no-untyped-def]
         )
     )
     return root / "artifacts"
+
+
+def _path() -> str:
+    """PATH with this Python's scripts first: a SuperNode starts flower-superexec by name."""
+    return f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def _federation(root, **kw) -> FederationConfig:  # type: ignore[no-untyped-def]
@@ -121,7 +128,7 @@ def test_a_supernode_with_an_unregistered_key_is_refused(class_sums):
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "FLWR_HOME": str(deployment.root / "intruder-home")},
+            env={**os.environ, "FLWR_HOME": str(deployment.root / "intruder-home"), "PATH": _path()},
         )
         try:
             assert proc.wait(120) != 0
