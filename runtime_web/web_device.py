@@ -30,17 +30,24 @@ from dpa.faces.lfw import index_faces, split_faces
 from dpa.privacy.mechanism import DPConfig
 from dpa.privacy.release_plan import plan_releases
 
-__all__ = ["WebDeviceConfig", "web_app", "ORT_DIST", "STATIC"]
+__all__ = ["WebDeviceConfig", "web_app", "ORT_DIST", "PROVIDERS", "STATIC"]
 
 STATIC = Path(__file__).resolve().parent / "static"
 ORT_DIST = Path(__file__).resolve().parent / "node_modules" / "onnxruntime-web" / "dist"
-#: The onnxruntime-web files the page loads: the standard WASM build (the head runs as inference graphs, its
-#: backward too: head/gradient_model.onnx), not the training build, which stopped at 1.19.2.
+#: The onnxruntime-web files the page loads: the standard builds (the head runs as inference graphs, its
+#: backward too: head/gradient_model.onnx), not the training build, which stopped at 1.19.2. The WASM build,
+#: and the WebGPU build (WebGPU with WASM beside it, on its JSEP runtime) where the page runs on WebGPU.
 _ORT_FILES = (
     "ort.wasm.min.mjs",
     "ort-wasm-simd-threaded.mjs",
     "ort-wasm-simd-threaded.wasm",
+    "ort.webgpu.min.mjs",
+    "ort-wasm-simd-threaded.jsep.mjs",
+    "ort-wasm-simd-threaded.jsep.wasm",
 )
+#: The page's execution providers (docs/web_device.md): auto = WebGPU where the browser has an adapter, else
+#: WebAssembly; wasm; webgpu (refused with a message where the browser has none).
+PROVIDERS = ("auto", "wasm", "webgpu")
 _PAGE_FILES = ("device.js", "dpa_step.js", "privacy.js", "wire.js", "npy.js", "npz.js", "page.css")
 _TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".css": "text/css",
           ".html": "text/html", ".json": "application/json", ".npy": "application/octet-stream"}  # fmt: skip
@@ -56,10 +63,13 @@ class WebDeviceConfig:
     epsilon: float = 8.0  # the page's starting whole-run epsilon and delta (the person may change them)
     delta: float = 1e-5
     test_hooks: bool = False  # expose the noiseless sums to the page's state (tests only)
+    provider: str = "auto"  # the page's execution provider (PROVIDERS)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.epsilon) and self.epsilon > 0 and 0 < self.delta < 1):
             raise UserError(f"the page needs epsilon > 0 and delta in (0, 1), got {self.epsilon}, {self.delta}")
+        if self.provider not in PROVIDERS:
+            raise UserError(f"the page's provider must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
         if not 0 < self.test_fraction < 1:
             raise UserError(f"test fraction must be in (0, 1), got {self.test_fraction}")
         if not (ORT_DIST / _ORT_FILES[0]).is_file():
@@ -91,7 +101,7 @@ def web_app(cfg: WebDeviceConfig) -> web.Application:
                     enrol.setdefault(index.names[label], []).append(f"/faces/{rel}")
     page_config = {"server": cfg.server, "epsilon": cfg.epsilon, "delta": cfg.delta, "test_hooks": cfg.test_hooks,
                    "builtin": f"{len(enrol)} identities from {cfg.faces.name}" if cfg.faces else None,
-                   "num_classes": manifest.num_classes}  # fmt: skip
+                   "num_classes": manifest.num_classes, "provider": cfg.provider}  # fmt: skip
 
     async def index_page(_: web.Request) -> web.StreamResponse:
         return _file(STATIC / "index.html")

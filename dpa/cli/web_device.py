@@ -25,6 +25,9 @@ def web_device_command(
     epsilon: Annotated[float, typer.Option(help="The page's starting whole-run epsilon.")] = 8.0,
     delta: Annotated[float, typer.Option(help="The page's starting delta.")] = 1e-5,
     test_hooks: Annotated[bool, typer.Option("--test-hooks", help="Expose the noiseless sums (tests only).")] = False,
+    provider: Annotated[
+        str, typer.Option(help="The page's execution provider: auto (WebGPU where the browser has it), wasm, webgpu.")
+    ] = "auto",
 ) -> None:
     """Serve the browser device: a page that enrols privately with onnxruntime-web (docs/web_device.md)."""
     from aiohttp import web
@@ -33,7 +36,7 @@ def web_device_command(
 
     with user_errors():
         app = web_app(WebDeviceConfig(artifacts=artifacts, server=server, faces=faces, epsilon=epsilon, delta=delta,
-                                      test_hooks=test_hooks))  # fmt: skip
+                                      test_hooks=test_hooks, provider=provider))  # fmt: skip
     origin = f"http://{host}:{port}"
     console.print(f"web device on {origin}/ (open it in a browser); the edge server must allow this page: "
                   f"[bold]dpa serve --allow-origin {origin} ...[/]")  # fmt: skip

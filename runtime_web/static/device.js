@@ -4,15 +4,13 @@
 // eval graph and the head's parameters (head/parameters.npz) fed as its inputs, as runtime_client.head does,
 // and for a training step the export's gradient graph (head/gradient_model.onnx, standard ONNX ops only).
 // The images never leave the page; one class-sum release with Gaussian noise is all it sends.
-import * as ort from "/ort/ort.wasm.min.mjs";
 import { parseNpy } from "./npy.js";
 import { parseNpz } from "./npz.js";
 import { optimizerStep, randomizedLabels, releaseBatch, releaseVjp } from "./dpa_step.js";
 import { gaussianEpsilon, gaussianZ, roundHalfEven, secureNormals, snapStep } from "./privacy.js";
 import { decode, encode } from "./wire.js";
 
-ort.env.wasm.wasmPaths = "/ort/";
-ort.env.wasm.numThreads = 1;  // no cross-origin isolation needed, and the same sums on every run
+let ort;  // onnxruntime-web: its WASM build, or its WebGPU build where the page runs on WebGPU (loadRuntime)
 
 const $ = (id) => document.getElementById(id);
 const state = { config: null, manifest: null, manifestSha: null, head: null, params: null, gradient: null,
@@ -38,6 +36,25 @@ async function fetchChecked(path) {  // a head file, checked against the manifes
   return buf;
 }
 
+// The execution provider (docs/web_device.md): "auto" takes WebGPU where the browser has an adapter, else
+// WebAssembly; "webgpu" is refused, with a message, where it has none; "wasm" is WebAssembly.
+async function loadRuntime(asked) {
+  let webgpu = false, why = "not asked for";
+  if (asked !== "wasm") {
+    const adapter = navigator.gpu ? await navigator.gpu.requestAdapter().catch(() => null) : null;
+    webgpu = Boolean(adapter);
+    why = navigator.gpu ? (adapter ? "" : "the browser found no WebGPU adapter") : "this browser has no WebGPU (navigator.gpu)";
+    if (asked === "webgpu" && !webgpu) {
+      throw new PageError(`this page was started to run on WebGPU, but ${why}: start dpa web-device with --provider auto or wasm`);
+    }
+  }
+  ort = await import(webgpu ? "/ort/ort.webgpu.min.mjs" : "/ort/ort.wasm.min.mjs");
+  ort.env.wasm.wasmPaths = "/ort/";
+  ort.env.wasm.numThreads = 1;  // no cross-origin isolation needed, and the same sums on every run
+  state.providers = webgpu ? ["webgpu", "wasm"] : ["wasm"];  // WebGPU with WASM for the ops it lacks
+  state.provider = webgpu ? "webgpu" : `wasm${asked === "auto" ? ` (${why})` : ""}`;
+}
+
 async function loadHead() {
   const raw = await (await fetch("/artifacts/manifest.json")).arrayBuffer();
   state.manifestSha = await sha256Hex(raw);
@@ -45,11 +62,12 @@ async function loadHead() {
   if (state.manifest.schema_version !== 1) throw new PageError(`manifest schema ${state.manifest.schema_version} is not 1`);
   const [parameters, evaluation] = await Promise.all(["head/parameters.npz", "head/eval_model.onnx"].map(fetchChecked));
   state.params = parseNpz(parameters);
-  state.head = await ort.InferenceSession.create(new Uint8Array(evaluation), { executionProviders: ["wasm"] });
+  state.head = await ort.InferenceSession.create(new Uint8Array(evaluation), { executionProviders: state.providers });
   state.centre = state.manifest.release_centre ? parseNpy(await fetchChecked(state.manifest.release_centre)).data : null;
   $("clip").value = state.manifest.release_clip ?? "";
   $("head").textContent = `head: ${state.manifest.cut} of VGG-Face ${state.manifest.image_size}px, width ${state.manifest.width}, ` +
-    `${state.manifest.num_classes} classes, manifest ${state.manifestSha.slice(0, 12)}…, onnxruntime-web ${ort.env.versions.web}`;
+    `${state.manifest.num_classes} classes, manifest ${state.manifestSha.slice(0, 12)}…, onnxruntime-web ${ort.env.versions.web} ` +
+    `on ${state.provider}`;
 }
 
 // docs/protocol.md 2.3: RGB, centre-cropped square, resized to H x W, (pixel - mean) / std, channel-first.
@@ -91,7 +109,7 @@ async function headGradients(images, batch, upstream) {
   if (!state.gradient) {
     if (!state.manifest.files["head/gradient_model.onnx"]) throw new PageError("this export has no gradient graph: its head can only be used frozen");
     state.gradient = await ort.InferenceSession.create(new Uint8Array(await fetchChecked("head/gradient_model.onnx")),
-                                                       { executionProviders: ["wasm"] });
+                                                       { executionProviders: state.providers });
   }
   const m = state.manifest, up = { upstream_gradient: new ort.Tensor("float32", upstream, [batch, ...m.activation_shape]) };
   const results = await state.gradient.run(headFeeds(state.gradient, images, batch, up));
@@ -385,6 +403,7 @@ guarded(async () => {
   $("server").value = state.config.server ?? "";
   $("epsilon").value = state.config.epsilon; $("delta").value = state.config.delta;
   $("builtin").textContent = state.config.builtin ? `built-in faces: ${state.config.builtin}` : "";
+  await loadRuntime(state.config.provider ?? "auto");
   await loadHead();
   if (state.config.test_hooks) Object.assign(state, { headGradients, preprocess, blobOf });  // the tests' handles
   $("prepare").disabled = false;

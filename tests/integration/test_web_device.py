@@ -367,3 +367,42 @@ def test_the_page_trains_the_head_by_dpa_as_the_python_device_does(setup):
         got = np.asarray(first["grads"][name], dtype=np.float32).reshape(want.shape)
         assert np.abs(want).max() > 0, name
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=name)
+
+
+def test_the_page_runs_where_its_provider_is_and_refuses_a_missing_one(setup):
+    """auto: WebGPU where the browser has an adapter, else WebAssembly, and the page says which ran; a page
+    started for WebGPU in a browser without it (headless Chromium, --disable-gpu) refuses, saying how to go on."""
+    port = free_port()
+    web = _start(["web-device", "--artifacts", str(setup["artifacts"]), "--port", str(port), "--provider", "webgpu"],
+                 setup["root"] / "web-webgpu.log")  # fmt: skip
+
+    async def run() -> tuple[str, str, str]:
+        async with Browser(setup["root"] / "profile-provider") as b:
+            await b.goto(setup["origin"] + "/")
+            await b.wait_for("document.body.dataset.ready === 'yes'")
+            auto = await b.js("window.dpa.provider + ' | ' + document.getElementById('head').textContent")
+            await b.goto(f"http://127.0.0.1:{port}/")
+            await b.wait_for("document.getElementById('status').className === 'error'")
+            status = await b.js("document.getElementById('status').textContent")
+            ready = await b.js("document.body.dataset.ready")
+            return auto, status, ready
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/config.json", timeout=5)
+                break
+            except OSError:
+                assert web.poll() is None and time.monotonic() < deadline, (
+                    setup["root"] / "web-webgpu.log"
+                ).read_text()
+                time.sleep(0.1)
+        auto, status, ready = asyncio.run(run())
+    finally:
+        web.send_signal(signal.SIGTERM)
+        web.wait(60)
+    provider, head = auto.split(" | ")
+    assert provider.startswith("wasm (") and head.endswith(f"on {provider}")
+    assert status.startswith("this page was started to run on WebGPU, but ") and "--provider auto or wasm" in status
+    assert ready == "no"
