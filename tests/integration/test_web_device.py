@@ -82,6 +82,19 @@ def _python_device(artifacts: Path, train, test, clip: float):
     return totals, clipped(test)
 
 
+def _wait_for_page(origin: str, web: subprocess.Popen, log: Path) -> None:
+    """Until ``dpa web-device`` answers at ``origin``; its log if it exits or a minute passes."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{origin}/config.json", timeout=5)
+            return
+        except OSError:
+            if web.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(log.read_text()) from None
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     if shutil.which("chromium") is None or not (REPO / "runtime_web/node_modules/onnxruntime-web").is_dir():
@@ -111,15 +124,7 @@ def setup(tmp_path_factory):
     web = _start(["web-device", "--artifacts", str(artifacts), "--server", f"http://127.0.0.1:{edge_port}", "--port",
                   str(web_port), "--faces", str(faces), "--test-hooks"], root / "web.log")  # fmt: skip
     wait_until_healthy(f"http://127.0.0.1:{edge_port}", edge, timeout_s=60)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{origin}/config.json", timeout=5)
-            break
-        except OSError:
-            if web.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((root / "web.log").read_text()) from None
-            time.sleep(0.1)
+    _wait_for_page(origin, web, root / "web.log")
     yield {"root": root, "artifacts": artifacts, "faces": faces, "origin": origin,
            "edge": f"http://127.0.0.1:{edge_port}"}  # fmt: skip
     for proc in (web, edge):
@@ -388,16 +393,7 @@ def test_the_page_runs_where_its_provider_is_and_refuses_a_missing_one(setup):
             return auto, status, ready
 
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/config.json", timeout=5)
-                break
-            except OSError:
-                assert web.poll() is None and time.monotonic() < deadline, (
-                    setup["root"] / "web-webgpu.log"
-                ).read_text()
-                time.sleep(0.1)
+        _wait_for_page(f"http://127.0.0.1:{port}", web, setup["root"] / "web-webgpu.log")
         auto, status, ready = asyncio.run(run())
     finally:
         web.send_signal(signal.SIGTERM)
