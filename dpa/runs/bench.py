@@ -138,12 +138,13 @@ def _head_ratio(
     dp = DPActivations(dp_cfg, np.random.default_rng(1))
     upstream = rng.standard_normal((cfg.batch, *manifest.activation_shape), dtype=np.float32)
 
-    # As SplitTrainer: the release goes into the (reused) request buffer, the VJP into a reused array.
+    # As SplitTrainer: the release goes into the (reused) request buffer, the VJP into a reused array, and the
+    # release's forward keeps what the backward reads (a whole batch: exporter.saved_forward).
     message_slot = np.empty_like(upstream)
     vjp = np.empty_like(upstream)
 
     def ort_head() -> None:
-        _, ctx = dp.release(ours_head.forward(images), out=message_slot)
+        _, ctx = dp.release(ours_head.forward(images, keep=True), out=message_slot)
         ours_head.backward_step(images, dp.backward(ctx, upstream, out=vjp))
 
     opt = torch.optim.SGD(head.parameters(), lr=1e-3)

@@ -30,7 +30,7 @@ def _measure(artifacts: str, batch: int, repeats: int) -> dict[str, float]:
     times = []
     for _ in range(repeats + 1):  # the first call warms onnxruntime up
         t0 = time.perf_counter()
-        head.forward(images)
+        head.forward(images, keep=True)  # as the device's whole-batch step (runtime_client.split_step)
         head.backward_step(images, upstream)
         times.append(time.perf_counter() - t0)
     return {
