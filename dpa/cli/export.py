@@ -84,6 +84,10 @@ _ReleaseDims = Annotated[
     int | None,
     typer.Option(help="Project the release on this many principal directions of the --centre-from faces."),
 ]
+_ReleaseWhitening = Annotated[
+    float,
+    typer.Option(help="With --release-dims: how far to whiten the public spectrum, 0 (plain) to 1 (whitened)."),
+]
 _ClipFrom = Annotated[
     Path | None,
     typer.Option(help="Without --centre-from: PUBLIC faces to measure only the release clip on."),
@@ -109,6 +113,7 @@ def export_command(
     pixel_std: _PixelStd = None,
     centre_from: _CentreFrom = None,
     release_dims: _ReleaseDims = None,
+    release_whitening: _ReleaseWhitening = 0.0,
     clip_from: _ClipFrom = None,
 ) -> None:
     """Split a network at --cut and write head (device) and tail (edge) training artifacts."""
@@ -133,6 +138,7 @@ def export_command(
             centre_faces=centre_from,
             clip_faces=clip_from,
             release_dims=release_dims,
+            release_whitening=release_whitening,
         )
         with console.status("exporting") as status:
             manifest, report = export(cfg, progress=lambda msg: status.update(msg))

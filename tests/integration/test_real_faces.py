@@ -99,11 +99,12 @@ def test_a_pairs_file_naming_a_missing_image_is_refused(tmp_path: Path) -> None:
 
 
 def _subset_folder(out: Path) -> Path:
-    """Links to a few LFW people's photos (never copies): 4 with >= 20 photos (20 each), 24 with 2-9."""
+    """Links to a few LFW people's photos (never copies): 4 with >= 20 photos (20 each), 24 with 2-9, 6 with one."""
     counts = {p.name: len(list(p.glob("*.jpg"))) for p in LFW_IMAGES.iterdir() if p.is_dir()}
     big = sorted(n for n, c in counts.items() if c >= 20)[:4]
     small = sorted(n for n, c in counts.items() if 2 <= c < 10)[:24]
-    for name in big + small:
+    single = sorted(n for n, c in counts.items() if c == 1)[:6]
+    for name in big + small + single:
         (out / name).mkdir(parents=True)
         for photo in sorted((LFW_IMAGES / name).glob("*.jpg"))[:20]:
             (out / name / photo.name).symlink_to(photo)
@@ -126,6 +127,9 @@ def test_demo_on_real_faces_keeps_the_device_and_the_public_people_apart(tmp_pat
     for public in ("public-centre", "public-val", "strangers"):
         assert not sets[public] & sets["device"] and not sets[public] & sets["few"]
     assert not sets["public-val"] & sets["strangers"] and not sets["public-centre"] & sets["public-val"]
+    singles = {p.name for p in faces.iterdir() if len(list(p.iterdir())) == 1}
+    assert len(singles) == 6 and not singles & sets["public-centre"]  # one photo: open set's faces only
+    assert len(singles & sets["public-val"]) == 3 and len(singles & sets["strangers"]) == 3
     main = out["main"]
     assert main["identities"] == 4 and main["enrolled"] == 60 and main["probes"] == 20
     local, private = main["runs"]

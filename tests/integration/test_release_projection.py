@@ -68,6 +68,28 @@ def test_the_head_ends_in_the_public_principal_directions_frozen(projected):
     assert m.release_clip == pytest.approx(0.5 * np.median(np.linalg.norm(device, axis=1)), rel=1e-4)
 
 
+def test_a_whitened_projection_scales_each_direction_by_its_public_spread(projected, tmp_path):
+    """--release-whitening w: row i of the projection is the i-th public principal direction times
+    (s_i / s_1) ** -w, s numpy's singular values of the centred public activations (w = 1: the projected public
+    activations have equal variance in every direction)."""
+    _, public, _ = projected
+    head, tail = build_parts(ARCH, "fc7")
+    init_weights((head, tail), 3)
+    _, x = _images(public)
+    with torch.no_grad():
+        a = head.eval()(torch.from_numpy(x)).double().numpy()
+    _, s, vt = np.linalg.svd(a - a.mean(axis=0), full_matrices=False)
+    for w in (0.4, 1.0):
+        art = tmp_path / f"w{w}"
+        export(ExportConfig(arch=ARCH, cut="fc7", out=art, centre_faces=public, release_dims=K, seed=3,
+                            release_whitening=w))  # fmt: skip
+        state = CheckpointState.load_checkpoint(str(art / "head" / ARTIFACT_FILES.checkpoint))
+        weight = state.parameters[f"{RELEASE_PROJECTION}.weight"].data.astype(np.float64)
+        np.testing.assert_allclose(np.abs(weight @ vt[:K].T), np.diag((s[:K] / s[0]) ** -w), rtol=1e-3, atol=1e-4)
+    projected_public = (a - a.mean(axis=0)) @ weight.T  # w = 1
+    np.testing.assert_allclose(projected_public.std(axis=0) / projected_public.std(axis=0)[0], 1.0, rtol=1e-3)
+
+
 def test_a_trained_head_never_moves_its_projection(projected):
     art, public, _ = projected
     m = load_manifest(art)
@@ -114,7 +136,12 @@ def test_bad_projections_are_refused_and_leave_nothing(projected, tmp_path):
         export(ExportConfig(arch=ARCH, cut="fc7", out=tmp_path / "a", release_dims=3))
     with pytest.raises(UserError, match=r"--release-dims 30: the 24 public faces .* give at most 23"):
         export(ExportConfig(arch=ARCH, cut="fc7", out=tmp_path / "b", centre_faces=public, release_dims=30))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(UserError, match=r"--release-whitening must be in \[0, 1\], got 1.5"):
+        export(ExportConfig(arch=ARCH, cut="fc7", out=tmp_path / "c", centre_faces=public, release_dims=3,
+                            release_whitening=1.5))  # fmt: skip
+    with pytest.raises(UserError, match="--release-whitening needs --release-dims"):
+        export(ExportConfig(arch=ARCH, cut="fc7", out=tmp_path / "d", centre_faces=public, release_whitening=0.5))
+    assert not any((tmp_path / n).exists() for n in "abcd")
     assert not list(tmp_path.glob(".b.staging-*"))
     with pytest.raises(UserError, match="release_dims 5 does not match its activation_shape"):
         Manifest.from_json({**load_manifest(projected[0]).to_json(), "activation_shape": [1024]})

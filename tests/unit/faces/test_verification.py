@@ -7,7 +7,15 @@ import pytest
 
 from dpa.audit.membership import auc_mann_whitney
 from dpa.faces.synth import _traits
-from dpa.faces.verification import FAR, cosine_scores, far_threshold, open_set, sample_pairs, verification
+from dpa.faces.verification import (
+    FAR,
+    cosine_scores,
+    far_threshold,
+    far_threshold_bound,
+    open_set,
+    sample_pairs,
+    verification,
+)
 from exporter.pretrain import PUBLIC_SEED, VALIDATION_SEED
 
 
@@ -54,3 +62,20 @@ def test_public_training_validation_and_device_identities_are_different_people()
     for seed in (PUBLIC_SEED, VALIDATION_SEED):
         assert not device & {_traits(seed, k) for k in range(1000)}
     assert len({PUBLIC_SEED, VALIDATION_SEED, 0}) == 3
+
+
+@pytest.mark.parametrize("n", [150, 400, 1000, 3000])
+def test_the_far_bound_accepts_the_most_impostors_the_binomial_still_certifies(n: int) -> None:
+    """Reference: the Clopper-Pearson bound is <= 1% exactly when seeing so few accepts would be unlikely (<= 5%)
+    at a true rate of 1%: scipy's binomial CDF, not the beta quantile the function uses."""
+    from scipy.stats import binom
+
+    scores = np.random.default_rng(n).standard_normal(n)
+    t = far_threshold_bound(scores, 0.01, 0.95)
+    accepted = int(np.sum(scores > t))
+    if binom.cdf(0, n, 0.01) > 0.05:  # too few impostors to certify anything: none of them is accepted
+        assert accepted == 0 and t == scores.max()
+        return
+    assert binom.cdf(accepted, n, 0.01) <= 0.05 < binom.cdf(accepted + 1, n, 0.01)
+    assert accepted < 0.01 * n  # stricter than the point estimate far_threshold
+    assert t >= far_threshold(scores, 0.01)

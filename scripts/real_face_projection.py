@@ -1,0 +1,120 @@
+"""Which public projection before the class-sum release on photographs? Chosen on public LFW people only.
+
+Usage: python scripts/real_face_projection.py [LFW]   (LFW: ../shared/data/lfw; about 8 min on 2 cores the first
+time: alignment 4.5 min and the network 1.5 min, both cached under runs/real-face-projection/)
+
+The real-face demo (``dpa demo --faces``) exports dlib's network at its embedding with a public projection
+(``dpa export --release-dims K --release-whitening W``: the top K principal directions of the centred
+embeddings of its public-centre people, row i scaled by (s_i / s_1) ** -W). This script chooses K and W where
+the demo's device people cannot be seen: for each of the demo's seeds 0-2 it forms the same public sets as
+``dpa.runs.real_faces`` (people with 2-9 photos ranked by the seed's hash: 300 for the centre and the
+projection, the rest public), and enrols the public people with 6-9 photos outside the centre 5 photos each
+(the few-photo run's shape; the rest are probes). The release is ``dpa.privacy.class_sums`` itself
+(add-remove, sensitivity C, z from the accountant for whole-run epsilon 8 and 1, delta 1e-5, C half the
+public median norm), 8 noise draws per seed; the score is the device's cosine to the noisy sums.
+Embeddings come from the exporter's torch twin of dlib's network (equal to the export within 1e-6).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dpa.faces.align import align_images
+from dpa.faces.chips import preprocess_chips
+from dpa.faces.lfw import IMAGE_EXTENSIONS
+from dpa.privacy.accountant import calibrate_noise_multiplier
+from dpa.privacy.class_sums import Adjacency, contributions, release_class_sums
+from dpa.privacy.release_clip import public_clip_from_norms
+from dpa.runs.lfw_eval import images_root
+from exporter.networks.dlib import default_dat
+from exporter.networks.dlib_resnet import build_parts, load_dat
+
+WORK = Path("runs/real-face-projection")
+GRID = [(32, 0.0), (48, 0.0), (48, 0.2), (48, 0.4), (48, 0.6), (48, 1.0), (64, 0.0), (64, 0.4), (80, 0.4)]
+DRAWS = 8
+
+
+def _embeddings(lfw: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings (N, 128) float64, identity names (N,)) of every LFW photo with a face found, cached."""
+    cache = WORK / "embeddings.npz"
+    if cache.is_file():
+        d = np.load(cache)
+        return d["e"], d["names"]
+    root = images_root(lfw)
+    images = sorted(p for p in root.glob("*/*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    print(f"aligning {len(images)} photographs into {WORK / 'chips'}", flush=True)
+    align_images(images, root, WORK / "chips", workers=2)
+    chips = sorted((WORK / "chips").glob("*/*.png"))
+    head, tail = build_parts("embedding", num_classes=2)
+    load_dat((head, tail), default_dat(), seed=0)
+    torch.set_num_threads(2)
+    out = []
+    for start in range(0, len(chips), 64):
+        batch = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in chips[start : start + 64]])
+        with torch.no_grad():
+            out.append(head.eval()(torch.from_numpy(preprocess_chips(batch))).double().numpy())
+    e, names = np.concatenate(out), np.array([p.parent.name for p in chips])
+    np.savez(cache, e=e, names=names)
+    return e, names
+
+
+def _rank(name: str, seed: int) -> bytes:
+    return hashlib.sha256(f"{seed}:{name}".encode()).digest()  # dpa.runs.real_faces._rank
+
+
+def _basis(a: np.ndarray, k: int, w: float) -> np.ndarray:
+    _, s, vt = np.linalg.svd(a, full_matrices=False)
+    return vt[:k] * ((s[:k] / s[0]) ** -w)[:, None]  # exporter.export._public_basis
+
+
+def main() -> None:
+    lfw = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/lfw")
+    WORK.mkdir(parents=True, exist_ok=True)
+    e, names = _embeddings(lfw)
+    count = Counter(names.tolist())
+    z = {eps: calibrate_noise_multiplier(mechanism="gaussian", total_epsilon=eps, delta=1e-5, releases=1)
+         for eps in (8.0, 1.0)}  # fmt: skip
+    scores: dict[tuple[int, float, float], list[float]] = {}
+    for seed in (0, 1, 2):
+        public = sorted((n for n, c in count.items() if 2 <= c < 10), key=lambda n: _rank(n, seed))
+        centre = np.isin(names, public[:300])
+        people = sorted(n for n in public[300:] if count[n] >= 6)
+        rng = np.random.default_rng(seed)
+        enrol, probe = [], []
+        for n in people:
+            rows = rng.permutation(np.flatnonzero(names == n))
+            enrol.append(rows[:5])
+            probe.append(rows[5:])
+        tr, te = np.concatenate(enrol), np.concatenate(probe)
+        label = {n: i for i, n in enumerate(people)}
+        y_tr, y_te = np.array([label[n] for n in names[tr]]), np.array([label[n] for n in names[te]])
+        mean = e[centre].mean(axis=0)
+        for k, w in GRID:
+            basis = _basis(e[centre] - mean, k, w)
+            c = public_clip_from_norms(np.linalg.norm((e[centre] - mean) @ basis.T, axis=1))
+            x = (e - mean) @ basis.T
+            x *= np.minimum(1.0, c / np.linalg.norm(x, axis=1, keepdims=True))
+            totals = contributions(x[tr], y_tr, len(people), c, counts=False)
+            probes = x[te] / np.linalg.norm(x[te], axis=1, keepdims=True)
+            for eps, zz in z.items():
+                for draw in range(DRAWS):
+                    release = release_class_sums(totals, clip=c, noise_multiplier=zz, adjacency=Adjacency.ADD_REMOVE,
+                                                 rng=np.random.default_rng(1000 * seed + draw))  # fmt: skip
+                    t = release.sums / np.linalg.norm(release.sums, axis=1, keepdims=True)
+                    scores.setdefault((k, w, eps), []).append(float(np.mean((probes @ t.T).argmax(1) == y_te)))
+        print(f"seed {seed}: {len(people)} public people, {len(tr)} enrolled, {len(te)} probes", flush=True)
+    print("dims  whitening  eps 8 (mean, min over draws)  eps 1")
+    for k, w in GRID:
+        a, b = scores[(k, w, 8.0)], scores[(k, w, 1.0)]
+        print(f"{k:4d}  {w:9.1f}  {np.mean(a):.3f} ({np.min(a):.3f})               {np.mean(b):.3f} ({np.min(b):.3f})")
+
+
+if __name__ == "__main__":
+    main()
