@@ -117,7 +117,8 @@ def print_summary(out: Console, summary: dict[str, Any], identities: int, workdi
         "with the same noise, classified by the server's tail (-: no tail trained). ε whole run composes every "
         "release of an example (dp-accounting PLD). verif. AUC / TAR@1e-3: pairs of held-out images of the device's "
         "identities (unseen in pretraining) by the cosine of their embeddings; open-set rej.: never-enrolled "
-        "strangers rejected at the threshold that accepts 1% of public strangers. Recorded views: "
+        "strangers rejected at the threshold that lets at most 1% of public strangers past (95% confidence). "
+        "Recorded views: "
         + ", ".join(str(r["view"]) for r in summary["runs"])
     )
     for run in summary["runs"]:
@@ -196,7 +197,8 @@ def real_faces_lines(out: dict) -> list[str]:  # type: ignore[type-arg]
                 lines.append(f"  eps {r['epsilon_total']:.3g}: whole run, delta {r['delta']:g}, {r['adjacency']} "
                              f"(replace-one: {r['epsilon_replace_one']:.3g})")  # fmt: skip
     lines += ["", "ident.: identification of the probes; share: of the best non-private recipe;",
-              "open-set: probes accepted as the right person at the threshold that accepts 1%",
-              "of public faces; rejects: strangers (never enrolled) rejected there. Labels are",
-              "inside every epsilon; thresholds and hyperparameters come from public people."]  # fmt: skip
+              "open-set: probes accepted as the right person at the threshold that lets at most",
+              "1% of public faces past (95% confidence); rejects: strangers (never enrolled)",
+              "rejected there. Labels are inside every epsilon; thresholds and hyperparameters",
+              "come from public people."]  # fmt: skip
     return lines
