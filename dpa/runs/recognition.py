@@ -20,7 +20,8 @@ Every threshold comes from public faces; the private test images only ever get s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,16 @@ OPEN_SET_CONFIDENCE = 0.95
 class RecognitionData:
     public: Path  # held-out public identities: thresholds are chosen on them
     strangers: Path  # never-enrolled identities, device side
+    # The public faces' embeddings, kept while this object lives, by what makes them (the export's head files,
+    # the set, the clip, the scale): a real-face run scores six galleries with three exports, each on ~5,000
+    # public faces, and the head is frozen, so they come out the same each time.
+    embedded: dict[tuple[Any, ...], np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+
+    def kept(self, key: tuple[Any, ...], make: Callable[[], np.ndarray]) -> np.ndarray:
+        """``make()``, or what it gave for the same ``key`` before."""
+        if key not in self.embedded:
+            self.embedded[key] = make()
+        return self.embedded[key]
 
 
 def recognition_data(root: Path, size: int, *, public_identities: int = 100, strangers: int = 20) -> RecognitionData:
@@ -81,6 +92,12 @@ def recognition_data(root: Path, size: int, *, public_identities: int = 100, str
         cached_faces(root, SynthConfig(identities=public_identities, per_identity=8, size=size, seed=VALIDATION_SEED)),
         cached_faces(root, SynthConfig(identities=strangers, per_identity=5, size=size, seed=STRANGER_SEED)),
     )
+
+
+def _head_files(manifest: Any) -> tuple[tuple[str, str], ...]:
+    """The export's head files and their hashes: what a public face's embedding depends on besides clip and
+    scale."""
+    return tuple(sorted((k, v) for k, v in manifest.files.items() if k.startswith("head/")))
 
 
 def _embed(head: HeadModel, index: FaceIndex, manifest: Any, clip: float, scale: float) -> np.ndarray:
@@ -118,10 +135,12 @@ def calibrate_gallery(artifacts: Path, state_dir: Path, data: RecognitionData) -
     gallery = load_gallery(path)
     head = HeadModel(artifacts, manifest, resolve_device(DeviceProfile.CPU))
     pairs = index_faces(data.public, min_faces_per_person=2)
-    e = _embed(head, index_faces(data.public, min_faces_per_person=1), manifest, gallery.clip, gallery.scale)
+    key = (_head_files(manifest), gallery.clip, gallery.scale)
+    e = data.kept(("public", *key), lambda: _embed(head, index_faces(data.public, min_faces_per_person=1), manifest,
+                                                   gallery.clip, gallery.scale))  # fmt: skip
+    pair_e = data.kept(("pairs", *key), lambda: pair_embeddings(head, manifest, list(pairs.paths)))
     templates = gallery.templates[np.asarray(gallery.counts) > 0]  # the classes the device can answer with
-    pair_t, open_t = _public_thresholds(pair_embeddings(head, manifest, list(pairs.paths)), pairs.labels, e,
-                                        templates.astype(np.float64))  # fmt: skip
+    pair_t, open_t = _public_thresholds(pair_e, pairs.labels, e, templates.astype(np.float64))
     save_gallery(path, replace(gallery, open_set_threshold=open_t, pair_threshold=pair_t))
 
 
@@ -143,8 +162,9 @@ def recognition_metrics(artifacts: Path, state_dir: Path, test: FaceIndex, data:
     ident = float(np.mean(scores.argmax(axis=1) == test.labels))
     unit_t = unit_rows(t)
     cos = unit_rows(e) @ unit_t.T
-    strangers = _embed(head, index_faces(data.strangers, min_faces_per_person=1), manifest, gallery.clip,
-                       gallery.scale)  # fmt: skip
+    strangers = data.kept(("strangers", _head_files(manifest), gallery.clip, gallery.scale),
+                          lambda: _embed(head, index_faces(data.strangers, min_faces_per_person=1), manifest,
+                                         gallery.clip, gallery.scale))  # fmt: skip
     stranger_best = (unit_rows(strangers) @ unit_t.T).max(axis=1)
     opened = open_set(cos.max(axis=1), scores.argmax(axis=1) == test.labels, stranger_best, threshold=open_t)
     return {

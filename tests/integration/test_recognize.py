@@ -133,3 +133,26 @@ def test_bad_input_gets_one_clear_line(enrolled, tmp_path):
     fresh = _run("recognize", str(index.paths[0]), "--artifacts", str(art), "--state-dir", str(tmp_path / "none"))
     assert fresh.exit_code == 2 and "enrol first" in fresh.output
     assert np.isfinite(load_gallery(state / GALLERY_FILE).pair_threshold)  # nothing of that changed the gallery
+
+
+def test_a_runs_public_embeddings_are_made_once_and_give_the_same_thresholds(enrolled):  # type: ignore[no-untyped-def]
+    """RecognitionData keeps the public faces' embeddings per export head, clip and scale: a second gallery
+    calibrated with it embeds nothing again, and its thresholds are those a fresh object gives."""
+    art, state, _, root = enrolled
+    before = load_gallery(state / GALLERY_FILE)
+    data = recognition_data(root / "recognition", 64, public_identities=8, strangers=3)
+    calibrate_gallery(art, state, data)
+    first = load_gallery(state / GALLERY_FILE)
+    assert len(data.embedded) == 2  # the open-set faces and the pairs
+    kept = {k: v.copy() for k, v in data.embedded.items()}
+    calibrate_gallery(art, state, data)
+    again = load_gallery(state / GALLERY_FILE)
+    assert (again.open_set_threshold, again.pair_threshold) == (first.open_set_threshold, first.pair_threshold)
+    assert (first.open_set_threshold, first.pair_threshold) == (before.open_set_threshold, before.pair_threshold)
+    assert data.embedded.keys() == kept.keys() and all(np.array_equal(data.embedded[k], kept[k]) for k in kept)
+    # what it keeps is what it uses: other public faces under the same key give another threshold
+    key = next(k for k in data.embedded if k[0] == "public")
+    data.embedded[key] = data.embedded[key][: len(data.embedded[key]) // 2] * -1.0
+    calibrate_gallery(art, state, data)
+    assert load_gallery(state / GALLERY_FILE).open_set_threshold != first.open_set_threshold
+    calibrate_gallery(art, state, recognition_data(root / "recognition", 64, public_identities=8, strangers=3))
