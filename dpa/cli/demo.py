@@ -118,8 +118,7 @@ def print_summary(out: Console, summary: dict[str, Any], identities: int, workdi
         "release of an example (dp-accounting PLD). verif. AUC / TAR@1e-3: pairs of held-out images of the device's "
         "identities (unseen in pretraining) by the cosine of their embeddings; open-set rej.: never-enrolled "
         "strangers rejected at the threshold that lets at most 1% of public strangers past (95% confidence). "
-        "Recorded views: "
-        + ", ".join(str(r["view"]) for r in summary["runs"])
+        "Recorded views: " + ", ".join(str(r["view"]) for r in summary["runs"])
     )
     for run in summary["runs"]:
         if run["epsilon_total"] is None:
