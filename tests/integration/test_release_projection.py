@@ -141,7 +141,14 @@ def test_bad_projections_are_refused_and_leave_nothing(projected, tmp_path):
                             release_whitening=1.5))  # fmt: skip
     with pytest.raises(UserError, match="--release-whitening needs --release-dims"):
         export(ExportConfig(arch=ARCH, cut="fc7", out=tmp_path / "d", centre_faces=public, release_whitening=0.5))
-    assert not any((tmp_path / n).exists() for n in "abcd")
+    from typer.testing import CliRunner
+
+    from dpa.cli.app import app
+
+    result = CliRunner().invoke(app, ["export", "--cut", "fc7", "--release-whitening", "nan", "--out",
+                                      str(tmp_path / "e")], terminal_width=200)  # fmt: skip
+    assert result.exit_code == 2 and "--release-whitening must be in [0, 1], got nan" in result.output
+    assert not any((tmp_path / n).exists() for n in "abcde")
     assert not list(tmp_path.glob(".b.staging-*"))
     with pytest.raises(UserError, match="release_dims 5 does not match its activation_shape"):
         Manifest.from_json({**load_manifest(projected[0]).to_json(), "activation_shape": [1024]})
