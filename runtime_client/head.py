@@ -126,7 +126,7 @@ class HeadModel:
             raise UserError(f"{self._head_dir}: the head's parameters lack {', '.join(missing[:3])}")
         self._gradient: Any = None  # the gradient graph's session, opened on the first backward
         self._saving: tuple[Any, ...] | None = None  # the kept-forward pair's sessions (() where absent)
-        self._saving_names: tuple[list[str], list[str], list[str]] = ([], [], [])
+        self._saving_names: tuple[list[str], ...] = ([], [], [], [])
         self._kept: tuple[np.ndarray, dict[str, np.ndarray]] | None = None  # a training forward's images and tensors
         self._grads: dict[str, np.ndarray] = {}
         self.activation_shape = manifest.activation_shape
@@ -176,7 +176,8 @@ class HeadModel:
 
     def _saving_sessions(self) -> tuple[Any, Any] | None:
         """The forward that keeps and the backward that takes (None where the export has no such pair); their
-        input and output names, read once (``_saving_names``: forward inputs, kept outputs, backward inputs)."""
+        input and output names, read once (``_saving_names``: forward inputs, kept outputs, backward inputs, the
+        parameters whose gradients the backward gives)."""
         if self._saving is None:
             paths = [self._head_dir / ARTIFACT_FILES.forward_saving, self._head_dir / ARTIFACT_FILES.backward]
             if not all(p.is_file() for p in paths):
@@ -188,6 +189,7 @@ class HeadModel:
                 [i.name for i in fwd.get_inputs() if i.name != GraphNames.IMAGES],
                 [o.name for o in fwd.get_outputs()][1:],
                 [i.name for i in bwd.get_inputs()],
+                [o.name.removesuffix(GRAD_SUFFIX) for o in bwd.get_outputs()],
             )
         return self._saving or None
 
@@ -196,13 +198,16 @@ class HeadModel:
         if sessions is None:
             return self.embed(images)
         x = np.ascontiguousarray(images, dtype=np.float32)
-        inputs, kept, _ = self._saving_names
+        inputs, kept = self._saving_names[:2]
         outputs = sessions[0].run(None, {GraphNames.IMAGES: x, **self._feeds(inputs)})
         self._kept = (x, dict(zip(kept, outputs[1:], strict=True)))
         return outputs[0]
 
-    def _backward_kept(self, images: np.ndarray, upstream_gradient: np.ndarray) -> list[np.ndarray] | None:
-        """The parameter gradients from the kept forward of these same images, or None (nothing kept for them)."""
+    def _backward_kept(
+        self, images: np.ndarray, upstream_gradient: np.ndarray
+    ) -> tuple[list[str], list[np.ndarray]] | None:  # fmt: skip
+        """(parameter names, their gradients) from the kept forward of these same images, or None (nothing kept
+        for them)."""
         kept, self._kept = self._kept, None
         sessions = self._saving_sessions()
         if kept is None or sessions is None or kept[0].shape != images.shape or not np.array_equal(kept[0], images):
@@ -210,7 +215,8 @@ class HeadModel:
         x, saved = kept
         given = {GraphNames.UPSTREAM_GRAD: np.ascontiguousarray(upstream_gradient, dtype=np.float32),
                  GraphNames.IMAGES: x, **saved}  # fmt: skip
-        return sessions[1].run(None, {n: given[n] if n in given else self._params[n] for n in self._saving_names[2]})
+        feeds = {n: given[n] if n in given else self._params[n] for n in self._saving_names[2]}
+        return self._saving_names[3], sessions[1].run(None, feeds)
 
     def backward_step(self, images: np.ndarray, upstream_gradient: np.ndarray) -> None:
         """Accumulate d loss / d head parameters = J^T upstream_gradient, then take an optimizer step."""
@@ -239,16 +245,16 @@ class HeadModel:
         The surrogate loss is a sum over examples, so accumulating example by example gives
         exactly the batch's gradient: a device can run its backward in micro-batches.
         """
-        session = self._gradient_session()
-        grads = self._backward_kept(images, upstream_gradient)
-        if grads is None:
+        named = self._backward_kept(images, upstream_gradient)
+        if named is None:  # the gradient graph, which runs the forward again (opened only where it is needed)
+            session = self._gradient_session()
             feeds = {
                 GraphNames.IMAGES: np.ascontiguousarray(images, dtype=np.float32),
                 GraphNames.UPSTREAM_GRAD: np.ascontiguousarray(upstream_gradient, dtype=np.float32),
                 **self._feeds(self._grad_inputs),
             }
-            grads = session.run(None, feeds)
-        for name, g in zip(self._grad_names, grads, strict=True):
+            named = self._grad_names, session.run(None, feeds)
+        for name, g in zip(*named, strict=True):
             if name in self._grads:
                 self._grads[name] += g
             else:
