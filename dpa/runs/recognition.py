@@ -100,6 +100,18 @@ def _head_files(manifest: Any) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((k, v) for k, v in manifest.files.items() if k.startswith("head/")))
 
 
+def _public_embeddings(
+    data: RecognitionData, which: str, head: HeadModel, manifest: Any, clip: float, scale: float
+) -> np.ndarray:  # fmt: skip
+    """``data``'s public faces (``which``: "public" or "strangers"; one photo per person is enough) as the
+    gallery's probes are embedded, kept by the export's head files (their hashes), the clip and the scale."""
+
+    def embed() -> np.ndarray:
+        return _embed(head, index_faces(getattr(data, which), min_faces_per_person=1), manifest, clip, scale)
+
+    return data.kept((which, _head_files(manifest), clip, scale), embed)
+
+
 def _embed(head: HeadModel, index: FaceIndex, manifest: Any, clip: float, scale: float) -> np.ndarray:
     return embed_files(head, manifest, list(index.paths), clip, scale)
 
@@ -135,10 +147,8 @@ def calibrate_gallery(artifacts: Path, state_dir: Path, data: RecognitionData) -
     gallery = load_gallery(path)
     head = HeadModel(artifacts, manifest, resolve_device(DeviceProfile.CPU))
     pairs = index_faces(data.public, min_faces_per_person=2)
-    key = (_head_files(manifest), gallery.clip, gallery.scale)
-    e = data.kept(("public", *key), lambda: _embed(head, index_faces(data.public, min_faces_per_person=1), manifest,
-                                                   gallery.clip, gallery.scale))  # fmt: skip
-    pair_e = data.kept(("pairs", *key), lambda: pair_embeddings(head, manifest, list(pairs.paths)))
+    e = _public_embeddings(data, "public", head, manifest, gallery.clip, gallery.scale)
+    pair_e = data.kept(("pairs", _head_files(manifest)), lambda: pair_embeddings(head, manifest, list(pairs.paths)))
     templates = gallery.templates[np.asarray(gallery.counts) > 0]  # the classes the device can answer with
     pair_t, open_t = _public_thresholds(pair_e, pairs.labels, e, templates.astype(np.float64))
     save_gallery(path, replace(gallery, open_set_threshold=open_t, pair_threshold=pair_t))
@@ -162,9 +172,7 @@ def recognition_metrics(artifacts: Path, state_dir: Path, test: FaceIndex, data:
     ident = float(np.mean(scores.argmax(axis=1) == test.labels))
     unit_t = unit_rows(t)
     cos = unit_rows(e) @ unit_t.T
-    strangers = data.kept(("strangers", _head_files(manifest), gallery.clip, gallery.scale),
-                          lambda: _embed(head, index_faces(data.strangers, min_faces_per_person=1), manifest,
-                                         gallery.clip, gallery.scale))  # fmt: skip
+    strangers = _public_embeddings(data, "strangers", head, manifest, gallery.clip, gallery.scale)
     stranger_best = (unit_rows(strangers) @ unit_t.T).max(axis=1)
     opened = open_set(cos.max(axis=1), scores.argmax(axis=1) == test.labels, stranger_best, threshold=open_t)
     return {
