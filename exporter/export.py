@@ -29,7 +29,7 @@ from dpa.privacy.release_clip import public_clip_from_norms
 from exporter.networks import family
 from exporter.networks.vggface import VGGFACE_MEAN
 
-__all__ = ["ExportConfig", "export", "VGGFACE_MEAN"]
+__all__ = ["ExportConfig", "export", "principal_basis", "VGGFACE_MEAN"]
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ class ExportConfig:
     # How far the projection whitens the public spectrum: row i of W is scaled by (lambda_i / lambda_1) ** (-w / 2),
     # lambda the public principal variances (0: plain principal directions; 1: whitened). The clip then spends
     # its norm more evenly over the directions, which the release's isotropic noise treats alike. On public LFW
-    # people (scripts/real_face_projection.py, 5 photos enrolled each, whole-run epsilon 8): 48 dims 0.893
-    # plain, 0.906 at w = 0.4, 0.889 at w = 1.
+    # people (scripts/real_face_projection.py, 5 photos enrolled each, whole-run epsilon 8): 48 dims 0.890
+    # plain, 0.904 at w = 0.4, 0.890 at w = 1.
     release_whitening: float = 0.0
 
 
@@ -303,9 +303,8 @@ def _public_clip(head: object, faces: Path, pre: _Pre, centre: np.ndarray | None
 def _public_basis(
     head: object, faces: Path, pre: _Pre, centre: np.ndarray, k: int, whitening: float = 0.0
 ) -> np.ndarray:  # fmt: skip
-    """(k, d) float32: the top ``k`` principal directions of the public activations centred on ``centre``,
-    row i scaled by (lambda_i / lambda_1) ** (-whitening / 2) (orthonormal rows at 0); each row's largest
-    entry made positive, so the export does not depend on the SVD's signs."""
+    """``principal_basis`` of the public activations centred on ``centre``; refused where they have fewer than
+    ``k`` principal directions."""
     a = np.concatenate([x.flatten(1).numpy() for x in _activations(head, faces, pre)])
     a -= np.ravel(centre).astype(np.float64)
     if not 1 <= k <= min(len(a) - 1, a.shape[1]):
@@ -313,7 +312,15 @@ def _public_basis(
             f"--release-dims {k}: the {len(a)} public faces in {faces} give at most "
             f"{min(len(a) - 1, a.shape[1])} principal directions of the {a.shape[1]}-element activation"
         )
-    _, singular, vt = np.linalg.svd(a, full_matrices=False)
+    return principal_basis(a, k, whitening)
+
+
+def principal_basis(centred: np.ndarray, k: int, whitening: float = 0.0) -> np.ndarray:
+    """(k, d) float32: the top ``k`` principal directions of the rows of ``centred`` (n, d), row i scaled by
+    (lambda_i / lambda_1) ** (-whitening / 2) (orthonormal rows at 0); each row's largest entry made positive,
+    so the export does not depend on the SVD's signs. The release projection's one rule: the export and
+    ``scripts/real_face_projection.py``, which chooses its ``k`` and ``whitening``, both call it."""
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
     basis = vt[:k] * ((singular[:k] / singular[0]) ** -whitening)[:, None]
     signs = np.sign(basis[np.arange(k), np.abs(basis).argmax(axis=1)])
     return (basis * signs[:, None]).astype(np.float32)

@@ -17,7 +17,6 @@ Embeddings come from the exporter's torch twin of dlib's network (equal to the e
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from collections import Counter
 from pathlib import Path
@@ -33,6 +32,8 @@ from dpa.privacy.accountant import calibrate_noise_multiplier
 from dpa.privacy.class_sums import Adjacency, contributions, release_class_sums
 from dpa.privacy.release_clip import public_clip_from_norms
 from dpa.runs.lfw_eval import images_root
+from dpa.runs.real_faces import seeded_rank
+from exporter.export import principal_basis
 from exporter.networks.dlib import default_dat
 from exporter.networks.dlib_resnet import build_parts, load_dat
 
@@ -66,15 +67,6 @@ def _embeddings(lfw: Path) -> tuple[np.ndarray, np.ndarray]:
     return e, names
 
 
-def _rank(name: str, seed: int) -> bytes:
-    return hashlib.sha256(f"{seed}:{name}".encode()).digest()  # dpa.runs.real_faces._rank
-
-
-def _basis(a: np.ndarray, k: int, w: float) -> np.ndarray:
-    _, s, vt = np.linalg.svd(a, full_matrices=False)
-    return vt[:k] * ((s[:k] / s[0]) ** -w)[:, None]  # exporter.export._public_basis
-
-
 def main() -> None:
     lfw = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/lfw")
     WORK.mkdir(parents=True, exist_ok=True)
@@ -84,7 +76,7 @@ def main() -> None:
          for eps in (8.0, 1.0)}  # fmt: skip
     scores: dict[tuple[int, float, float], list[float]] = {}
     for seed in (0, 1, 2):
-        public = sorted((n for n, c in count.items() if 2 <= c < 10), key=lambda n: _rank(n, seed))
+        public = sorted((n for n, c in count.items() if 2 <= c < 10), key=lambda n: seeded_rank(n, seed))
         centre = np.isin(names, public[:300])
         people = sorted(n for n in public[300:] if count[n] >= 6)
         rng = np.random.default_rng(seed)
@@ -98,7 +90,7 @@ def main() -> None:
         y_tr, y_te = np.array([label[n] for n in names[tr]]), np.array([label[n] for n in names[te]])
         mean = e[centre].mean(axis=0)
         for k, w in GRID:
-            basis = _basis(e[centre] - mean, k, w)
+            basis = principal_basis(e[centre] - mean, k, w).astype(np.float64)
             c = public_clip_from_norms(np.linalg.norm((e[centre] - mean) @ basis.T, axis=1))
             x = (e - mean) @ basis.T
             x *= np.minimum(1.0, c / np.linalg.norm(x, axis=1, keepdims=True))

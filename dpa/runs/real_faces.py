@@ -58,7 +58,7 @@ from runtime_client.head import HeadModel
 from runtime_client.on_device import embed_files, template_scores
 from runtime_client.recipes import Budget, Recipe
 
-__all__ = ["RealFacesConfig", "run_real_faces"]
+__all__ = ["RealFacesConfig", "run_real_faces", "seeded_rank"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class RealFacesConfig:
     # release simulated with dpa.privacy.class_sums): add-remove without counts (sensitivity C) scored
     # 0.98 / 0.26 at epsilon 8 / 1 where replace-one scored 0.86 / 0.07. The projection then on public people
     # with 6-9 photos, 5 enrolled each, the rest probes (scripts/real_face_projection.py: 8 noise draws x 3
-    # public splits, epsilon 8): 32 principal directions 0.884, 48 0.893, 48 whitened 0.4 of the way 0.906.
+    # public splits, epsilon 8): 32 principal directions 0.881, 48 0.890, 48 whitened 0.4 of the way 0.904.
     adjacency: Adjacency = Adjacency.ADD_REMOVE
     release_dims: int | None = 48
     release_whitening: float = 0.4
@@ -118,7 +118,8 @@ def _counts(root: Path) -> dict[str, int]:
     return out
 
 
-def _rank(name: str, seed: int) -> bytes:
+def seeded_rank(name: str, seed: int) -> bytes:
+    """The order public people are dealt into the runs' public sets by (and the projection script's)."""
     return hashlib.sha256(f"{seed}:{name}".encode()).digest()
 
 
@@ -126,14 +127,16 @@ def _people(cfg: RealFacesConfig, counts: dict[str, int]) -> dict[str, list[str]
     """Disjoint sets of identities: the device's, the few-photo run's, and three public ones."""
     device = sorted(n for n, c in counts.items() if c >= cfg.min_images)
     few = sorted(n for n, c in counts.items() if c >= cfg.few_min_images)
-    public = sorted((n for n, c in counts.items() if 2 <= c < cfg.few_min_images), key=lambda n: _rank(n, cfg.seed))
+    public = sorted(
+        (n for n, c in counts.items() if 2 <= c < cfg.few_min_images), key=lambda n: seeded_rank(n, cfg.seed)
+    )
     need = cfg.public_centre_identities + cfg.public_val_identities + cfg.strangers
     if len(device) < 2 or len(public) < need:
         raise UserError(f"{cfg.faces}: {len(device)} identities with >= {cfg.min_images} photos and "
                         f"{len(public)} public ones (2 to {cfg.few_min_images - 1} photos); the runs need >= 2 "
                         f"and {need}")  # fmt: skip
     a, b = cfg.public_centre_identities, cfg.public_centre_identities + cfg.public_val_identities
-    singles = sorted((n for n, c in counts.items() if c == 1), key=lambda n: _rank(n, cfg.seed))
+    singles = sorted((n for n, c in counts.items() if c == 1), key=lambda n: seeded_rank(n, cfg.seed))
     singles = singles if cfg.single_photo_people else []
     half = len(singles) // 2
     return {"device": device, "few": few, "public-centre": sorted(public[:a]),
