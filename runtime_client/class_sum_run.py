@@ -264,7 +264,7 @@ async def run_class_sums(cfg: ClientConfig) -> dict[str, Any]:
             "num_classes": m.num_classes, "activation_shape": list(m.activation_shape),
             "pixel_mean": list(m.pixel_mean), "pixel_std": list(m.pixel_std), "clip": plan.clip,
             "noise_scale": plan.noise_scale, "noise_multiplier": plan.noise_multiplier,
-            "adjacency": plan.adjacency.value,
+            "adjacency": plan.adjacency.value, "flip_average": m.flip_average,
         }  # fmt: skip
         record_class_sum_view(cfg.record_view, body, header, setup.train, setup.test, setup.head)
     report = {

@@ -337,6 +337,7 @@ def _view_recorder(cfg: ClientConfig, setup: RunSetup, state: _RunState, trainer
         "activation_shape": list(m.activation_shape),
         "pixel_mean": list(m.pixel_mean),
         "pixel_std": list(m.pixel_std),
+        "flip_average": m.flip_average,
         "wire_dtype": cfg.release_dtype.value,
         "labels": messages.labels_field(cfg.label_epsilon),
     }

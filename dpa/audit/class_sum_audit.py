@@ -160,7 +160,7 @@ def _view_head(view_dir: Path, h: dict[str, Any], weights: Any) -> Any:
         image_size=int(h["image_size"]), width=float(h["width"]), num_classes=int(h["num_classes"]),
         cut=str(h["cut"]), weights=weights, pixel_mean=tuple(h["pixel_mean"]), pixel_std=tuple(h["pixel_std"]),
         source=str(view_dir), centre=np.load(centre_path) if centre_path.is_file() else None,
-        network=str(h.get("arch", "vggface")),
+        network=str(h.get("arch", "vggface")), mirror=h.get("flip_average", False) is True,
     )  # fmt: skip
 
 

@@ -128,16 +128,17 @@ def _activation_shape(head: torch.nn.Module, arch: ArchConfig, cut: str) -> tupl
 def head_from_weights(
     *, image_size: int, width: float, num_classes: int, cut: str, weights: dict[str, np.ndarray],
     pixel_mean: tuple[float, ...], pixel_std: tuple[float, ...], source: str, centre: np.ndarray | None = None,
-    network: str = "vggface",
+    network: str = "vggface", mirror: bool = False,
 ) -> VictimHead:  # fmt: skip
     """The head that made a recorded release, rebuilt from its stored parameters (torch, eval mode), for the
-    network family the view's header names (a view recorded before headers named one is VGG-Face's)."""
+    network family the view's header names (a view recorded before headers named one is VGG-Face's);
+    ``mirror``: a head that averages each image with its mirror image (the header's ``flip_average``)."""
     # A head with a release projection recorded its frozen parameters with the rest (exporter.vggface).
     projection = weights.get(f"{RELEASE_PROJECTION}.weight")
     dims = None if projection is None else int(np.shape(projection)[0])
     rebuild = family(network).head
     assert rebuild is not None
-    head = rebuild(cut, image_size, width, dims)
+    head = rebuild(cut, image_size, width, dims, mirror)
     expected = head.state_dict()
     missing = [n for n in expected if n not in weights or tuple(weights[n].shape) != tuple(expected[n].shape)]
     if missing:

@@ -67,7 +67,7 @@ def audit_view(
         image_size=int(h["image_size"]), width=float(h["width"]), num_classes=int(h["num_classes"]),
         cut=str(h["cut"]), weights=view.head(chosen[0]), pixel_mean=tuple(h["pixel_mean"]),
         pixel_std=tuple(h["pixel_std"]), source=f"{view_dir}/{first_head}", centre=view.centre(),
-        network=str(h.get("arch", "vggface")),
+        network=str(h.get("arch", "vggface")), mirror=h.get("flip_average", False) is True,
     )  # fmt: skip
     elements = math.prod(head.activation_shape)
     params = {k: view.releases[chosen[0]][k] for k in view.releases[chosen[0]]}

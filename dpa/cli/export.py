@@ -88,6 +88,14 @@ _ReleaseWhitening = Annotated[
     float,
     typer.Option(help="With --release-dims: how far to whiten the public spectrum, 0 (plain) to 1 (whitened)."),
 ]
+_FlipAverage = Annotated[
+    bool,
+    typer.Option(
+        "--flip-average",
+        help="dlib-resnet at its embedding: the head averages each image's descriptor with its mirror "
+        "image's (the test-time flip; twice the device's forward).",
+    ),
+]
 _ClipFrom = Annotated[
     Path | None,
     typer.Option(help="Without --centre-from: PUBLIC faces to measure only the release clip on."),
@@ -114,6 +122,7 @@ def export_command(
     centre_from: _CentreFrom = None,
     release_dims: _ReleaseDims = None,
     release_whitening: _ReleaseWhitening = 0.0,
+    flip_average: _FlipAverage = False,
     clip_from: _ClipFrom = None,
 ) -> None:
     """Split a network at --cut and write head (device) and tail (edge) training artifacts."""
@@ -139,6 +148,7 @@ def export_command(
             clip_faces=clip_from,
             release_dims=release_dims,
             release_whitening=release_whitening,
+            flip_average=flip_average,
         )
         with console.status("exporting") as status:
             manifest, report = export(cfg, progress=lambda msg: status.update(msg))

@@ -140,6 +140,10 @@ class Manifest:
     # before preprocessing, and releases nothing for a photo where no face is found. None: the image is
     # centre-cropped to a square and resized (the key is then left out of the JSON).
     alignment: str | None = None
+    # The head graph averages each image's output with its mirror image's (``dpa export --flip-average``, the
+    # field's test-time flip). The graph does it: a device runs the head as always and does nothing more; the
+    # field says what the head is (and the audit rebuilds it so). False: left out of the JSON.
+    flip_average: bool = False
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -160,6 +164,8 @@ class Manifest:
         data["optimizer"] = {**data["optimizer"], "name": self.optimizer.name.value}
         if self.alignment is None:
             del data["alignment"]  # an unaligned export's manifest is byte for byte what it was before the field
+        if not self.flip_average:
+            del data["flip_average"]  # likewise
         return data
 
     def write(self, directory: Path) -> Path:
@@ -200,11 +206,18 @@ class Manifest:
                 release_clip=None if data.get("release_clip") is None else _positive(data["release_clip"]),
                 release_dims=None if data.get("release_dims") is None else int(data["release_dims"]),
                 alignment=None if data.get("alignment") is None else str(data["alignment"]),
+                flip_average=_flag("flip_average", data.get("flip_average", False)),
             )
         except KeyError as exc:
             raise UserError(f"manifest is missing field {exc.args[0]!r}") from None
         except (TypeError, AttributeError) as exc:
             raise UserError(f"manifest has a field of the wrong type: {exc}") from None
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def _positive(value: Any) -> float:

@@ -69,9 +69,16 @@ def _project(cfg: ExportSettings, split: Split, basis: object, centre: object) -
     return replace(split, head=head, tail=tail, activation_shape=(len(basis),))  # type: ignore[arg-type]
 
 
-def _head(cut: str, _image_size: int, _width: float, release_dims: int | None) -> nn.Module:
-    return build_parts(cut, num_classes=2, release_dims=release_dims)[0]
+def _mirror(cfg: ExportSettings, split: Split) -> Split:
+    head, tail = build_parts(cfg.cut, num_classes=cfg.arch.num_classes, mirror=True)
+    head.load_state_dict(split.head.state_dict())
+    tail.load_state_dict(split.tail.state_dict())
+    return replace(split, head=head, tail=tail)
+
+
+def _head(cut: str, _image_size: int, _width: float, release_dims: int | None, mirror: bool) -> nn.Module:
+    return build_parts(cut, num_classes=2, release_dims=release_dims, mirror=mirror)[0]
 
 
 FAMILY = Family(name=NetworkName.DLIB_RESNET, cuts=layout.cut_names, build=_build, check=_check, project=_project,
-                head=_head)  # fmt: skip
+                head=_head, mirror=_mirror)  # fmt: skip

@@ -93,10 +93,13 @@ class DlibPart(nn.Module):
 
     def __init__(
         self, names: tuple[str, ...], *, in_shape: tuple[int, ...], num_classes: int | None,
-        release_dims: int | None = None,
+        release_dims: int | None = None, mirror: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.names = names
+        # The head's output averaged over each image and its mirror image (``dpa export --flip-average``): the
+        # field's test-time flip, inside the graph, so every device, public statistic and template sees it.
+        self.mirror = mirror
         table = {s.name: s for s in layout.stages()}
         shape = in_shape
         for name in names:
@@ -119,23 +122,33 @@ class DlibPart(nn.Module):
         self.classifier = nn.Linear(features, num_classes) if num_classes is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mirror:  # one batch of 2B: the images, then their mirror images (width reversed)
+            x = torch.cat([x, torch.flip(x, dims=(3,))])
         for name in self.names:
             x = x.mean(dim=(2, 3)) if name == "pool" else getattr(self, name)(x)  # pool: (B, 256, 2, 2) -> (B, 256)
         if self.projected:
             x = getattr(self, RELEASE_PROJECTION)(torch.flatten(x, 1))
+        if self.mirror:
+            x = x.reshape(2, -1, *x.shape[1:]).mean(dim=0)
         return x if self.classifier is None else self.classifier(x)
 
 
-def build_parts(cut: str, *, num_classes: int, release_dims: int | None = None) -> tuple[DlibPart, DlibPart]:
+def build_parts(
+    cut: str, *, num_classes: int, release_dims: int | None = None, mirror: bool = False
+) -> tuple[DlibPart, DlibPart]:  # fmt: skip
     """Head (device: stages up to ``cut``) and tail (server: the rest and a ``num_classes`` classifier). With
     ``release_dims`` the head ends in the frozen release projection; only where the tail is the classifier
-    alone (cut ``embedding``), since no stage of this network takes a projected input."""
+    alone (cut ``embedding``), since no stage of this network takes a projected input. With ``mirror`` the
+    head averages each image's output with its mirror image's; only at ``embedding``, where the output is a
+    descriptor (a feature map of the mirror image is the mirror of the map, and averaging the two blurs it)."""
     head_stages, tail_stages = layout.stage_cut(cut)
     if release_dims is not None and tail_stages:
         raise UserError(f"--release-dims with {layout.NAME} needs --cut embedding (the tail is then its classifier)")
+    if mirror and tail_stages:
+        raise UserError(f"--flip-average with {layout.NAME} needs --cut embedding (its descriptor; not a feature map)")
     size = layout.IMAGE_SIZE
     head = DlibPart(tuple(s.name for s in head_stages), in_shape=(3, size, size), num_classes=None,
-                    release_dims=release_dims)  # fmt: skip
+                    release_dims=release_dims, mirror=mirror)  # fmt: skip
     tail = DlibPart(tuple(s.name for s in tail_stages), in_shape=head_stages[-1].out_shape, num_classes=num_classes,
                     release_dims=release_dims)  # fmt: skip
     return head, tail
@@ -191,9 +204,10 @@ def load_dat(parts: tuple[DlibPart, DlibPart], path: Path, *, seed: int) -> None
 def project_parts(
     parts: tuple[DlibPart, DlibPart], cut: str, num_classes: int, basis: np.ndarray, centre: np.ndarray, seed: int
 ) -> tuple[DlibPart, DlibPart]:
-    """``parts`` with the head ending in y = basis (a - centre) and a classifier over k dimensions (seeded)."""
+    """``parts`` with the head ending in y = basis (a - centre) and a classifier over k dimensions (seeded); a
+    mirrored head stays mirrored."""
     b = np.asarray(basis, dtype=np.float32)
-    head, tail = build_parts(cut, num_classes=num_classes, release_dims=len(b))
+    head, tail = build_parts(cut, num_classes=num_classes, release_dims=len(b), mirror=parts[0].mirror)
     head.load_state_dict({**head.state_dict(), **parts[0].state_dict()})
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -59,5 +59,8 @@ class Family:
     # is published: (cfg, split) -> a line for the export's report; raises UserError when it disagrees.
     check: Callable[[ExportSettings, Split], str] | None = None
     # An untrained head of an export's structure, for loading recorded weights into (the audit rebuilds the
-    # head that made a release): (cut, image_size, width, release_dims) -> the head module.
-    head: Callable[[str, int, float, int | None], nn.Module] | None = None
+    # head that made a release): (cut, image_size, width, release_dims, mirror) -> the head module.
+    head: Callable[[str, int, float, int | None, bool], nn.Module] | None = None
+    # The split with a head that averages each image's output with its mirror image's (``--flip-average``),
+    # the same weights; None where the family does not offer it.
+    mirror: Callable[[ExportSettings, Split], Split] | None = None

@@ -8,6 +8,7 @@ from torch import nn
 
 from dpa.contract.architecture import ArchConfig, cut_info, cut_names
 from dpa.contract.choices import NetworkName
+from dpa.contract.errors import UserError
 from exporter.networks.family import ExportSettings, Family, Split
 from exporter.networks.vgg_parts import build_parts, init_weights, load_weights, project_parts
 
@@ -48,7 +49,9 @@ def _project(cfg: ExportSettings, split: Split, basis: Any, centre: Any) -> Spli
     return Split(**{**split.__dict__, "head": head, "tail": tail, "activation_shape": (len(basis),)})
 
 
-def _head(cut: str, image_size: int, width: float, release_dims: int | None) -> nn.Module:
+def _head(cut: str, image_size: int, width: float, release_dims: int | None, mirror: bool) -> nn.Module:
+    if mirror:
+        raise UserError("a vggface head has no mirrored form (--flip-average is dlib-resnet's)")
     arch = ArchConfig(image_size=image_size, width=width, num_classes=2, dropout=0.0)
     return build_parts(arch, cut, release_dims=release_dims)[0]
 
