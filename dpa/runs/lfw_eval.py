@@ -102,7 +102,8 @@ def evaluate_lfw(
         files = [chip_path(root, chips, p) for p in images]
     say(f"embedding {len(files)} images on the device's head ({manifest.arch} at {manifest.cut})")
     head = HeadModel(artifacts, manifest, resolve_device(DeviceProfile.CPU), frozen=True)
-    e = pair_embeddings(head, manifest, files, flip=cfg.flip)
+    # an export whose head already averages each image with its mirror (``--flip-average``) needs no second flip
+    e = pair_embeddings(head, manifest, files, flip=cfg.flip and not manifest.flip_average)
     index = {k: i for i, k in enumerate(keys)}
     a = np.array([index[k] for k in pairs.first])
     b = np.array([index[k] for k in pairs.second])
@@ -121,7 +122,7 @@ def evaluate_lfw(
         "network": manifest.arch,
         "cut": manifest.cut,
         "artifacts": str(artifacts),
-        "flip": cfg.flip,
+        "flip": cfg.flip or manifest.flip_average,  # in the head graph or on the device
         "score": "cosine",
         "alignment": manifest.alignment,
         "alignment_report": alignment,
