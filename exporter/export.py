@@ -144,6 +144,7 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
             out_dir=staging / "head",
             optimizer=cfg.optimizer,
             ort_format=cfg.ort_format,
+            frozen=cfg.flip_average,
         )
         progress("exporting tail to ONNX")
         write_part_artifacts(

@@ -214,9 +214,12 @@ def _optimizer_block(cfg: OptimizerConfig) -> onnxblock.blocks.Block:
 
 
 def write_part_artifacts(
-    base: onnx.ModelProto, *, part: str, out_dir: Path, optimizer: OptimizerConfig, ort_format: bool = False
-) -> None:
-    """Write training/eval/optimizer models and the checkpoint of ``part`` ('head' or 'tail') into ``out_dir``."""
+    base: onnx.ModelProto, *, part: str, out_dir: Path, optimizer: OptimizerConfig, ort_format: bool = False,
+    frozen: bool = False,
+) -> None:  # fmt: skip
+    """Write training/eval/optimizer models and the checkpoint of ``part`` ('head' or 'tail') into ``out_dir``.
+    ``frozen``: a head meant to be used frozen (``--flip-average``), so a missing plain gradient graph is no
+    warning."""
     params = [init.name for init in base.graph.initializer]
     block: onnxblock.TrainingBlock = _HeadBlock() if part == "head" else _TailBlock()
     for name in params:
@@ -236,7 +239,7 @@ def write_part_artifacts(
     out_dir.mkdir(parents=True, exist_ok=True)
     files = ARTIFACT_FILES
     if part == "head":
-        write_plain_head(training, parameters, out_dir)
+        write_plain_head(training, parameters, out_dir, frozen=frozen)
     onnx.save(training, out_dir / files.training)
     onnx.save(eval_model, out_dir / files.eval)
     onnxblock.save_checkpoint(parameters, out_dir / files.checkpoint, nominal_checkpoint=False)
@@ -254,7 +257,7 @@ def write_part_artifacts(
             )
 
 
-def write_plain_head(training: onnx.ModelProto, parameters: Any, out_dir: Path) -> None:
+def write_plain_head(training: onnx.ModelProto, parameters: Any, out_dir: Path, *, frozen: bool = False) -> None:
     """What a device on plain onnxruntime needs besides the eval graph: the parameters (``parameters.npz``)
     and, where every training op has a standard form, the gradient graph (``exporter.gradient_graph``) and the
     same backward cut after a forward that keeps what it reads (``exporter.saved_forward``). A
@@ -264,7 +267,8 @@ def write_plain_head(training: onnx.ModelProto, parameters: Any, out_dir: Path) 
     try:
         gradient = gradient_model(training)
     except UnsupportedGradient as exc:
-        log.warning("no gradient graph for plain onnxruntime (the head can only be used frozen): %s", exc)
+        log.log(logging.INFO if frozen else logging.WARNING,
+                "no gradient graph for plain onnxruntime (the head can only be used frozen): %s", exc)  # fmt: skip
         return
     onnx.save(gradient, out_dir / ARTIFACT_FILES.gradient)
     forward, backward = saving_models(training)

@@ -108,18 +108,24 @@ def _dlib_bench(json_out: Path | None) -> None:
     from dpa.runs.lfw_eval import default_export
 
     with user_errors(), tempfile.TemporaryDirectory() as tmp:
-        art = default_export(Path(tmp), lambda msg: console.print(f"[bold cyan]>[/] {msg}"))
-        console.print("[bold cyan]>[/] timing the forward of 8 chips: ours (onnxruntime), torch, dlib")
-        report = dlib_device_cost(art)
+        def say(msg: str) -> None:
+            console.print(f"[bold cyan]>[/] {msg}")
+
+        art, flipped = default_export(Path(tmp), say), default_export(Path(tmp), say, flip_average=True)
+        say("timing the forward of 8 chips: ours (onnxruntime), torch, dlib; then both flip-averaged")
+        report = dlib_device_cost(art, flipped=flipped)
     report["cpu"] = cpu_info().as_json()
     console.print(f"dlib-resnet, 150x150, batch 8, median of {report['repeats']}; {report['cpu']['summary']}")
-    for name in ("ours", "torch", "dlib"):
+    for name in ("ours", "torch", "dlib", "ours_flip", "torch_flip"):
         r = report[name]
-        console.print(f"  {name:<6} forward {r['forward_ms']:8.1f} ms   peak RSS {r['peak_rss_mb']:6.0f} MB")
+        console.print(f"  {name:<10} forward {r['forward_ms']:8.1f} ms   peak RSS {r['peak_rss_mb']:6.0f} MB")
     console.print(f"  ours / torch: forward {report['forward_ratio_vs_torch']:.2f}, "
                   f"RSS {report['rss_ratio_vs_torch']:.2f}")  # fmt: skip
     console.print(f"  ours / dlib:  forward {report['forward_ratio_vs_dlib']:.2f}, "
                   f"RSS {report['rss_ratio_vs_dlib']:.2f}")  # fmt: skip
+    console.print(f"  flip-averaged, ours / torch: forward {report['forward_ratio_flip_vs_torch_flip']:.2f}, "
+                  f"RSS {report['rss_ratio_flip_vs_torch_flip']:.2f}; ours flip-averaged / ours: forward "
+                  f"{report['ours_flip']['forward_ms'] / report['ours']['forward_ms']:.2f}")  # fmt: skip
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(json_out, (json.dumps(report, indent=2) + "\n").encode())

@@ -40,13 +40,13 @@ def _ours(artifacts: str, batch: int, repeats: int) -> dict[str, Any]:
     return _timed(lambda: head.forward(x), repeats) | {"torch_loaded": "torch" in sys.modules}
 
 
-def _torch(batch: int, repeats: int) -> dict[str, float]:
+def _torch(batch: int, repeats: int, mirror: bool = False) -> dict[str, float]:
     import torch
 
     from exporter.networks.dlib import default_dat
     from exporter.networks.dlib_resnet import build_parts, load_dat
 
-    head, tail = build_parts("embedding", num_classes=2)
+    head, tail = build_parts("embedding", num_classes=2, mirror=mirror)
     load_dat((head, tail), default_dat(), seed=0)
     head.eval()
     x = torch.from_numpy(preprocess_chips(rendered_chips(batch)))
@@ -68,16 +68,24 @@ def _dlib(batch: int, repeats: int) -> dict[str, float]:
     return _timed(lambda: model.compute_face_descriptor(chips), repeats)
 
 
-def dlib_device_cost(artifacts: Path, *, batch: int = 8, repeats: int = 7) -> dict[str, Any]:
-    """{"ours", "torch", "dlib"}: forward ms per batch and peak RSS, and ours / theirs ratios."""
+def dlib_device_cost(
+    artifacts: Path, *, flipped: Path | None = None, batch: int = 8, repeats: int = 7
+) -> dict[str, Any]:  # fmt: skip
+    """{"ours", "torch", "dlib"}: forward ms per batch and peak RSS, and ours / theirs ratios. With ``flipped``
+    (an export whose head averages each image with its mirror, ``--flip-average``) also "ours_flip" against
+    the same mirrored head in torch ("torch_flip")."""
     ctx = multiprocessing.get_context("spawn")
     out: dict[str, Any] = {"batch": batch, "image_size": layout.IMAGE_SIZE, "repeats": repeats}
     jobs = {"ours": (_ours, (str(artifacts), batch, repeats)), "torch": (_torch, (batch, repeats)),
             "dlib": (_dlib, (batch, repeats))}  # fmt: skip
+    if flipped is not None:
+        jobs |= {"ours_flip": (_ours, (str(flipped), batch, repeats)), "torch_flip": (_torch, (batch, repeats, True))}
     for name, (fn, args) in jobs.items():
         with ctx.Pool(1) as pool:
             out[name] = pool.apply(fn, args)
-    for peer in ("torch", "dlib"):
-        out[f"forward_ratio_vs_{peer}"] = out["ours"]["forward_ms"] / out[peer]["forward_ms"]
-        out[f"rss_ratio_vs_{peer}"] = out["ours"]["peak_rss_mb"] / out[peer]["peak_rss_mb"]
+    pairs = [("ours", "torch"), ("ours", "dlib")] + ([("ours_flip", "torch_flip")] if flipped is not None else [])
+    for ours, peer in pairs:
+        suffix = "_flip" if ours == "ours_flip" else ""
+        out[f"forward_ratio{suffix}_vs_{peer}"] = out[ours]["forward_ms"] / out[peer]["forward_ms"]
+        out[f"rss_ratio{suffix}_vs_{peer}"] = out[ours]["peak_rss_mb"] / out[peer]["peak_rss_mb"]
     return out

@@ -55,16 +55,17 @@ def images_root(faces: Path) -> Path:
     return faces
 
 
-def default_export(workdir: Path, say: Callable[[str], None]) -> Path:
-    """dlib's network exported at its embedding (kept in ``workdir``; exported once)."""
+def default_export(workdir: Path, say: Callable[[str], None], *, flip_average: bool = False) -> Path:
+    """dlib's network exported at its embedding (kept in ``workdir``; exported once); ``flip_average``: its head
+    averaging each image with its mirror image (``dpa export --flip-average``)."""
     from exporter.export import ExportConfig, export
 
-    out = Path(workdir) / "artifacts-dlib-embedding"
+    out = Path(workdir) / ("artifacts-dlib-embedding-flip-average" if flip_average else "artifacts-dlib-embedding")
     if not (out / "manifest.json").is_file():
         say(f"exporting dlib's face network at its embedding to {out}")
         Path(workdir).mkdir(parents=True, exist_ok=True)
         export(ExportConfig(network=NetworkName.DLIB_RESNET, arch=ArchConfig(num_classes=2), cut="embedding",
-                            out=out))  # fmt: skip
+                            out=out, flip_average=flip_average))  # fmt: skip
     return out
 
 

@@ -64,9 +64,12 @@ def test_dlib_device_cost_measures_all_three_in_their_own_processes(tmp_path) ->
     from dpa.runs.dlib_cost import dlib_device_cost
     from dpa.runs.lfw_eval import default_export
 
-    report = dlib_device_cost(default_export(tmp_path, lambda _m: None), batch=2, repeats=1)
-    for name in ("ours", "torch", "dlib"):
+    flipped = default_export(tmp_path, lambda _m: None, flip_average=True)
+    report = dlib_device_cost(default_export(tmp_path, lambda _m: None), flipped=flipped, batch=2, repeats=1)
+    for name in ("ours", "torch", "dlib", "ours_flip", "torch_flip"):
         assert report[name]["forward_ms"] > 0 and report[name]["peak_rss_mb"] > 10
     assert report["forward_ratio_vs_dlib"] == report["ours"]["forward_ms"] / report["dlib"]["forward_ms"]
+    assert report["forward_ratio_flip_vs_torch_flip"] == (report["ours_flip"]["forward_ms"]
+                                                          / report["torch_flip"]["forward_ms"])  # fmt: skip
     assert report["batch"] == 2 and report["image_size"] == 150
     assert report["ours"]["torch_loaded"] is False  # the device's process holds no torch: its RSS is its own

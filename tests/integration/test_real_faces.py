@@ -147,6 +147,13 @@ def test_demo_on_real_faces_keeps_the_device_and_the_public_people_apart(tmp_pat
     manifest = _json.loads((tmp_path / "work" / "artifacts-res3" / "manifest.json").read_text())
     assert manifest["cut"] == "res3" and manifest["activation_shape"] == [32, 35, 35]
     assert _json.loads((Path(per["view"]) / "view.json").read_text())["cut"] == "res3"
+    assert "flip_average" not in manifest  # a feature map: no mirror average there
+    # the embedding exports average each photo with its mirror image, and the class-sum view says so
+    for folder in ("artifacts", "artifacts-main"):
+        assert _json.loads((tmp_path / "work" / folder / "manifest.json").read_text())["flip_average"] is True
+    assert main["flip_average"] is True
+    view = tmp_path / "work" / "main-private-eps8" / "view" / "header.json"
+    assert _json.loads(view.read_text())["flip_average"] is True
     # dpa recognize / dpa verify on raw photographs: the device aligns them as the manifest says
     from PIL import Image
 
