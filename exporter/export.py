@@ -113,7 +113,7 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
     import onnxruntime
     import torch
 
-    from exporter.ort_artifacts import OPSET, export_onnx, write_part_artifacts
+    from exporter.ort_artifacts import export_onnx, write_part_artifacts
 
     onnxruntime.set_default_logger_severity(3)  # onnxblock's graph builders are very chatty at INFO
     _check_request(cfg)
@@ -126,8 +126,7 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
     if cfg.flip_average:  # after the check: the toolkit's descriptor is of the image alone
         assert net.mirror is not None  # _check_request
         split = net.mirror(cfg, split)
-    head, tail, size = split.head, split.tail, split.image_size
-    mean, std = split.pixel_mean, split.pixel_std
+    size = split.image_size
 
     out = cfg.out.resolve()
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
@@ -155,30 +154,7 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
         )
         if centre is not None:
             np.save(staging / RELEASE_CENTRE_FILE, centre)
-        files = {p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-        manifest = Manifest(
-            arch=cfg.network.value,
-            cut=cfg.cut,
-            image_size=size,
-            width=split.width,
-            num_classes=cfg.arch.num_classes,
-            dropout=split.dropout,
-            input_shape=(3, size, size),
-            activation_shape=split.activation_shape,
-            opset=OPSET,
-            optimizer=cfg.optimizer,
-            pixel_mean=mean,
-            pixel_std=std,
-            seed=split.seed,
-            weights_sha256=None if split.weights is None else sha256_file(Path(split.weights)),
-            files=files,
-            versions=_versions(),
-            release_centre=RELEASE_CENTRE_FILE if centre is not None else None,
-            release_clip=clip,
-            release_dims=cfg.release_dims,
-            alignment=split.alignment,
-            flip_average=cfg.flip_average,
-        )
+        manifest = _manifest(cfg, split, staging, centre is not None, clip)
         manifest.write(staging)
         report = _verified(cfg, staging, head, tail, None if net.check is None else check_note, progress)
         _publish(staging, out)
@@ -186,6 +162,39 @@ def export(cfg: ExportConfig, *, progress: Callable[[str], None] = lambda _msg: 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _manifest(cfg: ExportConfig, split: Any, staging: Path, centred: bool, clip: float | None) -> Manifest:
+    """The manifest of what ``staging`` holds: every file's hash, and what the device and the server must
+    agree on (the network, its cut and shapes, its preprocessing, the public release's centre, clip and
+    projection, the flip)."""
+    from exporter.ort_artifacts import OPSET
+
+    files = {p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+    size = split.image_size
+    return Manifest(
+        arch=cfg.network.value,
+        cut=cfg.cut,
+        image_size=size,
+        width=split.width,
+        num_classes=cfg.arch.num_classes,
+        dropout=split.dropout,
+        input_shape=(3, size, size),
+        activation_shape=split.activation_shape,
+        opset=OPSET,
+        optimizer=cfg.optimizer,
+        pixel_mean=split.pixel_mean,
+        pixel_std=split.pixel_std,
+        seed=split.seed,
+        weights_sha256=None if split.weights is None else sha256_file(Path(split.weights)),
+        files=files,
+        versions=_versions(),
+        release_centre=RELEASE_CENTRE_FILE if centred else None,
+        release_clip=clip,
+        release_dims=cfg.release_dims,
+        alignment=split.alignment,
+        flip_average=cfg.flip_average,
+    )
 
 
 def _check_request(cfg: ExportConfig) -> None:

@@ -108,6 +108,7 @@ def _dlib_bench(json_out: Path | None) -> None:
     from dpa.runs.lfw_eval import default_export
 
     with user_errors(), tempfile.TemporaryDirectory() as tmp:
+
         def say(msg: str) -> None:
             console.print(f"[bold cyan]>[/] {msg}")
 

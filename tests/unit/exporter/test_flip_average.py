@@ -35,8 +35,10 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, torc
     root = tmp_path_factory.mktemp("flip")
     public = cached_faces(root, SynthConfig(identities=5, per_identity=3, size=150, seed=2))
     art = root / "art"
-    export(ExportConfig(network=NetworkName.DLIB_RESNET, arch=ArchConfig(num_classes=3), cut="embedding", out=art,
-                        centre_faces=public, release_dims=K, release_whitening=0.4, flip_average=True, verify=False))  # fmt: skip
+    cfg = ExportConfig(network=NetworkName.DLIB_RESNET, arch=ArchConfig(num_classes=3), cut="embedding", out=art,
+                       centre_faces=public, release_dims=K, release_whitening=0.4, flip_average=True,
+                       verify=False)  # fmt: skip
+    export(cfg)
     plain, _ = net.build_parts("embedding", num_classes=3)
     net.load_dat((plain, _), default_dat(), seed=0)
     return art, public, plain.eval()
@@ -82,8 +84,17 @@ def test_the_audit_rebuilds_the_mirrored_head(exported) -> None:
     art, public, _ = exported
     m = load_manifest(art)
     weights = dict(np.load(art / "head" / ARTIFACT_FILES.parameters))
-    args = dict(image_size=150, width=1.0, num_classes=3, cut="embedding", weights=weights,
-                pixel_mean=m.pixel_mean, pixel_std=m.pixel_std, source="export", network="dlib-resnet")  # fmt: skip
+    args = {
+        "image_size": 150,
+        "width": 1.0,
+        "num_classes": 3,
+        "cut": "embedding",
+        "weights": weights,
+        "pixel_mean": m.pixel_mean,
+        "pixel_std": m.pixel_std,
+        "source": "export",
+        "network": "dlib-resnet",
+    }
     x = _public(public, m)[:4]
     device = HeadModel(art, m, resolve_device(DeviceProfile.CPU), frozen=True).forward(x)
     with torch.no_grad():
