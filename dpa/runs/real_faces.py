@@ -58,7 +58,7 @@ from runtime_client.head import HeadModel
 from runtime_client.on_device import embed_files, template_scores
 from runtime_client.recipes import Budget, Recipe
 
-__all__ = ["RealFacesConfig", "run_real_faces", "seeded_rank"]
+__all__ = ["RealFacesConfig", "device_embeddings", "run_real_faces", "seeded_rank"]
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def _export(
     return out
 
 
-def _embeddings(art: Path, index: FaceIndex) -> np.ndarray:
+def device_embeddings(art: Path, index: FaceIndex) -> np.ndarray:
     """The device's clean, clipped embeddings of ``index`` (what its templates and probes are made of)."""
     manifest = load_manifest(art, verify=("head",))
     head = HeadModel(art, manifest, resolve_device(DeviceProfile.CPU), frozen=True)
@@ -212,13 +212,13 @@ def _probe_c(cfg: RealFacesConfig, art: Path, public_val: Path) -> float:
     person's photos to train, half to test): never the device's."""
     index = index_faces(public_val, min_faces_per_person=4)
     train, test = split_faces(index, test_fraction=0.5, seed=cfg.seed)
-    tr, te = _embeddings(art, train), _embeddings(art, test)
+    tr, te = device_embeddings(art, train), device_embeddings(art, test)
     scores = {c: _probe_accuracy(c, tr, train, te, test) for c in cfg.probe_cs}
     return max(cfg.probe_cs, key=lambda c: (scores[c], -c))
 
 
 def _nonprivate(art: Path, train: FaceIndex, test: FaceIndex, probe_c: float) -> dict[str, float]:
-    tr, te = _embeddings(art, train), _embeddings(art, test)
+    tr, te = device_embeddings(art, train), device_embeddings(art, test)
     return {"class templates": _templates_accuracy(tr, train, te, test),
             "linear probe": _probe_accuracy(probe_c, tr, train, te, test)}  # fmt: skip
 
